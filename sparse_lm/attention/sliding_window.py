@@ -1,0 +1,15 @@
+"""Sliding-window attention: dense GQA where query `t` sees only keys `t - window < s <= t`."""
+
+import ml_collections
+
+from sparse_lm.attention import dense
+from sparse_lm.config import ConfigError
+
+
+class Attention(dense.Attention):
+
+  @staticmethod
+  def attention_window(cfg: ml_collections.ConfigDict) -> int:
+    if cfg.window < 1:
+      raise ConfigError(f'model.window={cfg.window}: sliding_window attention needs a window >= 1')
+    return cfg.window

@@ -1,0 +1,69 @@
+"""`check_config`: every reason a config cannot run, found before anything compiles.
+
+Each failure is one `ConfigError` line naming the key, the value and what is allowed.
+"""
+
+import ml_collections
+
+from sparse_lm import attention, data, mlp, sharding
+from sparse_lm.config import ConfigError
+
+KERNELS = ('xla',)  # 'pallas' joins when pallas_kernels/ has its kernels
+DTYPES = ('float32', 'bfloat16')
+SCHEDULES = ('cosine', 'wsd')
+
+
+def _choice(key: str, value, allowed) -> None:
+  if value not in allowed:
+    raise ConfigError(f'{key}={value!r} is not one of the allowed values {sorted(allowed)}')
+
+
+def _positive(cfg: ml_collections.ConfigDict, prefix: str, keys: tuple[str, ...]) -> None:
+  for key in keys:
+    if not isinstance(cfg[key], int) or cfg[key] < 1:
+      raise ConfigError(f'{prefix}.{key}={cfg[key]!r} must be a positive integer')
+
+
+def check_model(m: ml_collections.ConfigDict) -> None:
+  _choice('model.attention', m.attention, attention.REGISTRY)
+  _choice('model.mlp', m.mlp, mlp.REGISTRY)
+  if m.kernel == 'pallas':
+    raise ConfigError("model.kernel='pallas': the Pallas kernels are not built yet; allowed: 'xla'")
+  _choice('model.kernel', m.kernel, KERNELS)
+  _choice('model.dtype', m.dtype, DTYPES)
+  _choice('model.param_dtype', m.param_dtype, DTYPES)
+  _positive(m, 'model', ('num_layers', 'd_model', 'num_heads', 'num_kv_heads', 'head_dim', 'mlp_dim',
+                         'vocab_multiple'))
+  if m.num_heads % m.num_kv_heads:
+    raise ConfigError(f'model.num_heads={m.num_heads} is not a multiple of '
+                      f'model.num_kv_heads={m.num_kv_heads} (grouped-query attention needs it)')
+  if m.num_heads * m.head_dim != m.d_model:
+    raise ConfigError(f'model.d_model={m.d_model} must equal model.num_heads * model.head_dim = '
+                      f'{m.num_heads} * {m.head_dim} = {m.num_heads * m.head_dim}')
+  if m.head_dim % 2:
+    raise ConfigError(f'model.head_dim={m.head_dim} must be even (rotary embeddings rotate pairs)')
+  attention.REGISTRY[m.attention].check_config(m)
+
+
+def check_train(config: ml_collections.ConfigDict, num_devices: int, process_count: int) -> None:
+  t = config.train
+  _choice('train.schedule', t.schedule, SCHEDULES)
+  _positive(t, 'train', ('batch_size', 'grad_accum_steps', 'steps', 'eval_every', 'eval_batches',
+                         'log_every'))
+  _positive(config.checkpoint, 'checkpoint', ('every_steps', 'keep'))
+  _positive(config.data, 'data', ('seq_len',))
+  if not 0 <= t.warmup_steps < t.steps:
+    raise ConfigError(f'train.warmup_steps={t.warmup_steps} must be in [0, train.steps={t.steps})')
+  shape = dict(zip(sharding.MESH_AXES, sharding.mesh_shape(config.mesh, num_devices)))
+  rows = shape['data'] * shape['fsdp']
+  micro, rest = divmod(t.batch_size, t.grad_accum_steps)
+  if rest or micro % rows or t.batch_size % process_count:
+    raise ConfigError(
+        f'train.batch_size={t.batch_size} must split into train.grad_accum_steps={t.grad_accum_steps} '
+        f'microbatches each divisible by mesh.data * mesh.fsdp = {rows}, and over {process_count} hosts')
+
+
+def check_config(config: ml_collections.ConfigDict, *, num_devices: int, process_count: int = 1) -> None:
+  check_model(config.model)
+  check_train(config, num_devices, process_count)
+  data.check_source(config)

@@ -1,0 +1,76 @@
+"""The base config every experiment starts from, and the checks run on it before anything compiles.
+
+Every key a run can set lives here with its default; `configs/*.py` only override. `validate` turns a
+bad value into one `ConfigError` line naming the key and what is allowed.
+"""
+
+import ml_collections
+
+
+class ConfigError(ValueError):
+  """A config value that cannot run; the message is one line naming the key."""
+
+
+def base_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+
+  c.model = ml_collections.ConfigDict()
+  c.model.attention = 'dense'  # a name in sparse_lm.attention.REGISTRY
+  c.model.mlp = 'dense'  # a name in sparse_lm.mlp.REGISTRY
+  c.model.kernel = 'xla'  # 'xla' (pure-JAX reference path) or 'pallas'
+  c.model.num_layers = 5
+  c.model.d_model = 128
+  c.model.num_heads = 4
+  c.model.num_kv_heads = 2
+  c.model.head_dim = 32
+  c.model.mlp_dim = 384  # SwiGLU hidden width
+  c.model.window = 0  # sliding_window attention: keys with t - window < s <= t
+  c.model.vocab_size = 0  # 0: the tokenizer's
+  c.model.tie_embeddings = True
+  c.model.vocab_multiple = 64  # the embedding table is padded to a multiple of this
+  c.model.rope_theta = 10_000.0
+  c.model.norm_eps = 1e-6
+  c.model.dtype = 'float32'  # compute dtype; 'bfloat16' on accelerators
+  c.model.param_dtype = 'float32'
+  c.model.remat = False  # recompute each block in the backward pass to save memory
+
+  c.data = ml_collections.ConfigDict()
+  c.data.source = 'stdlib'  # stdlib | text:PATH_OR_GLOB | tfds:NAME[:CONFIG]
+  c.data.seq_len = 256
+  c.data.tokenizer = 'byte'  # 'byte' or 'sentencepiece:VOCAB_SIZE' (trained on the train split)
+  c.data.validation_fraction = 0.02  # of documents, for sources without a validation split
+  c.data.shuffle_buffer = 256  # packed sequences shuffled in a window of this many
+  c.data.tfds_split_train = 'train'
+  c.data.tfds_split_eval = 'validation'
+  c.data.tfds_text_key = 'text'
+
+  c.train = ml_collections.ConfigDict()
+  c.train.batch_size = 16  # global, in sequences
+  c.train.grad_accum_steps = 1
+  c.train.steps = 600
+  c.train.learning_rate = 3e-3
+  c.train.schedule = 'cosine'  # 'cosine' or 'wsd' (warmup-stable-decay)
+  c.train.warmup_steps = 50
+  c.train.decay_fraction = 0.2  # wsd: the final fraction of steps that decays
+  c.train.min_lr_ratio = 0.1
+  c.train.weight_decay = 0.1
+  c.train.b1 = 0.9
+  c.train.b2 = 0.95
+  c.train.eps = 1e-8
+  c.train.grad_clip = 1.0
+  c.train.seed = 0
+  c.train.eval_every = 100
+  c.train.eval_batches = 8
+  c.train.log_every = 10
+
+  c.checkpoint = ml_collections.ConfigDict()
+  c.checkpoint.every_steps = 100
+  c.checkpoint.keep = 3
+  c.checkpoint.async_save = True
+
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.data = -1  # -1: the devices the other axes leave
+  c.mesh.fsdp = 1
+  c.mesh.tensor = 1
+  c.mesh.expert = 1
+  return c

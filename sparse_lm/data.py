@@ -1,0 +1,291 @@
+"""Documents -> tokens -> packed fixed-length windows -> batches, with grain.
+
+A source (`data.source`) gives each split as a `Corpus`: documents read lazily on access, and their
+size in UTF-8 bytes where that is cheap to know. A new source is one function plus one `SOURCES` line.
+
+Training, per host: this host's documents (`[process_index::process_count]`, so hosts never share a
+document), shuffled by `train.seed` with a new order every epoch, repeated forever, tokenized with EOS
+after each document, concatenated and split into windows of `seq_len + 1` tokens, shuffled within a
+window of `data.shuffle_buffer`, and batched. Each batch is `{'inputs', 'targets'}`, both `int32[b, T]`,
+the targets being the inputs shifted by one. The iterator's state is a small JSON-serialisable dict.
+
+Evaluation reads the validation split in order, once, and never shuffles.
+"""
+
+import dataclasses
+import functools
+import glob
+import itertools
+import os
+import sysconfig
+import zlib
+
+import grain
+import numpy as np
+
+from sparse_lm.config import ConfigError
+
+# Long text files are cut into documents of this many bytes so that a corpus of one big file still has
+# something to shuffle. The EOS that ends each piece is right, not an artefact: after shuffling, the
+# text that follows a piece is not its continuation.
+_TEXT_PIECE_BYTES = 64 * 1024
+_UTF8_MAX_CONTINUATION = 3
+
+
+@dataclasses.dataclass(frozen=True)
+class Corpus:
+  """One split of a source."""
+
+  documents: grain.MapDataset  # of str, read on access
+  num_bytes: int | None  # UTF-8 bytes of all documents; None where only reading everything would tell
+
+
+def _in_validation(name: str, fraction: float) -> bool:
+  """A stable hash of the name, so the split is the same on every host, run and Python version."""
+  return zlib.crc32(name.encode('utf-8')) / 2**32 < fraction
+
+
+def _read_file(path: str) -> str:
+  with open(path, encoding='utf-8', errors='replace') as f:
+    return f.read()
+
+
+@functools.cache
+def _stdlib_files() -> tuple[tuple[str, str], ...]:
+  """(relative path, absolute path) of the standard library's .py files, sorted by relative path."""
+  root = sysconfig.get_paths()['stdlib']
+  files = []
+  for dirpath, dirnames, filenames in os.walk(root):
+    dirnames[:] = [d for d in dirnames if d not in ('site-packages', 'dist-packages')]
+    for name in filenames:
+      if name.endswith('.py'):
+        path = os.path.join(dirpath, name)
+        files.append((os.path.relpath(path, root).replace(os.sep, '/'), path))
+  return tuple(sorted(files))
+
+
+def _stdlib_source(arg: str, config, split: str) -> Corpus:
+  """The running interpreter's standard library, one document per file, split by file."""
+  if arg:
+    raise ConfigError(f"data.source='stdlib:{arg}': stdlib takes no argument")
+  fraction = config.data.validation_fraction
+  paths = [path for name, path in _stdlib_files()
+           if _in_validation(name, fraction) == (split == 'validation')]
+  return Corpus(grain.MapDataset.source(paths).map(_read_file),
+                num_bytes=sum(os.path.getsize(p) for p in paths))
+
+
+def _text_validation_bytes(size: int, config) -> int:
+  """The tail of a text file held out for validation.
+
+  `data.validation_fraction` of the file, but at least one sequence (`seq_len + 1` bytes, which are
+  `seq_len + 1` byte tokens) so that a small file still evaluates, and at most half the file so that
+  training keeps the larger part.
+  """
+  fraction = config.data.validation_fraction
+  if fraction <= 0:
+    return 0
+  return min(max(int(np.ceil(fraction * size)), config.data.seq_len + 1), size // 2)
+
+
+def _continuation_run(data: bytes, start: int) -> int:
+  """How many bytes from `start` are UTF-8 continuation bytes (10xxxxxx)."""
+  run = 0
+  while run < _UTF8_MAX_CONTINUATION and start + run < len(data) and data[start + run] & 0xC0 == 0x80:
+    run += 1
+  return run
+
+
+def _read_piece(piece: tuple[str, int, int]) -> str:
+  """Bytes [start, stop) of a file, moved so that each character is in the piece holding its first byte."""
+  path, start, stop = piece
+  with open(path, 'rb') as f:
+    f.seek(start)
+    data = f.read(stop - start + _UTF8_MAX_CONTINUATION)
+  end = stop - start
+  return data[_continuation_run(data, 0):end + _continuation_run(data, end)].decode(
+      'utf-8', errors='replace')
+
+
+def _text_source(pattern: str, config, split: str) -> Corpus:
+  """Local text files; the last part of each file is validation, the rest train, cut into pieces."""
+  paths = sorted(p for p in glob.glob(os.path.expanduser(pattern), recursive=True) if os.path.isfile(p))
+  if not paths:
+    raise ConfigError(f'data.source={config.data.source!r}: no file matches {pattern!r}')
+  pieces = []
+  for path in paths:
+    size = os.path.getsize(path)
+    boundary = size - _text_validation_bytes(size, config)
+    start, stop = (0, boundary) if split == 'train' else (boundary, size)
+    pieces += [(path, s, min(s + _TEXT_PIECE_BYTES, stop)) for s in range(start, stop, _TEXT_PIECE_BYTES)]
+  return Corpus(grain.MapDataset.source(pieces).map(_read_piece),
+                num_bytes=sum(stop - start for _, start, stop in pieces))
+
+
+def _record_text(record, key: str) -> str:
+  text = record[key]
+  return text.decode('utf-8', errors='replace') if isinstance(text, bytes) else text
+
+
+def _tfds_source(arg: str, config, split: str) -> Corpus:
+  """A TensorFlow Datasets dataset, read with random access from its array_record files."""
+  if not arg:
+    raise ConfigError("data.source='tfds:': expected tfds:NAME[:CONFIG]")
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top  # slow; only tfds needs it
+  tfds_split = config.data.tfds_split_train if split == 'train' else config.data.tfds_split_eval
+  records = tfds.data_source(arg.replace(':', '/'), split=tfds_split)
+  return Corpus(grain.MapDataset.source(records).map(
+      functools.partial(_record_text, key=config.data.tfds_text_key)), num_bytes=None)
+
+
+# `data.source` is 'NAME' or 'NAME:ARG'; each source maps (ARG, config, split) to a Corpus.
+SOURCES = {
+    'stdlib': _stdlib_source,
+    'text': _text_source,
+    'tfds': _tfds_source,
+}
+
+
+def corpus(config, split: str) -> Corpus:
+  """The 'train' or 'validation' split of `data.source`."""
+  name, _, arg = config.data.source.partition(':')
+  if name not in SOURCES:
+    raise ConfigError(
+        f'data.source={config.data.source!r} is not one of stdlib, text:PATH_OR_GLOB, tfds:NAME[:CONFIG]')
+  return SOURCES[name](arg, config, split)
+
+
+def train_documents(config):
+  """The train split's documents, in order (for training a tokenizer)."""
+  return iter(corpus(config, 'train').documents)
+
+
+def _window_tokens(config) -> int:
+  return config.data.seq_len + 1  # inputs and targets overlap in all but one token
+
+
+def check_source(config) -> None:
+  """Fails in one line, before anything compiles, on a source that cannot feed a run.
+
+  Counts bytes, not tokens: exact for the byte tokenizer, an upper bound for SentencePiece (every piece
+  covers at least one byte), so this never rejects a source that would work. `eval_batches` makes the
+  exact check. Sources that cannot be counted cheaply (tfds) only have their form checked.
+  """
+  if config.data.seq_len < 1 or config.data.shuffle_buffer < 1:
+    raise ConfigError(f'data.seq_len={config.data.seq_len} and data.shuffle_buffer='
+                      f'{config.data.shuffle_buffer} must both be at least 1')
+  train, validation = corpus(config, 'train'), corpus(config, 'validation')
+  if train.num_bytes is not None:
+    train_tokens = train.num_bytes + len(train.documents)  # an EOS after each document
+    _check_train_tokens(config, train_tokens)
+  if validation.num_bytes is not None:
+    _check_validation_tokens(config, validation.num_bytes + len(validation.documents))
+
+
+def _check_train_tokens(config, num_tokens: int) -> None:
+  if num_tokens < _window_tokens(config):
+    raise ConfigError(
+        f'data.seq_len={config.data.seq_len} is longer than the train split of '
+        f'data.source={config.data.source!r}, which has about {num_tokens} tokens')
+
+
+def _check_validation_tokens(config, num_tokens: int) -> None:
+  needed = config.train.batch_size * _window_tokens(config)
+  if num_tokens < needed:
+    raise ConfigError(
+        f'data.seq_len={config.data.seq_len} with train.batch_size={config.train.batch_size} needs '
+        f'{needed} validation tokens for one eval batch; data.source={config.data.source!r} has {num_tokens}')
+
+
+def _host_batch_size(config, process_count: int) -> int:
+  if config.train.batch_size % process_count:
+    raise ConfigError(
+        f'train.batch_size={config.train.batch_size} does not divide over {process_count} processes')
+  return config.train.batch_size // process_count
+
+
+def _tokenize(text: str, tokenizer) -> dict[str, np.ndarray]:
+  return {'tokens': np.append(tokenizer.encode(text), np.int32(tokenizer.eos_id))}
+
+
+def _is_full(window: dict[str, np.ndarray]) -> bool:
+  """False only for the zero-padded last window of a finite stream (segment id 0 marks padding)."""
+  return window['tokens_segment_ids'][-1] != 0
+
+
+def _pack(documents: grain.MapDataset, tokenizer, config) -> grain.IterDataset:
+  """Windows of `seq_len + 1` tokens, cut from the concatenation of the tokenized documents."""
+  tokens = documents.map(functools.partial(_tokenize, tokenizer=tokenizer)).to_iter_dataset()
+  windows = grain.experimental.ConcatThenSplitIterDataset(
+      tokens, length_struct={'tokens': _window_tokens(config)})
+  return windows.filter(_is_full).map(lambda window: window['tokens'])
+
+
+def _inputs_targets(tokens_BL: np.ndarray) -> dict[str, np.ndarray]:
+  return {'inputs': tokens_BL[:, :-1], 'targets': tokens_BL[:, 1:]}
+
+
+def _json_state(state):
+  """`state` with tuples as lists, as it comes back from JSON."""
+  if isinstance(state, dict):
+    return {k: _json_state(v) for k, v in state.items()}
+  if isinstance(state, (list, tuple)):
+    return [_json_state(v) for v in state]
+  return state
+
+
+def _grain_state(state):
+  """Undoes `_json_state`: grain's concat-then-split compares its slices with tuples, (-1, -1) meaning
+  none, so a slice that JSON turned into a list would be taken for a real one."""
+  if isinstance(state, dict):
+    return {k: _grain_state(v) for k, v in state.items()}
+  if isinstance(state, list):
+    return tuple(_grain_state(v) for v in state)
+  return state
+
+
+class _JsonStateIterator(grain.DatasetIterator):
+  """A grain iterator whose state survives a JSON round trip (the trainer saves it with JsonSave)."""
+
+  def __next__(self):
+    return next(self._parent)
+
+  def get_state(self):
+    return _json_state(self._parent.get_state())
+
+  def set_state(self, state):
+    self._parent.set_state(_grain_state(state))
+
+
+def make_train_iterator(config, tokenizer, *, process_index: int = 0, process_count: int = 1):
+  """Endless batches of this host's share of the train split; `get_state`/`set_state` resume exactly."""
+  check_source(config)
+  batch_size = _host_batch_size(config, process_count)
+  documents = corpus(config, 'train').documents[process_index::process_count]
+  if len(documents) == 0:
+    raise ConfigError(f'data.source={config.data.source!r}: too few train documents for '
+                      f'{process_count} processes')
+  documents = documents.shuffle(seed=config.train.seed).repeat()  # the shuffle reseeds every epoch
+  windows = grain.experimental.WindowShuffleIterDataset(
+      _pack(documents, tokenizer, config), window_size=config.data.shuffle_buffer, seed=config.train.seed)
+  batches = windows.batch(batch_size, drop_remainder=True).map(_inputs_targets)
+  return _JsonStateIterator(iter(batches))
+
+
+def eval_batches(config, tokenizer, *, process_index: int = 0, process_count: int = 1) -> list[dict]:
+  """The first `train.eval_batches` full batches of the validation split, in order; this host's rows.
+
+  Every host packs the whole (small) validation stream and keeps its rows of each global batch, rather
+  than reading its own documents: then every host has the same number of batches, as the collective eval
+  step needs, and together they evaluate exactly the global batches.
+  """
+  check_source(config)
+  batch_size = _host_batch_size(config, process_count)
+  documents = corpus(config, 'validation').documents
+  global_batches = _pack(documents, tokenizer, config).batch(config.train.batch_size, drop_remainder=True)
+  rows = slice(process_index * batch_size, (process_index + 1) * batch_size)
+  batches = [_inputs_targets(tokens_BL[rows])
+             for tokens_BL in itertools.islice(global_batches, config.train.eval_batches)]
+  if not batches:
+    _check_validation_tokens(config, sum(len(_tokenize(text, tokenizer)['tokens']) for text in documents))
+  return batches

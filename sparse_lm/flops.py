@@ -1,0 +1,61 @@
+"""Parameter counts and training FLOPs per token, the one place the project counts compute.
+
+Training FLOPs per token = 6 x (parameters used in matmuls, the unembedding included) + the attention
+score and value products, 3 x 4 x layers x query heads x head_dim x (keys each query really attends to,
+averaged over positions: the attention variant says how many). The factor 3 is forward plus the two
+backward matmuls (Kaplan et al. 2020; Hoffmann et al. 2022, App. F).
+
+    python -m sparse_lm.flops --config=configs/default.py [--config.KEY=VALUE ...]
+"""
+
+import json
+
+import jax
+import ml_collections
+from absl import app, flags
+from flax import nnx
+from ml_collections import config_flags
+
+from sparse_lm import attention, tokenizer
+from sparse_lm.model import Transformer, padded_vocab
+
+
+def param_counts(model_cfg: ml_collections.ConfigDict) -> dict[str, int]:
+  """Counts from the real module tree, built abstractly (no memory, no compute)."""
+  abstract = nnx.eval_shape(lambda: Transformer(model_cfg, rngs=nnx.Rngs(0)))
+  params = nnx.state(abstract, nnx.Param).to_pure_dict()
+  sizes = {jax.tree_util.keystr(path): leaf.size
+           for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]}
+  total = sum(sizes.values())
+  embedding = sum(size for name, size in sizes.items() if name.startswith(("['embed']", "['unembed']")))
+  norms = sum(size for name, size in sizes.items() if name.endswith("['scale']"))
+  return {'total_params': total, 'active_params': total, 'embedding_params': embedding,
+          'non_embedding_params': total - embedding, 'norm_params': norms}
+
+
+def flops_per_token(config: ml_collections.ConfigDict) -> dict:
+  """Training FLOPs per token at `data.seq_len`, split into parameter and attention parts."""
+  m = config.model
+  counts = param_counts(m)
+  # Norm scales are elementwise, not matmuls; the output layer is a (d_model x vocab) matmul even when
+  # it shares its table with the (free) input lookup.
+  matmul_params = counts['active_params'] - counts['embedding_params'] - counts['norm_params']
+  matmul_params += m.d_model * padded_vocab(m)
+  keys = attention.REGISTRY[m.attention].attended_keys(m, config.data.seq_len)
+  attention_flops = 3 * 4 * m.num_layers * m.num_heads * m.head_dim * keys
+  param_flops = 6 * matmul_params
+  return {**counts, 'seq_len': config.data.seq_len, 'attended_keys_per_query': keys,
+          'flops_per_token': {'params': param_flops, 'attention': attention_flops,
+                              'total': param_flops + attention_flops}}
+
+
+def main(argv) -> None:
+  del argv
+  config = flags.FLAGS.config
+  config.model.vocab_size = config.model.vocab_size or tokenizer.vocab_size_for(config)
+  print(json.dumps(flops_per_token(config), indent=2))
+
+
+if __name__ == '__main__':
+  config_flags.DEFINE_config_file('config', 'configs/default.py', 'Experiment config file.')
+  app.run(main)

@@ -1,0 +1,48 @@
+"""Where training numbers go: `metrics.jsonl` (one JSON object per line, each with `step`), a
+TensorBoard event log, and a progress bar. Only the primary host writes."""
+
+import json
+import math
+import pathlib
+
+import tqdm
+from tensorboardX import SummaryWriter
+
+
+class MetricsWriter:
+
+  def __init__(self, workdir: pathlib.Path, *, total_steps: int, start_step: int, is_primary: bool):
+    self.is_primary = is_primary
+    if not is_primary:
+      return
+    self.jsonl = open(workdir / 'metrics.jsonl', 'a', encoding='utf-8')
+    self.tensorboard = SummaryWriter(str(workdir / 'tensorboard'))
+    self.bar = tqdm.tqdm(total=total_steps, initial=start_step, unit='step', mininterval=1.0,
+                         dynamic_ncols=True)
+
+  def write(self, step: int, values: dict[str, float]) -> None:
+    if not self.is_primary:
+      return
+    values = {k: float(v) for k, v in values.items()}
+    self.jsonl.write(json.dumps({'step': step, **values}) + '\n')
+    self.jsonl.flush()
+    for key, value in values.items():
+      if math.isfinite(value):
+        self.tensorboard.add_scalar(key, value, step)
+    if 'eval_loss' in values:
+      self.bar.write(f'step {step}: eval_loss {values["eval_loss"]:.4f}  '
+                     f'eval_bpb {values["eval_bpb"]:.4f}')
+    elif 'loss' in values:
+      self.bar.set_postfix(loss=f'{values["loss"]:.3f}', tok_s=f'{values["tokens_per_second"]:.0f}',
+                           tflop_s=f'{values["tflops_per_second"]:.3f}', refresh=False)
+
+  def advance(self, step: int) -> None:
+    if self.is_primary:
+      self.bar.update(step - self.bar.n)
+
+  def close(self) -> None:
+    if not self.is_primary:
+      return
+    self.bar.close()
+    self.tensorboard.close()
+    self.jsonl.close()

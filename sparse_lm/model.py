@@ -1,0 +1,89 @@
+"""The decoder-only transformer: embeddings, pre-norm blocks of (attention, MLP) chosen by name,
+a final RMSNorm and (optionally tied) unembedding."""
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from flax import nnx
+
+from sparse_lm import attention, mlp, sharding
+from sparse_lm.layers import RMSNorm, param
+
+# Decoding state: the number of positions already written, and one cache per layer.
+Cache = dict
+
+
+def padded_vocab(cfg: ml_collections.ConfigDict) -> int:
+  """The embedding table is padded so it splits evenly over the `tensor` axis and tiles well."""
+  return -(-cfg.vocab_size // cfg.vocab_multiple) * cfg.vocab_multiple
+
+
+class Block(nnx.Module):
+
+  def __init__(self, cfg: ml_collections.ConfigDict, *, rngs: nnx.Rngs):
+    self.attn_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, param_dtype=cfg.param_dtype)
+    self.attn = attention.REGISTRY[cfg.attention](cfg, rngs=rngs)
+    self.mlp_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, param_dtype=cfg.param_dtype)
+    self.mlp = mlp.REGISTRY[cfg.mlp](cfg, rngs=rngs)
+
+  def __call__(self, x_BTD, pos_BT, cache=None):
+    h_BTD, cache = self.attn(self.attn_norm(x_BTD), pos_BT, cache)
+    x_BTD = x_BTD + h_BTD
+    return x_BTD + self.mlp(self.mlp_norm(x_BTD)), cache
+
+
+class Transformer(nnx.Module):
+
+  def __init__(self, cfg: ml_collections.ConfigDict, *, rngs: nnx.Rngs):
+    d, v, pd = cfg.d_model, padded_vocab(cfg), cfg.param_dtype
+    # Tied tables double as the output layer, so they start at the scale that gives unit logits.
+    self.embed = param(rngs, (v, d), ('vocab', 'embed'), stddev=d**-0.5 if cfg.tie_embeddings else 1.0,
+                       dtype=pd)
+    self.blocks = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.num_layers)])
+    self.final_norm = RMSNorm(d, eps=cfg.norm_eps, param_dtype=pd)
+    self.unembed = None if cfg.tie_embeddings else param(rngs, (d, v), ('embed', 'vocab'),
+                                                         stddev=d**-0.5, dtype=pd)
+    self.vocab_size = cfg.vocab_size
+    self.dtype = jnp.dtype(cfg.dtype)
+    self.remat = cfg.remat
+
+  def init_cache(self, batch: int, max_len: int) -> Cache:
+    return {'end': jnp.zeros((), jnp.int32),
+            'layers': [blk.attn.init_cache(batch, max_len) for blk in self.blocks]}
+
+  def __call__(self, tokens_BT: jax.Array, cache: Cache | None = None
+               ) -> tuple[jax.Array, Cache | None]:
+    """Float32 logits over the real vocabulary (padding entries masked); with a cache, the tokens
+    continue the cached sequence and the returned cache includes them."""
+    return self.from_embeddings(self.embed_tokens(tokens_BT), cache)
+
+  def embed_tokens(self, tokens_BT: jax.Array) -> jax.Array:
+    x_BTD = jnp.take(self.embed[...], tokens_BT, axis=0).astype(self.dtype)
+    return sharding.constrain(x_BTD, ('batch', 'length', 'act_embed'))
+
+  def from_embeddings(self, x_BTD: jax.Array, cache: Cache | None = None
+                      ) -> tuple[jax.Array, Cache | None]:
+    """The network above the embedding lookup; causality probes differentiate through this."""
+    B, T, _ = x_BTD.shape
+    start = 0 if cache is None else cache['end']
+    pos_BT = jnp.broadcast_to(start + jnp.arange(T, dtype=jnp.int32), (B, T))
+    new_layers = []
+    for i, block in enumerate(self.blocks):
+      layer_cache = None if cache is None else cache['layers'][i]
+      if self.remat and cache is None:
+        x_BTD, layer_cache = nnx.remat(lambda b, x, p: b(x, p))(block, x_BTD, pos_BT)
+      else:
+        x_BTD, layer_cache = block(x_BTD, pos_BT, layer_cache)
+      new_layers.append(layer_cache)
+    x_BTD = self.final_norm(x_BTD)
+    if self.unembed is None:
+      logits_BTV = jnp.einsum('btd,vd->btv', x_BTD, self.embed[...].astype(self.dtype),
+                              preferred_element_type=jnp.float32)
+    else:
+      logits_BTV = jnp.einsum('btd,dv->btv', x_BTD, self.unembed[...].astype(self.dtype),
+                              preferred_element_type=jnp.float32)
+    logits_BTV = sharding.constrain(logits_BTV, ('batch', 'length', 'vocab'))
+    real_V = jnp.arange(logits_BTV.shape[-1]) < self.vocab_size
+    logits_BTV = jnp.where(real_V[None, None, :], logits_BTV, -1e30)
+    new_cache = None if cache is None else {'end': start + T, 'layers': new_layers}
+    return logits_BTV, new_cache

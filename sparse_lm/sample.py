@@ -1,0 +1,115 @@
+"""Generates text from a run's newest checkpoint, decoding with a KV cache.
+
+    python -m sparse_lm.sample --workdir=runs/default --prompt='def main(' [--max_new_tokens=200]
+        [--temperature=0.8] [--top_k=40] [--seed=0] [--nouse_cache]
+
+`--nouse_cache` re-runs the full forward pass for every new token instead; both give the same tokens.
+"""
+
+import json
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from absl import app, flags, logging
+from flax import nnx
+
+from sparse_lm import optim, tokenizer, trainer
+from sparse_lm.checkpoint import Checkpointer
+
+
+def pick(logits_BV: jax.Array, key: jax.Array, temperature: float, top_k: int) -> jax.Array:
+  """Greedy at temperature 0, else a draw from the (top-k truncated) tempered distribution."""
+  if temperature == 0:
+    return jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
+  if top_k:
+    kth_B1 = jax.lax.top_k(logits_BV, top_k)[0][:, -1:]
+    logits_BV = jnp.where(logits_BV < kth_B1, -jnp.inf, logits_BV)
+  return jax.random.categorical(key, logits_BV / temperature, axis=-1).astype(jnp.int32)
+
+
+def generate(graphdef, params, prompt_BP: jax.Array, num_new: int, key: jax.Array, *,
+             temperature: float = 0.0, top_k: int = 0, use_cache: bool = True) -> jax.Array:
+  """The `num_new` tokens that follow each prompt row. Step i draws with `fold_in(key, i)` on either
+  path, so the two paths agree whenever their logits do."""
+  fn = _generate_cached if use_cache else _generate_full
+  return jax.jit(fn, static_argnums=(0, 3, 5, 6))(graphdef, params, prompt_BP, num_new, key,
+                                                  temperature, top_k)
+
+
+def _generate_cached(graphdef, params, prompt_BP, num_new, key, temperature, top_k):
+  model = nnx.merge(graphdef, params)
+  B, P = prompt_BP.shape
+  logits_BPV, cache = model(prompt_BP, model.init_cache(B, P + num_new))
+
+  def step(carry, i):
+    logits_BV, cache = carry
+    token_B = pick(logits_BV, jax.random.fold_in(key, i), temperature, top_k)
+    logits_B1V, cache = model(token_B[:, None], cache)
+    return (logits_B1V[:, 0], cache), token_B
+  _, tokens_NB = jax.lax.scan(step, (logits_BPV[:, -1], cache), jnp.arange(num_new))
+  return tokens_NB.T
+
+
+def _generate_full(graphdef, params, prompt_BP, num_new, key, temperature, top_k):
+  model = nnx.merge(graphdef, params)
+  B, P = prompt_BP.shape
+  # A causal model's logits at position t ignore the still-empty slots after t, so one fixed-length
+  # buffer serves every step.
+  buffer_BL = jnp.concatenate([prompt_BP, jnp.zeros((B, num_new), jnp.int32)], axis=1)
+
+  def step(i, buffer_BL):
+    logits_BLV, _ = model(buffer_BL)
+    logits_BV = jax.lax.dynamic_index_in_dim(logits_BLV, P + i - 1, axis=1, keepdims=False)
+    token_B = pick(logits_BV, jax.random.fold_in(key, i), temperature, top_k)
+    return jax.lax.dynamic_update_slice_in_dim(buffer_BL, token_B[:, None], P + i, axis=1)
+  return jax.lax.fori_loop(0, num_new, step, buffer_BL)[:, P:]
+
+
+def load_run(workdir: str | pathlib.Path):
+  """The run's config, tokenizer, model structure and newest parameters (on the default device)."""
+  workdir = pathlib.Path(workdir)
+  config = ml_collections.ConfigDict(json.loads((workdir / 'config.json').read_text()))
+  tok = tokenizer.make_tokenizer(config, workdir)
+  config.model.vocab_size = tok.vocab_size
+  tx, _ = optim.make_optimizer(config.train)
+  graphdef, _ = trainer.model_graphdef(config.model)
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  abstract_state = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
+                                jax.eval_shape(trainer.state_init_fn(config, tx), jax.random.key(0)))
+  checkpointer = Checkpointer(workdir / 'checkpoints', every_steps=1, keep=config.checkpoint.keep)
+  restored = checkpointer.restore(abstract_state)
+  checkpointer.close()
+  if restored is None:
+    raise FileNotFoundError(f'no complete checkpoint under {workdir / "checkpoints"}')
+  step, state, _ = restored
+  return config, tok, graphdef, state['params'], step
+
+
+_WORKDIR = flags.DEFINE_string('workdir', 'runs/default', 'The run to sample from.')
+_PROMPT = flags.DEFINE_string('prompt', '', 'Text the generation continues.')
+_NUM_NEW = flags.DEFINE_integer('max_new_tokens', 200, 'Tokens to generate.')
+_TEMPERATURE = flags.DEFINE_float('temperature', 0.8, '0 for greedy decoding.')
+_TOP_K = flags.DEFINE_integer('top_k', 40, 'Sample among the k likeliest tokens; 0 for all.')
+_SEED = flags.DEFINE_integer('seed', 0, 'Sampling seed.')
+_USE_CACHE = flags.DEFINE_bool('use_cache', True, 'Decode with the KV cache.')
+
+
+def main(argv) -> None:
+  del argv
+  logging.set_verbosity(logging.WARNING)
+  config, tok, graphdef, params, step = load_run(_WORKDIR.value)
+  # Documents start after an end-of-document token in training, so prompts do too.
+  prompt_1P = jnp.asarray([[tok.eos_id, *tok.encode(_PROMPT.value)]], jnp.int32)
+  new_1N = generate(graphdef, params, prompt_1P, _NUM_NEW.value, jax.random.key(_SEED.value),
+                    temperature=_TEMPERATURE.value, top_k=_TOP_K.value, use_cache=_USE_CACHE.value)
+  ids = [int(i) for i in new_1N[0]]
+  if tok.eos_id in ids:
+    ids = ids[:ids.index(tok.eos_id)]
+  print(f'[{config.model.attention} model, step {step}]')
+  print(_PROMPT.value + tok.decode(ids))
+
+
+if __name__ == '__main__':
+  app.run(main)

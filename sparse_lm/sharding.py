@@ -1,0 +1,124 @@
+"""Every decision about how arrays are split over devices lives in this file.
+
+Parameters and activations carry *logical* axis names (`embed`, `q_heads`, `batch`, ...). `RULES` maps
+each logical name to mesh axes:
+
+- `batch` is split over `data` and `fsdp`: both are data parallel, every device sees its own rows.
+- `embed` is split over `fsdp`: parameters (and so optimizer state) are sharded ZeRO-3 style and
+  gathered by XLA just before use; activations keep `embed` whole (`act_embed`), so the gather is of
+  weights, not of activations.
+- heads, the MLP hidden width and the vocabulary are split over `tensor` (Megatron-style): the
+  attention and MLP matmuls run on a slice of heads or hidden units and end in one reduction.
+- `expert` is reserved for Mixture-of-Experts weights.
+
+A dimension whose size the mesh axes do not divide is replicated instead of split: correctness first,
+and small test models (2 kv heads on a 4-way tensor axis) still run.
+"""
+
+import contextlib
+import math
+from collections.abc import Sequence
+
+import jax
+import ml_collections
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from sparse_lm.config import ConfigError
+
+MESH_AXES = ('data', 'fsdp', 'tensor', 'expert')
+
+RULES: dict[str, tuple[str, ...]] = {
+    'batch': ('data', 'fsdp'),
+    'embed': ('fsdp',),
+    'vocab': ('tensor',),
+    'q_heads': ('tensor',),
+    'kv_heads': ('tensor',),
+    'mlp': ('tensor',),
+    'expert': ('expert',),
+}
+
+_active_mesh: list[Mesh] = []
+
+
+def mesh_shape(mesh_config: ml_collections.ConfigDict, num_devices: int) -> tuple[int, ...]:
+  """Resolves `-1` ("the rest") and checks that the axis sizes multiply to the device count."""
+  sizes = {name: int(mesh_config[name]) for name in MESH_AXES}
+  free = [name for name, size in sizes.items() if size == -1]
+  if len(free) > 1 or any(size == 0 or size < -1 for size in sizes.values()):
+    raise ConfigError(
+        f'mesh: axis sizes {sizes} must be positive, with at most one -1 ("the rest")')
+  fixed = math.prod(size for size in sizes.values() if size != -1)
+  if free:
+    if num_devices % fixed:
+      raise ConfigError(
+          f'mesh: fixed axes {sizes} multiply to {fixed}, which does not divide the {num_devices} devices')
+    sizes[free[0]] = num_devices // fixed
+  if math.prod(sizes.values()) != num_devices:
+    raise ConfigError(
+        f'mesh: axis sizes {sizes} multiply to {math.prod(sizes.values())} but there are '
+        f'{num_devices} devices; make the product equal the device count or set one axis to -1')
+  return tuple(sizes[name] for name in MESH_AXES)
+
+
+def make_mesh(mesh_config: ml_collections.ConfigDict) -> Mesh:
+  shape = mesh_shape(mesh_config, jax.device_count())
+  auto = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
+  return jax.make_mesh(shape, MESH_AXES, axis_types=auto)
+
+
+def logical_to_spec(names: Sequence[str | None], shape: Sequence[int], mesh: Mesh) -> PartitionSpec:
+  """Mesh axes for each dimension, replicating a dimension its mesh axes would not divide."""
+  spec = []
+  for name, size in zip(names, shape, strict=True):
+    axes = tuple(a for a in RULES.get(name, ()) if mesh.shape[a] > 1)
+    if not axes or size % math.prod(mesh.shape[a] for a in axes):
+      spec.append(None)
+    else:
+      spec.append(axes[0] if len(axes) == 1 else axes)
+  return PartitionSpec(*spec)
+
+
+def param_shardings(abstract_state: nnx.State, mesh: Mesh):
+  """NamedShardings for a pure-dict tree shaped like `abstract_state`, from each Param's `axes`."""
+  def one(variable):
+    axes = variable.get_metadata().get('axes') or (None,) * variable.value.ndim
+    return NamedSharding(mesh, logical_to_spec(axes, variable.value.shape, mesh))
+  shardings = jax.tree.map(one, abstract_state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+  return nnx.State(shardings).to_pure_dict()
+
+
+def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
+  return NamedSharding(mesh, PartitionSpec(RULES['batch'], *(None,) * (ndim - 1)))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, PartitionSpec())
+
+
+@contextlib.contextmanager
+def activate(mesh: Mesh):
+  """Makes `constrain` place activations on `mesh` while a step is traced."""
+  _active_mesh.append(mesh)
+  try:
+    yield mesh
+  finally:
+    _active_mesh.pop()
+
+
+def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
+  """Pins an activation's layout by logical names; a no-op outside `activate` (tests, sampling)."""
+  if not _active_mesh:
+    return x
+  mesh = _active_mesh[-1]
+  return jax.lax.with_sharding_constraint(
+      x, NamedSharding(mesh, logical_to_spec(names, x.shape, mesh)))
+
+
+def global_batch(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
+  """Assembles each host's rows into one global array split over the batch axes."""
+  return {
+      key: jax.make_array_from_process_local_data(batch_sharding(mesh, value.ndim), value)
+      for key, value in batch.items()
+  }

@@ -1,0 +1,237 @@
+"""The training loop: one jitted, sharded, donated train step; evaluation; checkpoints that resume
+exactly; metrics. `train.py` is its command line."""
+
+import json
+import math
+import pathlib
+import signal
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from flax import nnx
+
+from sparse_lm import checks, data, flops, optim, sharding, tokenizer
+from sparse_lm.checkpoint import Checkpointer
+from sparse_lm.metrics import MetricsWriter
+from sparse_lm.model import Transformer
+
+State = dict  # {'params': pure dict, 'opt_state': optax state, 'step': int32 scalar}
+
+
+# ----------------------------------------------------------------------------- model and state
+
+def model_graphdef(model_cfg: ml_collections.ConfigDict):
+  """The model's structure without its values, and its abstract parameter state (with `axes`)."""
+  abstract = nnx.eval_shape(lambda: Transformer(model_cfg, rngs=nnx.Rngs(0)))
+  graphdef, abstract_params = nnx.split(abstract, nnx.Param)
+  return graphdef, abstract_params
+
+
+def state_shardings(abstract_params, tx: optax.GradientTransformation, mesh) -> State:
+  """Optimizer moments are split exactly like the parameters they track; counters are replicated."""
+  params_sh = sharding.param_shardings(abstract_params, mesh)
+  opt_abstract = jax.eval_shape(tx.init, nnx.State(abstract_params).to_pure_dict())
+  opt_sh = optax.tree_map_params(tx, lambda _, s: s, opt_abstract, params_sh,
+                                 transform_non_params=lambda _: sharding.replicated(mesh))
+  return {'params': params_sh, 'opt_state': opt_sh, 'step': sharding.replicated(mesh)}
+
+
+def state_init_fn(config: ml_collections.ConfigDict, tx):
+  def init(key) -> State:
+    model = Transformer(config.model, rngs=nnx.Rngs(params=key))
+    params = nnx.state(model, nnx.Param).to_pure_dict()
+    return {'params': params, 'opt_state': tx.init(params), 'step': jnp.zeros((), jnp.int32)}
+  return init
+
+
+# ----------------------------------------------------------------------------- steps
+
+def token_nll(graphdef, params, batch) -> jax.Array:
+  logits_BTV, _ = nnx.merge(graphdef, params)(batch['inputs'])
+  return optax.softmax_cross_entropy_with_integer_labels(logits_BTV, batch['targets'])
+
+
+def make_train_step(graphdef, tx, schedule, accum_steps: int):
+  def loss_fn(params, batch):
+    return jnp.mean(token_nll(graphdef, params, batch))
+
+  def grads_of(params, batch):
+    if accum_steps == 1:
+      return jax.value_and_grad(loss_fn)(params, batch)
+    # Row r goes to microbatch r % A, so each device's rows split evenly over the microbatches and
+    # no data moves between devices.
+    def split(x_BT):
+      x_bAT = x_BT.reshape(x_BT.shape[0] // accum_steps, accum_steps, *x_BT.shape[1:])
+      return jnp.swapaxes(x_bAT, 0, 1)
+    micro = jax.tree.map(split, batch)
+
+    def body(carry, mb):
+      loss, grads = jax.value_and_grad(loss_fn)(params, mb)
+      return jax.tree.map(jnp.add, carry, (loss, grads)), None
+    zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, params))
+    total, _ = jax.lax.scan(body, zeros, micro)
+    return jax.tree.map(lambda x: x / accum_steps, total)
+
+  def train_step(state: State, batch) -> tuple[State, dict]:
+    loss, grads = grads_of(state['params'], batch)
+    updates, opt_state = tx.update(grads, state['opt_state'], state['params'])
+    params = optax.apply_updates(state['params'], updates)
+    metrics = {'loss': loss, 'grad_norm': optax.global_norm(grads),
+               'learning_rate': schedule(state['step'])}
+    return {'params': params, 'opt_state': opt_state, 'step': state['step'] + 1}, metrics
+  return train_step
+
+
+def make_eval_step(graphdef, token_bytes: np.ndarray):
+  """Sums of nats, target tokens and the text bytes those tokens stand for (for bits per byte)."""
+  token_bytes_V = jnp.asarray(token_bytes, jnp.float32)
+
+  def eval_step(params, batch):
+    nll_BT = token_nll(graphdef, params, batch)
+    return {'nats': jnp.sum(nll_BT), 'tokens': jnp.float32(nll_BT.size),
+            'bytes': jnp.sum(token_bytes_V[batch['targets']])}
+  return eval_step
+
+
+def evaluate(eval_step, params, batches, mesh) -> dict[str, float]:
+  sums = {'nats': 0.0, 'tokens': 0.0, 'bytes': 0.0}
+  for batch in batches:
+    out = jax.device_get(eval_step(params, sharding.global_batch(batch, mesh)))
+    sums = {k: sums[k] + float(out[k]) for k in sums}
+  return {'eval_loss': sums['nats'] / sums['tokens'],
+          'eval_bpb': sums['nats'] / math.log(2) / sums['bytes']}
+
+
+# ----------------------------------------------------------------------------- preemption
+
+class Preemption:
+  """Turns SIGTERM into a flag the loop checks between steps, so the save happens at a step boundary."""
+
+  def __init__(self):
+    self.requested = False
+    self.previous = signal.signal(signal.SIGTERM, self._handle)
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    self.requested = True
+
+  def restore(self):
+    signal.signal(signal.SIGTERM, self.previous)
+
+
+# ----------------------------------------------------------------------------- the loop
+
+def prepare(config: ml_collections.ConfigDict, workdir: pathlib.Path):
+  """Checks the config, then builds the tokenizer and fixes the vocabulary size from it."""
+  checks.check_config(config, num_devices=jax.device_count(), process_count=jax.process_count())
+  tok = tokenizer.make_tokenizer(config, workdir)
+  with config.unlocked():
+    config.model.vocab_size = tok.vocab_size
+  return tok
+
+
+class Throughput:
+  """Tokens/s and model TFLOP/s between two reads of finished steps. The first window of a run
+  includes compilation; evaluation time is left out by `restart`."""
+
+  def __init__(self, tokens_per_step: int, flops_per_token: float, start_step: int):
+    self.tokens_per_step, self.flops_per_token = tokens_per_step, flops_per_token
+    self.restart(start_step)
+
+  def restart(self, step: int) -> None:
+    self.step, self.time = step, time.perf_counter()
+
+  def measure(self, step: int) -> dict[str, float]:
+    now = time.perf_counter()
+    tokens_per_second = (step - self.step) * self.tokens_per_step / (now - self.time)
+    tflops = tokens_per_second * self.flops_per_token / 1e12
+    self.restart(step)
+    return {'tokens_per_second': tokens_per_second, 'tflops_per_second': tflops,
+            'tflops_per_second_per_device': tflops / jax.device_count()}
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict:
+  """Trains (or resumes) the run in `workdir`; returns the last evaluation's metrics."""
+  workdir = pathlib.Path(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  is_primary = jax.process_index() == 0
+  t = config.train
+
+  # --- set-up: everything that can fail on a bad config fails here, before compilation.
+  tok = prepare(config, workdir)
+  eval_data = data.eval_batches(config, tok, process_index=jax.process_index(),
+                                process_count=jax.process_count())
+  mesh = sharding.make_mesh(config.mesh)
+  if is_primary:
+    (workdir / 'config.json').write_text(config.to_json_best_effort(indent=2) + '\n')
+  flops_per_token = flops.flops_per_token(config)['flops_per_token']['total']
+
+  # --- state: restored from the newest complete checkpoint, else freshly initialised.
+  tx, schedule = optim.make_optimizer(t)
+  graphdef, abstract_params = model_graphdef(config.model)
+  shardings = state_shardings(abstract_params, tx, mesh)
+  init_fn = state_init_fn(config, tx)
+  abstract_state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                                jax.eval_shape(init_fn, jax.random.key(0)), shardings)
+  checkpointer = Checkpointer(workdir / 'checkpoints', every_steps=config.checkpoint.every_steps,
+                              keep=config.checkpoint.keep, async_save=config.checkpoint.async_save)
+  train_iter = data.make_train_iterator(config, tok, process_index=jax.process_index(),
+                                        process_count=jax.process_count())
+  restored = checkpointer.restore(abstract_state)
+  if restored is None:
+    start_step = 0
+    state = jax.jit(init_fn, out_shardings=shardings)(jax.random.key(t.seed))
+  else:
+    start_step, state, data_state = restored
+    train_iter.set_state(data_state)
+
+  # --- steps: jitted once, the state donated so parameters update in place.
+  batch_sh = sharding.batch_sharding(mesh)
+  train_step = jax.jit(make_train_step(graphdef, tx, schedule, t.grad_accum_steps),
+                       in_shardings=(shardings, batch_sh), out_shardings=(shardings, None),
+                       donate_argnums=0)
+  eval_step = jax.jit(make_eval_step(graphdef, tok.token_bytes),
+                      in_shardings=(shardings['params'], batch_sh))
+
+  writer = MetricsWriter(workdir, total_steps=t.steps, start_step=start_step, is_primary=is_primary)
+  throughput = Throughput(t.batch_size * config.data.seq_len, flops_per_token, start_step)
+  preemption = Preemption()
+  evaluated = {}
+  pending = None  # (step, metrics) of a logged step, read one step late so the device never idles
+  with sharding.activate(mesh):
+    for step in range(start_step + 1, t.steps + 1):
+      state, metrics = train_step(state, sharding.global_batch(next(train_iter), mesh))
+      if pending is not None:
+        _log_train(writer, throughput, *pending)
+        pending = None
+      if step % t.log_every == 0 or step == t.steps:
+        pending = (step, metrics)
+      if step % t.eval_every == 0 or step == t.steps:
+        if pending is not None:
+          _log_train(writer, throughput, *pending)
+          pending = None
+        evaluated = evaluate(eval_step, state['params'], eval_data, mesh)
+        writer.write(step, evaluated)
+        throughput.restart(step)
+      final = step == t.steps or preemption.requested
+      if final or checkpointer.should_save(step):
+        checkpointer.save(step, state, train_iter.get_state(), force=final)
+      writer.advance(step)
+      if preemption.requested:
+        break
+  if pending is not None:
+    _log_train(writer, throughput, *pending)
+  checkpointer.wait()
+  checkpointer.close()
+  writer.close()
+  preemption.restore()
+  return evaluated
+
+
+def _log_train(writer: MetricsWriter, throughput: Throughput, step: int, metrics) -> None:
+  values = {k: float(v) for k, v in jax.device_get(metrics).items()}
+  writer.write(step, {**values, **throughput.measure(step)})

@@ -1,0 +1,72 @@
+"""Shared test set-up: strict rank promotion, a tiny model config, and a helper that runs train.py."""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import jax
+import pytest
+
+from sparse_lm.config import base_config
+
+jax.config.update('jax_numpy_rank_promotion', 'raise')
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+SHAKESPEARE = REPO.parent / 'shared' / 'data' / 'tinyshakespeare.txt'
+
+
+def tiny_config(**model):
+  """A two-layer model small enough that a training step takes milliseconds on one CPU core."""
+  c = base_config()
+  m = c.model
+  m.num_layers, m.d_model, m.num_heads, m.num_kv_heads, m.head_dim, m.mlp_dim = 2, 64, 4, 2, 16, 128
+  m.vocab_size = 259
+  m.update(model)
+  c.data.seq_len = 64
+  c.train.batch_size = 8
+  c.train.steps = 30
+  c.train.warmup_steps = 5
+  c.train.learning_rate = 3e-3
+  c.train.eval_every = 10
+  c.train.eval_batches = 2
+  c.train.log_every = 1
+  c.checkpoint.every_steps = 10
+  return c
+
+
+@pytest.fixture
+def tiny():
+  return tiny_config()
+
+
+TINY_FLAGS = (
+    '--config.model.num_layers=2', '--config.model.d_model=64', '--config.model.num_heads=4',
+    '--config.model.num_kv_heads=2', '--config.model.head_dim=16', '--config.model.mlp_dim=128',
+    '--config.data.seq_len=64', '--config.train.batch_size=8', '--config.train.steps=30',
+    '--config.train.warmup_steps=5', '--config.train.eval_every=10', '--config.train.eval_batches=2',
+    '--config.train.log_every=1', '--config.checkpoint.every_steps=10',
+    f'--config.data.source=text:{SHAKESPEARE}',
+)
+
+
+def train_command(workdir, *extra) -> list[str]:
+  return [sys.executable, str(REPO / 'train.py'), f'--workdir={workdir}', *TINY_FLAGS, *extra]
+
+
+def run_train(workdir, *extra, devices: int = 1, check: bool = True) -> subprocess.CompletedProcess:
+  env = {**os.environ, 'XLA_FLAGS': f'--xla_force_host_platform_device_count={devices}',
+         'JAX_PLATFORMS': 'cpu'}
+  return subprocess.run(train_command(workdir, *extra), env=env, cwd=REPO, capture_output=True,
+                        text=True, check=check, timeout=600)
+
+
+def train_losses(workdir) -> dict[int, float]:
+  """Training loss per step; a step logged twice (re-run after a crash) keeps its last value."""
+  losses = {}
+  for line in (pathlib.Path(workdir) / 'metrics.jsonl').read_text().splitlines():
+    row = json.loads(line)
+    if 'loss' in row:
+      losses[row['step']] = row['loss']
+  return losses

@@ -1,0 +1,78 @@
+"""Attention variants: against a naive reference, causal through gradients, and decoding from the
+cache equal to the parallel forward pass."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from sparse_lm.attention import core
+from sparse_lm.model import Transformer
+from tests.conftest import tiny_config
+
+VARIANTS = [('dense', {}), ('sliding_window', {'window': 5})]
+
+
+def naive_attention(q_BTHD, k_BSKD, v_BSKD, window):
+  """Repeats K/V per query head and loops over positions: slow and obviously right."""
+  B, T, H, D = q_BTHD.shape
+  rep = H // k_BSKD.shape[2]
+  k_BSHD, v_BSHD = np.repeat(k_BSKD, rep, axis=2), np.repeat(v_BSKD, rep, axis=2)
+  out = np.zeros((B, T, H, D), np.float64)
+  for t in range(T):
+    lo = max(0, t - window + 1) if window else 0
+    s_BHS = np.einsum('bhd,bshd->bhs', q_BTHD[:, t], k_BSHD[:, lo:t + 1]) / np.sqrt(D)
+    p_BHS = np.exp(s_BHS - s_BHS.max(-1, keepdims=True))
+    p_BHS /= p_BHS.sum(-1, keepdims=True)
+    out[:, t] = np.einsum('bhs,bshd->bhd', p_BHS, v_BSHD[:, lo:t + 1])
+  return out
+
+
+@pytest.mark.parametrize('heads,kv_heads', [(4, 4), (4, 2), (8, 1)])
+@pytest.mark.parametrize('window', [None, 3])
+def test_attend_matches_naive_reference(heads, kv_heads, window):
+  rng = np.random.default_rng()
+  B, T, D = 2, 11, 8
+  q = rng.standard_normal((B, T, heads, D))
+  k, v = rng.standard_normal((2, B, T, kv_heads, D))
+  pos_BT = np.broadcast_to(np.arange(T), (B, T))
+  got = core.attend(jnp.asarray(q, jnp.float32), jnp.asarray(k, jnp.float32),
+                    jnp.asarray(v, jnp.float32), pos_BT, pos_BT, window=window)
+  np.testing.assert_allclose(got, naive_attention(q, k, v, window), atol=2e-5, rtol=2e-5)
+
+
+def _model(attention, **extra):
+  cfg = tiny_config(attention=attention, **extra).model
+  return Transformer(cfg, rngs=nnx.Rngs(int(np.random.default_rng().integers(1 << 30))))
+
+
+@pytest.mark.parametrize('attention,extra', VARIANTS)
+def test_output_never_depends_on_later_inputs(attention, extra):
+  model = _model(attention, **extra)
+  B, T = 2, 16
+  x_BTD = jax.random.normal(jax.random.key(int(np.random.default_rng().integers(1 << 30))), (B, T, 64))
+  for t in (0, 6, T - 2):
+    def out_at_t(x_BTD, t=t):
+      logits_BTV, _ = model.from_embeddings(x_BTD)
+      return jnp.sum(logits_BTV[:, t, :259] ** 2)
+    g_BTD = jax.grad(out_at_t)(x_BTD)
+    assert np.all(np.asarray(g_BTD[:, t + 1:]) == 0.0), f'position {t} sees the future'
+    assert np.all(np.abs(np.asarray(g_BTD[:, t])).sum(-1) > 0), 'position sees itself'
+
+
+@pytest.mark.parametrize('attention,extra', VARIANTS)
+def test_incremental_decoding_equals_parallel_forward(attention, extra):
+  model = _model(attention, **extra)
+  B, T, P = 2, 14, 5
+  tokens_BT = jax.random.randint(jax.random.key(int(np.random.default_rng().integers(1 << 30))), (B, T),
+                                 0, 259)
+  parallel_BTV, _ = model(tokens_BT)
+  logits_BPV, cache = model(tokens_BT[:, :P], model.init_cache(B, T))
+  steps = [logits_BPV]
+  for t in range(P, T):
+    logits_B1V, cache = model(tokens_BT[:, t:t + 1], cache)
+    steps.append(logits_B1V)
+  incremental_BTV = jnp.concatenate(steps, axis=1)
+  np.testing.assert_allclose(incremental_BTV[..., :259], parallel_BTV[..., :259], atol=1e-4, rtol=1e-4)
+  assert int(cache['end']) == T

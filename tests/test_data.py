@@ -1,0 +1,218 @@
+import json
+import os
+
+import numpy as np
+import pytest
+
+from sparse_lm import config as config_lib
+from sparse_lm import data
+from sparse_lm import tokenizer as tokenizer_lib
+from sparse_lm.config import ConfigError
+
+SHAKESPEARE = os.path.join(os.path.dirname(__file__), '..', '..', 'shared', 'data', 'tinyshakespeare.txt')
+BYTES = tokenizer_lib.ByteTokenizer()
+
+
+def _config(source=f'text:{SHAKESPEARE}', seq_len=64, batch_size=4, seed=0):
+  config = config_lib.base_config()
+  config.data.source = source
+  config.data.seq_len = seq_len
+  config.data.shuffle_buffer = 16
+  config.train.batch_size = batch_size
+  config.train.seed = seed
+  config.train.eval_batches = 3
+  return config
+
+
+def _take(iterator, n):
+  return [next(iterator) for _ in range(n)]
+
+
+def _assert_same_batches(a, b):
+  assert len(a) == len(b)
+  for x, y in zip(a, b):
+    np.testing.assert_array_equal(x['inputs'], y['inputs'])
+    np.testing.assert_array_equal(x['targets'], y['targets'])
+
+
+def _write_letter_files(tmp_path, num_files, size):
+  """File k holds one letter, so a window's letters name the files it came from."""
+  for k in range(num_files):
+    (tmp_path / f'{k:02d}.txt').write_text(chr(ord('a') + k) * size)
+  return f'text:{tmp_path}/**/*.txt'
+
+
+def test_text_split_is_disjoint_deterministic_and_complete():
+  config = _config()
+  train = list(data.corpus(config, 'train').documents)
+  validation = list(data.corpus(config, 'validation').documents)
+  with open(SHAKESPEARE, encoding='utf-8') as f:
+    assert ''.join(train) + ''.join(validation) == f.read()
+  assert len(train) > 10  # cut into pieces, so there is something to shuffle
+  assert list(data.corpus(config, 'validation').documents) == validation
+
+
+def test_text_pieces_keep_multibyte_characters_whole(tmp_path):
+  text = 'é日本語x' * 20_000  # crosses 64 KiB piece boundaries mid-character
+  (tmp_path / 'a.txt').write_text(text, encoding='utf-8')
+  config = _config(source=f'text:{tmp_path}/a.txt')
+  pieces = [*data.corpus(config, 'train').documents, *data.corpus(config, 'validation').documents]
+  assert len(pieces) > 2
+  assert ''.join(pieces) == text
+
+
+def test_stdlib_split_by_file():
+  config = _config(source='stdlib')
+  train, validation = data.corpus(config, 'train'), data.corpus(config, 'validation')
+  assert len(train.documents) + len(validation.documents) == len(data._stdlib_files())
+  assert 0 < len(validation.documents) < len(train.documents) / 10
+  assert isinstance(validation.documents[0], str)
+  assert data.corpus(config, 'validation').num_bytes == validation.num_bytes
+  data.check_source(config)
+
+
+def test_batches_have_shapes_and_shifted_targets():
+  config = _config()
+  batches = _take(data.make_train_iterator(config, BYTES), 3)
+  with open(SHAKESPEARE, encoding='utf-8') as f:
+    text = f.read()
+  for batch in batches:
+    assert batch['inputs'].shape == batch['targets'].shape == (4, 64)
+    assert batch['inputs'].dtype == batch['targets'].dtype == np.int32
+    np.testing.assert_array_equal(batch['inputs'][:, 1:], batch['targets'][:, :-1])
+    for row in batch['inputs']:
+      if BYTES.eos_id not in row:
+        assert BYTES.decode(row) in text
+
+
+def test_state_round_trip_through_json():
+  config = _config()
+  iterator = data.make_train_iterator(config, BYTES)
+  _take(iterator, 7)
+  state = json.loads(json.dumps(iterator.get_state()))
+  expected = _take(iterator, 5)
+  restored = data.make_train_iterator(config, BYTES)
+  restored.set_state(state)
+  _assert_same_batches(_take(restored, 5), expected)
+
+
+def test_state_round_trip_from_the_start():
+  # The fresh state has no partial document; grain marks that (-1, -1), which JSON makes a list.
+  config = _config()
+  iterator = data.make_train_iterator(config, BYTES)
+  state = json.loads(json.dumps(iterator.get_state()))
+  restored = data.make_train_iterator(config, BYTES)
+  _take(restored, 3)
+  restored.set_state(state)
+  _assert_same_batches(_take(restored, 4), _take(iterator, 4))
+
+
+def test_seed_decides_the_order():
+  first = _take(data.make_train_iterator(_config(seed=1), BYTES), 3)
+  _assert_same_batches(_take(data.make_train_iterator(_config(seed=1), BYTES), 3), first)
+  other = _take(data.make_train_iterator(_config(seed=2), BYTES), 3)
+  assert not np.array_equal(other[0]['inputs'], first[0]['inputs'])
+
+
+def _letters_seen(batches):
+  return {chr(t) for batch in batches for t in np.unique(batch['inputs']) if t < 256}
+
+
+def test_hosts_see_disjoint_documents_that_cover_the_data(tmp_path):
+  config = _config(source=_write_letter_files(tmp_path, num_files=6, size=200), seq_len=16)
+  seen = [_letters_seen(_take(data.make_train_iterator(config, BYTES, process_index=i, process_count=2), 40))
+          for i in range(2)]
+  assert seen[0] and seen[1]
+  assert not seen[0] & seen[1]
+  assert seen[0] | seen[1] == set('abcdef')
+
+
+def test_epochs_are_reshuffled(tmp_path):
+  # 50 bytes a file: the last 17 are validation, 33 bytes and an EOS make exactly two 17-token windows.
+  config = _config(source=_write_letter_files(tmp_path, num_files=8, size=50), seq_len=16, batch_size=1)
+  config.data.shuffle_buffer = 1
+  rows = [batch['inputs'][0] for batch in _take(data.make_train_iterator(config, BYTES), 4 * 16)]
+  epochs = [''.join(chr(row[0]) for row in rows[e * 16:(e + 1) * 16:2]) for e in range(4)]
+  assert all(sorted(order) == list('abcdefgh') for order in epochs)
+  assert len(set(epochs)) > 1
+
+
+def test_eval_batches_are_deterministic_and_bounded():
+  config = _config()
+  batches = data.eval_batches(config, BYTES)
+  assert len(batches) == 3
+  _assert_same_batches(data.eval_batches(config, BYTES), batches)
+  validation_text = ''.join(data.corpus(config, 'validation').documents)
+  assert validation_text.startswith(BYTES.decode(batches[0]['inputs'][0]))  # in order, unshuffled
+  config.train.eval_batches = 1000
+  assert 1 <= len(data.eval_batches(config, BYTES)) < 1000
+
+
+def test_eval_batches_split_rows_over_hosts():
+  config = _config()
+  whole = data.eval_batches(config, BYTES)
+  parts = [data.eval_batches(config, BYTES, process_index=i, process_count=2) for i in range(2)]
+  assert len(parts[0]) == len(parts[1]) == len(whole)
+  for batch, half0, half1 in zip(whole, *parts):
+    np.testing.assert_array_equal(np.concatenate([half0['inputs'], half1['inputs']]), batch['inputs'])
+
+
+def test_tfds_source_with_mock_data():
+  tfds = pytest.importorskip('tensorflow_datasets')
+  config = _config(source='tfds:lm1b', seq_len=16, batch_size=2)
+  config.data.tfds_split_eval = 'test'
+  with tfds.testing.mock_data(num_examples=20, policy=tfds.testing.MockPolicy.USE_CODE):
+    batch = next(data.make_train_iterator(config, BYTES))
+    assert batch['inputs'].shape == (2, 16)
+    assert len(data.eval_batches(config, BYTES)) >= 1
+
+
+def _raises_one_line(config, key, call=data.check_source):
+  with pytest.raises(ConfigError, match=key) as error:
+    call(config)
+  assert '\n' not in str(error.value)
+  return str(error.value)
+
+
+def test_glob_without_match(tmp_path):
+  message = _raises_one_line(_config(source=f'text:{tmp_path}/*.nothing'), 'data.source')
+  assert '*.nothing' in message
+
+
+@pytest.mark.parametrize('source', ['wikipedia', 'stdlib:extra', 'tfds:', ''])
+def test_unknown_source(source):
+  _raises_one_line(_config(source=source), 'data.source')
+
+
+def test_seq_len_longer_than_the_corpus(tmp_path):
+  (tmp_path / 'small.txt').write_text('x' * 1000)
+  message = _raises_one_line(_config(source=f'text:{tmp_path}/small.txt', seq_len=4096), 'data.seq_len')
+  assert 'tokens' in message
+  _raises_one_line(_config(source=f'text:{tmp_path}/small.txt', seq_len=4096), 'data.seq_len',
+                   lambda config: data.make_train_iterator(config, BYTES))
+
+
+def test_validation_too_small_for_one_batch(tmp_path):
+  (tmp_path / 'small.txt').write_text('x' * 5000)
+  config = _config(source=f'text:{tmp_path}/small.txt', seq_len=64, batch_size=64)
+  message = _raises_one_line(config, 'train.batch_size', lambda config: data.eval_batches(config, BYTES))
+  assert 'data.seq_len' in message
+
+
+def test_validation_too_small_for_one_batch_after_tokenizing(tmp_path):
+  """The byte count lets it pass; the exact token count in eval_batches does not."""
+  (tmp_path / 'small.txt').write_text('x' * 5000)
+  config = _config(source=f'text:{tmp_path}/small.txt', seq_len=16, batch_size=4)
+  config.data.validation_fraction = 0.02  # 100 bytes, enough for 4 windows of 17 byte tokens
+  data.check_source(config)
+
+  class TwoBytesPerToken(tokenizer_lib.ByteTokenizer):
+    def encode(self, text):
+      return super().encode(text)[::2]
+
+  _raises_one_line(config, 'train.batch_size', lambda config: data.eval_batches(config, TwoBytesPerToken()))
+
+
+def test_batch_size_must_divide_over_hosts():
+  _raises_one_line(_config(batch_size=3), 'train.batch_size',
+                   lambda config: data.make_train_iterator(config, BYTES, process_count=2))

@@ -1,0 +1,110 @@
+"""End-to-end training through `train.py`: loss falls, sharding does not change the numbers, and a
+killed or preempted run resumes exactly where an uninterrupted one would be."""
+
+import json
+import os
+import signal
+import subprocess
+import time
+
+import pytest
+
+from tests.conftest import REPO, run_train, train_command, train_losses
+
+
+@pytest.fixture(scope='module')
+def reference_run(tmp_path_factory):
+  """One uninterrupted 30-step run that the other tests compare against."""
+  workdir = tmp_path_factory.mktemp('reference')
+  run_train(workdir)
+  return workdir
+
+
+def test_loss_falls_and_outputs_are_written(reference_run):
+  losses = train_losses(reference_run)
+  assert sorted(losses) == list(range(1, 31))
+  assert losses[30] < losses[1] - 1.0, losses
+  rows = [json.loads(line) for line in (reference_run / 'metrics.jsonl').read_text().splitlines()]
+  evals = [row for row in rows if 'eval_loss' in row]
+  assert [row['step'] for row in evals] == [10, 20, 30]
+  assert evals[-1]['eval_loss'] < evals[0]['eval_loss']
+  assert all(row['eval_bpb'] > 0 for row in evals)
+  train_rows = [row for row in rows if 'loss' in row]
+  assert all(row['tokens_per_second'] > 0 and row['tflops_per_second'] > 0 for row in train_rows)
+  assert all(row['learning_rate'] > 0 for row in train_rows)
+  config = json.loads((reference_run / 'config.json').read_text())
+  assert config['model']['vocab_size'] == 259
+  assert list((reference_run / 'tensorboard').iterdir())
+
+
+def test_eight_devices_fsdp_tensor_match_one_device(reference_run, tmp_path):
+  run_train(tmp_path, '--config.mesh.fsdp=4', '--config.mesh.tensor=2', '--config.train.steps=30',
+            devices=8)
+  sharded, single = train_losses(tmp_path), train_losses(reference_run)
+  assert sorted(sharded) == sorted(single)
+  for step, loss in single.items():
+    assert sharded[step] == pytest.approx(loss, rel=2e-4, abs=2e-4), step
+
+
+def test_gradient_accumulation_matches_one_big_batch(reference_run, tmp_path):
+  run_train(tmp_path, '--config.train.grad_accum_steps=2')
+  accumulated, single = train_losses(tmp_path), train_losses(reference_run)
+  for step in range(1, 31):
+    assert accumulated[step] == pytest.approx(single[step], rel=2e-4, abs=2e-4), step
+
+
+def _start(workdir):
+  env = {**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=1', 'JAX_PLATFORMS': 'cpu'}
+  return subprocess.Popen(train_command(workdir), env=env, cwd=REPO, stdout=subprocess.DEVNULL,
+                          stderr=subprocess.PIPE, text=True)
+
+
+def _wait_for_step(workdir, step, process, timeout=300):
+  deadline = time.monotonic() + timeout
+  while time.monotonic() < deadline:
+    assert process.poll() is None, process.stderr.read()
+    if (workdir / 'metrics.jsonl').exists() and max(train_losses(workdir), default=0) >= step:
+      return
+    time.sleep(0.05)
+  raise TimeoutError(f'step {step} not reached')
+
+
+def _assert_resumed_exactly(workdir, reference_run):
+  resumed, reference = train_losses(workdir), train_losses(reference_run)
+  assert sorted(resumed) == sorted(reference)
+  for step, loss in reference.items():
+    assert resumed[step] == pytest.approx(loss, rel=1e-5, abs=1e-6), step
+
+
+def test_kill_9_then_rerun_resumes_exactly(reference_run, tmp_path):
+  process = _start(tmp_path)
+  _wait_for_step(tmp_path, 14, process)  # past the step-10 checkpoint
+  process.kill()
+  process.wait()
+  assert max(train_losses(tmp_path)) < 30
+  run_train(tmp_path)
+  _assert_resumed_exactly(tmp_path, reference_run)
+
+
+def test_sigterm_saves_then_exits_and_rerun_resumes(reference_run, tmp_path):
+  process = _start(tmp_path)
+  _wait_for_step(tmp_path, 13, process)
+  process.send_signal(signal.SIGTERM)
+  assert process.wait(timeout=120) == 0, process.stderr.read()
+  stopped_at = max(train_losses(tmp_path))
+  assert stopped_at < 30
+  saved = {int(p.name) for p in (tmp_path / 'checkpoints').iterdir() if p.name.isdigit()}
+  assert max(saved) >= stopped_at, (saved, stopped_at)  # saved where it stopped, not at step 10
+  run_train(tmp_path)
+  _assert_resumed_exactly(tmp_path, reference_run)
+
+
+def test_bad_config_fails_fast_with_one_line(tmp_path):
+  started = time.monotonic()
+  result = run_train(tmp_path, '--config.model.attention=bogus', check=False)
+  assert result.returncode != 0
+  lines = [line for line in result.stderr.splitlines() if line.strip()]
+  assert lines[-1].startswith('config error: model.attention='), result.stderr
+  assert 'Traceback' not in result.stderr
+  assert not (tmp_path / 'checkpoints').exists()
+  assert time.monotonic() - started < 60
