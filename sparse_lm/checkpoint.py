@@ -16,12 +16,12 @@ Why a checkpoint cut short by `kill -9` is never resumed from (orbax 0.12.8, loc
 - The same check leaves out a step whose async save is still running in this process, which the
   manager already lists.
 
-Nothing here fsyncs: a crash of the machine, not of the process, may still lose the newest step.
+Orbax fsyncs neither the commit file nor the rename: this covers a killed process, not a machine that
+loses power.
 """
 
 from typing import Any
 
-import jax
 import orbax.checkpoint as ocp
 from etils import epath
 from orbax.checkpoint import checkpoint_managers

@@ -5,7 +5,7 @@ Each failure is one `ConfigError` line naming the key, the value and what is all
 
 import ml_collections
 
-from sparse_lm import attention, data, mlp, sharding
+from sparse_lm import attention, data, mlp, sharding, tokenizer
 from sparse_lm.config import ConfigError
 
 KERNELS = ('xla',)  # 'pallas' joins when pallas_kernels/ has its kernels
@@ -66,4 +66,5 @@ def check_train(config: ml_collections.ConfigDict, num_devices: int, process_cou
 def check_config(config: ml_collections.ConfigDict, *, num_devices: int, process_count: int = 1) -> None:
   check_model(config.model)
   check_train(config, num_devices, process_count)
+  tokenizer.vocab_size_for(config)
   data.check_source(config)

@@ -13,7 +13,8 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 import pytest
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from sparse_lm.checkpoint import Checkpointer
 
@@ -38,13 +39,18 @@ def _train_state(seed=0):
   return {'params': params, 'opt_state': optax.adamw(1e-3).init(params), 'step': jnp.int32(seed)}
 
 
+def _on_one_device(shape):
+  one_device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  return jax.ShapeDtypeStruct(shape, jnp.float32, sharding=one_device)
+
+
 def _abstract(state, sharding_fn=lambda x: x.sharding):
   return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding_fn(x)), state)
 
 
 def _assert_same(got, want):
   assert jax.tree.structure(got) == jax.tree.structure(want)
-  for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+  for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
     assert g.dtype == w.dtype
     np.testing.assert_array_equal(np.asarray(g), np.asarray(w))
 
@@ -60,7 +66,7 @@ def test_round_trip_restores_values_dtypes_and_requested_sharding(tmp_path):
     step, restored, restored_data = ckpt.restore(_abstract(state, sharding_fn))
     assert (step, restored_data) == (7, data_state)
     _assert_same(restored, state)
-    for got, want in zip(jax.tree.leaves(restored), jax.tree.leaves(state)):
+    for got, want in zip(jax.tree.leaves(restored), jax.tree.leaves(state), strict=True):
       assert got.sharding.is_equivalent_to(sharding_fn(want), got.ndim)
   ckpt.close()
 
@@ -84,7 +90,9 @@ def test_saves_on_the_interval_or_when_forced_and_never_twice(tmp_path):
   assert ckpt.save(4, state, {}, force=True)
   assert not ckpt.save(4, state, {}, force=True)
   ckpt.close()
-  assert Checkpointer(tmp_path, every_steps=3, keep=5).latest_step() == 4
+  ckpt = Checkpointer(tmp_path, every_steps=3, keep=5)
+  assert ckpt.latest_step() == 4
+  ckpt.close()
 
 
 def test_async_save_keeps_values_when_source_is_donated_or_deleted(tmp_path):
@@ -97,7 +105,7 @@ def test_async_save_keeps_values_when_source_is_donated_or_deleted(tmp_path):
   for leaf in jax.tree.leaves(overwritten) + jax.tree.leaves(state):
     leaf.delete()
   ckpt.wait()
-  _, restored, _ = ckpt.restore(_abstract(want, lambda x: jax.sharding.SingleDeviceSharding(jax.devices()[0])))
+  _, restored, _ = ckpt.restore(jax.tree.map(lambda x: _on_one_device(x.shape), want))
   ckpt.close()
   _assert_same(restored, want)
 
@@ -139,7 +147,8 @@ def test_step_directory_without_commit_file_is_not_picked(tmp_path):
   # Orbax writes commit_success.txt last, just before the rename; a step directory without it was
   # never committed (e.g. a copy of the run interrupted half way), although orbax would list it.
   (tmp_path / '2' / 'commit_success.txt').unlink()
-  assert ocp.CheckpointManager(tmp_path).all_steps() == [1, 2]
+  with ocp.CheckpointManager(tmp_path) as manager:
+    assert manager.all_steps() == [1, 2]
   _assert_resumes_step_1(tmp_path, states[1])
   ckpt = Checkpointer(tmp_path, every_steps=1, keep=5)
   with pytest.raises(FileNotFoundError):
@@ -194,17 +203,16 @@ def test_killed_async_save_is_never_resumed_from(tmp_path):
   _kill_while_step_2_is_written(tmp_path)
 
   ckpt = Checkpointer(tmp_path, every_steps=1, keep=5)
-  one_device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   step = ckpt.latest_step()
   if step == 2:  # the write won the race; then it must be whole
-    _, restored, data_state = ckpt.restore({'w': jax.ShapeDtypeStruct((50_000_000,), jnp.float32, sharding=one_device)})
+    _, restored, data_state = ckpt.restore({'w': _on_one_device((50_000_000,))})
     np.testing.assert_array_equal(restored['w'], jax.random.uniform(jax.random.key(0), (50_000_000,)))
   else:
     assert step == 1
     # Saved over 4 devices, restored onto 1.
-    _, restored, data_state = ckpt.restore({'w': jax.ShapeDtypeStruct((8, 4), jnp.float32, sharding=one_device)})
+    _, restored, data_state = ckpt.restore({'w': _on_one_device((8, 4))})
     np.testing.assert_array_equal(restored['w'], np.arange(32.0).reshape(8, 4))
-    assert restored['w'].sharding == one_device
+    assert restored['w'].sharding == _on_one_device(()).sharding
     # The run goes on: step 2 saves over what the killed save left behind.
     assert ckpt.save(2, {'w': jnp.ones(3)}, {'step': 2})
     ckpt.wait()

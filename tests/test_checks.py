@@ -1,0 +1,41 @@
+"""Bad configs fail before compilation with one line naming the key."""
+
+import pytest
+
+from sparse_lm import checks
+from sparse_lm.config import ConfigError
+from tests.conftest import SHAKESPEARE, tiny_config
+
+CASES = [
+    ('model.attention', lambda c: c.model.update(attention='bogus')),
+    ('model.mlp', lambda c: c.model.update(mlp='bogus')),
+    ('model.kernel', lambda c: c.model.update(kernel='triton')),
+    ('model.num_heads', lambda c: c.model.update(num_heads=3, head_dim=21, d_model=63)),
+    ('model.d_model', lambda c: c.model.update(d_model=100)),
+    ('model.window', lambda c: c.model.update(attention='sliding_window', window=0)),
+    ('mesh', lambda c: c.mesh.update(data=2, fsdp=1)),
+    ('mesh', lambda c: c.mesh.update(data=-1, fsdp=-1)),
+    ('train.batch_size', lambda c: c.train.update(batch_size=9, grad_accum_steps=2)),
+    ('train.schedule', lambda c: c.train.update(schedule='linear')),
+    ('data.source', lambda c: c.data.update(source='text:/nonexistent/*.txt')),
+    ('data.source', lambda c: c.data.update(source='ftp:corpus')),
+    ('data.seq_len', lambda c: c.data.update(seq_len=10_000_000)),
+    ('data.tokenizer', lambda c: c.data.update(tokenizer='wordpiece')),
+]
+
+
+@pytest.mark.parametrize('key,mutate', CASES, ids=[f'{k}-{i}' for i, (k, _) in enumerate(CASES)])
+def test_bad_value_raises_one_line_naming_the_key(key, mutate):
+  c = tiny_config()
+  c.data.source = f'text:{SHAKESPEARE}'
+  mutate(c)
+  with pytest.raises(ConfigError) as error:
+    checks.check_config(c, num_devices=1)
+  message = str(error.value)
+  assert key in message and '\n' not in message
+
+
+def test_good_config_passes():
+  c = tiny_config()
+  c.data.source = f'text:{SHAKESPEARE}'
+  checks.check_config(c, num_devices=1)
