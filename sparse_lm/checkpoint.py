@@ -53,7 +53,8 @@ class Checkpointer:
         enable_async_checkpointing=async_save,
         multiprocessing_options=ocp.options.MultiprocessingOptions(primary_host=primary_host),
     )
-    self._manager = ocp.CheckpointManager(epath.Path(directory), options=options)
+    # Orbax's array writer rejects relative paths, and `--workdir` is often one.
+    self._manager = ocp.CheckpointManager(epath.Path(directory).resolve(), options=options)
 
   def latest_step(self) -> int | None:
     return max(filter(self._is_complete, self._manager.all_steps()), default=None)

@@ -71,6 +71,16 @@ def test_round_trip_restores_values_dtypes_and_requested_sharding(tmp_path):
   ckpt.close()
 
 
+def test_relative_directory_saves_and_restores(tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)
+  ckpt = Checkpointer('runs/x/checkpoints', every_steps=1, keep=1)
+  state = _train_state(seed=3)
+  assert ckpt.save(3, state, {'i': 1})
+  ckpt.wait()
+  _assert_same(ckpt.restore(_abstract(state))[1], state)
+  ckpt.close()
+
+
 def test_keeps_only_the_last_n(tmp_path):
   ckpt = Checkpointer(tmp_path, every_steps=1, keep=2)
   for step in range(1, 6):
