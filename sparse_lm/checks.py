@@ -54,7 +54,7 @@ def check_train(config: ml_collections.ConfigDict, num_devices: int, process_cou
   _positive(config.data, 'data', ('seq_len',))
   if not 0 <= t.warmup_steps < t.steps:
     raise ConfigError(f'train.warmup_steps={t.warmup_steps} must be in [0, train.steps={t.steps})')
-  shape = dict(zip(sharding.MESH_AXES, sharding.mesh_shape(config.mesh, num_devices)))
+  shape = dict(zip(sharding.MESH_AXES, sharding.mesh_shape(config.mesh, num_devices), strict=True))
   rows = shape['data'] * shape['fsdp']
   micro, rest = divmod(t.batch_size, t.grad_accum_steps)
   if rest or micro % rows or t.batch_size % process_count:

@@ -1,7 +1,6 @@
 """The training loop: one jitted, sharded, donated train step; evaluation; checkpoints that resume
 exactly; metrics. `train.py` is its command line."""
 
-import json
 import math
 import pathlib
 import signal

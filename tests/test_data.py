@@ -30,7 +30,7 @@ def _take(iterator, n):
 
 def _assert_same_batches(a, b):
   assert len(a) == len(b)
-  for x, y in zip(a, b):
+  for x, y in zip(a, b, strict=True):
     np.testing.assert_array_equal(x['inputs'], y['inputs'])
     np.testing.assert_array_equal(x['targets'], y['targets'])
 
@@ -153,7 +153,7 @@ def test_eval_batches_split_rows_over_hosts():
   whole = data.eval_batches(config, BYTES)
   parts = [data.eval_batches(config, BYTES, process_index=i, process_count=2) for i in range(2)]
   assert len(parts[0]) == len(parts[1]) == len(whole)
-  for batch, half0, half1 in zip(whole, *parts):
+  for batch, half0, half1 in zip(whole, *parts, strict=True):
     np.testing.assert_array_equal(np.concatenate([half0['inputs'], half1['inputs']]), batch['inputs'])
 
 

@@ -21,7 +21,7 @@ def test_warmup_reaches_peak_and_ends_at_floor(name):
   assert rates[0] == pytest.approx(0.1)  # the first update already moves the parameters
   assert rates[9] == pytest.approx(1.0)
   assert rates[-1] == pytest.approx(0.1, abs=1e-6)
-  assert all(a <= b + 1e-9 for a, b in zip(rates[:10], rates[1:10]))
+  assert all(a <= b + 1e-9 for a, b in zip(rates[:9], rates[1:10], strict=True))
 
 
 def test_wsd_holds_the_peak_until_the_decay_phase():

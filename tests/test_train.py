@@ -108,3 +108,14 @@ def test_bad_config_fails_fast_with_one_line(tmp_path):
   assert 'Traceback' not in result.stderr
   assert not (tmp_path / 'checkpoints').exists()
   assert time.monotonic() - started < 60
+
+
+def test_sentencepiece_tokenizer_trains_and_reports_bits_per_byte(tmp_path):
+  run_train(tmp_path, '--config.data.tokenizer=sentencepiece:512', '--config.train.steps=10')
+  assert (tmp_path / 'tokenizer.model').exists()
+  config = json.loads((tmp_path / 'config.json').read_text())
+  assert config['model']['vocab_size'] == 512
+  evals = [json.loads(line) for line in (tmp_path / 'metrics.jsonl').read_text().splitlines()
+           if 'eval_bpb' in line]
+  # A subword token covers several bytes, so bits per byte sit well below bits per token.
+  assert evals[-1]['eval_bpb'] < evals[-1]['eval_loss'] / 0.6931 / 1.5
