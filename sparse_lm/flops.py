@@ -23,7 +23,7 @@ from sparse_lm.model import Transformer, padded_vocab
 def param_counts(model_cfg: ml_collections.ConfigDict) -> dict[str, int]:
   """Counts from the real module tree, built abstractly (no memory, no compute)."""
   abstract = nnx.eval_shape(lambda: Transformer(model_cfg, rngs=nnx.Rngs(0)))
-  params = nnx.state(abstract, nnx.Param).to_pure_dict()
+  params = nnx.to_pure_dict(nnx.state(abstract, nnx.Param))
   sizes = {jax.tree_util.keystr(path): leaf.size
            for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]}
   total = sum(sizes.values())

@@ -86,7 +86,7 @@ def param_shardings(abstract_state: nnx.State, mesh: Mesh):
     axes = variable.get_metadata().get('axes') or (None,) * variable.value.ndim
     return NamedSharding(mesh, logical_to_spec(axes, variable.value.shape, mesh))
   shardings = jax.tree.map(one, abstract_state, is_leaf=lambda x: isinstance(x, nnx.Variable))
-  return nnx.State(shardings).to_pure_dict()
+  return nnx.to_pure_dict(shardings)
 
 
 def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:

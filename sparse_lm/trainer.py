@@ -33,7 +33,7 @@ def model_graphdef(model_cfg: ml_collections.ConfigDict):
 def state_shardings(abstract_params, tx: optax.GradientTransformation, mesh) -> State:
   """Optimizer moments are split exactly like the parameters they track; counters are replicated."""
   params_sh = sharding.param_shardings(abstract_params, mesh)
-  opt_abstract = jax.eval_shape(tx.init, nnx.State(abstract_params).to_pure_dict())
+  opt_abstract = jax.eval_shape(tx.init, nnx.to_pure_dict(abstract_params))
   opt_sh = optax.tree_map_params(tx, lambda _, s: s, opt_abstract, params_sh,
                                  transform_non_params=lambda _: sharding.replicated(mesh))
   return {'params': params_sh, 'opt_state': opt_sh, 'step': sharding.replicated(mesh)}
@@ -42,7 +42,7 @@ def state_shardings(abstract_params, tx: optax.GradientTransformation, mesh) -> 
 def state_init_fn(config: ml_collections.ConfigDict, tx):
   def init(key) -> State:
     model = Transformer(config.model, rngs=nnx.Rngs(params=key))
-    params = nnx.state(model, nnx.Param).to_pure_dict()
+    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
     return {'params': params, 'opt_state': tx.init(params), 'step': jnp.zeros((), jnp.int32)}
   return init
 

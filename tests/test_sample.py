@@ -19,7 +19,7 @@ def test_cached_sampling_equals_full_recompute(attention, extra, temperature, to
   seed = int(np.random.default_rng().integers(1 << 30))
   model = Transformer(tiny_config(attention=attention, **extra).model, rngs=nnx.Rngs(seed))
   graphdef, params = nnx.split(model, nnx.Param)
-  params = params.to_pure_dict()
+  params = nnx.to_pure_dict(params)
   prompt_BP = jax.random.randint(jax.random.key(seed), (2, 6), 0, 259)
   kwargs = {'temperature': temperature, 'top_k': top_k}
   key = jax.random.key(seed + 1)
