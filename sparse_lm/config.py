@@ -33,6 +33,14 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.dtype = 'float32'  # compute dtype; 'bfloat16' on accelerators
   c.model.param_dtype = 'float32'
   c.model.remat = False  # recompute each block in the backward pass to save memory
+  # Native Sparse Attention (Yuan et al. 2025); defaults are the paper's (Sec. 4.1).
+  c.model.nsa = ml_collections.ConfigDict()
+  c.model.nsa.cmp_block = 32  # l: tokens per compressed block
+  c.model.nsa.cmp_stride = 16  # d: stride between compressed blocks
+  c.model.nsa.sel_block = 64  # l': tokens per selection block
+  c.model.nsa.num_selected = 16  # n: selected blocks per query, the first and two local ones included
+  c.model.nsa.window = 512  # w: the sliding-window branch
+  c.model.nsa.shared_kv = False  # one K/V projection for all three branches instead of one each
 
   c.data = ml_collections.ConfigDict()
   c.data.source = 'stdlib'  # stdlib | text:PATH_OR_GLOB | tfds:NAME[:CONFIG]

@@ -20,15 +20,19 @@ from sparse_lm import attention, tokenizer
 from sparse_lm.model import Transformer, padded_vocab
 
 
-def param_counts(model_cfg: ml_collections.ConfigDict) -> dict[str, int]:
-  """Counts from the real module tree, built abstractly (no memory, no compute)."""
+def param_sizes(model_cfg: ml_collections.ConfigDict) -> dict[tuple[str, ...], int]:
+  """Size of every parameter by its path, from the real module tree built abstractly (no memory)."""
   abstract = nnx.eval_shape(lambda: Transformer(model_cfg, rngs=nnx.Rngs(0)))
   params = nnx.to_pure_dict(nnx.state(abstract, nnx.Param))
-  sizes = {jax.tree_util.keystr(path): leaf.size
-           for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]}
+  return {tuple(str(getattr(k, 'key', k)) for k in path): leaf.size
+          for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]}
+
+
+def param_counts(model_cfg: ml_collections.ConfigDict) -> dict[str, int]:
+  sizes = param_sizes(model_cfg)
   total = sum(sizes.values())
-  embedding = sum(size for name, size in sizes.items() if name.startswith(("['embed']", "['unembed']")))
-  norms = sum(size for name, size in sizes.items() if name.endswith("['scale']"))
+  embedding = sum(size for path, size in sizes.items() if path[0] in ('embed', 'unembed'))
+  norms = sum(size for path, size in sizes.items() if path[-1] == 'scale')
   return {'total_params': total, 'active_params': total, 'embedding_params': embedding,
           'non_embedding_params': total - embedding, 'norm_params': norms}
 
@@ -37,11 +41,15 @@ def flops_per_token(config: ml_collections.ConfigDict) -> dict:
   """Training FLOPs per token at `data.seq_len`, split into parameter and attention parts."""
   m = config.model
   counts = param_counts(m)
+  variant = attention.REGISTRY[m.attention]
   # Norm scales are elementwise, not matmuls; the output layer is a (d_model x vocab) matmul even when
-  # it shares its table with the (free) input lookup.
-  matmul_params = counts['active_params'] - counts['embedding_params'] - counts['norm_params']
-  matmul_params += m.d_model * padded_vocab(m)
-  keys = attention.REGISTRY[m.attention].attended_keys(m, config.data.seq_len)
+  # it shares its table with the (free) input lookup. Some attention parameters serve many tokens at
+  # once (NSA's block compression runs once per block), and count by how often a token uses them.
+  uses = variant.param_uses_per_token(m)
+  matmul_params = m.d_model * padded_vocab(m) + sum(
+      size * uses.get(path[-1], 1.0) for path, size in param_sizes(m).items()
+      if path[0] not in ('embed', 'unembed') and path[-1] != 'scale')
+  keys = variant.attended_keys(m, config.data.seq_len)
   attention_flops = 3 * 4 * m.num_layers * m.num_heads * m.head_dim * keys
   param_flops = 6 * matmul_params
   return {**counts, 'seq_len': config.data.seq_len, 'attended_keys_per_query': keys,

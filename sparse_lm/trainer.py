@@ -49,18 +49,32 @@ def state_init_fn(config: ml_collections.ConfigDict, tx):
 
 # ----------------------------------------------------------------------------- steps
 
-def token_nll(graphdef, params, batch) -> jax.Array:
-  logits_BTV, _ = nnx.merge(graphdef, params)(batch['inputs'])
-  return optax.softmax_cross_entropy_with_integer_labels(logits_BTV, batch['targets'])
+def forward(graphdef, params, batch) -> tuple[jax.Array, jax.Array, dict[str, jax.Array]]:
+  """Per-token negative log-likelihood, plus what the layers sow (`Module.sow(nnx.Intermediate, ...)`):
+  values named `*aux_loss` add up to the auxiliary loss, the rest are metrics (averaged over repeated
+  sows), keyed by their path in the model, e.g. `blocks/2/mlp/expert_load`."""
+  model = nnx.merge(graphdef, params)
+  (logits_BTV, _), sown = nnx.capture(model, nnx.Intermediate)(batch['inputs'])
+  nll_BT = optax.softmax_cross_entropy_with_integer_labels(logits_BTV, batch['targets'])
+  aux_loss, metrics = jnp.zeros((), jnp.float32), {}
+  for path, variable in nnx.to_flat_state(sown):
+    value = jnp.mean(jnp.stack(variable.value), axis=0)
+    if str(path[-1]).endswith('aux_loss'):
+      aux_loss += value
+    else:
+      metrics['/'.join(map(str, path))] = value
+  return nll_BT, aux_loss, metrics
 
 
 def make_train_step(graphdef, tx, schedule, accum_steps: int):
   def loss_fn(params, batch):
-    return jnp.mean(token_nll(graphdef, params, batch))
+    nll_BT, aux_loss, metrics = forward(graphdef, params, batch)
+    loss = jnp.mean(nll_BT)
+    return loss + aux_loss, {'loss': loss, 'aux_loss': aux_loss, **metrics}
 
   def grads_of(params, batch):
     if accum_steps == 1:
-      return jax.value_and_grad(loss_fn)(params, batch)
+      return jax.grad(loss_fn, has_aux=True)(params, batch)
     # Row r goes to microbatch r % A, so each device's rows split evenly over the microbatches and
     # no data moves between devices.
     def split(x_BT):
@@ -69,18 +83,17 @@ def make_train_step(graphdef, tx, schedule, accum_steps: int):
     micro = jax.tree.map(split, batch)
 
     def body(carry, mb):
-      loss, grads = jax.value_and_grad(loss_fn)(params, mb)
-      return jax.tree.map(jnp.add, carry, (loss, grads)), None
-    zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, params))
+      return jax.tree.map(jnp.add, carry, jax.grad(loss_fn, has_aux=True)(params, mb)), None
+    zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(jax.grad(loss_fn, has_aux=True), params,
+                                                        jax.tree.map(lambda x: x[0], micro)))
     total, _ = jax.lax.scan(body, zeros, micro)
     return jax.tree.map(lambda x: x / accum_steps, total)
 
   def train_step(state: State, batch) -> tuple[State, dict]:
-    loss, grads = grads_of(state['params'], batch)
+    grads, metrics = grads_of(state['params'], batch)
     updates, opt_state = tx.update(grads, state['opt_state'], state['params'])
     params = optax.apply_updates(state['params'], updates)
-    metrics = {'loss': loss, 'grad_norm': optax.global_norm(grads),
-               'learning_rate': schedule(state['step'])}
+    metrics.update(grad_norm=optax.global_norm(grads), learning_rate=schedule(state['step']))
     return {'params': params, 'opt_state': opt_state, 'step': state['step'] + 1}, metrics
   return train_step
 
@@ -90,7 +103,7 @@ def make_eval_step(graphdef, token_bytes: np.ndarray):
   token_bytes_V = jnp.asarray(token_bytes, jnp.float32)
 
   def eval_step(params, batch):
-    nll_BT = token_nll(graphdef, params, batch)
+    nll_BT, _, _ = forward(graphdef, params, batch)
     return {'nats': jnp.sum(nll_BT), 'tokens': jnp.float32(nll_BT.size),
             'bytes': jnp.sum(token_bytes_V[batch['targets']])}
   return eval_step
@@ -232,5 +245,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
 
 
 def _log_train(writer: MetricsWriter, throughput: Throughput, step: int, metrics) -> None:
-  values = {k: float(v) for k, v in jax.device_get(metrics).items()}
+  values = {}
+  for key, value in jax.device_get(metrics).items():
+    if np.ndim(value) == 0:
+      values[key] = float(value)
+    else:  # a vector metric (say, the load of each expert) becomes one scalar per entry
+      values.update({f'{key}_{i}': float(v) for i, v in enumerate(np.ravel(value))})
   writer.write(step, {**values, **throughput.measure(step)})

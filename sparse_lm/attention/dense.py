@@ -44,6 +44,12 @@ class Attention(nnx.Module):
     span = cls.attention_window(cfg) or seq_len
     return sum(min(t + 1, span) for t in range(seq_len)) / seq_len
 
+  @staticmethod
+  def param_uses_per_token(cfg: ml_collections.ConfigDict) -> dict[str, float]:
+    """Parameters (by name) that a token does not use once in a matmul, with how often it does."""
+    del cfg
+    return {}
+
   def init_cache(self, batch: int, max_len: int) -> Cache:
     shape = (batch, max_len) + self.wk.shape[1:]
     return {'k': jnp.zeros(shape, self.dtype), 'v': jnp.zeros(shape, self.dtype)}
