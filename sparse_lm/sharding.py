@@ -107,6 +107,12 @@ def activate(mesh: Mesh):
     _active_mesh.pop()
 
 
+def active_mesh() -> Mesh | None:
+  """The mesh a step is being traced for (inside `activate`), for layers that place work explicitly
+  with `shard_map`; None outside (tests, sampling)."""
+  return _active_mesh[-1] if _active_mesh else None
+
+
 def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
   """Pins an activation's layout by logical names; a no-op outside `activate` (tests, sampling)."""
   if not _active_mesh:
