@@ -1,0 +1,580 @@
+"""Selected-block attention, the selection branch of Native Sparse Attention (Yuan et al. 2025, Sec. 3.3.2).
+
+Query `t` of kv-head group `h` attends to the keys of the blocks listed in `block_indices[b, t, h]`
+(block `j` covers `[j * block_size, (j + 1) * block_size)`) whose position is `<= t`. A `-1` slot is
+unused and a repeated block counts once. A query whose list shows it no key (every slot `-1`, or only
+blocks starting after `t`) outputs zeros and gets zero gradients.
+
+Kernel design (NSA Sec. 4, "group-centric"): the G query heads of a kv group share the block list, so each
+selected K/V block is loaded once for the whole group and the group's heads form the rows (M) of the
+matmul with it. For small groups (G = 1..4, where NSA's M = G wastes most of a 16-row tensor-core tile)
+a program takes `block_q` consecutive tokens, so M = block_q * G, and loops over the UNION of their block
+lists; a row only sees the blocks of its own token (a membership test against its list). Consecutive
+tokens share the first and the local blocks and their top-n choices tend to overlap, which keeps the
+union below block_q * n (the cost of a larger block_q is the blocks a row loads but does not use). This
+is a query-major variant, not FSA's key-major loop inversion (Yan et al. 2025), which this file does not
+implement.
+
+Backward: dq is query-major like the forward. dk/dv iterate over key blocks, each over the query tiles
+whose union contains it: that inverse map is built with an argsort of the (tile, block) pairs into a CSR
+list, never as a dense [tiles, blocks] mask. The forward saves the per-row log-sum-exp for it.
+
+Bodies: the GPU (Triton) body loops over a tile's blocks inside one program and reads K/V by pointer.
+The TPU (Mosaic) body puts the union slots on the grid: the block lists are scalar-prefetched and drive
+the K/V fetches through the BlockSpec index maps (as splash attention does with its mask metadata);
+unused slots repeat the previous block so no new DMA is issued, and their compute is skipped. Its
+prefetched tables hold B * Hkv * (T / block_q) * U int32 (U <= block_q * n), which must fit in SMEM.
+"""
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
+from jax.experimental.pallas import triton as plgpu
+
+from pallas_kernels._common import check_implementation, interpret_param, resolve_backend, resolve_interpret
+
+_NEG = -1e30  # finite mask value: a row with no visible key never produces inf - inf
+_NONE = jnp.iinfo(jnp.int32).max  # sorts after every real block index
+_TRANS_B = (((1,), (1,)), ((), ()))
+
+
+@dataclasses.dataclass(frozen=True)
+class _Plan:
+  """Static choices of one call: hashable, so it is a `nondiff_argnums` of the custom_vjp."""
+  block_size: int
+  block_q: int  # query tokens per program; rows per program M = block_q * group
+  group: int
+  sm_scale: float
+  backend: str
+  interpret: bool
+  num_warps: int
+  num_stages: int
+
+  @property
+  def rows(self) -> int:
+    return self.block_q * self.group
+
+
+# ----------------------------------------------------------------------------- XLA reference
+
+
+def selected_attention_reference(q_BTHD, k_BSKD, v_BSKD, block_indices_BTKn, *, block_size: int,
+                                 sm_scale: float | None = None) -> jax.Array:
+  """Gathers each (token, kv group)'s selected K/V blocks: memory O(T * n * block_size), no [T, T] mask."""
+  B, T, H, D = q_BTHD.shape
+  S, K = k_BSKD.shape[1], k_BSKD.shape[2]
+  n, L = block_indices_BTKn.shape[-1], block_size
+  scale = D**-0.5 if sm_scale is None else sm_scale
+  j_BTKn = block_indices_BTKn
+  earlier_111nn = jnp.tril(jnp.ones((n, n), bool), -1)[None, None, None]
+  repeat_BTKn = jnp.any((j_BTKn[..., :, None] == j_BTKn[..., None, :]) & earlier_111nn, axis=-1)
+  kpos_BTKnL = jnp.maximum(j_BTKn, 0)[..., None] * L + jnp.arange(L)[None, None, None, None]
+  visible_BTKnL = (((j_BTKn >= 0) & ~repeat_BTKn)[..., None]
+                   & (kpos_BTKnL <= jnp.arange(T)[None, :, None, None, None]))
+  kpos_BKX = jnp.minimum(kpos_BTKnL, S - 1).transpose(0, 2, 1, 3, 4).reshape(B, K, T * n * L)
+  gather = jax.vmap(jax.vmap(lambda x_SD, i_X: x_SD[i_X], in_axes=(1, 0)))
+  k_BKTnLD = gather(k_BSKD, kpos_BKX).reshape(B, K, T, n, L, D)
+  v_BKTnLD = gather(v_BSKD, kpos_BKX).reshape(B, K, T, n, L, D)
+  q_BKTGD = q_BTHD.reshape(B, T, K, H // K, D).transpose(0, 2, 1, 3, 4)
+  s_BKTGnL = jnp.einsum('bktgd,bktnld->bktgnl', q_BKTGD, k_BKTnLD,
+                        preferred_element_type=jnp.float32) * scale
+  visible_BKT1nL = visible_BTKnL.transpose(0, 2, 1, 3, 4)[:, :, :, None]
+  s_BKTGX = jnp.where(visible_BKT1nL, s_BKTGnL, _NEG).reshape(B, K, T, H // K, n * L)
+  # Multiplying by the mask zeroes rows that see nothing (their softmax would be uniform over junk).
+  p_BKTGnL = jax.nn.softmax(s_BKTGX, axis=-1).reshape(s_BKTGnL.shape) * visible_BKT1nL
+  o_BKTGD = jnp.einsum('bktgnl,bktnld->bktgd', p_BKTGnL.astype(v_BSKD.dtype), v_BKTnLD,
+                       preferred_element_type=jnp.float32)
+  return o_BKTGD.transpose(0, 2, 1, 3, 4).reshape(B, T, H, D).astype(q_BTHD.dtype)
+
+
+# ----------------------------------------------------------------------------- block-list bookkeeping
+
+
+def _canonical(j_Xn: jax.Array) -> jax.Array:
+  """Each list sorted ascending, repeats dropped, unused slots (-1) moved to the end."""
+  key_Xn = jnp.sort(jnp.where(j_Xn < 0, _NONE, j_Xn), axis=-1)
+  repeat_Xn = jnp.concatenate([jnp.zeros_like(key_Xn[..., :1], bool), key_Xn[..., 1:] == key_Xn[..., :-1]],
+                              axis=-1)
+  key_Xn = jnp.sort(jnp.where(repeat_Xn, _NONE, key_Xn), axis=-1)
+  return jnp.where(key_Xn == _NONE, -1, key_Xn)
+
+
+def _token_lists(j_BTKn: jax.Array, block_size: int) -> jax.Array:
+  """`[B, K, T, n]` canonical lists without the blocks that start after the token (they show it nothing)."""
+  t_1T11 = jnp.arange(j_BTKn.shape[1])[None, :, None, None]
+  j_BTKn = jnp.where((j_BTKn >= 0) & (j_BTKn * block_size <= t_1T11), j_BTKn, -1)
+  return _canonical(j_BTKn.transpose(0, 2, 1, 3))
+
+
+def _tile_unions(j_BKTn: jax.Array, block_q: int, num_blocks: int) -> tuple[jax.Array, jax.Array]:
+  """The blocks any token of a `block_q`-token tile selected: `[B, K, NT, U]` (-1 padded) and counts."""
+  B, K, T, n = j_BKTn.shape
+  U = min(block_q * n, num_blocks)
+  union_BKNU = _canonical(j_BKTn.reshape(B, K, T // block_q, block_q * n))[..., :U]
+  return union_BKNU, jnp.sum(union_BKNU >= 0, axis=-1, dtype=jnp.int32)
+
+
+def _fetch_table(union_BKNU: jax.Array, count_BKN: jax.Array) -> jax.Array:
+  """Union lists with each unused slot repeating the last used block (block 0 if none): a valid fetch
+  that the TPU pipeline skips because the block index does not change."""
+  u_111U = jnp.arange(union_BKNU.shape[-1])[None, None, None]
+  last_BKNU = jnp.maximum(jnp.minimum(u_111U, count_BKN[..., None] - 1), 0)
+  return jnp.maximum(jnp.take_along_axis(union_BKNU, last_BKNU, axis=-1), 0)
+
+
+def _inverse_map(union_BKNU: jax.Array, num_blocks: int):
+  """Key block -> the query tiles whose union holds it, as CSR over (tile, block) pairs sorted by block.
+
+  Returns the pairs' blocks and tiles `[B, K, P]` (unused pairs at the end, repeating the last real pair
+  so a TPU fetch stays put), each block's start `[B, K, num_blocks + 1]` and the real pair count `[B, K]`.
+  """
+  B, K, NT, U = union_BKNU.shape
+  key_BKP = jnp.where(union_BKNU >= 0, union_BKNU, num_blocks).reshape(B, K, NT * U)
+  order_BKP = jnp.argsort(key_BKP, axis=-1, stable=True)
+  block_BKP = jnp.take_along_axis(key_BKP, order_BKP, axis=-1)
+  npairs_BK = jnp.sum(block_BKP < num_blocks, axis=-1, dtype=jnp.int32)
+  p_11P = jnp.arange(NT * U)[None, None]
+  last_BKP = jnp.maximum(jnp.minimum(p_11P, npairs_BK[..., None] - 1), 0)
+  block_BKP = jnp.minimum(jnp.take_along_axis(block_BKP, last_BKP, axis=-1), num_blocks - 1)
+  tile_BKP = jnp.take_along_axis(order_BKP // U, last_BKP, axis=-1).astype(jnp.int32)
+  starts = jax.vmap(jax.vmap(lambda b_P: jnp.searchsorted(b_P, jnp.arange(num_blocks + 1))))
+  start_BKJ = starts(jnp.where(p_11P < npairs_BK[..., None], block_BKP, num_blocks))
+  return block_BKP.astype(jnp.int32), tile_BKP, start_BKJ.astype(jnp.int32), npairs_BK
+
+
+# ----------------------------------------------------------------------------- shared kernel math
+
+
+def _visible(idx_Mn, qpos_M1, j, L):
+  """[M, L]: row r sees key j*L + c when its token listed block j and j*L + c <= its position."""
+  member_M1 = jnp.max(jnp.where(idx_Mn == j, 1.0, 0.0), axis=1)[:, None] > 0
+  kpos_ML = j * L + jax.lax.broadcasted_iota(jnp.int32, (idx_Mn.shape[0], L), 1)
+  return member_M1 & (kpos_ML <= qpos_M1)
+
+
+def _scores(q_MD, k_LD, scale):
+  return jax.lax.dot_general(q_MD, k_LD, _TRANS_B, preferred_element_type=jnp.float32) * scale
+
+
+def _online_step(q_MD, k_LD, v_LD, visible_ML, m_M1, l_M1, acc_MD, scale):
+  """One block of the streaming softmax (FlashAttention), with invisible keys contributing exactly 0."""
+  s_ML = jnp.where(visible_ML, _scores(q_MD, k_LD, scale), _NEG)
+  m_new_M1 = jnp.maximum(m_M1, jnp.max(s_ML, axis=1)[:, None])
+  p_ML = jnp.where(visible_ML, jnp.exp(s_ML - m_new_M1), 0.0)
+  alpha_M1 = jnp.exp(m_M1 - m_new_M1)
+  l_M1 = alpha_M1 * l_M1 + jnp.sum(p_ML, axis=1)[:, None]
+  acc_MD = alpha_M1 * acc_MD + jnp.dot(p_ML.astype(v_LD.dtype), v_LD, preferred_element_type=jnp.float32)
+  return m_new_M1, l_M1, acc_MD
+
+
+def _finish(m_M1, l_M1, acc_MD):
+  """Output and log-sum-exp; a row that saw nothing gets output 0 and lse +inf (so exp(s - lse) = 0)."""
+  seen_M1 = l_M1 > 0
+  o_MD = jnp.where(seen_M1, acc_MD / jnp.where(seen_M1, l_M1, 1.0), 0.0)
+  return o_MD, jnp.where(seen_M1, m_M1 + jnp.log(jnp.where(seen_M1, l_M1, 1.0)), jnp.inf)
+
+
+def _probs_and_dscores(q_MD, k_LD, v_LD, do_MD, lse_M1, delta_M1, visible_ML, scale):
+  """Recomputed probabilities and d(scores) (scaled, so dq = ds @ k and dk = ds^T @ q)."""
+  p_ML = jnp.where(visible_ML, jnp.exp(_scores(q_MD, k_LD, scale) - lse_M1), 0.0)
+  dp_ML = jax.lax.dot_general(do_MD, v_LD, _TRANS_B, preferred_element_type=jnp.float32)
+  return p_ML, p_ML * (dp_ML - delta_M1) * scale
+
+
+# ----------------------------------------------------------------------------- GPU (Triton) bodies
+
+
+def _gpu_specs(M, S, D, U):
+  """Grid (b, h, tile) BlockSpecs: a tile's rows of a `[B, K, rows, width]` array, a (b, h)'s whole K or V,
+  a tile's union list and count, and the tile's positions."""
+  def tile(width):
+    return pl.BlockSpec((None, None, M, width), lambda b, h, i: (b, h, i, 0))
+  whole_kv = pl.BlockSpec((None, None, S, D), lambda b, h, i: (b, h, 0, 0))
+  union = pl.BlockSpec((None, None, None, U), lambda b, h, i: (b, h, i, 0))
+  count = pl.BlockSpec((None, None, None, 1), lambda b, h, i: (b, h, i, 0))
+  return tile, whole_kv, union, count, pl.BlockSpec((M, 1), lambda b, h, i: (i, 0))
+
+
+def _fwd_gpu_kernel(union_ref, count_ref, q_ref, k_ref, v_ref, idx_ref, qpos_ref, o_ref, lse_ref, *,
+                    plan):
+  M, D = q_ref.shape
+  L = plan.block_size
+  q_MD, idx_Mn, qpos_M1 = q_ref[...], idx_ref[...], qpos_ref[...]
+
+  def body(u, carry):
+    j = union_ref[u]
+    rows = pl.ds(pl.multiple_of(j * L, L), L)
+    return _online_step(q_MD, k_ref[rows, :], v_ref[rows, :], _visible(idx_Mn, qpos_M1, j, L), *carry,
+                        plan.sm_scale)
+
+  init = (jnp.full((M, 1), _NEG, jnp.float32), jnp.zeros((M, 1), jnp.float32), jnp.zeros((M, D), jnp.float32))
+  o_MD, lse_M1 = _finish(*jax.lax.fori_loop(0, count_ref[0], body, init))
+  o_ref[...] = o_MD.astype(o_ref.dtype)
+  lse_ref[...] = lse_M1
+
+
+def _dq_gpu_kernel(union_ref, count_ref, q_ref, k_ref, v_ref, idx_ref, qpos_ref, do_ref, lse_ref, delta_ref,
+                   dq_ref, *, plan):
+  L = plan.block_size
+  q_MD, do_MD, idx_Mn, qpos_M1 = q_ref[...], do_ref[...], idx_ref[...], qpos_ref[...]
+  lse_M1, delta_M1 = lse_ref[...], delta_ref[...]
+
+  def body(u, dq_MD):
+    j = union_ref[u]
+    rows = pl.ds(pl.multiple_of(j * L, L), L)
+    k_LD = k_ref[rows, :]
+    _, ds_ML = _probs_and_dscores(q_MD, k_LD, v_ref[rows, :], do_MD, lse_M1, delta_M1,
+                                  _visible(idx_Mn, qpos_M1, j, L), plan.sm_scale)
+    return dq_MD + jnp.dot(ds_ML.astype(k_LD.dtype), k_LD, preferred_element_type=jnp.float32)
+
+  dq_ref[...] = jax.lax.fori_loop(0, count_ref[0], body, jnp.zeros(q_ref.shape, jnp.float32)
+                                  ).astype(dq_ref.dtype)
+
+
+def _dkdv_gpu_kernel(start_ref, tile_ref, q_ref, k_ref, v_ref, idx_ref, qpos_ref, do_ref, lse_ref, delta_ref,
+                     dk_ref, dv_ref, *, plan):
+  j = pl.program_id(2)
+  L, M = plan.block_size, plan.rows
+  k_LD, v_LD = k_ref[...], v_ref[...]
+
+  def body(c, carry):
+    dk_LD, dv_LD = carry
+    rows = pl.ds(pl.multiple_of(tile_ref[c] * M, M), M)
+    q_MD, do_MD = q_ref[rows, :], do_ref[rows, :]
+    visible_ML = _visible(idx_ref[rows, :], qpos_ref[rows, :], j, L)
+    p_ML, ds_ML = _probs_and_dscores(q_MD, k_LD, v_LD, do_MD, lse_ref[rows, :], delta_ref[rows, :],
+                                     visible_ML, plan.sm_scale)
+    dv_LD += jax.lax.dot_general(p_ML.astype(do_MD.dtype), do_MD, (((0,), (0,)), ((), ())),
+                                 preferred_element_type=jnp.float32)
+    dk_LD += jax.lax.dot_general(ds_ML.astype(q_MD.dtype), q_MD, (((0,), (0,)), ((), ())),
+                                 preferred_element_type=jnp.float32)
+    return dk_LD, dv_LD
+
+  zeros = jnp.zeros(k_ref.shape, jnp.float32)
+  dk_LD, dv_LD = jax.lax.fori_loop(start_ref[j], start_ref[j + 1], body, (zeros, zeros))
+  dk_ref[...] = dk_LD.astype(dk_ref.dtype)
+  dv_ref[...] = dv_LD.astype(dv_ref.dtype)
+
+
+def _gpu_forward(plan, q_BKMD, k_BKSD, v_BKSD, idx_BKMn, qpos_M1, union_BKNU, count_BKN):
+  B, K, Mt, D = q_BKMD.shape
+  M, NT, U = plan.rows, count_BKN.shape[-1], union_BKNU.shape[-1]
+  S, n = k_BKSD.shape[2], idx_BKMn.shape[-1]
+  tile, whole_kv, union, count, qpos = _gpu_specs(M, S, D, U)
+  return pl.pallas_call(
+      functools.partial(_fwd_gpu_kernel, plan=plan),
+      grid=(B, K, NT),
+      in_specs=[union, count, tile(D), whole_kv, whole_kv, tile(n), qpos],
+      out_specs=[tile(D), tile(1)],
+      out_shape=[jax.ShapeDtypeStruct(q_BKMD.shape, q_BKMD.dtype),
+                 jax.ShapeDtypeStruct((B, K, Mt, 1), jnp.float32)],
+      compiler_params=plgpu.CompilerParams(num_warps=plan.num_warps, num_stages=plan.num_stages),
+      interpret=interpret_param(plan.interpret, 'gpu'),
+      name='selected_attention_fwd',
+  )(union_BKNU, count_BKN[..., None], q_BKMD, k_BKSD, v_BKSD, idx_BKMn, qpos_M1)
+
+
+def _gpu_backward(plan, q_BKMD, k_BKSD, v_BKSD, idx_BKMn, qpos_M1, union_BKNU, count_BKN, do_BKMD, lse_BKM1,
+                  delta_BKM1):
+  B, K, Mt, D = q_BKMD.shape
+  M, L, NT, U = plan.rows, plan.block_size, count_BKN.shape[-1], union_BKNU.shape[-1]
+  S, n = k_BKSD.shape[2], idx_BKMn.shape[-1]
+  NB = S // L
+  params = dict(compiler_params=plgpu.CompilerParams(num_warps=plan.num_warps, num_stages=plan.num_stages),
+                interpret=interpret_param(plan.interpret, 'gpu'))
+  tile, whole_kv, union, count, qpos = _gpu_specs(M, S, D, U)
+  dq_BKMD = pl.pallas_call(
+      functools.partial(_dq_gpu_kernel, plan=plan),
+      grid=(B, K, NT),
+      in_specs=[union, count, tile(D), whole_kv, whole_kv, tile(n), qpos, tile(D), tile(1), tile(1)],
+      out_specs=tile(D),
+      out_shape=jax.ShapeDtypeStruct(q_BKMD.shape, q_BKMD.dtype),
+      name='selected_attention_dq', **params,
+  )(union_BKNU, count_BKN[..., None], q_BKMD, k_BKSD, v_BKSD, idx_BKMn, qpos_M1, do_BKMD, lse_BKM1,
+    delta_BKM1)
+
+  _, tile_BKP, start_BKJ, _ = _inverse_map(union_BKNU, NB)
+  def whole(width):
+    return pl.BlockSpec((None, None, Mt, width), lambda b, h, j: (b, h, 0, 0))
+  kv_block = pl.BlockSpec((None, None, L, D), lambda b, h, j: (b, h, j, 0))
+  dk_BKSD, dv_BKSD = pl.pallas_call(
+      functools.partial(_dkdv_gpu_kernel, plan=plan),
+      grid=(B, K, NB),
+      in_specs=[pl.BlockSpec((None, None, NB + 1), lambda b, h, j: (b, h, 0)),
+                pl.BlockSpec((None, None, NT * U), lambda b, h, j: (b, h, 0)),
+                whole(D), kv_block, kv_block, whole(n), pl.BlockSpec((Mt, 1), lambda b, h, j: (0, 0)),
+                whole(D), whole(1), whole(1)],
+      out_specs=[kv_block, kv_block],
+      out_shape=[jax.ShapeDtypeStruct(k_BKSD.shape, k_BKSD.dtype),
+                 jax.ShapeDtypeStruct(v_BKSD.shape, v_BKSD.dtype)],
+      name='selected_attention_dkdv', **params,
+  )(start_BKJ, tile_BKP, q_BKMD, k_BKSD, v_BKSD, idx_BKMn, qpos_M1, do_BKMD, lse_BKM1, delta_BKM1)
+  return dq_BKMD, dk_BKSD, dv_BKSD
+
+
+# ----------------------------------------------------------------------------- TPU (Mosaic) bodies
+
+
+def _tpu_specs(M, L, D, K, NT, U):
+  """Grid (b, h, tile, slot) BlockSpecs; the K/V one reads the block to fetch from the prefetched table."""
+  def tile(width):
+    return pl.BlockSpec((None, None, M, width), lambda b, h, i, u, fetch, count: (b, h, i, 0))
+  def kv_map(b, h, i, u, fetch, count):
+    return b, h, fetch[((b * K + h) * NT + i) * U + u], 0
+  qpos = pl.BlockSpec((M, 1), lambda b, h, i, u, fetch, count: (i, 0))
+  return tile, pl.BlockSpec((None, None, L, D), kv_map), qpos
+
+
+def _fwd_tpu_kernel(fetch_ref, count_ref, q_ref, k_ref, v_ref, idx_ref, qpos_ref, o_ref, lse_ref,
+                    m_scr, l_scr, acc_scr, *, plan):
+  b, h, i, u = (pl.program_id(a) for a in range(4))
+  K, NT, U = pl.num_programs(1), pl.num_programs(2), pl.num_programs(3)
+  tile = (b * K + h) * NT + i
+
+  @pl.when(u == 0)
+  def _():
+    m_scr[...] = jnp.full(m_scr.shape, _NEG, jnp.float32)
+    l_scr[...] = jnp.zeros(l_scr.shape, jnp.float32)
+    acc_scr[...] = jnp.zeros(acc_scr.shape, jnp.float32)
+
+  @pl.when(u < count_ref[tile])
+  def _():
+    j = fetch_ref[tile * U + u]
+    visible_ML = _visible(idx_ref[...], qpos_ref[...], j, plan.block_size)
+    m_scr[...], l_scr[...], acc_scr[...] = _online_step(q_ref[...], k_ref[...], v_ref[...], visible_ML,
+                                                        m_scr[...], l_scr[...], acc_scr[...], plan.sm_scale)
+
+  @pl.when(u == U - 1)
+  def _():
+    o_MD, lse_M1 = _finish(m_scr[...], l_scr[...], acc_scr[...])
+    o_ref[...] = o_MD.astype(o_ref.dtype)
+    lse_ref[...] = lse_M1
+
+
+def _dq_tpu_kernel(fetch_ref, count_ref, q_ref, k_ref, v_ref, idx_ref, qpos_ref, do_ref, lse_ref, delta_ref,
+                   dq_ref, dq_scr, *, plan):
+  b, h, i, u = (pl.program_id(a) for a in range(4))
+  K, NT, U = pl.num_programs(1), pl.num_programs(2), pl.num_programs(3)
+  tile = (b * K + h) * NT + i
+
+  @pl.when(u == 0)
+  def _():
+    dq_scr[...] = jnp.zeros(dq_scr.shape, jnp.float32)
+
+  @pl.when(u < count_ref[tile])
+  def _():
+    j = fetch_ref[tile * U + u]
+    k_LD = k_ref[...]
+    _, ds_ML = _probs_and_dscores(q_ref[...], k_LD, v_ref[...], do_ref[...], lse_ref[...], delta_ref[...],
+                                  _visible(idx_ref[...], qpos_ref[...], j, plan.block_size), plan.sm_scale)
+    dq_scr[...] += jnp.dot(ds_ML.astype(k_LD.dtype), k_LD, preferred_element_type=jnp.float32)
+
+  @pl.when(u == U - 1)
+  def _():
+    dq_ref[...] = dq_scr[...].astype(dq_ref.dtype)
+
+
+def _dkdv_tpu_kernel(block_ref, tile_ref, npairs_ref, q_ref, k_ref, v_ref, idx_ref, qpos_ref, do_ref, lse_ref,
+                     delta_ref, dk0_ref, dv0_ref, dk_ref, dv_ref, dk_scr, dv_scr, *, plan):
+  """One (tile, block) pair per step, pairs sorted by block: a block's pairs form one run, accumulated in
+  scratch; the output block is rewritten every step so it is right whenever the run ends."""
+  del dk0_ref, dv0_ref  # zeros aliased to dk/dv: blocks no query selected keep them
+  b, h, p = (pl.program_id(a) for a in range(3))
+  K, P = pl.num_programs(1), pl.num_programs(2)
+  pair = (b * K + h) * P + p
+  j = block_ref[pair]
+
+  @pl.when((p == 0) | (j != block_ref[jnp.maximum(pair - 1, 0)]))
+  def _():
+    dk_scr[...] = jnp.zeros(dk_scr.shape, jnp.float32)
+    dv_scr[...] = jnp.zeros(dv_scr.shape, jnp.float32)
+
+  @pl.when(p < npairs_ref[b * K + h])
+  def _():
+    q_MD, do_MD = q_ref[...], do_ref[...]
+    visible_ML = _visible(idx_ref[...], qpos_ref[...], j, plan.block_size)
+    p_ML, ds_ML = _probs_and_dscores(q_MD, k_ref[...], v_ref[...], do_MD, lse_ref[...], delta_ref[...],
+                                     visible_ML, plan.sm_scale)
+    dv_scr[...] += jnp.dot(p_ML.T.astype(do_MD.dtype), do_MD, preferred_element_type=jnp.float32)
+    dk_scr[...] += jnp.dot(ds_ML.T.astype(q_MD.dtype), q_MD, preferred_element_type=jnp.float32)
+
+  dk_ref[...] = dk_scr[...].astype(dk_ref.dtype)
+  dv_ref[...] = dv_scr[...].astype(dv_ref.dtype)
+
+
+def _tpu_forward(plan, q_BKMD, k_BKSD, v_BKSD, idx_BKMn, qpos_M1, union_BKNU, count_BKN):
+  B, K, Mt, D = q_BKMD.shape
+  M, L, NT, U, n = plan.rows, plan.block_size, count_BKN.shape[-1], union_BKNU.shape[-1], idx_BKMn.shape[-1]
+  tile, kv, qpos = _tpu_specs(M, L, D, K, NT, U)
+  return pl.pallas_call(
+      functools.partial(_fwd_tpu_kernel, plan=plan),
+      grid_spec=pltpu.PrefetchScalarGridSpec(
+          num_scalar_prefetch=2,
+          grid=(B, K, NT, U),
+          in_specs=[tile(D), kv, kv, tile(n), qpos],
+          out_specs=[tile(D), tile(1)],
+          scratch_shapes=[pltpu.VMEM((M, 1), jnp.float32), pltpu.VMEM((M, 1), jnp.float32),
+                          pltpu.VMEM((M, D), jnp.float32)]),
+      out_shape=[jax.ShapeDtypeStruct(q_BKMD.shape, q_BKMD.dtype),
+                 jax.ShapeDtypeStruct((B, K, Mt, 1), jnp.float32)],
+      compiler_params=pltpu.CompilerParams(
+          dimension_semantics=('parallel', 'parallel', 'parallel', 'arbitrary')),
+      interpret=interpret_param(plan.interpret, 'tpu'),
+      name='selected_attention_fwd',
+  )(_fetch_table(union_BKNU, count_BKN).reshape(-1), count_BKN.reshape(-1), q_BKMD, k_BKSD, v_BKSD,
+    idx_BKMn, qpos_M1)
+
+
+def _tpu_backward(plan, q_BKMD, k_BKSD, v_BKSD, idx_BKMn, qpos_M1, union_BKNU, count_BKN, do_BKMD, lse_BKM1,
+                  delta_BKM1):
+  B, K, Mt, D = q_BKMD.shape
+  M, L, NT, U, n = plan.rows, plan.block_size, count_BKN.shape[-1], union_BKNU.shape[-1], idx_BKMn.shape[-1]
+  S = k_BKSD.shape[2]
+  interpret = interpret_param(plan.interpret, 'tpu')
+  tile, kv, qpos = _tpu_specs(M, L, D, K, NT, U)
+  dq_BKMD = pl.pallas_call(
+      functools.partial(_dq_tpu_kernel, plan=plan),
+      grid_spec=pltpu.PrefetchScalarGridSpec(
+          num_scalar_prefetch=2,
+          grid=(B, K, NT, U),
+          in_specs=[tile(D), kv, kv, tile(n), qpos, tile(D), tile(1), tile(1)],
+          out_specs=tile(D),
+          scratch_shapes=[pltpu.VMEM((M, D), jnp.float32)]),
+      out_shape=jax.ShapeDtypeStruct(q_BKMD.shape, q_BKMD.dtype),
+      compiler_params=pltpu.CompilerParams(
+          dimension_semantics=('parallel', 'parallel', 'parallel', 'arbitrary')),
+      interpret=interpret, name='selected_attention_dq',
+  )(_fetch_table(union_BKNU, count_BKN).reshape(-1), count_BKN.reshape(-1), q_BKMD, k_BKSD, v_BKSD,
+    idx_BKMn, qpos_M1, do_BKMD, lse_BKM1, delta_BKM1)
+
+  block_BKP, tile_BKP, _, npairs_BK = _inverse_map(union_BKNU, S // L)
+  P = block_BKP.shape[-1]
+
+  def by_tile(width):  # the pair's query tile
+    return pl.BlockSpec((None, None, M, width),
+                        lambda b, h, p, blk, til, npairs: (b, h, til[(b * K + h) * P + p], 0))
+  by_block = pl.BlockSpec((None, None, L, D),
+                          lambda b, h, p, blk, til, npairs: (b, h, blk[(b * K + h) * P + p], 0))
+  qpos = pl.BlockSpec((M, 1), lambda b, h, p, blk, til, npairs: (til[(b * K + h) * P + p], 0))
+  zeros = jnp.zeros(k_BKSD.shape, k_BKSD.dtype)
+  dk_BKSD, dv_BKSD = pl.pallas_call(
+      functools.partial(_dkdv_tpu_kernel, plan=plan),
+      grid_spec=pltpu.PrefetchScalarGridSpec(
+          num_scalar_prefetch=3,
+          grid=(B, K, P),
+          in_specs=[by_tile(D), by_block, by_block, by_tile(n), qpos, by_tile(D), by_tile(1), by_tile(1),
+                    pl.BlockSpec(memory_space=pl.ANY), pl.BlockSpec(memory_space=pl.ANY)],
+          out_specs=[by_block, by_block],
+          scratch_shapes=[pltpu.VMEM((L, D), jnp.float32), pltpu.VMEM((L, D), jnp.float32)]),
+      out_shape=[jax.ShapeDtypeStruct(k_BKSD.shape, k_BKSD.dtype),
+                 jax.ShapeDtypeStruct(v_BKSD.shape, v_BKSD.dtype)],
+      input_output_aliases={11: 0, 12: 1},
+      compiler_params=pltpu.CompilerParams(dimension_semantics=('parallel', 'parallel', 'arbitrary')),
+      interpret=interpret, name='selected_attention_dkdv',
+  )(block_BKP.reshape(-1), tile_BKP.reshape(-1), npairs_BK.reshape(-1), q_BKMD, k_BKSD, v_BKSD, idx_BKMn,
+    qpos_M1, do_BKMD, lse_BKM1, delta_BKM1, zeros, zeros)
+  return dq_BKMD, dk_BKSD, dv_BKSD
+
+
+# ----------------------------------------------------------------------------- custom_vjp
+
+
+def _forward_call(plan, *args):
+  return (_tpu_forward if plan.backend == 'tpu' else _gpu_forward)(plan, *args)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _selected(plan, q_BKMD, k_BKSD, v_BKSD, idx_BKMn, qpos_M1, union_BKNU, count_BKN):
+  return _forward_call(plan, q_BKMD, k_BKSD, v_BKSD, idx_BKMn, qpos_M1, union_BKNU, count_BKN)[0]
+
+
+def _selected_fwd(plan, q_BKMD, k_BKSD, v_BKSD, idx_BKMn, qpos_M1, union_BKNU, count_BKN):
+  args = (q_BKMD, k_BKSD, v_BKSD, idx_BKMn, qpos_M1, union_BKNU, count_BKN)
+  o_BKMD, lse_BKM1 = _forward_call(plan, *args)
+  return o_BKMD, (args, o_BKMD, lse_BKM1)
+
+
+def _selected_bwd(plan, residuals, do_BKMD):
+  args, o_BKMD, lse_BKM1 = residuals
+  delta_BKM1 = jnp.sum(do_BKMD.astype(jnp.float32) * o_BKMD.astype(jnp.float32), axis=-1, keepdims=True)
+  backward = _tpu_backward if plan.backend == 'tpu' else _gpu_backward
+  dq_BKMD, dk_BKSD, dv_BKSD = backward(plan, *args, do_BKMD.astype(o_BKMD.dtype), lse_BKM1, delta_BKM1)
+  return dq_BKMD, dk_BKSD, dv_BKSD, None, None, None, None
+
+
+_selected.defvjp(_selected_fwd, _selected_bwd)
+
+
+# ----------------------------------------------------------------------------- public function
+
+
+def _pow2(x: int) -> bool:
+  return x > 0 and x & (x - 1) == 0
+
+
+def _check_compiled_shapes(plan: _Plan, D: int) -> None:
+  """Tile rules of the compiled bodies (interpret mode runs any shape)."""
+  L, M = plan.block_size, plan.rows
+  if plan.backend == 'gpu' and not (_pow2(L) and _pow2(D) and _pow2(M) and min(L, D, M) >= 16):
+    raise ValueError(f'the Triton body needs block_size={L}, head_dim={D} and block_q*group={M} to be '
+                     'powers of two >= 16')
+  if plan.backend == 'tpu' and (L % 8 or M % 8):
+    raise ValueError(f'the TPU body needs block_size={L} and block_q*group={M} to be multiples of 8')
+
+
+def _default_block_q(backend: str, group: int) -> int:
+  """Untuned: the fewest tokens whose heads fill 16 rows (the smallest tensor-core tile on GPU; one packed
+  bfloat16 sublane tile on TPU), since every extra token can grow the union of blocks a tile loops over."""
+  if backend == 'tpu':
+    return 16 // math.gcd(group, 16)
+  return max(1, 16 // group)
+
+
+def selected_attention(q_BTHD: jax.Array, k_BSKD: jax.Array, v_BSKD: jax.Array, block_indices_BTKn: jax.Array,
+                       *, block_size: int, sm_scale: float | None = None, implementation: str = 'pallas',
+                       interpret: bool | None = None, backend: str | None = None, block_q: int | None = None,
+                       num_warps: int = 4, num_stages: int = 2) -> jax.Array:
+  """NSA selected-block attention `[B, T, Hq, D]` (see the module docstring for the rule).
+
+  `block_q`: query tokens per program (default per backend, untuned). `num_warps`/`num_stages`: Triton.
+  A T that is not a multiple of `block_size` (or of `block_q`) is zero-padded: padded keys sit after
+  every real query, so causality hides them, and padded queries select nothing.
+  """
+  check_implementation(implementation)
+  B, T, H, D = q_BTHD.shape
+  S, K = k_BSKD.shape[1], k_BSKD.shape[2]
+  if S != T or H % K or v_BSKD.shape != k_BSKD.shape or block_indices_BTKn.shape[:3] != (B, T, K):
+    raise ValueError(f'selected_attention needs q [B, T, Hq, D], k/v [B, T, Hkv, D] with Hq % Hkv == 0 and '
+                     f'block_indices [B, T, Hkv, n]; got {q_BTHD.shape}, {k_BSKD.shape}, {v_BSKD.shape}, '
+                     f'{block_indices_BTKn.shape}')
+  if implementation == 'xla':
+    return selected_attention_reference(q_BTHD, k_BSKD, v_BSKD, block_indices_BTKn, block_size=block_size,
+                                        sm_scale=sm_scale)
+  backend = resolve_backend(backend)
+  G = H // K
+  plan = _Plan(block_size=block_size, block_q=block_q or _default_block_q(backend, G), group=G,
+               sm_scale=D**-0.5 if sm_scale is None else sm_scale, backend=backend,
+               interpret=resolve_interpret(interpret), num_warps=num_warps, num_stages=num_stages)
+  if not plan.interpret:
+    _check_compiled_shapes(plan, D)
+
+  Tp = -(-T // math.lcm(block_size, plan.block_q)) * math.lcm(block_size, plan.block_q)
+  pad = ((0, 0), (0, Tp - T), (0, 0), (0, 0))
+  idx_BKTn = _token_lists(jnp.pad(block_indices_BTKn.astype(jnp.int32), pad, constant_values=-1), block_size)
+  union_BKNU, count_BKN = _tile_unions(idx_BKTn, plan.block_q, Tp // block_size)
+  if backend == 'gpu':  # Triton loads need power-of-two sizes
+    n = idx_BKTn.shape[-1]
+    idx_BKTn = jnp.pad(idx_BKTn, ((0, 0),) * 3 + ((0, pl.next_power_of_2(n) - n),), constant_values=-1)
+  # Rows are (token, head of the group) pairs, token-major, so a tile of block_q tokens is M = block_q*G rows.
+  idx_BKMn = jnp.repeat(idx_BKTn, G, axis=2)
+  qpos_M1 = jnp.repeat(jnp.arange(Tp, dtype=jnp.int32), G)[:, None]
+  q_BKMD = jnp.pad(q_BTHD, pad).reshape(B, Tp, K, G, D).transpose(0, 2, 1, 3, 4).reshape(B, K, Tp * G, D)
+  k_BKSD = jnp.pad(k_BSKD, pad).transpose(0, 2, 1, 3)
+  v_BKSD = jnp.pad(v_BSKD, pad).transpose(0, 2, 1, 3)
+  o_BKMD = _selected(plan, q_BKMD, k_BKSD, v_BKSD, idx_BKMn, qpos_M1, union_BKNU, count_BKN)
+  return o_BKMD.reshape(B, K, Tp, G, D).transpose(0, 2, 1, 3, 4).reshape(B, Tp, H, D)[:, :T]
