@@ -8,7 +8,7 @@ import ml_collections
 from sparse_lm import attention, data, mlp, sharding, tokenizer
 from sparse_lm.config import ConfigError
 
-KERNELS = ('xla',)  # 'pallas' joins when pallas_kernels/ has its kernels
+KERNELS = ('xla', 'pallas')
 DTYPES = ('float32', 'bfloat16')
 SCHEDULES = ('cosine', 'wsd')
 
@@ -27,8 +27,6 @@ def _positive(cfg: ml_collections.ConfigDict, prefix: str, keys: tuple[str, ...]
 def check_model(m: ml_collections.ConfigDict) -> None:
   _choice('model.attention', m.attention, attention.REGISTRY)
   _choice('model.mlp', m.mlp, mlp.REGISTRY)
-  if m.kernel == 'pallas':
-    raise ConfigError("model.kernel='pallas': the Pallas kernels are not built yet; allowed: 'xla'")
   _choice('model.kernel', m.kernel, KERNELS)
   _choice('model.dtype', m.dtype, DTYPES)
   _choice('model.param_dtype', m.param_dtype, DTYPES)

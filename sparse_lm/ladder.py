@@ -10,6 +10,7 @@ import dataclasses
 
 import ml_collections
 
+from sparse_lm import flops, tokenizer
 from sparse_lm.config import base_config
 
 TOKENS_PER_PARAM = 20
@@ -37,8 +38,6 @@ CPU_RUNGS = ('1m', '3m', '10m')
 
 
 def dense_config(name: str) -> ml_collections.ConfigDict:
-  from sparse_lm import flops, tokenizer  # deferred: the model imports config, which configs load first
-
   rung = RUNGS[name]
   c = base_config()
   m = c.model
@@ -54,9 +53,50 @@ def dense_config(name: str) -> ml_collections.ConfigDict:
     c.train.warmup_steps = 1000
     c.train.eval_every = c.checkpoint.every_steps = 1000
     c.train.log_every = 50
-  sized = ml_collections.ConfigDict(m.to_dict())
-  sized.vocab_size = tokenizer.vocab_size_for(c)
-  params = flops.param_counts(sized)['total_params']
+  params = flops.param_counts(_sized(c))['total_params']
   tokens_per_step = c.train.batch_size * c.data.seq_len
   c.train.steps = max(c.train.warmup_steps + 1, round(TOKENS_PER_PARAM * params / tokens_per_step))
+  return c
+
+
+def _sized(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  sized = ml_collections.ConfigDict(config.model.to_dict())
+  sized.vocab_size = tokenizer.vocab_size_for(config)
+  return sized
+
+
+def nsa_config(name: str) -> ml_collections.ConfigDict:
+  """The dense rung with NSA attention and the same parameter count, data and steps.
+
+  NSA's extra key/value projections, compression MLPs and gates are paid for by a narrower MLP, so
+  dense and NSA compare at equal parameters. Accelerator rungs use the paper's l=32, d=16, l'=64,
+  n=16, w=512 (Sec. 4.1); the CPU rungs (sequences of 256) scale the blocks down so selection still
+  leaves keys out.
+  """
+  c = dense_config(name)
+  dense_params = flops.param_counts(_sized(c))['total_params']
+  c.model.attention = 'nsa'
+  if name in CPU_RUNGS:
+    c.model.nsa.update(cmp_block=16, cmp_stride=8, sel_block=16, num_selected=4, window=32)
+  nsa_params = flops.param_counts(_sized(c))['total_params']
+  per_unit = 3 * c.model.num_layers * c.model.d_model  # parameters per unit of SwiGLU width
+  c.model.mlp_dim -= round((nsa_params - dense_params) / per_unit / 8) * 8
+  return c
+
+
+def moe_config(name: str) -> ml_collections.ConfigDict:
+  """The dense rung with fine-grained MoE MLPs (DeepSeekMoE, Dai et al. 2024) at the same *active* size,
+  data and steps.
+
+  Each MLP becomes 16 routed experts and 1 shared expert, each a quarter of the dense `mlp_dim`, with
+  the top 3 routed experts per token: a token runs through 4 quarter-width experts, the dense width,
+  so active parameters equal the dense rung's up to the router (d_model x 16 per layer, about 1%)
+  while total MLP parameters grow 4.25-fold. Softmax routing with the Switch balance loss and z-loss,
+  dropless execution.
+  """
+  c = dense_config(name)
+  c.model.mlp = 'moe'
+  c.model.moe.update(num_experts=16, top_k=3, num_shared_experts=1, granularity=0.25, score='softmax',
+                     normalize_top_k=True, execution='dropless', load_balance_weight=0.01,
+                     z_loss_weight=1e-3)
   return c

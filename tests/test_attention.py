@@ -76,3 +76,12 @@ def test_incremental_decoding_equals_parallel_forward(attention, extra):
   incremental_BTV = jnp.concatenate(steps, axis=1)
   np.testing.assert_allclose(incremental_BTV[..., :259], parallel_BTV[..., :259], atol=1e-4, rtol=1e-4)
   assert int(cache['end']) == T
+
+
+@pytest.mark.parametrize('T,window', [(17, 4), (16, 4), (9, 20), (33, 7)])
+def test_local_attend_matches_naive_reference(T, window):
+  rng = np.random.default_rng()
+  q = rng.standard_normal((2, T, 4, 8))
+  k, v = rng.standard_normal((2, 2, T, 2, 8))
+  got = core.local_attend(*(jnp.asarray(x, jnp.float32) for x in (q, k, v)), window=window)
+  np.testing.assert_allclose(got, naive_attention(q, k, v, window), atol=2e-5, rtol=2e-5)

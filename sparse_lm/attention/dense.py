@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
+from pallas_kernels.flash_attention import flash_attention
 from sparse_lm import sharding
 from sparse_lm.attention import core
 from sparse_lm.layers import param, rope
@@ -25,6 +26,7 @@ class Attention(nnx.Module):
     out_std = (hq * dh) ** -0.5 / (2 * cfg.num_layers) ** 0.5
     self.wo = param(rngs, (hq, dh, d), ('q_heads', 'head_dim', 'embed'), stddev=out_std, dtype=pd)
     self.window = self.attention_window(cfg)
+    self.kernel = cfg.kernel
     self.rope_theta = cfg.rope_theta
     self.dtype = jnp.dtype(cfg.dtype)
 
@@ -63,16 +65,23 @@ class Attention(nnx.Module):
     q_BTHD = sharding.constrain(rope(q_BTHD, pos_BT, self.rope_theta),
                                 ('batch', 'length', 'q_heads', 'head_dim'))
     k_BTKD = rope(k_BTKD, pos_BT, self.rope_theta)
-    if cache is None:
-      k_BSKD, v_BSKD, kpos_BS = k_BTKD, v_BTKD, pos_BT
+    if cache is None and self.kernel == 'pallas':
+      o_BTHD = flash_attention(q_BTHD, k_BTKD, v_BTKD, causal=True, window=self.window).astype(self.dtype)
+    elif cache is None and self.window:
+      o_BTHD = core.local_attend(q_BTHD, k_BTKD, v_BTKD, window=self.window)
+    elif cache is None:
+      o_BTHD = core.attend(q_BTHD, k_BTKD, v_BTKD, pos_BT, pos_BT)
     else:
-      # All rows decode in step, so the first new token's position is the write offset.
-      start = pos_BT[0, 0]
-      k_BSKD = jax.lax.dynamic_update_slice_in_dim(cache['k'], k_BTKD.astype(cache['k'].dtype), start, 1)
-      v_BSKD = jax.lax.dynamic_update_slice_in_dim(cache['v'], v_BTKD.astype(cache['v'].dtype), start, 1)
-      cache = {'k': k_BSKD, 'v': v_BSKD}
-      # Slots not yet written sit at positions beyond every query, so the causal mask hides them.
-      kpos_BS = jnp.broadcast_to(jnp.arange(k_BSKD.shape[1]), k_BSKD.shape[:2])
-    o_BTHD = core.attend(q_BTHD, k_BSKD, v_BSKD, pos_BT, kpos_BS, window=self.window)
+      o_BTHD, cache = self._attend_cached(q_BTHD, k_BTKD, v_BTKD, pos_BT, cache)
     y_BTD = jnp.einsum('bthk,hkd->btd', o_BTHD, self.wo[...].astype(self.dtype))
     return sharding.constrain(y_BTD, ('batch', 'length', 'act_embed')), cache
+
+  def _attend_cached(self, q_BTHD, k_BTKD, v_BTKD, pos_BT, cache: Cache):
+    # All rows decode in step, so the first new token's position is the write offset.
+    start = pos_BT[0, 0]
+    k_BSKD = jax.lax.dynamic_update_slice_in_dim(cache['k'], k_BTKD.astype(cache['k'].dtype), start, 1)
+    v_BSKD = jax.lax.dynamic_update_slice_in_dim(cache['v'], v_BTKD.astype(cache['v'].dtype), start, 1)
+    # Slots not yet written sit at positions beyond every query, so the causal mask hides them.
+    kpos_BS = jnp.broadcast_to(jnp.arange(k_BSKD.shape[1]), k_BSKD.shape[:2])
+    o_BTHD = core.attend(q_BTHD, k_BSKD, v_BSKD, pos_BT, kpos_BS, window=self.window)
+    return o_BTHD, {'k': k_BSKD, 'v': v_BSKD}

@@ -1,0 +1,589 @@
+"""Flash attention (FlashAttention-2, Dao 2023, arXiv:2307.08691) with grouped-query heads, causal and
+sliding-window masks, as Pallas kernels for GPU (Triton) and TPU (Mosaic), beside its XLA reference.
+
+Positions. Query `t` sits at position `t + offset` and key `s` at position `s`. With `causal=True` the
+queries are aligned to the END of the keys, `offset = S - T` (as when decoding the last T of S tokens;
+`T <= S` is required), and query `t` keeps the keys at positions `<= t + offset`; `window=w` further keeps
+only the `w` most recent of them, `t + offset - w < s`. With `causal=False` every query sees every key and
+a window is rejected (a window without a causal side is not used anywhere in this project).
+
+Kernels. The forward pass runs the online softmax over key blocks and saves the log-sum-exp per query;
+the backward pass recomputes the probabilities from it in two kernels, one for dq (per query block, a
+loop over key blocks) and one for dk/dv (per key block, a loop over the query heads of its kv group and
+over query blocks, so dk/dv are summed over the group inside the kernel and never materialised per query
+head). Key blocks that the mask hides entirely are never computed: for a query block the key loop runs
+only over `[first block inside the window, diagonal block]` (and the dk/dv loop over the matching query
+blocks). K/V are never repeated for GQA: the kv head of query head `h` is `h // G`, chosen in the
+BlockSpec index maps. Sequences that are not a multiple of the block are zero-padded; padded keys are
+masked, padded queries are sliced off (their cotangent is zero, so they add nothing to dk/dv).
+
+- GPU (Triton): grid (query block, batch, head); K/V of the whole sequence stay in HBM and the kernel
+  loops over the visible key blocks with `fori_loop`. Works on the [B, T, H, D] layout directly.
+- TPU (Mosaic): the key loop is the last grid axis, shrunk to the widest visible span; steps past the
+  span are skipped with `pl.when` and their index maps are clamped to the last visible block, so a
+  skipped step fetches nothing new (the scheme of JAX's splash attention). Mosaic tiles the last two
+  block dims in (8, 128), so the wrapper transposes to [B, H, T, D]. Running max and sum are kept
+  replicated over the 128 lanes, as JAX's TPU kernels do.
+
+Shape letters: B batch, T query length, S key length, H query heads, K kv heads, G = H // K, D head dim;
+inside kernels Q is a query block and C a key block (chunk).
+"""
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
+from jax.experimental.pallas import triton as plgpu
+
+from pallas_kernels._common import check_implementation, interpret_param, resolve_backend, resolve_interpret
+
+# Untuned (no accelerator was at hand): (block_q, block_k), used by the forward and both backward kernels.
+DEFAULT_BLOCKS = {'gpu': (64, 64), 'tpu': (256, 512)}
+COMPILED_HEAD_DIMS = (64, 128)
+_LANES = 128
+# Finite: a query row can meet a block where all its keys are masked (before its window starts, or as a
+# padded query), and the online softmax would compute exp(-inf - -inf) = NaN there.
+_MASK_VALUE = -1e30
+
+
+# ----------------------------------------------------------------------------------------------------
+# Reference and the mask both sides share.
+
+
+def _keep(qpos, kpos, *, causal: bool, window: int | None, kv_len: int | None = None):
+  """Which (query, key) pairs attend; None when all do. `kv_len` masks zero-padded keys."""
+  keep = None if kv_len is None else kpos < kv_len
+  if causal:
+    keep = kpos <= qpos if keep is None else keep & (kpos <= qpos)
+  if window is not None:
+    keep &= kpos > qpos - window
+  return keep
+
+
+def flash_attention_reference(q_BTHD: jax.Array, k_BSKD: jax.Array, v_BSKD: jax.Array, *,
+                              causal: bool = True, window: int | None = None,
+                              sm_scale: float | None = None) -> jax.Array:
+  """Plain XLA attention with the same semantics as `flash_attention` (float32 softmax and products)."""
+  _check_args(q_BTHD, k_BSKD, v_BSKD, causal, window)
+  B, T, H, D = q_BTHD.shape
+  S, K = k_BSKD.shape[1:3]
+  scale = D**-0.5 if sm_scale is None else sm_scale
+  q_BTKGD = q_BTHD.reshape(B, T, K, H // K, D)
+  s_BKGTS = jnp.einsum('btkgd,bskd->bkgts', q_BTKGD, k_BSKD, preferred_element_type=jnp.float32) * scale
+  offset = S - T if causal else 0
+  keep_TS = _keep(jnp.arange(T)[:, None] + offset, jnp.arange(S)[None, :], causal=causal, window=window)
+  if keep_TS is not None:
+    s_BKGTS = jnp.where(keep_TS, s_BKGTS, -jnp.inf)
+  p_BKGTS = jax.nn.softmax(s_BKGTS, axis=-1)
+  o_BTKGD = jnp.einsum('bkgts,bskd->btkgd', p_BKGTS, v_BSKD.astype(jnp.float32))
+  return o_BTKGD.reshape(B, T, H, D).astype(q_BTHD.dtype)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Public entry point, static configuration and the custom VJP.
+
+
+def flash_attention(q_BTHD: jax.Array, k_BSKD: jax.Array, v_BSKD: jax.Array, *, causal: bool = True,
+                    window: int | None = None, sm_scale: float | None = None, block_q: int | None = None,
+                    block_k: int | None = None, implementation: str = 'pallas', interpret: bool | None = None,
+                    backend: str | None = None) -> jax.Array:
+  """Softmax attention, [B, T, H, D] x [B, S, K, D] -> [B, T, H, D]; positions as in the module docstring.
+
+  `sm_scale` (a Python float) defaults to D**-0.5. `block_q`/`block_k` default per backend
+  (`DEFAULT_BLOCKS`), serve the forward and both backward kernels, and are clipped to the smallest legal
+  block covering the sequence. Compiled bodies take D in `COMPILED_HEAD_DIMS` and blocks that are powers
+  of two >= 16 (GPU) or multiples of 128 (TPU); interpret mode takes any D <= 128 and multiples of 8.
+  """
+  check_implementation(implementation)
+  if implementation == 'xla':
+    return flash_attention_reference(q_BTHD, k_BSKD, v_BSKD, causal=causal, window=window,
+                                     sm_scale=sm_scale)
+  _check_args(q_BTHD, k_BSKD, v_BSKD, causal, window)
+  cfg = _make_config(q_BTHD.shape, k_BSKD.shape, causal=causal, window=window, sm_scale=sm_scale,
+                     block_q=block_q, block_k=block_k, interpret=resolve_interpret(interpret),
+                     backend=resolve_backend(backend))
+  return _flash(q_BTHD, k_BSKD, v_BSKD, cfg)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Config:
+  """Everything static about one call; hashable, so it can be a non-differentiable custom_vjp argument."""
+  causal: bool
+  window: int | None
+  sm_scale: float
+  block_q: int
+  block_k: int
+  q_len: int
+  kv_len: int
+  group: int
+  backend: str
+  interpret: bool
+
+  @property
+  def offset(self) -> int:
+    return self.kv_len - self.q_len if self.causal else 0
+
+  @property
+  def num_q_blocks(self) -> int:
+    return pl.cdiv(self.q_len, self.block_q)
+
+  @property
+  def num_kv_blocks(self) -> int:
+    return pl.cdiv(self.kv_len, self.block_k)
+
+  @property
+  def kv_mask_len(self) -> int | None:
+    """Where the zero-padded keys start, or None when the keys are not padded."""
+    return None if self.kv_len % self.block_k == 0 else self.kv_len
+
+
+def _check_args(q, k, v, causal: bool, window: int | None) -> None:
+  if q.ndim != 4 or k.ndim != 4 or k.shape != v.shape:
+    raise ValueError(f'want q [B, T, H, D] and k, v [B, S, K, D]; got {q.shape}, {k.shape}, {v.shape}')
+  (B, T, H, D), (Bk, S, K, Dk) = q.shape, k.shape
+  if B != Bk or D != Dk or H % K:
+    raise ValueError(f'q {q.shape} and k/v {k.shape} need equal batch and head dim and H % K == 0')
+  if not q.dtype == k.dtype == v.dtype:
+    raise ValueError(f'q, k, v dtypes differ: {q.dtype}, {k.dtype}, {v.dtype}')
+  if causal and T > S:
+    raise ValueError(f'causal attention aligns queries to the end of the keys and needs T <= S; '
+                     f'got T={T}, S={S}')
+  if window is not None and (not causal or window < 1):
+    raise ValueError(f'window={window} needs causal=True and window >= 1')
+
+
+def _check_block(name: str, block: int, backend: str, interpret: bool) -> None:
+  if block < 8 or block % 8:
+    raise ValueError(f'{name}={block} must be a positive multiple of 8')
+  if backend == 'gpu' and not interpret and (block < 16 or block & (block - 1)):
+    raise ValueError(f'{name}={block}: the Triton body needs a power of two >= 16')
+  if backend == 'tpu' and not interpret and block % _LANES:
+    raise ValueError(f'{name}={block}: the TPU body needs a multiple of {_LANES}')
+  if backend == 'tpu' and block > _LANES and block % _LANES:
+    raise ValueError(f'{name}={block}: the TPU body needs a block <= {_LANES} or a multiple of it')
+
+
+def _clip_block(block: int, length: int, backend: str) -> int:
+  """No larger than the smallest legal block that covers `length`: bigger only adds padding."""
+  cover = max(16, pl.next_power_of_2(length)) if backend == 'gpu' else _LANES * pl.cdiv(length, _LANES)
+  return min(block, cover)
+
+
+def _make_config(q_shape, k_shape, *, causal, window, sm_scale, block_q, block_k, interpret,
+                 backend) -> _Config:
+  _, T, H, D = q_shape
+  S, K = k_shape[1:3]
+  if not interpret and D not in COMPILED_HEAD_DIMS:
+    raise ValueError(f'head dim D={D}: the compiled {backend} body supports D in {COMPILED_HEAD_DIMS}')
+  if interpret and D > _LANES:
+    raise ValueError(f'head dim D={D}: interpret mode supports D <= {_LANES}')
+  default_q, default_k = DEFAULT_BLOCKS[backend]
+  block_q = _clip_block(block_q or default_q, T, backend)
+  block_k = _clip_block(block_k or default_k, S, backend)
+  _check_block('block_q', block_q, backend, interpret)
+  _check_block('block_k', block_k, backend, interpret)
+  return _Config(causal=causal, window=window, sm_scale=float(D**-0.5 if sm_scale is None else sm_scale),
+                 block_q=block_q, block_k=block_k, q_len=T, kv_len=S, group=H // K, backend=backend,
+                 interpret=interpret)
+
+
+def _pad_seq(x_BLHD: jax.Array, block: int) -> jax.Array:
+  pad = -x_BLHD.shape[1] % block
+  return jnp.pad(x_BLHD, ((0, 0), (0, pad), (0, 0), (0, 0))) if pad else x_BLHD
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _flash(q_BTHD, k_BSKD, v_BSKD, cfg: _Config):
+  return _flash_fwd(q_BTHD, k_BSKD, v_BSKD, cfg)[0]
+
+
+def _flash_fwd(q_BTHD, k_BSKD, v_BSKD, cfg: _Config):
+  forward, _ = _BODIES[cfg.backend]
+  o_BTHD, lse_BHT = forward(_pad_seq(q_BTHD, cfg.block_q), _pad_seq(k_BSKD, cfg.block_k),
+                            _pad_seq(v_BSKD, cfg.block_k), cfg)
+  o_BTHD = o_BTHD[:, :cfg.q_len]
+  return o_BTHD, (q_BTHD, k_BSKD, v_BSKD, o_BTHD, lse_BHT)
+
+
+def _flash_bwd(cfg: _Config, res, do_BTHD):
+  q_BTHD, k_BSKD, v_BSKD, o_BTHD, lse_BHT = res
+  _, backward = _BODIES[cfg.backend]
+  # FlashAttention-2 Alg. 2: D = rowsum(dO * O), the softmax-Jacobian correction per query.
+  delta_BTH = jnp.einsum('bthd,bthd->bth', o_BTHD.astype(jnp.float32), do_BTHD.astype(jnp.float32))
+  delta_BHT = jnp.pad(delta_BTH, ((0, 0), (0, lse_BHT.shape[2] - cfg.q_len), (0, 0))).transpose(0, 2, 1)
+  dq_BTHD, dk_BSKD, dv_BSKD = backward(
+      _pad_seq(q_BTHD, cfg.block_q), _pad_seq(k_BSKD, cfg.block_k), _pad_seq(v_BSKD, cfg.block_k),
+      _pad_seq(do_BTHD, cfg.block_q), lse_BHT, delta_BHT, cfg)
+  return dq_BTHD[:, :cfg.q_len], dk_BSKD[:, :cfg.kv_len], dv_BSKD[:, :cfg.kv_len]
+
+
+_flash.defvjp(_flash_fwd, _flash_bwd)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Which blocks are visible, and the block math both bodies share.
+
+
+def _kv_blocks(i, cfg: _Config):
+  """Key blocks [lo, hi) holding a key that some query of query block `i` keeps."""
+  first_q = cfg.offset + i * cfg.block_q
+  hi = cfg.num_kv_blocks
+  if cfg.causal:  # stop at the diagonal
+    hi = jnp.minimum(hi, lax.div(first_q + cfg.block_q - 1, cfg.block_k) + 1)
+  lo = 0
+  if cfg.window is not None:  # start at the first block inside the window
+    lo = lax.div(jnp.maximum(first_q - cfg.window + 1, 0), cfg.block_k)
+  return lo, hi
+
+
+def _q_blocks(j, cfg: _Config):
+  """Query blocks [lo, hi) holding a query that keeps some key of key block `j`."""
+  first_k = j * cfg.block_k
+  lo = 0
+  if cfg.causal:
+    lo = lax.div(jnp.maximum(first_k - cfg.offset, 0), cfg.block_q)
+  hi = cfg.num_q_blocks
+  if cfg.window is not None:  # queries t with t + offset - window < last key of the block
+    bound = jnp.maximum(first_k + cfg.block_k - 1 + cfg.window - cfg.offset, 0)
+    hi = jnp.minimum(hi, lax.div(bound + cfg.block_q - 1, cfg.block_q))
+  return lo, hi
+
+
+def _max_span(blocks, n: int) -> int:
+  """The most blocks any of `n` outer blocks visits: the length of a shrunk grid axis."""
+  with jax.ensure_compile_time_eval():  # static ints even when called under jit
+    return max(1, max(int(hi) - int(lo) for lo, hi in map(blocks, range(n))))
+
+
+def _clamped(lo, hi, step):
+  """Block visited at `step` of a shrunk axis; steps past the span repeat the last visible block."""
+  return lo + jnp.minimum(step, jnp.maximum(hi - lo - 1, 0))
+
+
+def _nt(a, b):
+  return lax.dot_general(a, b, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+
+
+def _nn(a, b):
+  return lax.dot_general(a, b, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+
+
+def _scores(x, y, i, j, cfg: _Config, *, transposed: bool = False):
+  """Scaled, masked logits of query block `i` and key block `j`: q k^T [Q, C], or k q^T [C, Q] when
+  `transposed` (x, y are then k, q)."""
+  s = _nt(x, y) * cfg.sm_scale
+  q_axis, k_axis = (1, 0) if transposed else (0, 1)
+  qpos = cfg.offset + i * cfg.block_q + lax.broadcasted_iota(jnp.int32, s.shape, q_axis)
+  kpos = j * cfg.block_k + lax.broadcasted_iota(jnp.int32, s.shape, k_axis)
+  keep = _keep(qpos, kpos, causal=cfg.causal, window=cfg.window, kv_len=cfg.kv_mask_len)
+  return s if keep is None else jnp.where(keep, s, _MASK_VALUE)
+
+
+def _lanes(x_QL, n: int):
+  """Stretches per-row statistics to width `n`: [Q, 1] broadcasts as is; [Q, 128] (replicated over
+  lanes on TPU) is sliced or tiled."""
+  L = x_QL.shape[1]
+  if L == 1 or L == n:
+    return x_QL
+  return x_QL[:, :n] if n < L else jnp.tile(x_QL, (1, n // L))
+
+
+def _softmax_step(s_QC, v_CD, acc_QD, m_QL, l_QL):
+  """One online-softmax update (FlashAttention-2 Alg. 1); m and l are [Q, 1] or [Q, 128]."""
+  m_next = jnp.maximum(m_QL, s_QC.max(axis=1, keepdims=True))
+  p_QC = jnp.exp(s_QC - _lanes(m_next, s_QC.shape[1]))
+  alpha = jnp.exp(m_QL - m_next)
+  l_next = alpha * l_QL + p_QC.sum(axis=1, keepdims=True)
+  acc_QD = acc_QD * _lanes(alpha, acc_QD.shape[1]) + _nn(p_QC.astype(v_CD.dtype), v_CD)
+  return acc_QD, m_next, l_next
+
+
+def _dq_step(q_QD, k_CD, v_CD, do_QD, lse_Q1, delta_Q1, i, j, cfg: _Config):
+  """Contribution of key block `j` to dq / sm_scale (FlashAttention-2 Alg. 2)."""
+  p_QC = jnp.exp(_scores(q_QD, k_CD, i, j, cfg) - lse_Q1)
+  ds_QC = p_QC * (_nt(do_QD, v_CD) - delta_Q1)
+  return _nn(ds_QC.astype(k_CD.dtype), k_CD)
+
+
+def _dkv_step(q_QD, k_CD, v_CD, do_QD, lse_1Q, delta_1Q, i, j, cfg: _Config):
+  """Contributions of query block `i` to dk / sm_scale and dv, computed key-major ([C, Q] tiles) so every
+  product is a plain or right-transposed matmul."""
+  p_CQ = jnp.exp(_scores(k_CD, q_QD, i, j, cfg, transposed=True) - lse_1Q)
+  dv_CD = _nn(p_CQ.astype(do_QD.dtype), do_QD)
+  ds_CQ = p_CQ * (_nt(v_CD, do_QD) - delta_1Q)
+  return _nn(ds_CQ.astype(q_QD.dtype), q_QD), dv_CD
+
+
+# ----------------------------------------------------------------------------------------------------
+# GPU body (Triton): [B, T, H, D] layout, key/query loops inside the kernel.
+
+
+def _gpu_params(cfg: _Config):
+  return plgpu.CompilerParams(num_warps=4 if cfg.block_q * cfg.block_k <= 64 * 64 else 8, num_stages=2)
+
+
+def _gpu_fwd_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, *, cfg: _Config):
+  i = pl.program_id(0)
+  q_QD = q_ref[...]
+
+  def body(j, carry):
+    kv = pl.ds(j * cfg.block_k, cfg.block_k)
+    return _softmax_step(_scores(q_QD, k_ref[kv, :], i, j, cfg), v_ref[kv, :], *carry)
+
+  Q, D = q_QD.shape
+  init = (jnp.zeros((Q, D), jnp.float32), jnp.full((Q, 1), -jnp.inf, jnp.float32),
+          jnp.zeros((Q, 1), jnp.float32))
+  acc_QD, m_Q1, l_Q1 = lax.fori_loop(*_kv_blocks(i, cfg), body, init)
+  o_ref[...] = (acc_QD / l_Q1).astype(o_ref.dtype)
+  lse_ref[...] = (m_Q1 + jnp.log(l_Q1))[:, 0]
+
+
+def _gpu_forward(q_BTHD, k_BSKD, v_BSKD, cfg: _Config):
+  B, T, H, D = q_BTHD.shape
+  S, G, Q = k_BSKD.shape[1], cfg.group, cfg.block_q
+  q_spec = pl.BlockSpec((None, Q, None, D), lambda i, b, h: (b, i, h, 0))
+  kv_spec = pl.BlockSpec((None, S, None, D), lambda i, b, h: (b, 0, h // G, 0))
+  return pl.pallas_call(
+      functools.partial(_gpu_fwd_kernel, cfg=cfg),
+      grid=(T // Q, B, H),
+      in_specs=[q_spec, kv_spec, kv_spec],
+      out_specs=[q_spec, pl.BlockSpec((None, None, Q), lambda i, b, h: (b, h, i))],
+      out_shape=[jax.ShapeDtypeStruct(q_BTHD.shape, q_BTHD.dtype),
+                 jax.ShapeDtypeStruct((B, H, T), jnp.float32)],
+      compiler_params=_gpu_params(cfg),
+      interpret=interpret_param(cfg.interpret, 'gpu'),
+      name='flash_attention_fwd',
+  )(q_BTHD, k_BSKD, v_BSKD)
+
+
+def _gpu_dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, *, cfg: _Config):
+  i = pl.program_id(0)
+  q_QD, do_QD = q_ref[...], do_ref[...]
+  lse_Q1, delta_Q1 = lse_ref[...][:, None], delta_ref[...][:, None]
+
+  def body(j, acc_QD):
+    kv = pl.ds(j * cfg.block_k, cfg.block_k)
+    return acc_QD + _dq_step(q_QD, k_ref[kv, :], v_ref[kv, :], do_QD, lse_Q1, delta_Q1, i, j, cfg)
+
+  acc_QD = lax.fori_loop(*_kv_blocks(i, cfg), body, jnp.zeros(q_QD.shape, jnp.float32))
+  dq_ref[...] = (acc_QD * cfg.sm_scale).astype(dq_ref.dtype)
+
+
+def _gpu_dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref, *, cfg: _Config):
+  j = pl.program_id(0)
+  k_CD, v_CD = k_ref[...], v_ref[...]
+  lo, hi = _q_blocks(j, cfg)
+
+  def head(g, carry):  # the query heads of this kv group, summed here rather than per head in HBM
+    def body(i, carry):
+      rows = pl.ds(i * cfg.block_q, cfg.block_q)
+      dk_CD, dv_CD = _dkv_step(q_ref[rows, g, :], k_CD, v_CD, do_ref[rows, g, :], lse_ref[g, rows][None, :],
+                               delta_ref[g, rows][None, :], i, j, cfg)
+      return carry[0] + dk_CD, carry[1] + dv_CD
+
+    return lax.fori_loop(lo, hi, body, carry)
+
+  zeros = jnp.zeros(k_CD.shape, jnp.float32)
+  dk_CD, dv_CD = lax.fori_loop(0, cfg.group, head, (zeros, zeros))
+  dk_ref[...] = (dk_CD * cfg.sm_scale).astype(dk_ref.dtype)
+  dv_ref[...] = dv_CD.astype(dv_ref.dtype)
+
+
+def _gpu_backward(q_BTHD, k_BSKD, v_BSKD, do_BTHD, lse_BHT, delta_BHT, cfg: _Config):
+  B, T, H, D = q_BTHD.shape
+  S, K = k_BSKD.shape[1:3]
+  G, Q, C = cfg.group, cfg.block_q, cfg.block_k
+  interpret = interpret_param(cfg.interpret, 'gpu')
+  q_spec = pl.BlockSpec((None, Q, None, D), lambda i, b, h: (b, i, h, 0))
+  kv_spec = pl.BlockSpec((None, S, None, D), lambda i, b, h: (b, 0, h // G, 0))
+  row_spec = pl.BlockSpec((None, None, Q), lambda i, b, h: (b, h, i))
+  dq_BTHD = pl.pallas_call(
+      functools.partial(_gpu_dq_kernel, cfg=cfg),
+      grid=(T // Q, B, H),
+      in_specs=[q_spec, kv_spec, kv_spec, q_spec, row_spec, row_spec],
+      out_specs=q_spec,
+      out_shape=jax.ShapeDtypeStruct(q_BTHD.shape, q_BTHD.dtype),
+      compiler_params=_gpu_params(cfg),
+      interpret=interpret,
+      name='flash_attention_dq',
+  )(q_BTHD, k_BSKD, v_BSKD, do_BTHD, lse_BHT, delta_BHT)
+
+  # Grid over (key block, batch, kv head); the block of a kv head's G query heads is block `k` of size G.
+  group_spec = pl.BlockSpec((None, T, G, D), lambda j, b, k: (b, 0, k, 0))
+  group_rows_spec = pl.BlockSpec((None, G, T), lambda j, b, k: (b, k, 0))
+  kv_block_spec = pl.BlockSpec((None, C, None, D), lambda j, b, k: (b, j, k, 0))
+  dk_BSKD, dv_BSKD = pl.pallas_call(
+      functools.partial(_gpu_dkv_kernel, cfg=cfg),
+      grid=(S // C, B, K),
+      in_specs=[group_spec, kv_block_spec, kv_block_spec, group_spec, group_rows_spec, group_rows_spec],
+      out_specs=[kv_block_spec, kv_block_spec],
+      out_shape=[jax.ShapeDtypeStruct(k_BSKD.shape, k_BSKD.dtype)] * 2,
+      compiler_params=_gpu_params(cfg),
+      interpret=interpret,
+      name='flash_attention_dkv',
+  )(q_BTHD, k_BSKD, v_BSKD, do_BTHD, lse_BHT, delta_BHT)
+  return dq_BTHD, dk_BSKD, dv_BSKD
+
+
+# ----------------------------------------------------------------------------------------------------
+# TPU body (Mosaic): [B, H, T, D] layout, the key (or query) loop as the last, shrunk grid axes.
+
+
+def _to_bhtd(x_BTHD):
+  return x_BTHD.transpose(0, 2, 1, 3)
+
+
+def _tpu_fwd_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, acc_ref, m_ref, l_ref, *, cfg: _Config):
+  i, step = pl.program_id(2), pl.program_id(3)
+  lo, hi = _kv_blocks(i, cfg)
+
+  @pl.when(step == 0)
+  def _init():
+    acc_ref[...] = jnp.zeros(acc_ref.shape, jnp.float32)
+    m_ref[...] = jnp.full(m_ref.shape, -jnp.inf, jnp.float32)
+    l_ref[...] = jnp.zeros(l_ref.shape, jnp.float32)
+
+  @pl.when(lo + step < hi)
+  def _compute():
+    s_QC = _scores(q_ref[...], k_ref[...], i, lo + step, cfg)
+    acc_ref[...], m_ref[...], l_ref[...] = _softmax_step(s_QC, v_ref[...], acc_ref[...], m_ref[...],
+                                                         l_ref[...])
+
+  @pl.when(step == pl.num_programs(3) - 1)
+  def _finish():
+    o_ref[...] = (acc_ref[...] / _lanes(l_ref[...], acc_ref.shape[1])).astype(o_ref.dtype)
+    lse_ref[...] = m_ref[...] + jnp.log(l_ref[...])
+
+
+def _tpu_kv_map(cfg: _Config):
+  """Index map of K/V blocks for a (batch, head, query block, step) grid: kv head h // G, and the
+  clamped key block, so skipped steps re-use the block already in VMEM."""
+  def index_map(b, h, i, step):  # lax.div: Mosaic cannot lower the sign test inside `//`
+    return b, lax.div(h, cfg.group), _clamped(*_kv_blocks(i, cfg), step), 0
+  return index_map
+
+
+def _tpu_forward(q_BTHD, k_BSKD, v_BSKD, cfg: _Config):
+  B, T, H, D = q_BTHD.shape
+  Q, C = cfg.block_q, cfg.block_k
+  q_spec = pl.BlockSpec((None, None, Q, D), lambda b, h, i, step: (b, h, i, 0))
+  kv_spec = pl.BlockSpec((None, None, C, D), _tpu_kv_map(cfg))
+  o_BHTD, lse_BHTL = pl.pallas_call(
+      functools.partial(_tpu_fwd_kernel, cfg=cfg),
+      grid_spec=pltpu.PrefetchScalarGridSpec(
+          num_scalar_prefetch=0,
+          grid=(B, H, T // Q, _max_span(lambda i: _kv_blocks(i, cfg), T // Q)),
+          in_specs=[q_spec, kv_spec, kv_spec],
+          out_specs=[q_spec, pl.BlockSpec((None, None, Q, _LANES), lambda b, h, i, step: (b, h, i, 0))],
+          scratch_shapes=[pltpu.VMEM((Q, D), jnp.float32), pltpu.VMEM((Q, _LANES), jnp.float32),
+                          pltpu.VMEM((Q, _LANES), jnp.float32)]),
+      out_shape=[jax.ShapeDtypeStruct((B, H, T, D), q_BTHD.dtype),
+                 jax.ShapeDtypeStruct((B, H, T, _LANES), jnp.float32)],
+      compiler_params=pltpu.CompilerParams(
+          dimension_semantics=('parallel', 'parallel', 'parallel', 'arbitrary')),
+      interpret=interpret_param(cfg.interpret, 'tpu'),
+      name='flash_attention_fwd',
+  )(_to_bhtd(q_BTHD), _to_bhtd(k_BSKD), _to_bhtd(v_BSKD))
+  return _to_bhtd(o_BHTD), lse_BHTL[..., 0]
+
+
+def _tpu_dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, acc_ref, *, cfg: _Config):
+  i, step = pl.program_id(2), pl.program_id(3)
+  lo, hi = _kv_blocks(i, cfg)
+
+  @pl.when(step == 0)
+  def _init():
+    acc_ref[...] = jnp.zeros(acc_ref.shape, jnp.float32)
+
+  @pl.when(lo + step < hi)
+  def _compute():
+    acc_ref[...] += _dq_step(q_ref[...], k_ref[...], v_ref[...], do_ref[...], lse_ref[0][:, None],
+                             delta_ref[0][:, None], i, lo + step, cfg)
+
+  @pl.when(step == pl.num_programs(3) - 1)
+  def _finish():
+    dq_ref[...] = (acc_ref[...] * cfg.sm_scale).astype(dq_ref.dtype)
+
+
+def _tpu_dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref, dk_acc, dv_acc, *,
+                    cfg: _Config):
+  j, g, step = pl.program_id(2), pl.program_id(3), pl.program_id(4)
+  lo, hi = _q_blocks(j, cfg)
+
+  @pl.when((g == 0) & (step == 0))
+  def _init():
+    dk_acc[...] = jnp.zeros(dk_acc.shape, jnp.float32)
+    dv_acc[...] = jnp.zeros(dv_acc.shape, jnp.float32)
+
+  @pl.when(lo + step < hi)
+  def _compute():
+    dk_CD, dv_CD = _dkv_step(q_ref[...], k_ref[...], v_ref[...], do_ref[...], lse_ref[...], delta_ref[...],
+                             lo + step, j, cfg)
+    dk_acc[...] += dk_CD
+    dv_acc[...] += dv_CD
+
+  @pl.when((g == cfg.group - 1) & (step == pl.num_programs(4) - 1))
+  def _finish():
+    dk_ref[...] = (dk_acc[...] * cfg.sm_scale).astype(dk_ref.dtype)
+    dv_ref[...] = dv_acc[...].astype(dv_ref.dtype)
+
+
+def _tpu_backward(q_BTHD, k_BSKD, v_BSKD, do_BTHD, lse_BHT, delta_BHT, cfg: _Config):
+  B, T, H, D = q_BTHD.shape
+  S, K = k_BSKD.shape[1:3]
+  G, Q, C = cfg.group, cfg.block_q, cfg.block_k
+  interpret = interpret_param(cfg.interpret, 'tpu')
+  q_BHTD, k_BKSD, v_BKSD, do_BHTD = map(_to_bhtd, (q_BTHD, k_BSKD, v_BSKD, do_BTHD))
+  # Per-query rows as [B, H, 1, T]: a (1, Q) block is legal on TPU and reads as a row for the key-major
+  # dk/dv tiles.
+  lse_BH1T, delta_BH1T = lse_BHT[:, :, None], delta_BHT[:, :, None]
+
+  q_spec = pl.BlockSpec((None, None, Q, D), lambda b, h, i, step: (b, h, i, 0))
+  kv_spec = pl.BlockSpec((None, None, C, D), _tpu_kv_map(cfg))
+  row_spec = pl.BlockSpec((None, None, 1, Q), lambda b, h, i, step: (b, h, 0, i))
+  dq_BHTD = pl.pallas_call(
+      functools.partial(_tpu_dq_kernel, cfg=cfg),
+      grid_spec=pltpu.PrefetchScalarGridSpec(
+          num_scalar_prefetch=0,
+          grid=(B, H, T // Q, _max_span(lambda i: _kv_blocks(i, cfg), T // Q)),
+          in_specs=[q_spec, kv_spec, kv_spec, q_spec, row_spec, row_spec],
+          out_specs=q_spec,
+          scratch_shapes=[pltpu.VMEM((Q, D), jnp.float32)]),
+      out_shape=jax.ShapeDtypeStruct(q_BHTD.shape, q_BHTD.dtype),
+      compiler_params=pltpu.CompilerParams(
+          dimension_semantics=('parallel', 'parallel', 'parallel', 'arbitrary')),
+      interpret=interpret,
+      name='flash_attention_dq',
+  )(q_BHTD, k_BKSD, v_BKSD, do_BHTD, lse_BH1T, delta_BH1T)
+
+  # Grid (batch, kv head, key block, query head in group, step); the query block is clamped like the
+  # key block of the forward pass.
+  def q_block(j, step):
+    return _clamped(*_q_blocks(j, cfg), step)
+
+  group_spec = pl.BlockSpec((None, None, Q, D), lambda b, k, j, g, step: (b, k * G + g, q_block(j, step), 0))
+  group_row_spec = pl.BlockSpec((None, None, 1, Q),
+                                lambda b, k, j, g, step: (b, k * G + g, 0, q_block(j, step)))
+  kv_block_spec = pl.BlockSpec((None, None, C, D), lambda b, k, j, g, step: (b, k, j, 0))
+  dk_BKSD, dv_BKSD = pl.pallas_call(
+      functools.partial(_tpu_dkv_kernel, cfg=cfg),
+      grid_spec=pltpu.PrefetchScalarGridSpec(
+          num_scalar_prefetch=0,
+          grid=(B, K, S // C, G, _max_span(lambda j: _q_blocks(j, cfg), S // C)),
+          in_specs=[group_spec, kv_block_spec, kv_block_spec, group_spec, group_row_spec, group_row_spec],
+          out_specs=[kv_block_spec, kv_block_spec],
+          scratch_shapes=[pltpu.VMEM((C, D), jnp.float32), pltpu.VMEM((C, D), jnp.float32)]),
+      out_shape=[jax.ShapeDtypeStruct(k_BKSD.shape, k_BKSD.dtype)] * 2,
+      compiler_params=pltpu.CompilerParams(
+          dimension_semantics=('parallel', 'parallel', 'parallel', 'arbitrary', 'arbitrary')),
+      interpret=interpret,
+      name='flash_attention_dkv',
+  )(q_BHTD, k_BKSD, v_BKSD, do_BHTD, lse_BH1T, delta_BH1T)
+  return _to_bhtd(dq_BHTD), _to_bhtd(dk_BKSD), _to_bhtd(dv_BKSD)
+
+
+_BODIES = {'gpu': (_gpu_forward, _gpu_backward), 'tpu': (_tpu_forward, _tpu_backward)}

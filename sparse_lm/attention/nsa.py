@@ -1,0 +1,313 @@
+"""Native Sparse Attention (Yuan et al. 2025, "Native Sparse Attention: Hardware-Aligned and Natively
+Trainable Sparse Attention", arXiv:2502.11089).
+
+Each query t attends through three branches and mixes them with learned gates (Eq. 5):
+`o_t = sum_c g_t^c Attn(q_t, K_t^c, V_t^c)`, c in {compressed, selected, sliding window}.
+
+- compressed (Eq. 7): blocks of `l` keys at stride `d` are mapped to one key (and one value) each by an
+  MLP `phi` with an intra-block position encoding. Query t sees block i once the block's last token,
+  `i*d + l - 1`, is at or before t; a query that sees no block gets zero from this branch.
+- selected (Eqs. 8-12): the compressed branch's attention probabilities score the selection blocks of
+  `l'` tokens (Eq. 9 sums the compressed blocks that overlap each selection block), summed over the query
+  heads of a GQA group (Eq. 10); each token takes the top `n` blocks (Eq. 11), always including the first
+  block and the two local ones (Sec. 4.1), and attends causally to their raw keys (Eq. 12) through
+  `pallas_kernels.selected_attention`.
+- sliding window: the `w` most recent keys, through `pallas_kernels.flash_attention(window=w)`.
+
+Where this departs from the paper, and why:
+- Eq. 9 is written with the paper's own block indexing; here compressed block i covers tokens
+  `[i*d, i*d + l)` and selection block j covers `[j*l', (j+1)*l')`, so the score of block j sums, over
+  each stride unit u of the block, the compressed blocks covering u (`i = u - m` for `m < l/d`). That is
+  the same weighting (1, 2, ..., 2, 1 for l = 2d) aligned with Eqs. 7 and 12.
+- The paper does not say how positions enter the compressed branch. `phi` sees un-rotated keys (the
+  position encoding inside the block carries order) and its output is rotated (RoPE) at the block's last
+  position, so compressed scores keep RoPE's relative-distance form.
+- The gate is `sigmoid(x W + b)`, a one-layer MLP per head and branch.
+- The top-n indices carry no gradient, as in the paper; `phi` learns through the compressed branch.
+"""
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from flax import nnx
+
+from pallas_kernels.flash_attention import flash_attention
+from pallas_kernels.selected_attention import selected_attention
+from sparse_lm import sharding
+from sparse_lm.attention import core
+from sparse_lm.config import ConfigError
+from sparse_lm.layers import param, rope
+
+Cache = dict[str, jax.Array]
+_NEG_INF = -1e30
+
+
+def selection_scores(p_BKTC: jax.Array, num_sel: int, *, cmp_block: int, cmp_stride: int,
+                     sel_block: int) -> jax.Array:
+  """Eq. 9: `[B, K, T, num_sel]` scores of the selection blocks from compressed-block probabilities.
+
+  Stride unit u (tokens `[u*d, (u+1)*d)`) is covered by compressed blocks `u - m`, `m < l/d`; a selection
+  block sums its `l'/d` units. Shifted slices, so memory stays linear in T.
+  """
+  cover, units_per_block = cmp_block // cmp_stride, sel_block // cmp_stride
+  C, U = p_BKTC.shape[-1], num_sel * units_per_block
+  padded_BKTX = jnp.pad(p_BKTC, ((0, 0), (0, 0), (0, 0), (cover - 1, max(0, U - C))))
+  units_BKTU = sum(padded_BKTX[..., cover - 1 - m:cover - 1 - m + U] for m in range(cover))
+  return units_BKTU.reshape(*units_BKTU.shape[:-1], num_sel, units_per_block).sum(-1)
+
+
+def select_blocks(score_BTKS: jax.Array, pos_BT: jax.Array, *, num_selected: int,
+                  sel_block: int) -> jax.Array:
+  """Eq. 11: the top-n selection blocks per token and kv head, the first and two local blocks forced;
+  blocks starting after the token are never chosen; unused slots are -1. Ties go to the lower index."""
+  S = score_BTKS.shape[-1]
+  j_S = jnp.arange(S)
+  valid_BTS = j_S[None, None, :] * sel_block <= pos_BT[:, :, None]
+  current_BT1 = (pos_BT // sel_block)[:, :, None]
+  forced_BTS = valid_BTS & ((j_S[None, None, :] == 0) | (j_S[None, None, :] == current_BT1)
+                            | (j_S[None, None, :] == current_BT1 - 1))
+  score_BTKS = jnp.where(valid_BTS[:, :, None, :], score_BTKS, -jnp.inf)
+  score_BTKS = jnp.where(forced_BTS[:, :, None, :], jnp.inf, score_BTKS)
+  top_BTKn, idx_BTKn = jax.lax.top_k(score_BTKS, min(num_selected, S))
+  return jnp.where(top_BTKn == -jnp.inf, -1, idx_BTKn).astype(jnp.int32)
+
+
+def gathered_selected_attention(q_BTHD, k_BSKD, v_BSKD, idx_BTKn, pos_BT, sel_block) -> jax.Array:
+  """Selected-block attention at arbitrary query positions (decoding): gathers each token's blocks.
+
+  Same rule as `pallas_kernels.selected_attention`: keys of the listed blocks at positions <= the
+  query's, repeats counted once, -1 ignored, zero output when nothing is visible.
+  """
+  B, T, H, D = q_BTHD.shape
+  K, n = k_BSKD.shape[2], idx_BTKn.shape[-1]
+  kpos_BTKnL = jnp.maximum(idx_BTKn, 0)[..., None] * sel_block + jnp.arange(sel_block)[None, None, None, None]
+  flat_BKX = kpos_BTKnL.transpose(0, 2, 1, 3, 4).reshape(B, K, -1)
+  take = jax.vmap(jax.vmap(lambda x_SD, i_X: x_SD[i_X], in_axes=(1, 0)), in_axes=(0, 0))
+  k_BKTnLD = take(k_BSKD, flat_BKX).reshape(B, K, T, n, sel_block, D)
+  v_BKTnLD = take(v_BSKD, flat_BKX).reshape(B, K, T, n, sel_block, D)
+  earlier_111nn = jnp.tril(jnp.ones((n, n), bool), -1)[None, None, None]
+  repeat_BTKn = jnp.any((idx_BTKn[..., :, None] == idx_BTKn[..., None, :]) & earlier_111nn, axis=-1)
+  slot_BTKn = (idx_BTKn >= 0) & ~repeat_BTKn
+  visible_BTKnL = slot_BTKn[..., None] & (kpos_BTKnL <= pos_BT[:, :, None, None, None])
+  q_BKTGD = q_BTHD.reshape(B, T, K, H // K, D).transpose(0, 2, 1, 3, 4)
+  s_BKTGnL = jnp.einsum('bktgd,bktnld->bktgnl', q_BKTGD, k_BKTnLD,
+                        preferred_element_type=jnp.float32) * D**-0.5
+  visible_BKT1nL = visible_BTKnL.transpose(0, 2, 1, 3, 4)[:, :, :, None]
+  s_BKTGnL = jnp.where(visible_BKT1nL, s_BKTGnL, _NEG_INF)
+  p_BKTGX = jax.nn.softmax(s_BKTGnL.reshape(B, K, T, H // K, -1), axis=-1)
+  p_BKTGnL = (p_BKTGX.reshape(s_BKTGnL.shape) * visible_BKT1nL).astype(v_BSKD.dtype)
+  o_BKTGD = jnp.einsum('bktgnl,bktnld->bktgd', p_BKTGnL, v_BKTnLD)
+  return o_BKTGD.transpose(0, 2, 1, 3, 4).reshape(B, T, H, D)
+
+
+def chunked_selected_attention(q_BTHD, k_BSKD, v_BSKD, idx_BTKn, pos_BT, sel_block, *,
+                               chunk: int = 256) -> jax.Array:
+  """`gathered_selected_attention` over query chunks one at a time (`lax.map`), so the gathered keys
+  take `chunk * n * l'` rows at once instead of `T * n * l'`: the XLA path's memory stays small."""
+  B, T, H, D = q_BTHD.shape
+  if T <= chunk:
+    return gathered_selected_attention(q_BTHD, k_BSKD, v_BSKD, idx_BTKn, pos_BT, sel_block)
+  N = -(-T // chunk)
+
+  def chunks(x, fill):  # padded queries sit at position -1 and select nothing, so they see no key
+    x = jnp.pad(x, ((0, 0), (0, N * chunk - T)) + ((0, 0),) * (x.ndim - 2), constant_values=fill)
+    return jnp.moveaxis(x.reshape(B, N, chunk, *x.shape[2:]), 1, 0)
+
+  def one_chunk(args):
+    q_BCHD, idx_BCKn, pos_BC = args
+    return gathered_selected_attention(q_BCHD, k_BSKD, v_BSKD, idx_BCKn, pos_BC, sel_block)
+  o_NBCHD = jax.lax.map(one_chunk, (chunks(q_BTHD, 0), chunks(idx_BTKn, -1), chunks(pos_BT, -1)))
+  return jnp.moveaxis(o_NBCHD, 0, 1).reshape(B, N * chunk, H, D)[:, :T]
+
+
+class Attention(nnx.Module):
+  """NSA with grouped-query heads; `model.nsa` holds l, d, l', n, w and whether K/V are shared."""
+
+  def __init__(self, cfg: ml_collections.ConfigDict, *, rngs: nnx.Rngs):
+    n = cfg.nsa
+    d, hq, hkv, dh, pd = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.param_dtype
+    branches_kv = 1 if n.shared_kv else 3  # the paper gives each branch its own keys and values
+    self.wq = param(rngs, (d, hq, dh), ('embed', 'q_heads', 'head_dim'), stddev=d**-0.5, dtype=pd)
+    kv_axes = ('embed', None, 'kv_heads', 'head_dim')
+    self.wk = param(rngs, (d, branches_kv, hkv, dh), kv_axes, stddev=d**-0.5, dtype=pd)
+    self.wv = param(rngs, (d, branches_kv, hkv, dh), kv_axes, stddev=d**-0.5, dtype=pd)
+    # Eq. 7's phi, for keys and for values: a two-layer MLP over a block's l entries plus a learned
+    # position-in-block encoding.
+    flat, hidden = n.cmp_block * dh, 2 * dh
+    for kind in ('k', 'v'):
+      setattr(self, f'cmp_pos_{kind}', param(rngs, (n.cmp_block, dh), (None, 'head_dim'), stddev=0.02,
+                                             dtype=pd))
+      setattr(self, f'cmp_w1_{kind}', param(rngs, (flat, hidden), (None, None), stddev=flat**-0.5, dtype=pd))
+      setattr(self, f'cmp_w2_{kind}', param(rngs, (hidden, dh), (None, None), stddev=hidden**-0.5,
+                                            dtype=pd))
+    self.w_gate = param(rngs, (d, hq, 3), ('embed', 'q_heads', None), stddev=d**-0.5, dtype=pd)
+    self.b_gate = nnx.Param(jnp.zeros((hq * 3,), jnp.dtype(pd)), axes=(None,))
+    out_std = (hq * dh) ** -0.5 / (2 * cfg.num_layers) ** 0.5
+    self.wo = param(rngs, (hq, dh, d), ('q_heads', 'head_dim', 'embed'), stddev=out_std, dtype=pd)
+    self.nsa = ml_collections.FrozenConfigDict(n)
+    self.kernel = cfg.kernel
+    self.rope_theta = cfg.rope_theta
+    self.dtype = jnp.dtype(cfg.dtype)
+
+  # ------------------------------------------------------------------------- config and FLOPs
+
+  @staticmethod
+  def check_config(cfg: ml_collections.ConfigDict) -> None:
+    n = cfg.nsa
+    for key in ('cmp_block', 'cmp_stride', 'sel_block', 'num_selected', 'window'):
+      if not isinstance(n[key], int) or n[key] < 1:
+        raise ConfigError(f'model.nsa.{key}={n[key]!r} must be a positive integer')
+    if n.num_selected < 3:
+      raise ConfigError(f'model.nsa.num_selected={n.num_selected} must be at least 3: the first block and '
+                        'the two local blocks are always selected (NSA Sec. 4.1)')
+    if n.cmp_block % n.cmp_stride or n.sel_block % n.cmp_stride:
+      raise ConfigError(
+          f'model.nsa.cmp_stride={n.cmp_stride} must divide model.nsa.cmp_block={n.cmp_block} and '
+          f'model.nsa.sel_block={n.sel_block} (NSA Eq. 9 sums whole stride units)')
+
+  @staticmethod
+  def attended_keys(cfg: ml_collections.ConfigDict, seq_len: int) -> float:
+    """Compressed blocks visible + keys of the selected blocks + window keys, averaged over t."""
+    n = cfg.nsa
+    total = 0
+    for t in range(seq_len):
+      cmp = max(0, (t - n.cmp_block) // n.cmp_stride + 1)
+      visible_blocks = t // n.sel_block + 1
+      sel = t + 1 if visible_blocks <= n.num_selected else (
+          (n.num_selected - 1) * n.sel_block + t % n.sel_block + 1)
+      total += cmp + sel + min(t + 1, n.window)
+    return total / seq_len
+
+  @staticmethod
+  def param_uses_per_token(cfg: ml_collections.ConfigDict) -> dict[str, float]:
+    # phi runs once per compressed block, i.e. once every `cmp_stride` tokens; the position encoding is
+    # an addition, not a matmul.
+    per_block = 1 / cfg.nsa.cmp_stride
+    return {'cmp_w1_k': per_block, 'cmp_w2_k': per_block, 'cmp_w1_v': per_block,
+            'cmp_w2_v': per_block, 'cmp_pos_k': 0.0, 'cmp_pos_v': 0.0}
+
+  # ------------------------------------------------------------------------- pieces
+
+  def _num_compressed(self, length: int) -> int:
+    return max(0, (length - self.nsa.cmp_block) // self.nsa.cmp_stride + 1)
+
+  def _compress(self, raw_BXKD: jax.Array, num_blocks: int, kind: str) -> jax.Array:
+    """phi (Eq. 7) on the first `num_blocks` blocks of `raw_BXKD` (blocks start every d positions)."""
+    l, stride = self.nsa.cmp_block, self.nsa.cmp_stride
+    B, _, K, D = raw_BXKD.shape
+    idx_NL = jnp.arange(num_blocks)[:, None] * stride + jnp.arange(l)[None, :]
+    blocks_BNLKD = raw_BXKD[:, idx_NL]
+    pos_11L1D = getattr(self, f'cmp_pos_{kind}')[...].astype(self.dtype)[None, None, :, None, :]
+    x_BNKX = (blocks_BNLKD + pos_11L1D).transpose(0, 1, 3, 2, 4).reshape(B, num_blocks, K, l * D)
+    h_BNKF = jax.nn.silu(x_BNKX @ getattr(self, f'cmp_w1_{kind}')[...].astype(self.dtype))
+    return h_BNKF @ getattr(self, f'cmp_w2_{kind}')[...].astype(self.dtype)
+
+  def _compressed_branch(self, q_BTHD, ck_BCKD, cv_BCKD, pos_BT):
+    """Attention over the visible compressed blocks, and its probabilities (for Eqs. 8-10)."""
+    B, T, H, D = q_BTHD.shape
+    C, K = ck_BCKD.shape[1], ck_BCKD.shape[2]
+    end_C = jnp.arange(C) * self.nsa.cmp_stride + self.nsa.cmp_block - 1
+    ck_BCKD = rope(ck_BCKD, jnp.broadcast_to(end_C, (B, C)), self.rope_theta)
+    q_BTKGD = q_BTHD.reshape(B, T, K, H // K, D)
+    s_BKGTC = jnp.einsum('btkgd,bckd->bkgtc', q_BTKGD, ck_BCKD,
+                         preferred_element_type=jnp.float32) * D**-0.5
+    visible_B11TC = (end_C[None, None, :] <= pos_BT[:, :, None])[:, None, None]
+    p_BKGTC = jax.nn.softmax(jnp.where(visible_B11TC, s_BKGTC, _NEG_INF), axis=-1) * visible_B11TC
+    o_BTKGD = jnp.einsum('bkgtc,bckd->btkgd', p_BKGTC.astype(cv_BCKD.dtype), cv_BCKD)
+    return o_BTKGD.reshape(B, T, H, D), p_BKGTC
+
+  def _block_indices(self, p_BKGTC, pos_BT, num_sel: int) -> jax.Array:
+    n = self.nsa
+    # Eq. 10: the heads of a group share one selection, so their scores add up.
+    score_BKTS = selection_scores(jnp.sum(p_BKGTC, axis=2), num_sel, cmp_block=n.cmp_block,
+                                  cmp_stride=n.cmp_stride, sel_block=n.sel_block)
+    return select_blocks(jax.lax.stop_gradient(score_BKTS.transpose(0, 2, 1, 3)), pos_BT,
+                         num_selected=n.num_selected, sel_block=n.sel_block)
+
+  def _project(self, x_BTD, pos_BT):
+    q_BTHD = jnp.einsum('btd,dhk->bthk', x_BTD, self.wq[...].astype(self.dtype))
+    q_BTHD = sharding.constrain(rope(q_BTHD, pos_BT, self.rope_theta),
+                                ('batch', 'length', 'q_heads', 'head_dim'))
+    k_BTJKD = jnp.einsum('btd,djkh->btjkh', x_BTD, self.wk[...].astype(self.dtype))
+    v_BTJKD = jnp.einsum('btd,djkh->btjkh', x_BTD, self.wv[...].astype(self.dtype))
+    return q_BTHD, k_BTJKD, v_BTJKD
+
+  def _branch(self, kv_BSJKD, name: str) -> jax.Array:
+    return kv_BSJKD[:, :, 0 if kv_BSJKD.shape[2] == 1 else ('cmp', 'slc', 'win').index(name)]
+
+  # ------------------------------------------------------------------------- forward
+
+  def init_cache(self, batch: int, max_len: int) -> Cache:
+    _, J, K, D = self.wk.shape
+    C = self._num_compressed(max_len)
+    return {'k': jnp.zeros((batch, max_len, J, K, D), self.dtype),
+            'v': jnp.zeros((batch, max_len, J, K, D), self.dtype),
+            'ck': jnp.zeros((batch, C, K, D), self.dtype), 'cv': jnp.zeros((batch, C, K, D), self.dtype)}
+
+  def __call__(self, x_BTD: jax.Array, pos_BT: jax.Array,
+               cache: Cache | None = None) -> tuple[jax.Array, Cache | None]:
+    n = self.nsa
+    x_BTD = x_BTD.astype(self.dtype)
+    q_BTHD, k_BTJKD, v_BTJKD = self._project(x_BTD, pos_BT)
+    if cache is None:
+      k_BSJKD, v_BSJKD, kpos_BS = k_BTJKD, v_BTJKD, pos_BT
+      C = self._num_compressed(k_BSJKD.shape[1])
+      ck_BCKD = self._compress(self._branch(k_BSJKD, 'cmp'), C, 'k')
+      cv_BCKD = self._compress(self._branch(v_BSJKD, 'cmp'), C, 'v')
+    else:
+      cache = self._extend_cache(k_BTJKD, v_BTJKD, pos_BT[0, 0], cache)
+      k_BSJKD, v_BSJKD, ck_BCKD, cv_BCKD = cache['k'], cache['v'], cache['ck'], cache['cv']
+      kpos_BS = jnp.broadcast_to(jnp.arange(k_BSJKD.shape[1]), k_BSJKD.shape[:2])
+
+    o_cmp = jnp.zeros_like(q_BTHD)
+    p_BKGTC = jnp.zeros(q_BTHD.shape[:1] + (k_BSJKD.shape[3], q_BTHD.shape[2] // k_BSJKD.shape[3],
+                                            q_BTHD.shape[1], 0), jnp.float32)
+    if ck_BCKD.shape[1]:  # no compressed block fits before the sequence reaches `cmp_block` tokens
+      o_cmp, p_BKGTC = self._compressed_branch(q_BTHD, ck_BCKD, cv_BCKD, pos_BT)
+    idx_BTKn = self._block_indices(p_BKGTC, pos_BT, -(-k_BSJKD.shape[1] // n.sel_block))
+
+    ks_BSKD = rope(self._branch(k_BSJKD, 'slc'), kpos_BS, self.rope_theta)
+    kw_BSKD = rope(self._branch(k_BSJKD, 'win'), kpos_BS, self.rope_theta)
+    vs_BSKD, vw_BSKD = self._branch(v_BSJKD, 'slc'), self._branch(v_BSJKD, 'win')
+    if cache is None and self.kernel == 'pallas':
+      o_slc = selected_attention(q_BTHD, ks_BSKD, vs_BSKD, idx_BTKn, block_size=n.sel_block)
+      o_win = flash_attention(q_BTHD, kw_BSKD, vw_BSKD, causal=True, window=n.window)
+    elif cache is None:
+      o_slc = chunked_selected_attention(q_BTHD, ks_BSKD, vs_BSKD, idx_BTKn, pos_BT, n.sel_block)
+      o_win = core.local_attend(q_BTHD, kw_BSKD, vw_BSKD, window=n.window)
+    else:
+      o_slc = gathered_selected_attention(q_BTHD, ks_BSKD, vs_BSKD, idx_BTKn, pos_BT, n.sel_block)
+      o_win = core.attend(q_BTHD, kw_BSKD, vw_BSKD, pos_BT, kpos_BS, window=n.window)
+    o_BTHD = self._mix(x_BTD, o_cmp, o_slc.astype(self.dtype), o_win.astype(self.dtype))
+    y_BTD = jnp.einsum('bthk,hkd->btd', o_BTHD, self.wo[...].astype(self.dtype))
+    return sharding.constrain(y_BTD, ('batch', 'length', 'act_embed')), cache
+
+  def _extend_cache(self, k_BTJKD, v_BTJKD, start, cache: Cache) -> Cache:
+    """Writes the new tokens' raw K/V, then (re)computes every compressed block that ends among them.
+
+    The compressed blocks computed are a fixed number starting at the first one that can end in this
+    call; blocks among them that are not complete yet hold placeholder values no query can see (their
+    last token is in the future) and are recomputed when they complete.
+    """
+    l, stride = self.nsa.cmp_block, self.nsa.cmp_stride
+    k_BSJKD = jax.lax.dynamic_update_slice_in_dim(cache['k'], k_BTJKD.astype(self.dtype), start, 1)
+    v_BSJKD = jax.lax.dynamic_update_slice_in_dim(cache['v'], v_BTJKD.astype(self.dtype), start, 1)
+    C = cache['ck'].shape[1]
+    if not C:
+      return {'k': k_BSJKD, 'v': v_BSJKD, 'ck': cache['ck'], 'cv': cache['cv']}
+    num_new = min((k_BTJKD.shape[1] - 1) // stride + 1, C)
+    first = jnp.clip(-((l - 1 - start) // stride), 0, C - num_new)  # ceil((start - l + 1) / d)
+    span = (num_new - 1) * stride + l
+
+    def recompress(c_BCKD, buf_BSJKD, kind):
+      raw_BXKD = jax.lax.dynamic_slice_in_dim(self._branch(buf_BSJKD, 'cmp'), first * stride, span, 1)
+      return jax.lax.dynamic_update_slice_in_dim(c_BCKD, self._compress(raw_BXKD, num_new, kind), first, 1)
+    return {'k': k_BSJKD, 'v': v_BSJKD, 'ck': recompress(cache['ck'], k_BSJKD, 'k'),
+            'cv': recompress(cache['cv'], v_BSJKD, 'v')}
+
+  def _mix(self, x_BTD, o_cmp, o_slc, o_win) -> jax.Array:
+    """Eq. 5: per head, a sigmoid gate for each branch."""
+    H = o_cmp.shape[2]
+    logits_BTHC = jnp.einsum('btd,dhc->bthc', x_BTD, self.w_gate[...].astype(self.dtype))
+    g_BTHC = jax.nn.sigmoid(logits_BTHC + self.b_gate[...].astype(self.dtype).reshape(H, 3)[None, None])
+    return g_BTHC[..., 0:1] * o_cmp + g_BTHC[..., 1:2] * o_slc + g_BTHC[..., 2:3] * o_win

@@ -1,0 +1,148 @@
+"""Native Sparse Attention: block scoring and top-n against a per-token reference of Eqs. 8-12,
+causality, incremental decoding, the kernel path against the XLA path, and a short training run."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from sparse_lm.attention import nsa
+from sparse_lm.layers import rope
+from sparse_lm.model import Transformer
+from tests.conftest import run_train, tiny_config, train_losses
+
+SMALL_NSA = {'cmp_block': 4, 'cmp_stride': 2, 'sel_block': 4, 'num_selected': 3, 'window': 5}
+
+
+def _seed():
+  return int(np.random.default_rng().integers(1 << 30))
+
+
+def _nsa_config(kernel='xla', **nsa_overrides):
+  c = tiny_config(attention='nsa', kernel=kernel)
+  c.model.nsa.update({**SMALL_NSA, **nsa_overrides})
+  return c
+
+
+def reference_selection(q_TGD, ck_CD, t, *, l, d, sel, n, theta):
+  """Eqs. 8-12 for one token and one kv group, written from the paper's definitions."""
+  C = ck_CD.shape[0]
+  visible = [i for i in range(C) if i * d + l - 1 <= t]
+  p_GC = np.zeros((q_TGD.shape[0], C))
+  if visible:
+    ends = jnp.asarray([[i * d + l - 1 for i in visible]])
+    k_VD = np.asarray(rope(jnp.asarray(ck_CD[visible])[None, :, None, :], ends, theta))[0, :, 0]
+    s_GV = q_TGD @ k_VD.T / np.sqrt(q_TGD.shape[-1])
+    e_GV = np.exp(s_GV - s_GV.max(-1, keepdims=True))
+    p_GC[:, visible] = e_GV / e_GV.sum(-1, keepdims=True)               # Eq. 8
+  p_C = p_GC.sum(0)                                                      # Eq. 10
+  num_sel = -(-(t + 1) // sel)                                           # blocks starting at or before t
+  score = np.zeros(num_sel)
+  for j in range(num_sel):                                               # Eq. 9: overlap in stride units
+    for i in range(C):
+      overlap = len(set(range(i, i + l // d)) & set(range(j * sel // d, (j + 1) * sel // d)))
+      score[j] += overlap * p_C[i]
+  forced = {0, t // sel, t // sel - 1} & set(range(num_sel))
+  order = sorted(range(num_sel), key=lambda j: (j not in forced, -score[j], j))   # Eq. 11
+  return set(order[:n])
+
+
+@pytest.mark.parametrize('l,d,sel,n', [(4, 2, 4, 3), (8, 4, 4, 4), (4, 4, 8, 3)])
+def test_block_choice_matches_per_token_reference(l, d, sel, n):
+  c = _nsa_config(cmp_block=l, cmp_stride=d, sel_block=sel, num_selected=n)
+  layer = nsa.Attention(c.model, rngs=nnx.Rngs(_seed()))
+  B, T, H, K, D = 1, 27, 4, 2, 16
+  rng = np.random.default_rng(_seed())
+  q_BTHD = rng.standard_normal((B, T, H, D)).astype(np.float32)
+  C = layer._num_compressed(T)
+  ck_BCKD = rng.standard_normal((B, C, K, D)).astype(np.float32)
+  pos_BT = jnp.broadcast_to(jnp.arange(T), (B, T))
+  _, p_BKGTC = layer._compressed_branch(jnp.asarray(q_BTHD), jnp.asarray(ck_BCKD), jnp.asarray(ck_BCKD),
+                                        pos_BT)
+  idx_BTKn = np.asarray(layer._block_indices(p_BKGTC, pos_BT, -(-T // sel)))
+  for t in range(T):  # includes t < l, where no compressed block is visible yet
+    for k in range(K):
+      q_GD = q_BTHD[0, t, k * (H // K):(k + 1) * (H // K)]
+      want = reference_selection(q_GD, ck_BCKD[0, :, k], t, l=l, d=d, sel=sel, n=n, theta=10_000.0)
+      got = {int(j) for j in idx_BTKn[0, t, k] if j >= 0}
+      assert got == want, (t, k, got, want)
+      assert all(j * sel <= t for j in got)
+
+
+def test_compressed_branch_is_zero_before_the_first_block_completes():
+  c = _nsa_config(cmp_block=8, cmp_stride=4)
+  layer = nsa.Attention(c.model, rngs=nnx.Rngs(_seed()))
+  q_BTHD = jax.random.normal(jax.random.key(_seed()), (1, 12, 4, 16))
+  ck_BCKD = jax.random.normal(jax.random.key(_seed()), (1, 2, 2, 16))
+  o_BTHD, p_BKGTC = layer._compressed_branch(q_BTHD, ck_BCKD, ck_BCKD, jnp.arange(12)[None])
+  assert np.all(np.asarray(o_BTHD[:, :7]) == 0) and np.all(np.asarray(p_BKGTC[..., :7, :]) == 0)
+  assert np.all(np.abs(np.asarray(o_BTHD[:, 7:])).sum(-1) > 0)
+
+
+def _model(kernel='xla', **nsa_overrides):
+  return Transformer(_nsa_config(kernel, **nsa_overrides).model, rngs=nnx.Rngs(_seed()))
+
+
+def test_output_never_depends_on_later_inputs():
+  model = _model()
+  x_BTD = jax.random.normal(jax.random.key(_seed()), (2, 24, 64))
+  for t in (0, 3, 11, 22):
+    def out_at_t(x_BTD, t=t):
+      return jnp.sum(model.from_embeddings(x_BTD)[0][:, t, :259] ** 2)
+    g_BTD = np.asarray(jax.grad(out_at_t)(x_BTD))
+    assert np.all(g_BTD[:, t + 1:] == 0.0), f'position {t} sees the future'
+    assert np.all(np.abs(g_BTD[:, t]).sum(-1) > 0)
+
+
+@pytest.mark.parametrize('shared_kv', [False, True])
+def test_incremental_decoding_equals_parallel_forward(shared_kv):
+  model = _model(shared_kv=shared_kv)
+  B, T, P = 2, 23, 6
+  tokens_BT = jax.random.randint(jax.random.key(_seed()), (B, T), 0, 259)
+  parallel_BTV, _ = model(tokens_BT)
+  logits_BPV, cache = model(tokens_BT[:, :P], model.init_cache(B, T + 3))
+  steps = [logits_BPV]
+  for t in range(P, T):
+    logits_B1V, cache = model(tokens_BT[:, t:t + 1], cache)
+    steps.append(logits_B1V)
+  np.testing.assert_allclose(jnp.concatenate(steps, 1)[..., :259], parallel_BTV[..., :259],
+                             atol=1e-4, rtol=1e-4)
+
+
+def test_pallas_path_equals_xla_path():
+  seed = _seed()
+  xla = Transformer(_nsa_config('xla').model, rngs=nnx.Rngs(seed))
+  pallas = Transformer(_nsa_config('pallas').model, rngs=nnx.Rngs(seed))
+  tokens_BT = jax.random.randint(jax.random.key(seed), (2, 16), 0, 259)
+
+  def loss(model):
+    return jnp.mean(model(tokens_BT)[0][..., :259] ** 2)
+  (loss_x, grads_x), (loss_p, grads_p) = (nnx.value_and_grad(loss)(m) for m in (xla, pallas))
+  np.testing.assert_allclose(loss_p, loss_x, rtol=1e-5)
+  for gx, gp in zip(jax.tree.leaves(grads_x), jax.tree.leaves(grads_p), strict=True):
+    np.testing.assert_allclose(gp, gx, atol=1e-5, rtol=1e-4)
+
+
+def test_nsa_model_trains_on_the_embedded_corpus(tmp_path):
+  flags = [f'--config.model.nsa.{k}={v}' for k, v in SMALL_NSA.items()]
+  run_train(tmp_path, '--config.model.attention=nsa', '--config.data.source=stdlib',
+            '--config.train.steps=25', *flags)
+  losses = train_losses(tmp_path)
+  assert np.mean([losses[s] for s in range(21, 26)]) < np.mean([losses[s] for s in range(1, 6)]) - 0.8
+  config = json.loads((tmp_path / 'config.json').read_text())
+  assert config['model']['attention'] == 'nsa'
+
+
+def test_chunked_selected_attention_equals_the_kernel_reference():
+  from pallas_kernels.selected_attention import selected_attention_reference
+  rng = np.random.default_rng(_seed())
+  B, T, H, K, D, block, n = 2, 45, 4, 2, 8, 4, 3
+  q, k, v = (jnp.asarray(rng.standard_normal((B, T, h, D)), jnp.float32) for h in (H, K, K))
+  idx_BTKn = jnp.asarray(rng.integers(-1, -(-T // block), (B, T, K, n)), jnp.int32)
+  pos_BT = jnp.broadcast_to(jnp.arange(T), (B, T))
+  want = selected_attention_reference(q, k, v, idx_BTKn, block_size=block)
+  got = nsa.chunked_selected_attention(q, k, v, idx_BTKn, pos_BT, block, chunk=8)
+  np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
