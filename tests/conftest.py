@@ -15,6 +15,8 @@ jax.config.update('jax_numpy_rank_promotion', 'raise')
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SHAKESPEARE = REPO.parent / 'shared' / 'data' / 'tinyshakespeare.txt'
+if not SHAKESPEARE.exists():
+  raise FileNotFoundError(f'the tests read {SHAKESPEARE}: check out shared/ beside the repository')
 
 
 def tiny_config(**model):
