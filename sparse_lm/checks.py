@@ -41,6 +41,7 @@ def check_model(m: ml_collections.ConfigDict) -> None:
   if m.head_dim % 2:
     raise ConfigError(f'model.head_dim={m.head_dim} must be even (rotary embeddings rotate pairs)')
   attention.REGISTRY[m.attention].check_config(m)
+  mlp.REGISTRY[m.mlp].check_config(m)
 
 
 def check_train(config: ml_collections.ConfigDict, num_devices: int, process_count: int) -> None:
@@ -59,6 +60,19 @@ def check_train(config: ml_collections.ConfigDict, num_devices: int, process_cou
     raise ConfigError(
         f'train.batch_size={t.batch_size} must split into train.grad_accum_steps={t.grad_accum_steps} '
         f'microbatches each divisible by mesh.data * mesh.fsdp = {rows}, and over {process_count} hosts')
+  if config.model.mlp == 'moe':
+    _check_expert_parallel(config, shape['expert'], micro // rows)
+
+
+def _check_expert_parallel(config: ml_collections.ConfigDict, experts_axis: int, rows: int) -> None:
+  """Each device of an expert group owns E / mesh.expert experts and routes 1/mesh.expert of the
+  rows its group shares (sparse_lm/mlp/moe.py)."""
+  num_experts = config.model.moe.num_experts
+  if num_experts % experts_axis:
+    raise ConfigError(f'model.moe.num_experts={num_experts} must be a multiple of mesh.expert={experts_axis}')
+  if rows * config.data.seq_len % experts_axis:
+    raise ConfigError(f'mesh.expert={experts_axis} must divide the tokens of each device\'s microbatch '
+                      f'({rows} rows x data.seq_len={config.data.seq_len})')
 
 
 def check_config(config: ml_collections.ConfigDict, *, num_devices: int, process_count: int = 1) -> None:

@@ -41,6 +41,22 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.nsa.num_selected = 16  # n: selected blocks per query, the first and two local ones included
   c.model.nsa.window = 512  # w: the sliding-window branch
   c.model.nsa.shared_kv = False  # one K/V projection for all three branches instead of one each
+  # Mixture of Experts (model.mlp='moe'; sparse_lm/mlp/moe.py says where each setting comes from).
+  c.model.moe = ml_collections.ConfigDict()
+  c.model.moe.num_experts = 8  # E routed experts per MoE layer
+  c.model.moe.top_k = 2  # k: experts per token (expert_choice: the average, sets the capacity)
+  c.model.moe.router = 'token_choice'  # 'token_choice' or 'expert_choice' (non-causal, Zhou et al. 2022)
+  c.model.moe.score = 'softmax'  # router scores: 'softmax' or 'sigmoid' of the logits
+  c.model.moe.normalize_top_k = True  # rescale the k chosen scores to sum to one
+  c.model.moe.granularity = 1.0  # expert width as a fraction of model.mlp_dim (0.25: fine-grained)
+  c.model.moe.num_shared_experts = 0  # experts every token uses (DeepSeekMoE), each as wide as one expert
+  c.model.moe.execution = 'dropless'  # 'dropless' (grouped matmul) or 'capacity' (drops overflow)
+  c.model.moe.capacity_factor = 1.25  # slots per expert = factor * tokens * k / E (capacity, expert_choice)
+  c.model.moe.load_balance_weight = 0.01  # Switch load-balancing loss (Fedus et al. 2021)
+  c.model.moe.z_loss_weight = 1e-3  # router z-loss (Zoph et al. 2022)
+  c.model.moe.bias_update_rate = 0.0  # aux-loss-free balancing bias step (Wang et al. 2024); 0: off
+  c.model.moe.every = 1  # MoE in every n-th layer from first_dense on, dense MLPs elsewhere
+  c.model.moe.first_dense = 0  # the first m layers keep the dense MLP
 
   c.data = ml_collections.ConfigDict()
   c.data.source = 'stdlib'  # stdlib | text:PATH_OR_GLOB | tfds:NAME[:CONFIG]

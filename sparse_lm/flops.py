@@ -1,6 +1,7 @@
 """Parameter counts and training FLOPs per token, the one place the project counts compute.
 
-Training FLOPs per token = 6 x (parameters used in matmuls, the unembedding included) + the attention
+Training FLOPs per token = 6 x (parameters used in matmuls, the unembedding included, each counted by
+how often a token uses it: a Mixture-of-Experts token uses only its top-k experts) + the attention
 score and value products, 3 x 4 x layers x query heads x head_dim x (keys each query really attends to,
 averaged over positions: the attention variant says how many). The factor 3 is forward plus the two
 backward matmuls (Kaplan et al. 2020; Hoffmann et al. 2022, App. F).
@@ -16,8 +17,8 @@ from absl import app, flags
 from flax import nnx
 from ml_collections import config_flags
 
-from sparse_lm import attention, tokenizer
-from sparse_lm.model import Transformer, padded_vocab
+from sparse_lm import attention, mlp, tokenizer
+from sparse_lm.model import Transformer, mlp_name, padded_vocab
 
 
 def param_sizes(model_cfg: ml_collections.ConfigDict) -> dict[tuple[str, ...], int]:
@@ -28,12 +29,22 @@ def param_sizes(model_cfg: ml_collections.ConfigDict) -> dict[tuple[str, ...], i
           for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]}
 
 
+def mlp_uses(model_cfg: ml_collections.ConfigDict, path: tuple[str, ...]) -> float:
+  """How often a token uses a parameter by its block's MLP variant: 1 outside the MLPs."""
+  if len(path) < 4 or path[0] != 'blocks' or path[2] != 'mlp':
+    return 1.0
+  variant = mlp.REGISTRY[mlp_name(model_cfg, int(path[1]))]
+  return variant.param_uses_per_token(model_cfg).get(path[-1], 1.0)
+
+
 def param_counts(model_cfg: ml_collections.ConfigDict) -> dict[str, int]:
+  """`active_params` leaves out the share of the experts a token does not use (E - k of E)."""
   sizes = param_sizes(model_cfg)
   total = sum(sizes.values())
   embedding = sum(size for path, size in sizes.items() if path[0] in ('embed', 'unembed'))
   norms = sum(size for path, size in sizes.items() if path[-1] == 'scale')
-  return {'total_params': total, 'active_params': total, 'embedding_params': embedding,
+  inactive = sum(size * (1 - min(1.0, mlp_uses(model_cfg, path))) for path, size in sizes.items())
+  return {'total_params': total, 'active_params': total - round(inactive), 'embedding_params': embedding,
           'non_embedding_params': total - embedding, 'norm_params': norms}
 
 
@@ -46,8 +57,9 @@ def flops_per_token(config: ml_collections.ConfigDict) -> dict:
   # it shares its table with the (free) input lookup. Some attention parameters serve many tokens at
   # once (NSA's block compression runs once per block), and count by how often a token uses them.
   uses = variant.param_uses_per_token(m)
+  # MLP parameters count the same way by their variant's hook (MoE experts by k / E; the router in full).
   matmul_params = m.d_model * padded_vocab(m) + sum(
-      size * uses.get(path[-1], 1.0) for path, size in param_sizes(m).items()
+      size * mlp_uses(m, path) * uses.get(path[-1], 1.0) for path, size in param_sizes(m).items()
       if path[0] not in ('embed', 'unembed') and path[-1] != 'scale')
   keys = variant.attended_keys(m, config.data.seq_len)
   attention_flops = 3 * 4 * m.num_layers * m.num_heads * m.head_dim * keys

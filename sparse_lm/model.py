@@ -18,13 +18,22 @@ def padded_vocab(cfg: ml_collections.ConfigDict) -> int:
   return -(-cfg.vocab_size // cfg.vocab_multiple) * cfg.vocab_multiple
 
 
+def mlp_name(cfg: ml_collections.ConfigDict, layer: int) -> str:
+  """The MLP of block `layer`: `model.mlp`, except that an MoE model keeps dense MLPs in its first
+  `moe.first_dense` blocks and, after them, uses MoE only in every `moe.every`-th block."""
+  if cfg.mlp != 'moe':
+    return cfg.mlp
+  after = layer - cfg.moe.first_dense
+  return 'moe' if after >= 0 and after % cfg.moe.every == 0 else 'dense'
+
+
 class Block(nnx.Module):
 
-  def __init__(self, cfg: ml_collections.ConfigDict, *, rngs: nnx.Rngs):
+  def __init__(self, cfg: ml_collections.ConfigDict, *, rngs: nnx.Rngs, layer: int = 0):
     self.attn_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, param_dtype=cfg.param_dtype)
     self.attn = attention.REGISTRY[cfg.attention](cfg, rngs=rngs)
     self.mlp_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, param_dtype=cfg.param_dtype)
-    self.mlp = mlp.REGISTRY[cfg.mlp](cfg, rngs=rngs)
+    self.mlp = mlp.REGISTRY[mlp_name(cfg, layer)](cfg, rngs=rngs)
 
   def __call__(self, x_BTD, pos_BT, cache=None):
     h_BTD, cache = self.attn(self.attn_norm(x_BTD), pos_BT, cache)
@@ -39,7 +48,7 @@ class Transformer(nnx.Module):
     # Tied tables double as the output layer, so they start at the scale that gives unit logits.
     self.embed = param(rngs, (v, d), ('vocab', 'embed'), stddev=d**-0.5 if cfg.tie_embeddings else 1.0,
                        dtype=pd)
-    self.blocks = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.num_layers)])
+    self.blocks = nnx.List([Block(cfg, rngs=rngs, layer=i) for i in range(cfg.num_layers)])
     self.final_norm = RMSNorm(d, eps=cfg.norm_eps, param_dtype=pd)
     self.unembed = None if cfg.tie_embeddings else param(rngs, (d, v), ('embed', 'vocab'),
                                                          stddev=d**-0.5, dtype=pd)

@@ -29,38 +29,49 @@ def pick(logits_BV: jax.Array, key: jax.Array, temperature: float, top_k: int) -
   return jax.random.categorical(key, logits_BV / temperature, axis=-1).astype(jnp.int32)
 
 
-def generate(graphdef, params, prompt_BP: jax.Array, num_new: int, key: jax.Array, *,
+def generate(graphdef, variables, prompt_BP: jax.Array, num_new: int, key: jax.Array, *,
              temperature: float = 0.0, top_k: int = 0, use_cache: bool = True) -> jax.Array:
-  """The `num_new` tokens that follow each prompt row. Step i draws with `fold_in(key, i)` on either
-  path, so the two paths agree whenever their logits do."""
+  """The `num_new` tokens that follow each prompt row; `variables` is what `nnx.merge(graphdef, ...)`
+  takes (the parameters, and the non-parameter state where the model has some). Step i draws with
+  `fold_in(key, i)` on either path, so the two paths agree whenever their logits do."""
   fn = _generate_cached if use_cache else _generate_full
-  return jax.jit(fn, static_argnums=(0, 3, 5, 6))(graphdef, params, prompt_BP, num_new, key,
+  return jax.jit(fn, static_argnums=(0, 3, 5, 6))(graphdef, variables, prompt_BP, num_new, key,
                                                   temperature, top_k)
 
 
-def _generate_cached(graphdef, params, prompt_BP, num_new, key, temperature, top_k):
-  model = nnx.merge(graphdef, params)
+def _merged(graphdef, variables):
+  """The model as a function of (tokens, cache). Each call builds its own module, at the trace level
+  of the loop body it runs in, because layers that sow training metrics write to their module; what
+  they sow is dropped."""
+  def call(tokens_BT, cache=None):
+    out, _ = nnx.capture(nnx.merge(graphdef, *variables), nnx.Intermediate)(tokens_BT, cache)
+    return out
+  return call
+
+
+def _generate_cached(graphdef, variables, prompt_BP, num_new, key, temperature, top_k):
+  call = _merged(graphdef, variables)
   B, P = prompt_BP.shape
-  logits_BPV, cache = model(prompt_BP, model.init_cache(B, P + num_new))
+  logits_BPV, cache = call(prompt_BP, nnx.merge(graphdef, *variables).init_cache(B, P + num_new))
 
   def step(carry, i):
     logits_BV, cache = carry
     token_B = pick(logits_BV, jax.random.fold_in(key, i), temperature, top_k)
-    logits_B1V, cache = model(token_B[:, None], cache)
+    logits_B1V, cache = call(token_B[:, None], cache)
     return (logits_B1V[:, 0], cache), token_B
   _, tokens_NB = jax.lax.scan(step, (logits_BPV[:, -1], cache), jnp.arange(num_new))
   return tokens_NB.T
 
 
-def _generate_full(graphdef, params, prompt_BP, num_new, key, temperature, top_k):
-  model = nnx.merge(graphdef, params)
+def _generate_full(graphdef, variables, prompt_BP, num_new, key, temperature, top_k):
+  call = _merged(graphdef, variables)
   B, P = prompt_BP.shape
   # A causal model's logits at position t ignore the still-empty slots after t, so one fixed-length
   # buffer serves every step.
   buffer_BL = jnp.concatenate([prompt_BP, jnp.zeros((B, num_new), jnp.int32)], axis=1)
 
   def step(i, buffer_BL):
-    logits_BLV, _ = model(buffer_BL)
+    logits_BLV, _ = call(buffer_BL)
     logits_BV = jax.lax.dynamic_index_in_dim(logits_BLV, P + i - 1, axis=1, keepdims=False)
     token_B = pick(logits_BV, jax.random.fold_in(key, i), temperature, top_k)
     return jax.lax.dynamic_update_slice_in_dim(buffer_BL, token_B[:, None], P + i, axis=1)
@@ -68,13 +79,14 @@ def _generate_full(graphdef, params, prompt_BP, num_new, key, temperature, top_k
 
 
 def load_run(workdir: str | pathlib.Path):
-  """The run's config, tokenizer, model structure and newest parameters (on the default device)."""
+  """The run's config, tokenizer, model structure, newest variables (parameters and non-parameter
+  state, on the default device) and step."""
   workdir = pathlib.Path(workdir)
   config = ml_collections.ConfigDict(json.loads((workdir / 'config.json').read_text()))
   tok = tokenizer.make_tokenizer(config, workdir)
   config.model.vocab_size = tok.vocab_size
   tx, _ = optim.make_optimizer(config.train)
-  graphdef, _ = trainer.model_graphdef(config.model)
+  graphdef, _, _ = trainer.split_model(config.model)
   device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   abstract_state = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
                                 jax.eval_shape(trainer.state_init_fn(config, tx), jax.random.key(0)))
@@ -84,7 +96,7 @@ def load_run(workdir: str | pathlib.Path):
   if restored is None:
     raise FileNotFoundError(f'no complete checkpoint under {workdir / "checkpoints"}')
   step, state, _ = restored
-  return config, tok, graphdef, state['params'], step
+  return config, tok, graphdef, (state['params'], state['model_state']), step
 
 
 _WORKDIR = flags.DEFINE_string('workdir', 'runs/default', 'The run to sample from.')
@@ -99,10 +111,10 @@ _USE_CACHE = flags.DEFINE_bool('use_cache', True, 'Decode with the KV cache.')
 def main(argv) -> None:
   del argv
   logging.set_verbosity(logging.WARNING)
-  config, tok, graphdef, params, step = load_run(_WORKDIR.value)
+  config, tok, graphdef, variables, step = load_run(_WORKDIR.value)
   # Documents start after an end-of-document token in training, so prompts do too.
   prompt_1P = jnp.asarray([[tok.eos_id, *tok.encode(_PROMPT.value)]], jnp.int32)
-  new_1N = generate(graphdef, params, prompt_1P, _NUM_NEW.value, jax.random.key(_SEED.value),
+  new_1N = generate(graphdef, variables, prompt_1P, _NUM_NEW.value, jax.random.key(_SEED.value),
                     temperature=_TEMPERATURE.value, top_k=_TOP_K.value, use_cache=_USE_CACHE.value)
   ids = [int(i) for i in new_1N[0]]
   if tok.eos_id in ids:

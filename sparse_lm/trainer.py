@@ -18,42 +18,56 @@ from sparse_lm.checkpoint import Checkpointer
 from sparse_lm.metrics import MetricsWriter
 from sparse_lm.model import Transformer
 
-State = dict  # {'params': pure dict, 'opt_state': optax state, 'step': int32 scalar}
+# {'params': pure dict, 'model_state': pure dict, 'opt_state': optax state, 'step': int32 scalar}.
+# `model_state` holds the model's variables that are not parameters, which layers update in the train
+# step outside the gradient (the MoE balancing bias); it is empty for most models.
+State = dict
 
 
 # ----------------------------------------------------------------------------- model and state
 
-def model_graphdef(model_cfg: ml_collections.ConfigDict):
-  """The model's structure without its values, and its abstract parameter state (with `axes`)."""
+def split_model(model_cfg: ml_collections.ConfigDict):
+  """The model's structure without its values, its abstract parameters (with `axes`) and its abstract
+  non-parameter state."""
   abstract = nnx.eval_shape(lambda: Transformer(model_cfg, rngs=nnx.Rngs(0)))
-  graphdef, abstract_params = nnx.split(abstract, nnx.Param)
-  return graphdef, abstract_params
+  return nnx.split(abstract, nnx.Param, ...)
 
 
-def state_shardings(abstract_params, tx: optax.GradientTransformation, mesh) -> State:
+def state_shardings(abstract_params, tx: optax.GradientTransformation, mesh,
+                    abstract_model_state=None) -> State:
   """Optimizer moments are split exactly like the parameters they track; counters are replicated."""
   params_sh = sharding.param_shardings(abstract_params, mesh)
   opt_abstract = jax.eval_shape(tx.init, nnx.to_pure_dict(abstract_params))
   opt_sh = optax.tree_map_params(tx, lambda _, s: s, opt_abstract, params_sh,
                                  transform_non_params=lambda _: sharding.replicated(mesh))
-  return {'params': params_sh, 'opt_state': opt_sh, 'step': sharding.replicated(mesh)}
+  model_state_sh = ({} if abstract_model_state is None
+                    else sharding.param_shardings(abstract_model_state, mesh))
+  return {'params': params_sh, 'model_state': model_state_sh, 'opt_state': opt_sh,
+          'step': sharding.replicated(mesh)}
 
 
 def state_init_fn(config: ml_collections.ConfigDict, tx):
   def init(key) -> State:
     model = Transformer(config.model, rngs=nnx.Rngs(params=key))
-    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-    return {'params': params, 'opt_state': tx.init(params), 'step': jnp.zeros((), jnp.int32)}
+    _, params, model_state = nnx.split(model, nnx.Param, ...)
+    params = nnx.to_pure_dict(params)
+    return {'params': params, 'model_state': nnx.to_pure_dict(model_state),
+            'opt_state': tx.init(params), 'step': jnp.zeros((), jnp.int32)}
   return init
 
 
 # ----------------------------------------------------------------------------- steps
 
-def forward(graphdef, params, batch) -> tuple[jax.Array, jax.Array, dict[str, jax.Array]]:
+def forward(graphdef, params, batch, model_state=None, *, update_state: bool = False
+            ) -> tuple[jax.Array, jax.Array, dict[str, jax.Array], dict]:
   """Per-token negative log-likelihood, plus what the layers sow (`Module.sow(nnx.Intermediate, ...)`):
   values named `*aux_loss` add up to the auxiliary loss, the rest are metrics (averaged over repeated
-  sows), keyed by their path in the model, e.g. `blocks/2/mlp/expert_load`."""
-  model = nnx.merge(graphdef, params)
+  sows), keyed by their path in the model, e.g. `blocks/2/mlp/expert_load`. Last, the model's
+  non-parameter state after the pass: with `update_state` (the train step), modules that keep such
+  state (they have an `update_state` attribute) update it; otherwise it comes back unchanged."""
+  model = nnx.merge(graphdef, params, {} if model_state is None else model_state)
+  if update_state:
+    model.set_attributes(update_state=True, raise_if_not_found=False)
   (logits_BTV, _), sown = nnx.capture(model, nnx.Intermediate)(batch['inputs'])
   nll_BT = optax.softmax_cross_entropy_with_integer_labels(logits_BTV, batch['targets'])
   aux_loss, metrics = jnp.zeros((), jnp.float32), {}
@@ -63,18 +77,22 @@ def forward(graphdef, params, batch) -> tuple[jax.Array, jax.Array, dict[str, ja
       aux_loss += value
     else:
       metrics['/'.join(map(str, path))] = value
-  return nll_BT, aux_loss, metrics
+  _, _, new_model_state = nnx.split(model, nnx.Param, ...)
+  return nll_BT, aux_loss, metrics, nnx.to_pure_dict(new_model_state)
 
 
 def make_train_step(graphdef, tx, schedule, accum_steps: int):
-  def loss_fn(params, batch):
-    nll_BT, aux_loss, metrics = forward(graphdef, params, batch)
+  def loss_fn(params, model_state, batch):
+    nll_BT, aux_loss, metrics, model_state = forward(graphdef, params, batch, model_state,
+                                                     update_state=True)
     loss = jnp.mean(nll_BT)
-    return loss + aux_loss, {'loss': loss, 'aux_loss': aux_loss, **metrics}
+    return loss + aux_loss, ({'loss': loss, 'aux_loss': aux_loss, **metrics}, model_state)
 
-  def grads_of(params, batch):
+  def grads_of(params, model_state, batch):
+    """Gradients, and (metrics, new model state); with accumulation, all are microbatch means (every
+    microbatch starts from the same model state, so its updates are averaged too)."""
     if accum_steps == 1:
-      return jax.grad(loss_fn, has_aux=True)(params, batch)
+      return jax.grad(loss_fn, has_aux=True)(params, model_state, batch)
     # Row r goes to microbatch r % A, so each device's rows split evenly over the microbatches and
     # no data moves between devices.
     def split(x_BT):
@@ -83,18 +101,19 @@ def make_train_step(graphdef, tx, schedule, accum_steps: int):
     micro = jax.tree.map(split, batch)
 
     def body(carry, mb):
-      return jax.tree.map(jnp.add, carry, jax.grad(loss_fn, has_aux=True)(params, mb)), None
+      return jax.tree.map(jnp.add, carry, jax.grad(loss_fn, has_aux=True)(params, model_state, mb)), None
     zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(jax.grad(loss_fn, has_aux=True), params,
-                                                        jax.tree.map(lambda x: x[0], micro)))
+                                                        model_state, jax.tree.map(lambda x: x[0], micro)))
     total, _ = jax.lax.scan(body, zeros, micro)
     return jax.tree.map(lambda x: x / accum_steps, total)
 
   def train_step(state: State, batch) -> tuple[State, dict]:
-    grads, metrics = grads_of(state['params'], batch)
+    grads, (metrics, model_state) = grads_of(state['params'], state['model_state'], batch)
     updates, opt_state = tx.update(grads, state['opt_state'], state['params'])
     params = optax.apply_updates(state['params'], updates)
     metrics.update(grad_norm=optax.global_norm(grads), learning_rate=schedule(state['step']))
-    return {'params': params, 'opt_state': opt_state, 'step': state['step'] + 1}, metrics
+    return {'params': params, 'model_state': model_state, 'opt_state': opt_state,
+            'step': state['step'] + 1}, metrics
   return train_step
 
 
@@ -102,17 +121,17 @@ def make_eval_step(graphdef, token_bytes: np.ndarray):
   """Sums of nats, target tokens and the text bytes those tokens stand for (for bits per byte)."""
   token_bytes_V = jnp.asarray(token_bytes, jnp.float32)
 
-  def eval_step(params, batch):
-    nll_BT, _, _ = forward(graphdef, params, batch)
+  def eval_step(params, model_state, batch):
+    nll_BT, _, _, _ = forward(graphdef, params, batch, model_state)
     return {'nats': jnp.sum(nll_BT), 'tokens': jnp.float32(nll_BT.size),
             'bytes': jnp.sum(token_bytes_V[batch['targets']])}
   return eval_step
 
 
-def evaluate(eval_step, params, batches, mesh) -> dict[str, float]:
+def evaluate(eval_step, params, model_state, batches, mesh) -> dict[str, float]:
   sums = {'nats': 0.0, 'tokens': 0.0, 'bytes': 0.0}
   for batch in batches:
-    out = jax.device_get(eval_step(params, sharding.global_batch(batch, mesh)))
+    out = jax.device_get(eval_step(params, model_state, sharding.global_batch(batch, mesh)))
     sums = {k: sums[k] + float(out[k]) for k in sums}
   return {'eval_loss': sums['nats'] / sums['tokens'],
           'eval_bpb': sums['nats'] / math.log(2) / sums['bytes']}
@@ -184,8 +203,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
 
   # --- state: restored from the newest complete checkpoint, else freshly initialised.
   tx, schedule = optim.make_optimizer(t)
-  graphdef, abstract_params = model_graphdef(config.model)
-  shardings = state_shardings(abstract_params, tx, mesh)
+  graphdef, abstract_params, abstract_model_state = split_model(config.model)
+  shardings = state_shardings(abstract_params, tx, mesh, abstract_model_state)
   init_fn = state_init_fn(config, tx)
   abstract_state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                                 jax.eval_shape(init_fn, jax.random.key(0)), shardings)
@@ -207,7 +226,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
                        in_shardings=(shardings, batch_sh), out_shardings=(shardings, None),
                        donate_argnums=0)
   eval_step = jax.jit(make_eval_step(graphdef, tok.token_bytes),
-                      in_shardings=(shardings['params'], batch_sh))
+                      in_shardings=(shardings['params'], shardings['model_state'], batch_sh))
 
   writer = MetricsWriter(workdir, total_steps=t.steps, start_step=start_step, is_primary=is_primary)
   throughput = Throughput(t.batch_size * config.data.seq_len, flops_per_token, start_step)
@@ -226,7 +245,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
         if pending is not None:
           _log_train(writer, throughput, *pending)
           pending = None
-        evaluated = evaluate(eval_step, state['params'], eval_data, mesh)
+        evaluated = evaluate(eval_step, state['params'], state['model_state'], eval_data, mesh)
         writer.write(step, evaluated)
         throughput.restart(step)
       final = step == t.steps or preemption.requested

@@ -19,18 +19,20 @@ def test_cached_sampling_equals_full_recompute(attention, extra, temperature, to
   seed = int(np.random.default_rng().integers(1 << 30))
   model = Transformer(tiny_config(attention=attention, **extra).model, rngs=nnx.Rngs(seed))
   graphdef, params = nnx.split(model, nnx.Param)
-  params = nnx.to_pure_dict(params)
+  variables = (nnx.to_pure_dict(params),)
   prompt_BP = jax.random.randint(jax.random.key(seed), (2, 6), 0, 259)
   kwargs = {'temperature': temperature, 'top_k': top_k}
   key = jax.random.key(seed + 1)
-  cached = sample.generate(graphdef, params, prompt_BP, 12, key, use_cache=True, **kwargs)
-  full = sample.generate(graphdef, params, prompt_BP, 12, key, use_cache=False, **kwargs)
+  cached = sample.generate(graphdef, variables, prompt_BP, 12, key, use_cache=True, **kwargs)
+  full = sample.generate(graphdef, variables, prompt_BP, 12, key, use_cache=False, **kwargs)
   assert cached.shape == (2, 12)
   np.testing.assert_array_equal(cached, full)
 
 
-def test_sample_command_continues_the_prompt(tmp_path):
-  run_train(tmp_path, '--config.train.steps=10')
+@pytest.mark.parametrize('model_flags', [(), ('--config.model.mlp=moe', '--config.model.moe.num_experts=4',
+                                                '--config.model.moe.bias_update_rate=0.01')])
+def test_sample_command_continues_the_prompt(tmp_path, model_flags):
+  run_train(tmp_path, '--config.train.steps=10', *model_flags)
   out = subprocess.run(
       [sys.executable, '-m', 'sparse_lm.sample', f'--workdir={tmp_path}', '--prompt=ROMEO:',
        '--max_new_tokens=20', '--temperature=0'],

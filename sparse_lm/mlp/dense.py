@@ -19,6 +19,16 @@ class Mlp(nnx.Module):
     self.w_down = param(rngs, (f, d), ('mlp', 'embed'), stddev=out_std, dtype=pd)
     self.dtype = jnp.dtype(cfg.dtype)
 
+  @staticmethod
+  def check_config(cfg: ml_collections.ConfigDict) -> None:
+    del cfg
+
+  @staticmethod
+  def param_uses_per_token(cfg: ml_collections.ConfigDict) -> dict[str, float]:
+    """Parameters (by name) that a token does not use once in a matmul, with how often it does."""
+    del cfg
+    return {}
+
   def __call__(self, x_BTD: jax.Array) -> jax.Array:
     x_BTD = x_BTD.astype(self.dtype)
     gate_BTF = jnp.einsum('btd,df->btf', x_BTD, self.w_gate[...].astype(self.dtype))
