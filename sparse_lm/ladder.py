@@ -37,16 +37,23 @@ RUNGS = {
 CPU_RUNGS = ('1m', '3m', '10m')
 
 
+def apply_shape(c: ml_collections.ConfigDict, *, num_layers: int, d_model: int, num_heads: int,
+                num_kv_heads: int) -> None:
+  """Sets a model shape and what the recipe derives from it: head_dim, SwiGLU width and learning rate."""
+  m = c.model
+  m.num_layers, m.d_model, m.num_heads, m.num_kv_heads = num_layers, d_model, num_heads, num_kv_heads
+  m.head_dim = d_model // num_heads
+  m.mlp_dim = -(-8 * d_model // 3 // 64) * 64
+  c.train.learning_rate = 3e-3 * (128 / d_model) ** 0.5
+
+
 def dense_config(name: str) -> ml_collections.ConfigDict:
   rung = RUNGS[name]
   c = base_config()
   m = c.model
-  m.num_layers, m.d_model = rung.num_layers, rung.d_model
-  m.num_heads, m.num_kv_heads = rung.num_heads, rung.num_kv_heads
-  m.head_dim = rung.d_model // rung.num_heads
-  m.mlp_dim = -(-8 * rung.d_model // 3 // 64) * 64
+  apply_shape(c, num_layers=rung.num_layers, d_model=rung.d_model, num_heads=rung.num_heads,
+              num_kv_heads=rung.num_kv_heads)
   c.train.batch_size = rung.batch_size
-  c.train.learning_rate = 3e-3 * (128 / rung.d_model) ** 0.5
   if name not in CPU_RUNGS:
     m.dtype = 'bfloat16'
     c.data.seq_len = 2048

@@ -99,17 +99,13 @@ def _head_dim(rung: str) -> int:
 
 
 def sized_config(variant: str, template: str, num_layers: int, d_model: int) -> ml_collections.ConfigDict:
-  """The template rung's config (optimiser, data, batch) at another depth and width, by the ladder's
-  recipe: the rung's head_dim, SwiGLU width 8/3 d_model rounded up to 64, learning rate 3e-3 at
-  d_model=128 falling as 1/sqrt(width). Variant-specific resizing (NSA's narrower MLP that matches the
-  dense parameter count) is not redone at the new width."""
+  """The template rung's config (optimiser, data, batch) at another depth and width, shaped by the
+  ladder's recipe (`ladder.apply_shape`) with the rung's head_dim. Variant-specific resizing (NSA's
+  narrower MLP that matches the dense parameter count) is not redone at the new width."""
   c = variant_rung_config(variant, template)
-  m = c.model
-  m.num_layers, m.d_model, m.head_dim = num_layers, d_model, _head_dim(template)
-  m.num_heads = d_model // m.head_dim
-  m.num_kv_heads = math.gcd(ladder.RUNGS[template].num_kv_heads, m.num_heads)
-  m.mlp_dim = -(-8 * d_model // 3 // 64) * 64
-  c.train.learning_rate = 3e-3 * (128 / d_model) ** 0.5
+  num_heads = d_model // _head_dim(template)
+  ladder.apply_shape(c, num_layers=num_layers, d_model=d_model, num_heads=num_heads,
+                     num_kv_heads=math.gcd(ladder.RUNGS[template].num_kv_heads, num_heads))
   return c
 
 
