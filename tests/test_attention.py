@@ -85,3 +85,18 @@ def test_local_attend_matches_naive_reference(T, window):
   k, v = rng.standard_normal((2, 2, T, 2, 8))
   got = core.local_attend(*(jnp.asarray(x, jnp.float32) for x in (q, k, v)), window=window)
   np.testing.assert_allclose(got, naive_attention(q, k, v, window), atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.parametrize('attention,extra', VARIANTS)
+def test_pallas_kernel_path_equals_xla_path(attention, extra):
+  seed = int(np.random.default_rng().integers(1 << 30))
+  models = [Transformer(tiny_config(attention=attention, kernel=kernel, **extra).model, rngs=nnx.Rngs(seed))
+            for kernel in ('xla', 'pallas')]
+  tokens_BT = jax.random.randint(jax.random.key(seed), (2, 20), 0, 259)
+
+  def loss(model):
+    return jnp.mean(model(tokens_BT)[0][..., :259] ** 2)
+  (loss_x, grads_x), (loss_p, grads_p) = (nnx.value_and_grad(loss)(m) for m in models)
+  np.testing.assert_allclose(loss_p, loss_x, rtol=1e-5)
+  for gx, gp in zip(jax.tree.leaves(grads_x), jax.tree.leaves(grads_p), strict=True):
+    np.testing.assert_allclose(gp, gx, atol=1e-5, rtol=1e-4)
