@@ -1,6 +1,8 @@
 """Trains a language model: `python train.py --config=configs/NAME.py --workdir=DIR [--config.KEY=VALUE]`.
 
-Rerunning the same command on the same DIR resumes from its newest complete checkpoint.
+Rerunning the same command on the same DIR resumes from its newest complete checkpoint. On many hosts,
+run the same command on every host; `sparse_lm/distributed.py` says how each finds the others, and
+`launch/` holds the launchers.
 """
 
 import sys
@@ -8,16 +10,33 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from sparse_lm import trainer
+from sparse_lm import distributed, trainer
 from sparse_lm.config import ConfigError
 
 _CONFIG = config_flags.DEFINE_config_file('config', 'configs/default.py', 'Experiment config file.')
 _WORKDIR = flags.DEFINE_string('workdir', 'runs/default', 'Where checkpoints and metrics go.')
+_DISTRIBUTED = flags.DEFINE_enum(
+    'distributed', 'auto', distributed.MODES,
+    'auto: join a multi-process job when the flags or environment describe one; on: always (TPU pods); '
+    'off: never.')
+_COORDINATOR = flags.DEFINE_string(
+    'coordinator_address', None, 'host:port of process 0 (default: $JAX_COORDINATOR_ADDRESS).')
+_NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Default: $JAX_NUM_PROCESSES.')
+_PROCESS_ID = flags.DEFINE_integer('process_id', None, 'Default: $JAX_PROCESS_ID.')
+_INIT_TIMEOUT = flags.DEFINE_integer(
+    'initialization_timeout', 300, 'Seconds to wait for every process to join before failing.')
+_HEARTBEAT_TIMEOUT = flags.DEFINE_integer(
+    'heartbeat_timeout', 100, 'Seconds without a heartbeat after which a process counts as dead and '
+    'the whole job fails.')
 
 
 def main(argv) -> None:
   del argv
   logging.set_verbosity(logging.WARNING)  # orbax logs every file it writes at INFO
+  distributed.initialize(
+      mode=_DISTRIBUTED.value, coordinator_address=_COORDINATOR.value,
+      num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value,
+      initialization_timeout=_INIT_TIMEOUT.value, heartbeat_timeout=_HEARTBEAT_TIMEOUT.value)
   try:
     trainer.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
   except ConfigError as error:

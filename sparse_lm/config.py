@@ -97,4 +97,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.mesh.fsdp = 1
   c.mesh.tensor = 1
   c.mesh.expert = 1
+  # Of the data and fsdp sizes above, how many ways each is split *across* granules (TPU slices, or
+  # hosts where devices have no slice): the slow network (DCN) carries only these axes' traffic, and
+  # tensor and expert stay within a granule. 1 and 1: one granule, or jax.make_mesh's default order,
+  # which already puts whole hosts along the outermost axes.
+  c.mesh.dcn_data = 1
+  c.mesh.dcn_fsdp = 1
   return c

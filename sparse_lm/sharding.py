@@ -23,6 +23,7 @@ import jax
 import ml_collections
 import numpy as np
 from flax import nnx
+from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from sparse_lm.config import ConfigError
@@ -65,7 +66,30 @@ def mesh_shape(mesh_config: ml_collections.ConfigDict, num_devices: int) -> tupl
 def make_mesh(mesh_config: ml_collections.ConfigDict) -> Mesh:
   shape = mesh_shape(mesh_config, jax.device_count())
   auto = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
-  return jax.make_mesh(shape, MESH_AXES, axis_types=auto)
+  dcn = dcn_shape(mesh_config, shape)
+  if math.prod(dcn) == 1:
+    return jax.make_mesh(shape, MESH_AXES, axis_types=auto)
+  # A hybrid mesh: each granule holds a block of size shape / dcn, and granules tile the data and fsdp
+  # axes, so only data-parallel gradient reductions and fsdp weight gathers cross the slow network.
+  # Devices on one slice (all CPUs and GPUs report slice 0) fall back to hosts as granules.
+  by_slice = len({getattr(d, 'slice_index', 0) for d in jax.devices()}) > 1
+  granules = len({d.slice_index if by_slice else d.process_index for d in jax.devices()})
+  if math.prod(dcn) != granules:
+    raise ConfigError(f'mesh.dcn_data * mesh.dcn_fsdp = {math.prod(dcn)} must equal the number of '
+                      f'{"slices" if by_slice else "processes"}, {granules}')
+  devices = mesh_utils.create_hybrid_device_mesh(
+      [s // d for s, d in zip(shape, dcn, strict=True)], dcn, process_is_granule=not by_slice)
+  return Mesh(devices, MESH_AXES, axis_types=auto)
+
+
+def dcn_shape(mesh_config: ml_collections.ConfigDict, shape: Sequence[int]) -> tuple[int, ...]:
+  """How many granules each mesh axis spans: `mesh.dcn_data` and `mesh.dcn_fsdp`, 1 for the rest."""
+  dcn = dict.fromkeys(MESH_AXES, 1)
+  dcn.update(data=int(mesh_config.get('dcn_data', 1)), fsdp=int(mesh_config.get('dcn_fsdp', 1)))
+  for name, size in zip(MESH_AXES, shape, strict=True):
+    if dcn[name] < 1 or size % dcn[name]:
+      raise ConfigError(f'mesh.dcn_{name}={dcn[name]} must be positive and divide mesh.{name}={size}')
+  return tuple(dcn.values())
 
 
 def logical_to_spec(names: Sequence[str | None], shape: Sequence[int], mesh: Mesh) -> PartitionSpec:

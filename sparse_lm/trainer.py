@@ -12,6 +12,7 @@ import ml_collections
 import numpy as np
 import optax
 from flax import nnx
+from jax.experimental import multihost_utils
 
 from sparse_lm import checks, data, flops, optim, sharding, tokenizer
 from sparse_lm.checkpoint import Checkpointer
@@ -140,18 +141,34 @@ def evaluate(eval_step, params, model_state, batches, mesh) -> dict[str, float]:
 # ----------------------------------------------------------------------------- preemption
 
 class Preemption:
-  """Turns SIGTERM into a flag the loop checks between steps, so the save happens at a step boundary."""
+  """SIGTERM on any host becomes a stop at a step boundary that every host agrees on.
+
+  One process: a Python handler sets a flag the loop checks between steps. Several: JAX's preemption
+  sync manager (started by `jax.distributed.initialize`) catches SIGTERM on whichever host gets it,
+  tells the others through the coordinator, and picks the step after the furthest host's current one;
+  `reached(step)` is true at that step on every host, so all of them save the same step and stop.
+  The Python handler must not be installed then, as it would replace JAX's.
+  """
 
   def __init__(self):
     self.requested = False
-    self.previous = signal.signal(signal.SIGTERM, self._handle)
+    self._multihost = jax.process_count() > 1
+    if not self._multihost:
+      self.previous = signal.signal(signal.SIGTERM, self._handle)
 
   def _handle(self, signum, frame):
     del signum, frame
     self.requested = True
 
+  def reached(self, step: int) -> bool:
+    """Whether to save and stop after `step`; every host must call it at every step."""
+    if self._multihost:
+      self.requested = self.requested or multihost_utils.reached_preemption_sync_point(step)
+    return self.requested
+
   def restore(self):
-    signal.signal(signal.SIGTERM, self.previous)
+    if not self._multihost:
+      signal.signal(signal.SIGTERM, self.previous)
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -248,7 +265,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
         evaluated = evaluate(eval_step, state['params'], state['model_state'], eval_data, mesh)
         writer.write(step, evaluated)
         throughput.restart(step)
-      final = step == t.steps or preemption.requested
+      final = preemption.reached(step) or step == t.steps
       if final or checkpointer.should_save(step):
         checkpointer.save(step, state, train_iter.get_state(), force=final)
       writer.advance(step)

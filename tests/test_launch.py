@@ -1,0 +1,95 @@
+"""The launchers, without a cloud: dry runs print the expected commands, the SLURM script parses and
+calls srun as intended, and the Kubernetes manifest has what a multi-host Job needs."""
+
+import os
+import shlex
+import stat
+import subprocess
+import sys
+
+import yaml
+
+from tests.conftest import REPO
+
+LAUNCH = REPO / 'launch'
+
+
+def _run(*command, **kwargs) -> str:
+  return subprocess.run(command, cwd=REPO, capture_output=True, text=True, check=True, **kwargs).stdout
+
+
+def test_tpu_pod_dry_run_prints_each_gcloud_step():
+  out = _run(sys.executable, str(LAUNCH / 'tpu_pod.py'), '--dry_run', '--name=pod', '--zone=us-west4-a',
+             '--accelerator_type=v5litepod-16', '--queued', '--', '--config=configs/dense_1b.py',
+             '--workdir=gs://bucket/run')
+  commands = [shlex.split(line) for line in out.splitlines() if not line.startswith('#')]
+  assert commands[0][:5] == ['gcloud', 'compute', 'tpus', 'queued-resources', 'describe']
+  create = commands[1]
+  assert create[:6] == ['gcloud', 'compute', 'tpus', 'queued-resources', 'create', 'pod']
+  assert '--accelerator-type=v5litepod-16' in create and '--zone=us-west4-a' in create
+  ssh = [c for c in commands if c[:5] == ['gcloud', 'compute', 'tpus', 'tpu-vm', 'ssh']]
+  start = next(c for c in ssh if 'train.py' in c[-1] and 'nohup' in c[-1])
+  assert '--worker=all' in start
+  assert ('train.py --distributed=on --config=configs/dense_1b.py --workdir=gs://bucket/run'
+          in start[-1])
+  assert any('--worker=0' in c and 'tail' in c[-1] for c in ssh)  # worker 0's log is streamed
+  assert any('kill -TERM' in c[-1] and '--worker=all' in c for c in ssh)  # and stopped with SIGTERM
+  assert any("pip install" in c[-1] for c in ssh)
+
+
+def test_tpu_pod_dry_run_with_git_url_pulls_instead_of_copying():
+  out = _run(sys.executable, str(LAUNCH / 'tpu_pod.py'), '--dry_run', '--name=pod', '--zone=z',
+             '--git_url=https://example.com/sparse_lm.git', '--delete')
+  assert 'git archive' not in out and 'git clone https://example.com/sparse_lm.git' in out
+  assert 'tpu-vm delete pod' in out
+
+
+def test_slurm_script_parses_and_runs_train_on_every_task(tmp_path):
+  script = LAUNCH / 'slurm.sbatch'
+  subprocess.run(['bash', '-n', str(script)], check=True)
+  directives = [line for line in script.read_text().splitlines() if line.startswith('#SBATCH')]
+  assert '#SBATCH --signal=TERM@120' in directives
+  # A stand-in srun records its arguments and the environment the job sets up.
+  fake = tmp_path / 'srun'
+  fake.write_text('#!/bin/bash\necho "ARGS $*"\necho "LOCAL_IDS ${JAX_LOCAL_DEVICE_IDS:-unset}"\n')
+  fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
+  env = {**os.environ, 'PATH': f'{tmp_path}:{os.environ["PATH"]}', 'SLURM_SUBMIT_DIR': str(REPO)}
+  out = _run('bash', str(script), '--config=configs/dense_1b.py', '--workdir=/shared/run', env=env)
+  assert ('ARGS --kill-on-bad-exit=1 --label python train.py --distributed=on '
+          '--config=configs/dense_1b.py --workdir=/shared/run') in out
+  assert 'LOCAL_IDS unset' in out  # one task per GPU: JAX picks SLURM_LOCALID
+  env.update(SLURM_NTASKS_PER_NODE='1', SLURM_GPUS_PER_NODE='h100:4')
+  assert 'LOCAL_IDS 0,1,2,3' in _run('bash', str(script), env=env)
+
+
+def _manifest(*flags):
+  out = _run(sys.executable, str(LAUNCH / 'k8s.py'), '--name=dense-1b', '--image=registry/sparse_lm:1',
+             '--hosts=4', *flags, '--', '--config=configs/dense_1b.py', '--workdir=gs://bucket/run')
+  service, job = yaml.safe_load_all(out)
+  return service, job
+
+
+def test_k8s_manifest_is_an_indexed_job_with_a_coordinator():
+  service, job = _manifest('--accelerator=tpu', '--chips_per_host=4', '--tpu_topology=4x4')
+  assert service['kind'] == 'Service' and service['spec']['clusterIP'] == 'None'
+  assert job['apiVersion'] == 'batch/v1' and job['kind'] == 'Job'
+  spec = job['spec']
+  assert spec['completionMode'] == 'Indexed' and spec['completions'] == spec['parallelism'] == 4
+  pod = spec['template']['spec']
+  assert pod['subdomain'] == service['metadata']['name']
+  assert service['spec']['selector'].items() <= spec['template']['metadata']['labels'].items()
+  assert pod['nodeSelector']['cloud.google.com/gke-tpu-topology'] == '4x4'
+  container, = pod['containers']
+  assert container['command'][:3] == ['python', 'train.py', '--distributed=on']
+  assert container['resources']['limits'] == {'google.com/tpu': 4}
+  env = {e['name']: e for e in container['env']}
+  assert env['JAX_COORDINATOR_ADDRESS']['value'].startswith('dense-1b-0.dense-1b:')
+  assert env['JAX_NUM_PROCESSES']['value'] == '4'
+  assert 'job-completion-index' in env['JAX_PROCESS_ID']['valueFrom']['fieldRef']['fieldPath']
+
+
+def test_k8s_manifest_for_gpus():
+  _, job = _manifest('--accelerator=gpu', '--chips_per_host=8')
+  pod = job['spec']['template']['spec']
+  assert pod['containers'][0]['resources']['limits'] == {'nvidia.com/gpu': 8}
+  assert pod['nodeSelector'] == {}
