@@ -1,7 +1,7 @@
 """Documents -> tokens -> packed fixed-length windows -> batches, with grain.
 
-A source (`data.source`) gives each split as a `Corpus`: documents read lazily on access, and their
-size in UTF-8 bytes where that is cheap to know. A new source is one function plus one `SOURCES` line.
+A source (`data.source`) gives each split as a `Corpus`: documents read lazily on access (text, or
+token ids for a synthetic task), and their size in UTF-8 bytes where that is cheap to know. A new source is one function plus one `SOURCES` line.
 
 Training, per host: this host's documents (`[process_index::process_count]`, so hosts never share a
 document), shuffled by `train.seed` with a new order every epoch, repeated forever, tokenized with EOS
@@ -23,6 +23,7 @@ import zlib
 import grain
 import numpy as np
 
+from sparse_lm import synthetic
 from sparse_lm.config import ConfigError
 
 # Long text files are cut into documents of this many bytes so that a corpus of one big file still has
@@ -138,11 +139,70 @@ def _tfds_source(arg: str, config, split: str) -> Corpus:
       functools.partial(_record_text, key=config.data.tfds_text_key)), num_bytes=None)
 
 
+# Synthetic tasks: this many train examples (an epoch, reshuffled every time round) and validation ones.
+_SYNTHETIC_SIZES = {'train': 1 << 20, 'validation': 1024}
+
+
+def _synthetic_args(name: str, arg: str, defaults: dict[str, int]) -> dict[str, int]:
+  """'KEY=INT,KEY=INT' over `defaults`, or a ConfigError naming the allowed keys."""
+  args = dict(defaults)
+  for item in filter(None, arg.split(',')):
+    key, _, value = item.partition('=')
+    if key not in defaults or not value.lstrip('-').isdigit():
+      raise ConfigError(f'data.source={name}:{arg!r}: expected {name}[:KEY=INT,...] with KEY in '
+                        f'{sorted(defaults)}')
+    args[key] = int(value)
+  return args
+
+
+def _mqar_source(arg: str, config, split: str) -> Corpus:
+  """MQAR (Zoology) examples of exactly `seq_len` tokens, so each packed window is one example.
+
+  Documents are token ids, not text: the MQAR alphabet is the byte tokenizer's ids [0, vocab), vocab
+  at most 256 (Zoology's 8192 scaled down to what a byte-level model can embed). The loss counts every
+  token; only the answers after the query keys are predictable, the rest is noise of fixed size.
+  """
+  args = _synthetic_args('mqar', arg, {'num_kv_pairs': synthetic.default_kv_pairs(config.data.seq_len),
+                                       'vocab': 256, 'seed': 0})
+  if config.data.tokenizer != 'byte' or not 4 <= args['vocab'] <= 256:
+    raise ConfigError(f'data.source=mqar needs data.tokenizer=byte and 4 <= vocab <= 256, got '
+                      f'{config.data.tokenizer!r} and vocab={args["vocab"]}')
+
+  def example(index: int) -> np.ndarray:
+    return synthetic.mqar_example(synthetic.rng_for(args['seed'], split, index), config.data.seq_len,
+                                  args['num_kv_pairs'], args['vocab'])[0]
+  pairs, space = args['num_kv_pairs'], (config.data.seq_len - 2 * args['num_kv_pairs']) // 2
+  if not 1 <= pairs <= min(space, args['vocab'] // 2 - 1):
+    raise ConfigError(f'data.source=mqar: num_kv_pairs={pairs} does not fit data.seq_len='
+                      f'{config.data.seq_len} and vocab={args["vocab"]}')
+  size = _SYNTHETIC_SIZES[split]
+  return Corpus(grain.MapDataset.range(size).map(example), num_bytes=size * config.data.seq_len)
+
+
+def _passkey_source(arg: str, config, split: str) -> Corpus:
+  """Passkey documents (Mohtashami & Jaggi 2023) of exactly `seq_len` ASCII characters (one byte
+  token each), the key at a uniformly random depth and its digits at the end."""
+  args = _synthetic_args('passkey', arg, {'digits': 5, 'seed': 0})
+
+  def example(index: int) -> str:
+    return synthetic.passkey_document(synthetic.rng_for(args['seed'], split, index), config.data.seq_len,
+                                      args['digits'])
+  shortest = len(synthetic.PASSKEY_NEEDLE.format(key='0' * args['digits'])) + len(
+      synthetic.PASSKEY_QUESTION) + args['digits']
+  if config.data.seq_len < shortest or args['digits'] < 1:
+    raise ConfigError(f'data.source=passkey: data.seq_len={config.data.seq_len} must be at least '
+                      f'{shortest} to hold the key and question, and digits at least 1')
+  size = _SYNTHETIC_SIZES[split]
+  return Corpus(grain.MapDataset.range(size).map(example), num_bytes=size * config.data.seq_len)
+
+
 # `data.source` is 'NAME' or 'NAME:ARG'; each source maps (ARG, config, split) to a Corpus.
 SOURCES = {
     'stdlib': _stdlib_source,
     'text': _text_source,
     'tfds': _tfds_source,
+    'mqar': _mqar_source,
+    'passkey': _passkey_source,
 }
 
 
@@ -151,7 +211,8 @@ def corpus(config, split: str) -> Corpus:
   name, _, arg = config.data.source.partition(':')
   if name not in SOURCES:
     raise ConfigError(
-        f'data.source={config.data.source!r} is not one of stdlib, text:PATH_OR_GLOB, tfds:NAME[:CONFIG]')
+        f'data.source={config.data.source!r} is not one of stdlib, text:PATH_OR_GLOB, tfds:NAME[:CONFIG], '
+        'mqar[:ARGS], passkey[:ARGS]')
   return SOURCES[name](arg, config, split)
 
 
@@ -204,8 +265,10 @@ def _host_batch_size(config, process_count: int) -> int:
   return config.train.batch_size // process_count
 
 
-def _tokenize(text: str, tokenizer) -> dict[str, np.ndarray]:
-  return {'tokens': np.append(tokenizer.encode(text), np.int32(tokenizer.eos_id))}
+def _tokenize(document, tokenizer) -> dict[str, np.ndarray]:
+  """A document's tokens and EOS; a synthetic task's document is already token ids."""
+  tokens = document if isinstance(document, np.ndarray) else tokenizer.encode(document)
+  return {'tokens': np.append(tokens, np.int32(tokenizer.eos_id)).astype(np.int32)}
 
 
 def _is_full(window: dict[str, np.ndarray]) -> bool:

@@ -99,15 +99,6 @@ def load_run(workdir: str | pathlib.Path):
   return config, tok, graphdef, (state['params'], state['model_state']), step
 
 
-_WORKDIR = flags.DEFINE_string('workdir', 'runs/default', 'The run to sample from.')
-_PROMPT = flags.DEFINE_string('prompt', '', 'Text the generation continues.')
-_NUM_NEW = flags.DEFINE_integer('max_new_tokens', 200, 'Tokens to generate.')
-_TEMPERATURE = flags.DEFINE_float('temperature', 0.8, '0 for greedy decoding.')
-_TOP_K = flags.DEFINE_integer('top_k', 40, 'Sample among the k likeliest tokens; 0 for all.')
-_SEED = flags.DEFINE_integer('seed', 0, 'Sampling seed.')
-_USE_CACHE = flags.DEFINE_bool('use_cache', True, 'Decode with the KV cache.')
-
-
 def main(argv) -> None:
   del argv
   logging.set_verbosity(logging.WARNING)
@@ -124,4 +115,13 @@ def main(argv) -> None:
 
 
 if __name__ == '__main__':
+  # Defined only for the command, so that modules importing the sampler (sparse_lm.evaluate) can
+  # define flags of the same names.
+  _WORKDIR = flags.DEFINE_string('workdir', 'runs/default', 'The run to sample from.')
+  _PROMPT = flags.DEFINE_string('prompt', '', 'Text the generation continues.')
+  _NUM_NEW = flags.DEFINE_integer('max_new_tokens', 200, 'Tokens to generate.')
+  _TEMPERATURE = flags.DEFINE_float('temperature', 0.8, '0 for greedy decoding.')
+  _TOP_K = flags.DEFINE_integer('top_k', 40, 'Sample among the k likeliest tokens; 0 for all.')
+  _SEED = flags.DEFINE_integer('seed', 0, 'Sampling seed.')
+  _USE_CACHE = flags.DEFINE_bool('use_cache', True, 'Decode with the KV cache.')
   app.run(main)

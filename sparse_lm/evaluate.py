@@ -1,0 +1,310 @@
+"""Evaluates a run's newest checkpoint on one task; prints one JSON object and appends it to
+`WORKDIR/eval.jsonl`.
+
+    python -m sparse_lm.evaluate --workdir=runs/default --task=perplexity [--seq_len=256,512,1024]
+    python -m sparse_lm.evaluate --workdir=DIR --task=causality
+    python -m sparse_lm.evaluate --workdir=DIR --task=passkey [--lengths=256,512] [--depths=0,0.5,1]
+    python -m sparse_lm.evaluate --workdir=DIR --task=niah [--filler_source=text:PATH]
+    python -m sparse_lm.evaluate --workdir=DIR --task=mqar [--mqar_shapes=64x4,128x8] [--mqar_vocab=256]
+
+Every line carries `causality_leak`, the causality probe of the model (0 exactly for a causal model),
+because a model that looks ahead scores better than it should on every task here. `passkey` and `niah`
+also write a heat map (context length x needle depth) beside `eval.jsonl`.
+
+MQAR vocabulary: Zoology uses 8192 symbols; a model here can only be asked about ids it embeds as
+ordinary tokens, so the symbols are the ids [0, vocab) with vocab = min(8192, 256) for byte-level
+models (the byte ids; BOS/EOS/PAD excluded) and min(8192, vocab_size) otherwise. Every line says which
+vocabulary it used and whether that is Zoology's. The `mqar` training source uses the same ids.
+"""
+
+import copy
+import dataclasses
+import json
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags, logging
+from flax import nnx
+
+from sparse_lm import data, sample, sharding, synthetic, trainer
+
+
+@dataclasses.dataclass(frozen=True)
+class Options:
+  """What the tasks take; every field has a command-line flag of the same name."""
+
+  seq_len: tuple[int, ...] = ()  # perplexity; () is the training length, twice it and four times it
+  batch_size: int = 0  # perplexity; 0 is the run's train.batch_size
+  eval_batches: int = 0  # perplexity; 0 is the run's train.eval_batches
+  lengths: tuple[int, ...] = ()  # passkey, niah; () is the training length, twice it and four times it
+  depths: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
+  num_samples: int = 8  # passkey, niah: keys per (length, depth) cell
+  digits: int = 5
+  filler_source: str = ''  # niah; '' is the run's own validation split, else any data.source
+  mqar_shapes: tuple[tuple[int, int], ...] = tuple(synthetic.ZOOLOGY_KV_PAIRS.items())
+  mqar_vocab: int = 0  # 0: see the module docstring
+  mqar_examples: int = 64
+  causality_batch: int = 2
+  causality_positions: int = 4
+  seed: int = 0
+  use_cache: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+  workdir: pathlib.Path
+  config: object
+  tok: object
+  graphdef: object
+  variables: tuple
+  step: int
+
+
+def load(workdir) -> Run:
+  return Run(pathlib.Path(workdir), *sample.load_run(workdir))
+
+
+def _default_lengths(run: Run, lengths) -> tuple[int, ...]:
+  seq_len = run.config.data.seq_len
+  return tuple(lengths) or (seq_len, 2 * seq_len, 4 * seq_len)
+
+
+def _model(run: Run):
+  return nnx.merge(run.graphdef, *run.variables)
+
+
+# ----------------------------------------------------------------------------- causality
+
+def causality_leak(apply_fn, x_BTD: jax.Array, positions) -> float:
+  """How much the output at `t` depends on inputs after `t`, relative to inputs at or before it.
+
+  For each `t` in `positions`: the gradient `g` of a fixed random projection of `apply_fn(x)[:, t]`
+  with respect to `x`; the leak is `|g[:, t+1:]| / |g[:, :t+1]|`, the largest over `positions`. A
+  causal function gives exactly 0: no path carries a future input to the output, so its gradient is
+  a structural zero, not a small number.
+  """
+  out_shape = jax.eval_shape(apply_fn, x_BTD).shape
+  u = jax.random.normal(jax.random.key(0), (1, *out_shape[2:]))
+  T = x_BTD.shape[1]
+
+  def leak_at(t):
+    g_BTD = jax.grad(lambda x: jnp.sum(apply_fn(x)[:, t] * u))(x_BTD)
+    sq_T = jnp.sum(jnp.square(g_BTD.reshape(*g_BTD.shape[:2], -1)), axis=(0, 2))
+    future_T = jnp.arange(T) > t
+    return jnp.sqrt(jnp.sum(jnp.where(future_T, sq_T, 0.0)) / jnp.sum(jnp.where(future_T, 0.0, sq_T)))
+  return float(jnp.max(jax.jit(jax.vmap(leak_at))(jnp.asarray(positions, jnp.int32))))
+
+
+def probe_positions(seq_len: int, count: int) -> list[int]:
+  """`count` positions spread over the sequence, each with at least one input after it."""
+  return sorted({int(t) for t in np.linspace(seq_len // 8, seq_len - 2, count)})
+
+
+def model_leak(graphdef, variables, seq_len: int, *, batch: int = 2, positions: int = 4,
+               vocab: int = 256, seed: int = 0) -> float:
+  """`causality_leak` of a model through `from_embeddings`, on random tokens."""
+  tokens_BT = jax.random.randint(jax.random.key(seed), (batch, seq_len), 0, vocab)
+  x_BTD = nnx.merge(graphdef, *variables).embed_tokens(tokens_BT)
+
+  def apply_fn(x_BTD):
+    return nnx.merge(graphdef, *variables).from_embeddings(x_BTD)[0]
+  return causality_leak(apply_fn, x_BTD, probe_positions(seq_len, positions))
+
+
+def _run_leak(run: Run, opts: Options) -> float:
+  return model_leak(run.graphdef, run.variables, run.config.data.seq_len, batch=opts.causality_batch,
+                    positions=opts.causality_positions, vocab=_symbol_vocab(run), seed=opts.seed)
+
+
+def causality(run: Run, opts: Options, leak: float) -> dict:
+  return {'leak': leak, 'causal': leak == 0.0, 'seq_len': run.config.data.seq_len,
+          'positions': probe_positions(run.config.data.seq_len, opts.causality_positions)}
+
+
+# ----------------------------------------------------------------------------- perplexity
+
+def perplexity(run: Run, opts: Options, leak: float) -> dict:
+  """Loss and bits per byte on the validation split at each length (longer than training: length
+  extrapolation), with the trainer's own eval step."""
+  del leak
+  eval_step = jax.jit(trainer.make_eval_step(run.graphdef, run.tok.token_bytes))
+  mesh_config = copy.deepcopy(run.config.mesh)
+  mesh_config.update({axis: 1 for axis in sharding.MESH_AXES} | {'data': -1})
+  mesh = sharding.make_mesh(mesh_config)
+  rows = []
+  for seq_len in _default_lengths(run, opts.seq_len):
+    config = copy.deepcopy(run.config)
+    config.data.seq_len = seq_len
+    config.train.batch_size = opts.batch_size or config.train.batch_size
+    config.train.eval_batches = opts.eval_batches or config.train.eval_batches
+    batches = data.eval_batches(config, run.tok)
+    rows.append({'seq_len': seq_len, **trainer.evaluate(eval_step, *run.variables, batches, mesh)})
+  return {'results': rows, 'eval_loss': rows[0]['eval_loss'], 'eval_bpb': rows[0]['eval_bpb']}
+
+
+# ----------------------------------------------------------------------------- passkey, needle
+
+def _retrieval(run: Run, opts: Options, filler: list[int], needle: str, question: str, name: str
+               ) -> dict:
+  """Exact match of the greedy continuation after `question`, per (length, depth): a fraction of
+  `num_samples` random keys. Each prompt is EOS (documents start after one in training) and then a
+  haystack, `length` tokens in all."""
+  tok, lengths, depths = run.tok, _default_lengths(run, opts.lengths), tuple(opts.depths)
+  question_Q = [int(i) for i in tok.encode(question)]
+  accuracy_LD = np.zeros((len(lengths), len(depths)))
+  for i, length in enumerate(lengths):
+    for j, depth in enumerate(depths):
+      rng = synthetic.rng_for(opts.seed, 'eval', i * len(depths) + j)
+      keys = [synthetic.digits(rng, opts.digits) for _ in range(opts.num_samples)]
+      prompts_NP = jnp.asarray([
+          [tok.eos_id] + synthetic.haystack(filler, [int(t) for t in tok.encode(needle.format(key=key))],
+                                            question_Q, length - 1, depth) for key in keys], jnp.int32)
+      num_new = max(len(tok.encode(key)) for key in keys)
+      new_NA = sample.generate(run.graphdef, run.variables, prompts_NP, num_new, jax.random.key(0),
+                               use_cache=opts.use_cache)
+      accuracy_LD[i, j] = np.mean([tok.decode(new_A)[:len(key)] == key
+                                   for new_A, key in zip(np.asarray(new_NA), keys)])
+  heatmap = run.workdir / f'{name}_step{run.step}.png'
+  plot_heatmap(accuracy_LD, lengths, depths, heatmap, f'{name}: {run.config.model.attention}, '
+               f'step {run.step}')
+  return {'accuracy': float(accuracy_LD.mean()), 'lengths': list(lengths), 'depths': list(depths),
+          'accuracy_by_length_depth': accuracy_LD.tolist(), 'heatmap': str(heatmap)}
+
+
+def plot_heatmap(values_LD: np.ndarray, lengths, depths, path: pathlib.Path, title: str) -> None:
+  import matplotlib  # pylint: disable=g-import-not-at-top  # only the retrieval tasks plot
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  fig, ax = plt.subplots(figsize=(1.2 + 0.9 * len(depths), 1.2 + 0.6 * len(lengths)))
+  image = ax.imshow(values_LD, vmin=0.0, vmax=1.0, cmap='RdYlGn', aspect='auto')
+  ax.set_xticks(range(len(depths)), [f'{d:g}' for d in depths])
+  ax.set_yticks(range(len(lengths)), [str(n) for n in lengths])
+  ax.set_xlabel('needle depth')
+  ax.set_ylabel('context length (tokens)')
+  ax.set_title(title, fontsize=9)
+  for (i, j), value in np.ndenumerate(values_LD):
+    ax.text(j, i, f'{value:.2f}', ha='center', va='center', fontsize=8)
+  fig.colorbar(image, ax=ax, label='exact match')
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+
+
+def passkey(run: Run, opts: Options, leak: float) -> dict:
+  del leak
+  filler = [int(t) for t in run.tok.encode(synthetic.PASSKEY_FILLER)]
+  return _retrieval(run, opts, filler, synthetic.PASSKEY_NEEDLE, synthetic.PASSKEY_QUESTION, 'passkey')
+
+
+def niah(run: Run, opts: Options, leak: float) -> dict:
+  """Needle in a haystack of real text: the run's validation split or `filler_source`."""
+  del leak
+  config = copy.deepcopy(run.config)
+  config.data.source = opts.filler_source or config.data.source
+  needed = max(_default_lengths(run, opts.lengths))
+  filler = []
+  for document in data.corpus(config, 'validation').documents:
+    filler += [int(t) for t in run.tok.encode(document)] + [run.tok.eos_id]
+    if len(filler) >= needed:
+      break
+  return {'filler_source': config.data.source,
+          **_retrieval(run, opts, filler, synthetic.NIAH_NEEDLE, synthetic.NIAH_QUESTION, 'niah')}
+
+
+# ----------------------------------------------------------------------------- MQAR
+
+def _symbol_vocab(run: Run) -> int:
+  """Ids a model embeds as ordinary tokens: the 256 bytes of the byte tokenizer, else all of them."""
+  vocab = 256 if run.config.data.tokenizer == 'byte' else run.config.model.vocab_size
+  return min(synthetic.ZOOLOGY_VOCAB, vocab)
+
+
+def mqar(run: Run, opts: Options, leak: float) -> dict:
+  """Accuracy of the greedy prediction at every query key (is it the key's value?), per Zoology shape."""
+  del leak
+  vocab = opts.mqar_vocab or _symbol_vocab(run)
+  model = _model(run)
+  predict = jax.jit(lambda tokens_BT: jnp.argmax(model(tokens_BT)[0], axis=-1))
+  rows = []
+  for seq_len, num_kv_pairs in opts.mqar_shapes:
+    examples = [synthetic.mqar_example(synthetic.rng_for(opts.seed, 'eval', n), seq_len, num_kv_pairs,
+                                       vocab) for n in range(opts.mqar_examples)]
+    tokens_NT = np.stack([tokens_T for tokens_T, _ in examples])
+    query_NK = np.stack([query_K for _, query_K in examples])
+    predicted_NT = np.asarray(predict(jnp.asarray(tokens_NT)))
+    correct_NK = (np.take_along_axis(predicted_NT, query_NK, axis=1)
+                  == np.take_along_axis(tokens_NT, query_NK + 1, axis=1))
+    rows.append({'seq_len': seq_len, 'num_kv_pairs': num_kv_pairs, 'accuracy': float(correct_NK.mean())})
+  return {'accuracy': float(np.mean([row['accuracy'] for row in rows])), 'results': rows,
+          'vocab': vocab, 'zoology_vocab': synthetic.ZOOLOGY_VOCAB,
+          'vocab_scaled': vocab != synthetic.ZOOLOGY_VOCAB}
+
+
+# ----------------------------------------------------------------------------- the command
+
+TASKS = {
+    'perplexity': perplexity,
+    'causality': causality,
+    'passkey': passkey,
+    'niah': niah,
+    'mqar': mqar,
+}
+
+
+def run_task(workdir, task: str, opts: Options = Options()) -> dict:
+  """Evaluates the newest checkpoint in `workdir` on `task`; appends the result to `eval.jsonl`."""
+  if task not in TASKS:
+    raise ValueError(f'--task={task!r} is not one of {", ".join(TASKS)}')
+  run = load(workdir)
+  leak = _run_leak(run, opts)
+  num_params = sum(np.size(x) for x in jax.tree.leaves(run.variables[0]))
+  settings = dataclasses.asdict(opts)
+  result = {'task': task, 'step': run.step, 'attention': run.config.model.attention,
+            'mlp': run.config.model.mlp, 'num_params': int(num_params), 'causality_leak': leak,
+            **TASKS[task](run, opts, leak), 'params': settings}
+  with open(run.workdir / 'eval.jsonl', 'a', encoding='utf-8') as f:
+    f.write(json.dumps(result) + '\n')
+  return result
+
+
+_WORKDIR = flags.DEFINE_string('workdir', 'runs/default', 'The run to evaluate (its newest checkpoint).')
+_TASK = flags.DEFINE_enum('task', 'perplexity', list(TASKS), 'What to evaluate.')
+_DEFAULTS = Options()
+_SEQ_LEN = flags.DEFINE_list('seq_len', [], 'perplexity: lengths; default the training length, 2x, 4x.')
+_BATCH_SIZE = flags.DEFINE_integer('batch_size', 0, 'perplexity: sequences per batch; 0: the run\'s.')
+_EVAL_BATCHES = flags.DEFINE_integer('eval_batches', 0, 'perplexity: batches; 0: the run\'s.')
+_LENGTHS = flags.DEFINE_list('lengths', [], 'passkey, niah: context lengths in tokens; default as '
+                             '--seq_len.')
+_DEPTHS = flags.DEFINE_list('depths', [str(d) for d in _DEFAULTS.depths],
+                            'passkey, niah: needle depths, 0 (start) to 1 (end).')
+_NUM_SAMPLES = flags.DEFINE_integer('num_samples', _DEFAULTS.num_samples, 'passkey, niah: keys per cell.')
+_DIGITS = flags.DEFINE_integer('digits', _DEFAULTS.digits, 'passkey, niah: digits per key.')
+_FILLER = flags.DEFINE_string('filler_source', '', 'niah: a data.source for the haystack; default the '
+                              'run\'s own validation split.')
+_MQAR_SHAPES = flags.DEFINE_list('mqar_shapes', [f'{t}x{k}' for t, k in _DEFAULTS.mqar_shapes],
+                                 'mqar: SEQ_LENxKV_PAIRS; default Zoology\'s four.')
+_MQAR_VOCAB = flags.DEFINE_integer('mqar_vocab', 0, 'mqar: symbols; 0: min(8192, the model\'s ordinary '
+                                   'token ids).')
+_MQAR_EXAMPLES = flags.DEFINE_integer('mqar_examples', _DEFAULTS.mqar_examples, 'mqar: examples per shape.')
+_SEED = flags.DEFINE_integer('seed', 0, 'Seed of the generated examples and of the causality probe.')
+_USE_CACHE = flags.DEFINE_bool('use_cache', True, 'passkey, niah: decode with the KV cache.')
+
+
+def main(argv) -> None:
+  del argv
+  logging.set_verbosity(logging.WARNING)
+  opts = Options(
+      seq_len=tuple(int(n) for n in _SEQ_LEN.value), batch_size=_BATCH_SIZE.value,
+      eval_batches=_EVAL_BATCHES.value, lengths=tuple(int(n) for n in _LENGTHS.value),
+      depths=tuple(float(d) for d in _DEPTHS.value), num_samples=_NUM_SAMPLES.value,
+      digits=_DIGITS.value, filler_source=_FILLER.value,
+      mqar_shapes=tuple(tuple(int(n) for n in shape.split('x')) for shape in _MQAR_SHAPES.value),
+      mqar_vocab=_MQAR_VOCAB.value, mqar_examples=_MQAR_EXAMPLES.value, seed=_SEED.value,
+      use_cache=_USE_CACHE.value)
+  print(json.dumps(run_task(_WORKDIR.value, _TASK.value, opts)))
+
+
+if __name__ == '__main__':
+  app.run(main)
