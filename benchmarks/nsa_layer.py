@@ -60,8 +60,8 @@ def main(argv) -> None:
   for T in lengths:
     for name, times in rows.items():
       times.append(time_grad(name, T))
-    print(f'{T:>7} {rows["dense"][-1]:>9.3f} {rows["nsa"][-1]:>9.3f} {rows["dense"][-1] / rows["nsa"][-1]:>9.2f}',
-          flush=True)
+    dense, nsa = rows['dense'][-1], rows['nsa'][-1]
+    print(f'{T:>7} {dense:>9.3f} {nsa:>9.3f} {dense / nsa:>9.2f}', flush=True)
   if 4096 in lengths and 16384 in lengths:
     a, b = lengths.index(4096), lengths.index(16384)
     for name, times in rows.items():

@@ -41,6 +41,21 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.nsa.num_selected = 16  # n: selected blocks per query, the first and two local ones included
   c.model.nsa.window = 512  # w: the sliding-window branch
   c.model.nsa.shared_kv = False  # one K/V projection for all three branches instead of one each
+  # Mixture of Sparse Attention (Piękos et al. 2025): MoSA heads beside model.num_heads dense heads.
+  c.model.mosa = ml_collections.ConfigDict()
+  c.model.mosa.num_heads = 8  # MoSA heads per layer (mosa.isoflop_heads gives the paper's isoFLOP count)
+  c.model.mosa.sparsity = 4  # rho: a MoSA head takes k = T / rho tokens (at least 2)
+  c.model.mosa.include_first = False  # every MoSA head always takes the first token
+  c.model.mosa.capacity_factor = 2.0  # mosa_causal: a head's slots, as a multiple of T / rho
+  c.model.mosa.threshold_rate = 0.01  # mosa_causal: step of the router threshold toward share 1 / rho
+  # Routing attention (Roy et al. 2021): routing heads beside model.num_heads local heads.
+  c.model.routing = ml_collections.ConfigDict()
+  c.model.routing.num_heads = 2  # routing heads per layer
+  c.model.routing.num_clusters = 4  # C: centroids per head; balanced clusters of T / C tokens
+  c.model.routing.window = 32  # the local heads' window; routing_causal: keys seen within a cluster
+  c.model.routing.decay = 0.999  # EMA rate of the centroids (the paper's lambda)
+  c.model.routing.commitment_weight = 1e-3  # commitment loss, added to the training loss
+  c.model.routing.capacity_factor = 2.0  # routing_causal: a cluster's slots, as a multiple of T / C
   # Mixture of Experts (model.mlp='moe'; sparse_lm/mlp/moe.py says where each setting comes from).
   c.model.moe = ml_collections.ConfigDict()
   c.model.moe.num_experts = 8  # E routed experts per MoE layer

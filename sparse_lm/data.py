@@ -1,7 +1,8 @@
 """Documents -> tokens -> packed fixed-length windows -> batches, with grain.
 
 A source (`data.source`) gives each split as a `Corpus`: documents read lazily on access (text, or
-token ids for a synthetic task), and their size in UTF-8 bytes where that is cheap to know. A new source is one function plus one `SOURCES` line.
+token ids for a synthetic task), and their size in UTF-8 bytes where that is cheap to know. A new
+source is one function plus one `SOURCES` line.
 
 Training, per host: this host's documents (`[process_index::process_count]`, so hosts never share a
 document), shuffled by `train.seed` with a new order every epoch, repeated forever, tokenized with EOS

@@ -8,7 +8,11 @@
     python -m sparse_lm.evaluate --workdir=DIR --task=mqar [--mqar_shapes=64x4,128x8] [--mqar_vocab=256]
 
 Every line carries `causality_leak`, the causality probe of the model (0 exactly for a causal model),
-because a model that looks ahead scores better than it should on every task here. `passkey` and `niah`
+because a model that looks ahead scores better than it should on every task here. It is the larger of
+two probes: the gradient leak (`leak` of the `causality` task, as INTERFACES.md defines it) and the
+perturbation leak, which replaces the inputs after `t` and measures how far the outputs up to `t` move:
+a look-ahead through a discrete choice (a top-k over the whole sequence, as in the papers' MoSA and
+routing attention) has zero gradient and shows only in the second. `passkey` and `niah`
 also write a heat map (context length x needle depth) beside `eval.jsonl`.
 
 MQAR vocabulary: Zoology uses 8192 symbols; a model here can only be asked about ids it embeds as
@@ -97,6 +101,22 @@ def causality_leak(apply_fn, x_BTD: jax.Array, positions) -> float:
   return float(jnp.max(jax.jit(jax.vmap(leak_at))(jnp.asarray(positions, jnp.int32))))
 
 
+def perturbation_leak(apply_fn, x_BTD: jax.Array, other_BTD: jax.Array, positions) -> float:
+  """How far the outputs up to `t` move, relative to their size, when every input after `t` is replaced
+  by `other_BTD`'s; the largest over `positions`. Exactly 0 for a causal function."""
+  base_BTX = apply_fn(x_BTD)
+  T = x_BTD.shape[1]
+
+  def leak_at(t):
+    after_1T1 = (jnp.arange(T) > t)[None, :, None]
+    mixed_BTX = apply_fn(jnp.where(after_1T1, other_BTD, x_BTD))
+    upto_T = (jnp.arange(T) <= t).astype(jnp.float32)
+    diff = jnp.sum(jnp.square(mixed_BTX - base_BTX).reshape(*base_BTX.shape[:2], -1), axis=(0, 2))
+    size = jnp.sum(jnp.square(base_BTX).reshape(*base_BTX.shape[:2], -1), axis=(0, 2))
+    return jnp.sqrt(jnp.sum(diff * upto_T) / jnp.sum(size * upto_T))
+  return float(max(jax.jit(leak_at)(t) for t in positions))
+
+
 def probe_positions(seq_len: int, count: int) -> list[int]:
   """`count` positions spread over the sequence, each with at least one input after it."""
   return sorted({int(t) for t in np.linspace(seq_len // 8, seq_len - 2, count)})
@@ -104,31 +124,44 @@ def probe_positions(seq_len: int, count: int) -> list[int]:
 
 def model_leak(graphdef, variables, seq_len: int, *, batch: int = 2, positions: int = 4,
                vocab: int = 256, seed: int = 0) -> float:
-  """`causality_leak` of a model through `from_embeddings`, on random tokens."""
-  tokens_BT = jax.random.randint(jax.random.key(seed), (batch, seq_len), 0, vocab)
-  x_BTD = nnx.merge(graphdef, *variables).embed_tokens(tokens_BT)
+  """`causality_leak` (the gradient probe) of a model through `from_embeddings`, on random tokens."""
+  return model_leaks(graphdef, variables, seq_len, batch=batch, positions=positions, vocab=vocab,
+                     seed=seed)['gradient']
+
+
+def model_leaks(graphdef, variables, seq_len: int, *, batch: int = 2, positions: int = 4,
+                vocab: int = 256, seed: int = 0) -> dict[str, float]:
+  """Both probes of a model through `from_embeddings`, on random tokens (the perturbation replaces the
+  future tokens with other random tokens)."""
+  key_x, key_other = jax.random.split(jax.random.key(seed))
+  embed = nnx.merge(graphdef, *variables).embed_tokens
+  x_BTD = embed(jax.random.randint(key_x, (batch, seq_len), 0, vocab))
+  other_BTD = embed(jax.random.randint(key_other, (batch, seq_len), 0, vocab))
 
   def apply_fn(x_BTD):
     return nnx.merge(graphdef, *variables).from_embeddings(x_BTD)[0]
-  return causality_leak(apply_fn, x_BTD, probe_positions(seq_len, positions))
+  ts = probe_positions(seq_len, positions)
+  return {'gradient': causality_leak(apply_fn, x_BTD, ts),
+          'perturbation': perturbation_leak(apply_fn, x_BTD, other_BTD, ts)}
 
 
-def _run_leak(run: Run, opts: Options) -> float:
-  return model_leak(run.graphdef, run.variables, run.config.data.seq_len, batch=opts.causality_batch,
-                    positions=opts.causality_positions, vocab=_symbol_vocab(run), seed=opts.seed)
+def _run_leaks(run: Run, opts: Options) -> dict[str, float]:
+  return model_leaks(run.graphdef, run.variables, run.config.data.seq_len, batch=opts.causality_batch,
+                     positions=opts.causality_positions, vocab=_symbol_vocab(run), seed=opts.seed)
 
 
-def causality(run: Run, opts: Options, leak: float) -> dict:
-  return {'leak': leak, 'causal': leak == 0.0, 'seq_len': run.config.data.seq_len,
+def causality(run: Run, opts: Options, leaks: dict[str, float]) -> dict:
+  return {'leak': leaks['gradient'], 'perturbation_leak': leaks['perturbation'],
+          'causal': max(leaks.values()) == 0.0, 'seq_len': run.config.data.seq_len,
           'positions': probe_positions(run.config.data.seq_len, opts.causality_positions)}
 
 
 # ----------------------------------------------------------------------------- perplexity
 
-def perplexity(run: Run, opts: Options, leak: float) -> dict:
+def perplexity(run: Run, opts: Options, leaks: dict[str, float]) -> dict:
   """Loss and bits per byte on the validation split at each length (longer than training: length
   extrapolation), with the trainer's own eval step."""
-  del leak
+  del leaks
   eval_step = jax.jit(trainer.make_eval_step(run.graphdef, run.tok.token_bytes))
   mesh_config = copy.deepcopy(run.config.mesh)
   mesh_config.update({axis: 1 for axis in sharding.MESH_AXES} | {'data': -1})
@@ -165,7 +198,7 @@ def _retrieval(run: Run, opts: Options, filler: list[int], needle: str, question
       new_NA = sample.generate(run.graphdef, run.variables, prompts_NP, num_new, jax.random.key(0),
                                use_cache=opts.use_cache)
       accuracy_LD[i, j] = np.mean([tok.decode(new_A)[:len(key)] == key
-                                   for new_A, key in zip(np.asarray(new_NA), keys)])
+                                   for new_A, key in zip(np.asarray(new_NA), keys, strict=True)])
   heatmap = run.workdir / f'{name}_step{run.step}.png'
   plot_heatmap(accuracy_LD, lengths, depths, heatmap, f'{name}: {run.config.model.attention}, '
                f'step {run.step}')
@@ -192,15 +225,15 @@ def plot_heatmap(values_LD: np.ndarray, lengths, depths, path: pathlib.Path, tit
   plt.close(fig)
 
 
-def passkey(run: Run, opts: Options, leak: float) -> dict:
-  del leak
+def passkey(run: Run, opts: Options, leaks: dict[str, float]) -> dict:
+  del leaks
   filler = [int(t) for t in run.tok.encode(synthetic.PASSKEY_FILLER)]
   return _retrieval(run, opts, filler, synthetic.PASSKEY_NEEDLE, synthetic.PASSKEY_QUESTION, 'passkey')
 
 
-def niah(run: Run, opts: Options, leak: float) -> dict:
+def niah(run: Run, opts: Options, leaks: dict[str, float]) -> dict:
   """Needle in a haystack of real text: the run's validation split or `filler_source`."""
-  del leak
+  del leaks
   config = copy.deepcopy(run.config)
   config.data.source = opts.filler_source or config.data.source
   needed = max(_default_lengths(run, opts.lengths))
@@ -221,9 +254,9 @@ def _symbol_vocab(run: Run) -> int:
   return min(synthetic.ZOOLOGY_VOCAB, vocab)
 
 
-def mqar(run: Run, opts: Options, leak: float) -> dict:
+def mqar(run: Run, opts: Options, leaks: dict[str, float]) -> dict:
   """Accuracy of the greedy prediction at every query key (is it the key's value?), per Zoology shape."""
-  del leak
+  del leaks
   vocab = opts.mqar_vocab or _symbol_vocab(run)
   model = _model(run)
   predict = jax.jit(lambda tokens_BT: jnp.argmax(model(tokens_BT)[0], axis=-1))
@@ -258,12 +291,12 @@ def run_task(workdir, task: str, opts: Options = Options()) -> dict:
   if task not in TASKS:
     raise ValueError(f'--task={task!r} is not one of {", ".join(TASKS)}')
   run = load(workdir)
-  leak = _run_leak(run, opts)
+  leaks = _run_leaks(run, opts)
   num_params = sum(np.size(x) for x in jax.tree.leaves(run.variables[0]))
   settings = dataclasses.asdict(opts)
   result = {'task': task, 'step': run.step, 'attention': run.config.model.attention,
-            'mlp': run.config.model.mlp, 'num_params': int(num_params), 'causality_leak': leak,
-            **TASKS[task](run, opts, leak), 'params': settings}
+            'mlp': run.config.model.mlp, 'num_params': int(num_params),
+            'causality_leak': max(leaks.values()), **TASKS[task](run, opts, leaks), 'params': settings}
   with open(run.workdir / 'eval.jsonl', 'a', encoding='utf-8') as f:
     f.write(json.dumps(result) + '\n')
   return result

@@ -11,6 +11,7 @@ import dataclasses
 import ml_collections
 
 from sparse_lm import flops, tokenizer
+from sparse_lm.attention.mosa import isoflop_heads
 from sparse_lm.config import base_config
 
 TOKENS_PER_PARAM = 20
@@ -106,4 +107,32 @@ def moe_config(name: str) -> ml_collections.ConfigDict:
   c.model.moe.update(num_experts=16, top_k=3, num_shared_experts=1, granularity=0.25, score='softmax',
                      normalize_top_k=True, execution='dropless', load_balance_weight=0.01,
                      z_loss_weight=1e-3)
+  return c
+
+
+def mosa_config(name: str, *, causal: bool = False) -> ml_collections.ConfigDict:
+  """The dense rung with MoSA at equal attention FLOPs (Piękos et al. 2025's isoFLOP rule): it keeps
+  `num_kv_heads` dense heads and spends the other dense heads' FLOPs on MoSA heads at sparsity 8 (CPU
+  rungs, sequences of 256) or 64 (the paper's, accelerator rungs). `causal`: mosa_causal."""
+  c = dense_config(name)
+  m = c.model
+  rho = 8 if name in CPU_RUNGS else 64
+  heads = isoflop_heads(m.d_model, m.head_dim, m.num_heads, c.data.seq_len, rho, m.num_kv_heads)
+  m.attention = 'mosa_causal' if causal else 'mosa'
+  m.mosa.update(num_heads=heads, sparsity=rho)
+  m.num_heads = m.num_kv_heads
+  return c
+
+
+def routing_config(name: str, *, causal: bool = False) -> ml_collections.ConfigDict:
+  """The dense rung with half its heads local (window 32 on CPU rungs, 256 on accelerators) and half
+  routing heads over about sqrt(T) clusters (Roy et al. 2021); same parameters up to the routing heads'
+  shared Q/K. `causal`: routing_causal."""
+  c = dense_config(name)
+  m = c.model
+  local = max(m.num_kv_heads, m.num_heads // 2 // m.num_kv_heads * m.num_kv_heads)
+  m.attention = 'routing_causal' if causal else 'routing'
+  m.routing.update(num_heads=m.num_heads - local, num_clusters=round(c.data.seq_len ** 0.5),
+                   window=32 if name in CPU_RUNGS else 256)
+  m.num_heads = local
   return c

@@ -76,7 +76,8 @@ def test_leak_is_positive_for_non_causal_functions():
   assert evaluate.causality_leak(lambda x: jnp.cumsum(x, axis=1), x_BTD, positions) == 0.0
   assert evaluate.causality_leak(lambda x: jnp.cumsum(x[:, ::-1], axis=1)[:, ::-1], x_BTD, positions) > 0
   model = Transformer(tiny_config().model, rngs=nnx.Rngs(0))
-  reversed_model = lambda x: model.from_embeddings(x[:, ::-1])[0]  # a model reading right to left
+  def reversed_model(x):  # a model reading right to left
+    return model.from_embeddings(x[:, ::-1])[0]
   x_BTD = jax.random.normal(jax.random.key(1), (1, 16, 64))
   assert evaluate.causality_leak(reversed_model, x_BTD, positions) > 0.01
 
@@ -90,7 +91,7 @@ def test_mqar_has_zoology_shapes_and_recoverable_answers(seq_len, num_kv_pairs, 
   keys, values = tokens_T[0:context:2], tokens_T[1:context:2]
   assert len(set(keys)) == num_kv_pairs and np.all((keys >= 1) & (keys < vocab // 2))
   assert np.all((values >= vocab // 2) & (values < vocab))
-  lookup = dict(zip(keys.tolist(), values.tolist()))
+  lookup = dict(zip(keys.tolist(), values.tolist(), strict=True))
   assert np.all(query_K >= context) and sorted(tokens_T[query_K].tolist()) == sorted(keys.tolist())
   for q in query_K:
     assert tokens_T[q + 1] == lookup[int(tokens_T[q])]
@@ -123,3 +124,17 @@ def test_synthetic_sources_feed_training_one_example_per_window():
     key = text[-4:]
     assert key.isdigit() and f'The pass key is {key}.' in text
     assert text.endswith(synthetic.PASSKEY_QUESTION + key)
+
+
+def test_perturbation_leak_sees_a_look_ahead_the_gradient_misses():
+  x_BTD = jax.random.normal(jax.random.key(0), (2, 12, 3))
+  other_BTD = jax.random.normal(jax.random.key(1), (2, 12, 3))
+  positions = [2, 6, 10]
+
+  def top_k_gate(x_BTD):  # doubles the positions whose score is in the sequence's top half
+    score_BT = jnp.sum(x_BTD, axis=-1)
+    threshold_B1 = jnp.sort(score_BT, axis=1)[:, 6:7]
+    return x_BTD * (1.0 + jax.lax.stop_gradient(score_BT >= threshold_B1))[..., None]
+  assert evaluate.causality_leak(top_k_gate, x_BTD, positions) == 0.0
+  assert evaluate.perturbation_leak(top_k_gate, x_BTD, other_BTD, positions) > 0
+  assert evaluate.perturbation_leak(lambda x: jnp.cumsum(x, axis=1), x_BTD, other_BTD, positions) == 0.0

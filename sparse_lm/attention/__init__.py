@@ -4,10 +4,14 @@ Each variant is an `nnx.Module` built as `Attention(model_config, rngs=...)` and
 `(x_BTD, pos_BT, cache=None) -> (y_BTD, cache)`; `init_cache(batch, max_len)` makes its decoding cache.
 """
 
-from sparse_lm.attention import dense, nsa, sliding_window
+from sparse_lm.attention import dense, mosa, nsa, routing, sliding_window
 
 REGISTRY = {
     'dense': dense.Attention,
     'sliding_window': sliding_window.Attention,
     'nsa': nsa.Attention,
+    'mosa': mosa.Attention,
+    'mosa_causal': mosa.CausalAttention,
+    'routing': routing.Attention,
+    'routing_causal': routing.CausalAttention,
 }

@@ -1,0 +1,10 @@
+"""Routing attention at the dense ladder's rung '1m', the causal variant; see sparse_lm/ladder.py.
+
+    python train.py --config=configs/routing_causal_1m.py --workdir=runs/routing_causal_1m
+"""
+
+from sparse_lm import ladder
+
+
+def get_config():
+  return ladder.routing_config('1m', causal=True)

@@ -1,0 +1,318 @@
+"""Mixture of Sparse Attention (Piękos, Csordás & Schmidhuber 2025, "Mixture of Sparse Attention:
+Content-Based Learnable Sparse Attention via Expert-Choice Routing", arXiv:2505.00315).
+
+A layer is `model.num_heads` dense causal heads (the paper keeps a few, about 4) beside
+`model.mosa.num_heads` MoSA heads. A MoSA head m:
+- scores every token with its router, `r_t = sigmoid(x_t . w_r)`;
+- takes `k = T / rho` tokens by expert-choice top-k over the sequence (optionally the first token
+  always), sorted by position;
+- projects only those tokens to Q/K/V, rotates them at their original positions (RoPE) and attends
+  causally among them: sorted by position, the original-position mask is the ordinary causal mask over
+  the k slots, so `pallas_kernels.flash_attention` serves;
+- projects back to the model width, scales by `r_t` (the router's only gradient path) and adds the result
+  at the tokens' places.
+Gathers and scatters are `[B, heads, k, .]`: memory grows with k, not T, and nothing is `[.., T, T]`.
+
+Causality. The top-k looks at the whole sequence, so whether token t is taken, and so its output, depends
+on later tokens (the paper lists this as a limitation). `Attention` is that faithful version, flagged
+`causal = False`. `CausalAttention` (`mosa_causal`) departs from the paper so that a language model can be
+scored and sampled honestly: head m takes token t iff its router logit exceeds a threshold `tau_m`, a
+non-parameter state the train step moves toward the target share `1 / rho` (as the MoE balancing bias,
+Wang et al. 2024); taken tokens fill a head's slots in position order, and a token whose rank among the
+taken ones exceeds `capacity_factor * (t + 1) / rho` is dropped, a rule that looks only backward. The
+decoding cache keeps each head's chosen keys and values.
+"""
+
+import math
+import statistics
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from flax import nnx
+
+from pallas_kernels.flash_attention import flash_attention
+from sparse_lm.attention import core, dense
+from sparse_lm.config import ConfigError
+from sparse_lm.layers import param, rope
+
+Cache = dict
+
+
+# ----------------------------------------------------------------------------- the isoFLOP rule
+
+def dense_head_flops(d_model: int, head_dim: int, seq_len: int) -> int:
+  """Forward FLOPs of one dense head over a sequence: Q/K/V/O projections (8 T h h') and the score and
+  value products (4 T^2 h'), the count the paper's isoFLOP comparison uses."""
+  return 8 * seq_len * d_model * head_dim + 4 * seq_len**2 * head_dim
+
+
+def mosa_head_flops(d_model: int, head_dim: int, seq_len: int, sparsity: int) -> int:
+  """One MoSA head: the same products over k = T / rho tokens, plus the router over all T (2 T h)."""
+  k = num_selected(seq_len, sparsity)
+  return 8 * k * d_model * head_dim + 4 * k**2 * head_dim + 2 * seq_len * d_model
+
+
+def isoflop_heads(d_model: int, head_dim: int, dense_heads: int, seq_len: int, sparsity: int,
+                  kept_dense_heads: int) -> int:
+  """MoSA heads that fit in the FLOPs a dense layer of `dense_heads` heads leaves once
+  `kept_dense_heads` dense heads are kept (the paper's Tiny model: 512, 64, 9, 1024, 64, 4 -> 505)."""
+  budget = (dense_heads - kept_dense_heads) * dense_head_flops(d_model, head_dim, seq_len)
+  return budget // mosa_head_flops(d_model, head_dim, seq_len, sparsity)
+
+
+def num_selected(seq_len: int, sparsity: int) -> int:
+  """k = T / rho, at least 2 (a head of one token attends only to itself), at most T."""
+  return min(seq_len, max(2, seq_len // sparsity))
+
+
+# ----------------------------------------------------------------------------- slots: gather, attend, scatter
+
+def causal_ranks(taken_BGT: jax.Array, pos_BT: jax.Array, count_BG: jax.Array, *, per_token: float,
+                 num_slots: int) -> tuple[jax.Array, jax.Array]:
+  """Which taken tokens each group keeps, and their slots, given `count_BG` tokens kept before.
+
+  A group keeps a taken token while it holds fewer than `bound_t = ceil(per_token * (t + 1))` tokens, a
+  bound that depends only on the past, so the assignment is causal; kept tokens fill slots 0, 1, ...
+  with no gaps (a gap would be an empty slot read by the slots after it). The count after t is
+  `K_t = min(K_{t-1} + taken_t, bound_t)` (the bound never falls), in closed form
+  `K_t = C_t + min(K_0, min_{s <= t} (bound_s - C_s))` with `C` the running count of taken tokens.
+  """
+  bound_B1T = jnp.ceil(per_token * (pos_BT + 1).astype(jnp.float32)).astype(jnp.int32)[:, None, :]
+  bound_B1T = jnp.minimum(bound_B1T, num_slots)
+  c_BGT = jnp.cumsum(taken_BGT, axis=-1, dtype=jnp.int32)
+  floor_BGT = jax.lax.cummin(bound_B1T - c_BGT, axis=2)
+  k_BGT = c_BGT + jnp.minimum(count_BG[:, :, None], floor_BGT)
+  before_BGT = jnp.concatenate([count_BG[:, :, None], k_BGT[:, :, :-1]], axis=-1)
+  keep_BGT = taken_BGT & (k_BGT > before_BGT)
+  return k_BGT - 1, keep_BGT
+
+
+def causal_slots(taken_BGT: jax.Array, pos_BT: jax.Array, *, per_token: float, num_slots: int):
+  """Slots of each group (head, or head and cluster) for the tokens it keeps (`causal_ranks`), in
+  position order. Returns `idx_BGS` (the token in each slot, T where empty) and `keep_BGT`."""
+  B, G, T = taken_BGT.shape
+  rank_BGT, keep_BGT = causal_ranks(taken_BGT, pos_BT, jnp.zeros((B, G), jnp.int32), per_token=per_token,
+                                    num_slots=num_slots)
+  slot_BGT = jnp.where(keep_BGT, rank_BGT, num_slots)
+  b_B11, g_1G1 = jnp.arange(B)[:, None, None], jnp.arange(G)[None, :, None]
+  t_BGT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32)[None, None, :], (B, G, T))
+  idx_BGS = jnp.full((B, G, num_slots), T, jnp.int32).at[b_B11, g_1G1, slot_BGT].set(t_BGT, mode='drop')
+  return idx_BGS, keep_BGT
+
+
+def gather_slots(x_BTX: jax.Array, idx_BGS: jax.Array) -> jax.Array:
+  """`[B, G, S, X]`: the token of each slot (empty slots read the last token; their outputs drop)."""
+  T = x_BTX.shape[1]
+  return x_BTX[jnp.arange(x_BTX.shape[0])[:, None, None], jnp.minimum(idx_BGS, T - 1)]
+
+
+def scatter_slots(y_BGSX: jax.Array, idx_BGS: jax.Array, seq_len: int) -> jax.Array:
+  """`[B, T, X]`: each slot's row added at its token (empty slots, index T, are dropped)."""
+  B = y_BGSX.shape[0]
+  out_BTX = jnp.zeros((B, seq_len) + y_BGSX.shape[3:], y_BGSX.dtype)
+  return out_BTX.at[jnp.arange(B)[:, None, None], idx_BGS].add(y_BGSX, mode='drop')
+
+
+def slot_attention(q_BSGD: jax.Array, k_BSGD: jax.Array, v_BSGD: jax.Array, *, kernel: str,
+                   window: int | None = None) -> jax.Array:
+  """Causal attention over each group's slots; slots are in position order, so slot order is position
+  order, and empty slots come last, where no filled slot sees them."""
+  if kernel == 'pallas':
+    return flash_attention(q_BSGD, k_BSGD, v_BSGD, causal=True, window=window).astype(q_BSGD.dtype)
+  if window:
+    return core.local_attend(q_BSGD, k_BSGD, v_BSGD, window=window)
+  slot_BS = jnp.broadcast_to(jnp.arange(q_BSGD.shape[1]), q_BSGD.shape[:2])
+  return core.attend(q_BSGD, k_BSGD, v_BSGD, slot_BS, slot_BS)
+
+
+def cached_slot_attention(q_BTGD, k_BTGD, v_BTGD, rank_BTG, keep_BTG, cache: Cache, *,
+                          window: int | None = None):
+  """Decoding: writes the kept new tokens into their groups' slots, then each attends to the slots at
+  or before its own (within `window`). Returns the outputs (zero where not kept) and the cache."""
+  B, T, G, _ = q_BTGD.shape
+  S = cache['k'].shape[1]
+  slot_BTG = jnp.where(keep_BTG, rank_BTG, S)
+  b_B11, g_11G = jnp.arange(B)[:, None, None], jnp.arange(G)[None, None, :]
+  k_BSGD = cache['k'].at[b_B11, slot_BTG, g_11G].set(k_BTGD.astype(cache['k'].dtype), mode='drop')
+  v_BSGD = cache['v'].at[b_B11, slot_BTG, g_11G].set(v_BTGD.astype(cache['v'].dtype), mode='drop')
+  s_BGTS = jnp.einsum('btgd,bsgd->bgts', q_BTGD, k_BSGD,
+                      preferred_element_type=jnp.float32) * q_BTGD.shape[-1] ** -0.5
+  slot_111S = jnp.arange(S)[None, None, None, :]
+  rank_BGT1 = rank_BTG.transpose(0, 2, 1)[..., None]
+  mask_BGTS = slot_111S <= rank_BGT1
+  if window:
+    mask_BGTS &= slot_111S > rank_BGT1 - window
+  p_BGTS = jax.nn.softmax(jnp.where(mask_BGTS, s_BGTS, core._NEG_INF), axis=-1)
+  o_BTGD = jnp.einsum('bgts,bsgd->btgd', p_BGTS.astype(v_BSGD.dtype), v_BSGD)
+  o_BTGD = o_BTGD * keep_BTG[..., None].astype(o_BTGD.dtype)
+  count_BG = cache['count'] + jnp.sum(keep_BTG, axis=1, dtype=jnp.int32)
+  return o_BTGD, {'k': k_BSGD, 'v': v_BSGD, 'count': count_BG}
+
+
+# ----------------------------------------------------------------------------- the layer
+
+class Threshold(nnx.Variable):
+  """mosa_causal's per-head router threshold: state the train step moves, never a gradient."""
+
+
+class Attention(dense.Attention):
+  """The paper's MoSA: expert-choice top-k over the whole sequence, hence not causal."""
+
+  causal = False
+
+  def __init__(self, cfg: ml_collections.ConfigDict, *, rngs: nnx.Rngs):
+    super().__init__(cfg, rngs=rngs)
+    d, m, dh, pd = cfg.d_model, cfg.mosa.num_heads, cfg.head_dim, cfg.param_dtype
+    self.mosa_router = param(rngs, (d, m), ('embed', 'q_heads'), stddev=d**-0.5, dtype=pd)
+    for name in ('mosa_wq', 'mosa_wk', 'mosa_wv'):
+      setattr(self, name, param(rngs, (d, m, dh), ('embed', 'q_heads', 'head_dim'), stddev=d**-0.5,
+                                dtype=pd))
+    # Each token meets few MoSA heads, so the output starts at the dense heads' scale per head.
+    out_std = (cfg.num_heads * dh) ** -0.5 / (2 * cfg.num_layers) ** 0.5
+    self.mosa_wo = param(rngs, (m, dh, d), ('q_heads', 'head_dim', 'embed'), stddev=out_std, dtype=pd)
+    self.mosa = ml_collections.FrozenConfigDict(cfg.mosa)
+
+  @classmethod
+  def check_config(cls, cfg: ml_collections.ConfigDict) -> None:
+    m = cfg.mosa
+    if not isinstance(m.num_heads, int) or m.num_heads < 1:
+      raise ConfigError(f'model.mosa.num_heads={m.num_heads!r} must be a positive integer')
+    if not isinstance(m.sparsity, int) or m.sparsity < 1:
+      raise ConfigError(f'model.mosa.sparsity={m.sparsity!r} must be a positive integer (rho: k = T / rho)')
+    if not m.capacity_factor >= 1:
+      raise ConfigError(f'model.mosa.capacity_factor={m.capacity_factor} must be at least 1')
+    if cfg.head_dim % 2:
+      raise ConfigError(f'model.head_dim={cfg.head_dim} must be even (rotary embeddings)')
+
+  @classmethod
+  def attended_keys(cls, cfg: ml_collections.ConfigDict, seq_len: int) -> float:
+    """The dense heads' keys, plus the MoSA heads' work in units of a dense head: k queries a head,
+    each seeing (k + 1) / 2 keys on average, spread over T tokens."""
+    k = num_selected(seq_len, cfg.mosa.sparsity)
+    sparse = cfg.mosa.num_heads * k * (k + 1) / 2 / seq_len
+    return super().attended_keys(cfg, seq_len) + sparse / cfg.num_heads
+
+  @staticmethod
+  def param_uses_per_token(cfg: ml_collections.ConfigDict) -> dict[str, float]:
+    # A MoSA head projects only its k = T / rho tokens; the router scores every token.
+    share = 1 / cfg.mosa.sparsity
+    return {name: share for name in ('mosa_wq', 'mosa_wk', 'mosa_wv', 'mosa_wo')}
+
+  def init_cache(self, batch: int, max_len: int) -> Cache:
+    raise ValueError('model.attention=mosa chooses tokens by a top-k over the whole sequence and cannot '
+                     'decode token by token; use mosa_causal')
+
+  def __call__(self, x_BTD: jax.Array, pos_BT: jax.Array,
+               cache: Cache | None = None) -> tuple[jax.Array, Cache | None]:
+    if cache is not None:
+      raise ValueError('model.attention=mosa cannot decode with a cache; use mosa_causal')
+    y_BTD, _ = super().__call__(x_BTD, pos_BT)
+    x_BTD = x_BTD.astype(self.dtype)
+    logits_BMT = self._router_logits(x_BTD)
+    idx_BMS = self._select(logits_BMT, pos_BT)
+    return y_BTD + self._sparse_heads(x_BTD, pos_BT, logits_BMT, idx_BMS), None
+
+  def _router_logits(self, x_BTD):
+    return jnp.einsum('btd,dm->bmt', x_BTD, self.mosa_router[...].astype(self.dtype),
+                      preferred_element_type=jnp.float32)
+
+  def _select(self, logits_BMT, pos_BT) -> jax.Array:
+    """Expert choice: each head's top-k tokens, sorted by position."""
+    score_BMT = logits_BMT
+    if self.mosa.include_first:
+      score_BMT = jnp.where((pos_BT == 0)[:, None, :], jnp.inf, score_BMT)
+    k = num_selected(logits_BMT.shape[-1], self.mosa.sparsity)
+    _, idx_BMS = jax.lax.top_k(jax.lax.stop_gradient(score_BMT), k)
+    return jnp.sort(idx_BMS, axis=-1).astype(jnp.int32)
+
+  def _project(self, x_BXD, pos_BX, prefix='btd,dmh->btmh'):
+    """Per-head Q/K/V of tokens already laid out per head, `[B, X, M, D]`; RoPE at their positions."""
+    dt = self.dtype
+    q, k, v = (jnp.einsum(prefix, x_BXD, w[...].astype(dt))
+               for w in (self.mosa_wq, self.mosa_wk, self.mosa_wv))
+    return self._rope(q, pos_BX), self._rope(k, pos_BX), v
+
+  def _rope(self, x_BSMD, pos_BSM):
+    """RoPE with a position per (slot, head): heads are folded into the batch."""
+    B, S, M, D = x_BSMD.shape
+    x_XS1D = x_BSMD.transpose(0, 2, 1, 3).reshape(B * M, S, 1, D)
+    pos_XS = pos_BSM.transpose(0, 2, 1).reshape(B * M, S)
+    return rope(x_XS1D, pos_XS, self.rope_theta).reshape(B, M, S, D).transpose(0, 2, 1, 3)
+
+  def _sparse_heads(self, x_BTD, pos_BT, logits_BMT, idx_BMS) -> jax.Array:
+    B, T, _ = x_BTD.shape
+    x_BMSD = gather_slots(x_BTD, idx_BMS)
+    pos_BSM = gather_slots(pos_BT[..., None], idx_BMS)[..., 0].transpose(0, 2, 1)
+    q_BSMH, k_BSMH, v_BSMH = self._project(x_BMSD, pos_BSM, 'bmsd,dmh->bsmh')
+    o_BSMH = slot_attention(q_BSMH, k_BSMH, v_BSMH, kernel=self.kernel)
+    r_BMS = jax.nn.sigmoid(jnp.take_along_axis(logits_BMT, jnp.minimum(idx_BMS, T - 1), axis=-1))
+    y_BMSD = jnp.einsum('bsmh,mhd->bmsd', o_BSMH, self.mosa_wo[...].astype(self.dtype))
+    return scatter_slots(y_BMSD * r_BMS[..., None].astype(self.dtype), idx_BMS, T)
+
+
+class CausalAttention(Attention):
+  """mosa_causal: a head takes token t iff its router logit exceeds a threshold tracked toward the target
+  share 1 / rho, so the choice of t never looks past t; decodes with a cache."""
+
+  causal = True
+
+  def __init__(self, cfg: ml_collections.ConfigDict, *, rngs: nnx.Rngs):
+    super().__init__(cfg, rngs=rngs)
+    # The router logits start about standard normal (unit-RMS input, d^-1/2 weights): start each
+    # threshold at the quantile that leaves 1 / rho of them above it.
+    share = 1 / cfg.mosa.sparsity
+    start = statistics.NormalDist().inv_cdf(1 - share) if share < 1 else -10.0
+    self.threshold = Threshold(jnp.full((cfg.mosa.num_heads,), start, jnp.float32))
+    self.update_state = False  # the train step sets it (trainer.forward) so the threshold moves
+
+  def _slots(self, seq_len: int) -> int:
+    return math.ceil(self.mosa.capacity_factor * seq_len / self.mosa.sparsity)
+
+  def _taken(self, logits_BMT, pos_BT) -> jax.Array:
+    tau_1M1 = jax.lax.stop_gradient(self.threshold[...])[None, :, None]
+    taken_BMT = logits_BMT > tau_1M1
+    if self.mosa.include_first:
+      taken_BMT |= (pos_BT == 0)[:, None, :]
+    self.sow(nnx.Intermediate, 'mosa_taken_share', jnp.mean(taken_BMT.astype(jnp.float32)))
+    if self.update_state:
+      share_M = jnp.mean(taken_BMT.astype(jnp.float32), axis=(0, 2))
+      self.threshold[...] = self.threshold[...] + self.mosa.threshold_rate * (
+          share_M - 1 / self.mosa.sparsity) * self.mosa.sparsity
+    return taken_BMT
+
+  def _select(self, logits_BMT, pos_BT) -> jax.Array:
+    m = self.mosa
+    idx_BMS, _ = causal_slots(self._taken(logits_BMT, pos_BT), pos_BT,
+                                 per_token=m.capacity_factor / m.sparsity,
+                                 num_slots=self._slots(logits_BMT.shape[-1]))
+    return idx_BMS
+
+  def init_cache(self, batch: int, max_len: int) -> Cache:
+    S, M, H = self._slots(max_len), self.mosa.num_heads, self.mosa_wk.shape[-1]
+    return {'dense': dense.Attention.init_cache(self, batch, max_len),
+            'k': jnp.zeros((batch, S, M, H), self.dtype), 'v': jnp.zeros((batch, S, M, H), self.dtype),
+            'count': jnp.zeros((batch, M), jnp.int32)}
+
+  def __call__(self, x_BTD: jax.Array, pos_BT: jax.Array,
+               cache: Cache | None = None) -> tuple[jax.Array, Cache | None]:
+    if cache is None:
+      y_BTD, _ = dense.Attention.__call__(self, x_BTD, pos_BT)
+      x_BTD = x_BTD.astype(self.dtype)
+      logits_BMT = self._router_logits(x_BTD)
+      return y_BTD + self._sparse_heads(x_BTD, pos_BT, logits_BMT, self._select(logits_BMT, pos_BT)), None
+    y_BTD, dense_cache = dense.Attention.__call__(self, x_BTD, pos_BT, cache['dense'])
+    x_BTD = x_BTD.astype(self.dtype)
+    logits_BMT = self._router_logits(x_BTD)
+    m, S = self.mosa, cache['k'].shape[1]
+    taken_BMT = self._taken(logits_BMT, pos_BT)
+    rank_BMT, keep_BMT = causal_ranks(taken_BMT, pos_BT, cache['count'],
+                                      per_token=m.capacity_factor / m.sparsity, num_slots=S)
+    pos_BTM = jnp.broadcast_to(pos_BT[..., None], pos_BT.shape + (m.num_heads,))
+    q_BTMH, k_BTMH, v_BTMH = self._project(x_BTD, pos_BTM)
+    o_BTMH, sparse_cache = cached_slot_attention(
+        q_BTMH, k_BTMH, v_BTMH, rank_BMT.transpose(0, 2, 1), keep_BMT.transpose(0, 2, 1),
+        {'k': cache['k'], 'v': cache['v'], 'count': cache['count']})
+    r_BTM = jax.nn.sigmoid(logits_BMT).transpose(0, 2, 1).astype(self.dtype)
+    y_BTD += jnp.einsum('btmh,mhd->btd', o_BTMH * r_BTM[..., None], self.mosa_wo[...].astype(self.dtype))
+    return y_BTD, {'dense': dense_cache, **sparse_cache}

@@ -1,0 +1,244 @@
+"""Routing attention (Roy, Saffar, Vaswani & Grangier 2021, "Efficient Content-Based Sparse Attention
+with Routing Transformers", TACL, arXiv:2003.05997).
+
+A layer is `model.num_heads` local heads (sliding window `model.routing.window`) beside
+`model.routing.num_heads` routing heads. A routing head r:
+- projects every token once to a shared query/key vector (the paper's language-model setting) and a
+  value, and normalises the query/key to the unit sphere;
+- keeps `C` centroids on that sphere, updated by an exponential moving average of the vectors nearest
+  to each (mini-batch k-means), never by gradient; a commitment loss pulls the vectors toward their
+  centroid (`*_aux_loss`, added to the training loss);
+- forms balanced clusters: each centroid takes its `T / C` nearest tokens (top-k), sorted by position;
+- attends within each cluster under the original-position causal mask (sorted, the ordinary causal
+  mask over the cluster's slots, so `pallas_kernels.flash_attention` serves); a token in several
+  clusters gets the average of its outputs, a token in none gets zero from this head.
+
+Where this departs from the paper, and why:
+- Positions enter through rotary embeddings on the shared query/key (after routing, which sees the
+  un-rotated vectors), the project's one position scheme, instead of the paper's relative encodings.
+- The shared query/key makes a token's own key its best match; the logits are the cosine times
+  `sqrt(head_dim)`, as scaled dot products of vectors of norm `sqrt(head_dim)`.
+
+Causality. A centroid's top-k looks at the whole sequence, so which cluster sees a token depends on later
+tokens: `Attention` (`routing`) is the faithful version, flagged `causal = False`. `CausalAttention`
+(`routing_causal`) assigns each token to its nearest centroid (the centroids are state, fixed during a
+pass), lays each cluster's tokens out in position order (sorted, chunked clusters) and lets a token see
+the last `window` tokens of its own cluster before it. A token whose rank in its cluster reaches
+`capacity_factor * (t + 1) / C` is dropped (zero from this head), a rule that only looks back. It decodes
+with a cache of each cluster's keys and values.
+"""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from flax import nnx
+
+from sparse_lm.attention import dense
+from sparse_lm.attention.mosa import cached_slot_attention, causal_ranks, causal_slots, slot_attention
+from sparse_lm.config import ConfigError
+from sparse_lm.layers import param, rope
+
+Cache = dict
+
+
+class Centroids(nnx.Variable):
+  """The k-means centroids of a routing layer, `[heads, C, head_dim]` unit vectors; moved by EMA."""
+
+
+def _unit(x: jax.Array) -> jax.Array:
+  x32 = x.astype(jnp.float32)
+  return (x32 * jax.lax.rsqrt(jnp.sum(x32 * x32, axis=-1, keepdims=True) + 1e-12)).astype(x.dtype)
+
+
+class Attention(dense.Attention):
+  """The paper's routing attention: balanced top-k clusters over the whole sequence, not causal."""
+
+  causal = False
+
+  def __init__(self, cfg: ml_collections.ConfigDict, *, rngs: nnx.Rngs):
+    super().__init__(cfg, rngs=rngs)
+    rt = cfg.routing
+    d, R, dh, pd = cfg.d_model, rt.num_heads, cfg.head_dim, cfg.param_dtype
+    self.routing_wqk = param(rngs, (d, R, dh), ('embed', 'q_heads', 'head_dim'), stddev=d**-0.5, dtype=pd)
+    self.routing_wv = param(rngs, (d, R, dh), ('embed', 'q_heads', 'head_dim'), stddev=d**-0.5, dtype=pd)
+    out_std = ((cfg.num_heads + R) * dh) ** -0.5 / (2 * cfg.num_layers) ** 0.5
+    self.routing_wo = param(rngs, (R, dh, d), ('q_heads', 'head_dim', 'embed'), stddev=out_std, dtype=pd)
+    self.centroids = Centroids(_unit(jax.random.normal(rngs.params(), (R, rt.num_clusters, dh))))
+    self.update_state = False  # the train step sets it (trainer.forward) so the centroids move
+    self.routing = ml_collections.FrozenConfigDict(rt)
+
+  # ------------------------------------------------------------------------- config and FLOPs
+
+  @staticmethod
+  def attention_window(cfg: ml_collections.ConfigDict) -> int:
+    if not isinstance(cfg.routing.window, int) or cfg.routing.window < 1:
+      raise ConfigError(f'model.routing.window={cfg.routing.window!r}: the local heads need a window >= 1')
+    return cfg.routing.window
+
+  @classmethod
+  def check_config(cls, cfg: ml_collections.ConfigDict) -> None:
+    rt = cfg.routing
+    cls.attention_window(cfg)
+    for key in ('num_heads', 'num_clusters'):
+      if not isinstance(rt[key], int) or rt[key] < 1:
+        raise ConfigError(f'model.routing.{key}={rt[key]!r} must be a positive integer')
+    if not 0 <= rt.decay < 1:
+      raise ConfigError(f'model.routing.decay={rt.decay} must be in [0, 1) (EMA of the centroids)')
+    if not rt.capacity_factor >= 1:
+      raise ConfigError(f'model.routing.capacity_factor={rt.capacity_factor} must be at least 1')
+    if cfg.head_dim % 2:
+      raise ConfigError(f'model.head_dim={cfg.head_dim} must be even (rotary embeddings)')
+
+  @classmethod
+  def routed_keys(cls, cfg: ml_collections.ConfigDict, seq_len: int) -> float:
+    """Keys a routing head's query sees on average: C clusters of w = T / C, causal within each."""
+    w = max(1, seq_len // cfg.routing.num_clusters)
+    return cfg.routing.num_clusters * w * (w + 1) / 2 / seq_len
+
+  @classmethod
+  def attended_keys(cls, cfg: ml_collections.ConfigDict, seq_len: int) -> float:
+    """The local heads' keys plus the routing heads' keys, in units of a local head."""
+    routed = cfg.routing.num_heads * cls.routed_keys(cfg, seq_len)
+    return super().attended_keys(cfg, seq_len) + routed / cfg.num_heads
+
+  def init_cache(self, batch: int, max_len: int) -> Cache:
+    raise ValueError('model.attention=routing clusters by a top-k over the whole sequence and cannot '
+                     'decode token by token; use routing_causal')
+
+  # ------------------------------------------------------------------------- forward
+
+  def __call__(self, x_BTD: jax.Array, pos_BT: jax.Array,
+               cache: Cache | None = None) -> tuple[jax.Array, Cache | None]:
+    if cache is not None:
+      raise ValueError('model.attention=routing cannot decode with a cache; use routing_causal')
+    y_BTD, _ = dense.Attention.__call__(self, x_BTD, pos_BT)
+    qk_BTRH, v_BTRH, score_BRCT = self._route_inputs(x_BTD)
+    idx_BGS = self._clusters(score_BRCT, pos_BT)
+    return y_BTD + self._routed(qk_BTRH, v_BTRH, pos_BT, idx_BGS), None
+
+  def _route_inputs(self, x_BTD):
+    """Unit query/keys, values and the scores against the centroids; sows the commitment loss and, in
+    the train step, moves the centroids."""
+    x_BTD = x_BTD.astype(self.dtype)
+    qk_BTRH = _unit(jnp.einsum('btd,drh->btrh', x_BTD, self.routing_wqk[...].astype(self.dtype)))
+    v_BTRH = jnp.einsum('btd,drh->btrh', x_BTD, self.routing_wv[...].astype(self.dtype))
+    mu_RCH = jax.lax.stop_gradient(self.centroids[...])
+    score_BRCT = jnp.einsum('btrh,rch->brct', qk_BTRH, mu_RCH.astype(self.dtype),
+                            preferred_element_type=jnp.float32)
+    nearest_BTRC = jax.nn.one_hot(jnp.argmax(score_BRCT, axis=2).transpose(0, 2, 1),
+                                  mu_RCH.shape[1], dtype=jnp.float32)
+    # Commitment loss (as in VQ-VAE, van den Oord et al. 2017): the distance to the nearest centroid.
+    near_BTRH = jnp.einsum('btrc,rch->btrh', nearest_BTRC, mu_RCH)
+    commit = jnp.mean(jnp.sum((qk_BTRH.astype(jnp.float32) - near_BTRH) ** 2, axis=-1))
+    self.sow(nnx.Intermediate, 'routing_commitment_aux_loss', self.routing.commitment_weight * commit)
+    if self.update_state:
+      self._ema_step(jax.lax.stop_gradient(qk_BTRH.astype(jnp.float32)), nearest_BTRC)
+    return qk_BTRH, v_BTRH, score_BRCT
+
+  def _ema_step(self, qk_BTRH, nearest_BTRC) -> None:
+    """Mini-batch k-means by EMA (Roy et al. Sec. 4.1): each centroid moves toward the mean of the
+    vectors nearest to it, then back onto the sphere; a centroid nothing chose stays."""
+    sum_RCH = jnp.einsum('btrc,btrh->rch', nearest_BTRC, qk_BTRH)
+    count_RC1 = jnp.sum(nearest_BTRC, axis=(0, 1))[..., None]
+    mu_RCH = self.centroids[...]
+    decay = self.routing.decay
+    moved_RCH = _unit(decay * mu_RCH + (1 - decay) * sum_RCH / jnp.maximum(count_RC1, 1.0))
+    self.centroids[...] = jnp.where(count_RC1 > 0, moved_RCH, mu_RCH)
+
+  def _clusters(self, score_BRCT, pos_BT) -> jax.Array:
+    """Balanced clusters: each centroid's T / C best tokens, sorted by position; `[B, R*C, w]`."""
+    B, R, C, T = score_BRCT.shape
+    _, idx_BRCw = jax.lax.top_k(score_BRCT, max(1, T // C))
+    return jnp.sort(idx_BRCw, axis=-1).astype(jnp.int32).reshape(B, R * C, -1)
+
+  def _window(self) -> int | None:
+    return None
+
+  def _routed(self, qk_BTRH, v_BTRH, pos_BT, idx_BGS) -> jax.Array:
+    """Attention within each group's slots (group g = head g // C, cluster g % C), outputs averaged over
+    the groups that took a token."""
+    B, T, R, H = qk_BTRH.shape
+    G, S = idx_BGS.shape[1:]
+    b_B11, r_1G1 = jnp.arange(B)[:, None, None], (jnp.arange(G) // (G // R))[None, :, None]
+    tok_BGS = jnp.minimum(idx_BGS, T - 1)
+    qk_BSGH = self._rope(qk_BTRH[b_B11, tok_BGS, r_1G1] * H**0.5, pos_BT[b_B11, tok_BGS])
+    v_BSGH = v_BTRH[b_B11, tok_BGS, r_1G1].transpose(0, 2, 1, 3)
+    o_BGSH = slot_attention(qk_BSGH, qk_BSGH, v_BSGH, kernel=self.kernel,
+                            window=self._window()).transpose(0, 2, 1, 3)
+    sum_BTRH = jnp.zeros((B, T, R, H), o_BGSH.dtype).at[b_B11, idx_BGS, r_1G1].add(o_BGSH, mode='drop')
+    count_BTR = jnp.zeros((B, T, R), o_BGSH.dtype).at[b_B11, idx_BGS, r_1G1].add(1.0, mode='drop')
+    o_BTRH = sum_BTRH / jnp.maximum(count_BTR, 1.0)[..., None]
+    return jnp.einsum('btrh,rhd->btd', o_BTRH, self.routing_wo[...].astype(self.dtype))
+
+  def _rope(self, x_BGSH, pos_BGS):
+    """RoPE with a position per (group, slot), groups folded into the batch; back as `[B, S, G, H]`."""
+    B, G, S, H = x_BGSH.shape
+    x_XS1H = x_BGSH.reshape(B * G, S, 1, H)
+    return rope(x_XS1H, pos_BGS.reshape(B * G, S), self.rope_theta).reshape(B, G, S, H).transpose(0, 2, 1, 3)
+
+
+class CausalAttention(Attention):
+  """routing_causal: nearest-centroid clusters, each laid out in position order, causal windows in them."""
+
+  causal = True
+
+  def _window(self) -> int:
+    return self.routing.window
+
+  def _slots(self, seq_len: int) -> int:
+    return min(seq_len, math.ceil(self.routing.capacity_factor * seq_len / self.routing.num_clusters))
+
+  def _taken(self, score_BRCT) -> jax.Array:
+    """`[B, R*C, T]`: whether group (head, cluster) takes each token: its nearest centroid."""
+    B, R, C, T = score_BRCT.shape
+    nearest_BRCT = jnp.argmax(score_BRCT, axis=2)[:, :, None, :] == jnp.arange(C)[None, None, :, None]
+    return nearest_BRCT.reshape(B, R * C, T)
+
+  def _clusters(self, score_BRCT, pos_BT) -> jax.Array:
+    rt = self.routing
+    taken_BGT = self._taken(score_BRCT)
+    idx_BGS, keep_BGT = causal_slots(taken_BGT, pos_BT, per_token=rt.capacity_factor / rt.num_clusters,
+                                        num_slots=self._slots(score_BRCT.shape[-1]))
+    self.sow(nnx.Intermediate, 'routing_dropped_share',
+             1 - jnp.sum(keep_BGT) / (taken_BGT.shape[0] * taken_BGT.shape[-1] * rt.num_heads))
+    return idx_BGS
+
+  @classmethod
+  def routed_keys(cls, cfg: ml_collections.ConfigDict, seq_len: int) -> float:
+    """Keys a routing head's query sees, for clusters of T / C tokens: the last `window` of its cluster."""
+    n = max(1, seq_len // cfg.routing.num_clusters)
+    return sum(min(i + 1, cfg.routing.window) for i in range(n)) / n
+
+  def init_cache(self, batch: int, max_len: int) -> Cache:
+    G, H = self.routing.num_heads * self.routing.num_clusters, self.routing_wqk.shape[-1]
+    S = self._slots(max_len)
+    return {'dense': dense.Attention.init_cache(self, batch, max_len),
+            'k': jnp.zeros((batch, S, G, H), self.dtype), 'v': jnp.zeros((batch, S, G, H), self.dtype),
+            'count': jnp.zeros((batch, G), jnp.int32)}
+
+  def __call__(self, x_BTD: jax.Array, pos_BT: jax.Array,
+               cache: Cache | None = None) -> tuple[jax.Array, Cache | None]:
+    if cache is None:
+      y_BTD, _ = dense.Attention.__call__(self, x_BTD, pos_BT)
+      qk_BTRH, v_BTRH, score_BRCT = self._route_inputs(x_BTD)
+      return y_BTD + self._routed(qk_BTRH, v_BTRH, pos_BT, self._clusters(score_BRCT, pos_BT)), None
+    rt = self.routing
+    y_BTD, dense_cache = dense.Attention.__call__(self, x_BTD, pos_BT, cache['dense'])
+    qk_BTRH, v_BTRH, score_BRCT = self._route_inputs(x_BTD)
+    B, T, R, H = qk_BTRH.shape
+    C = rt.num_clusters
+    taken_BGT = self._taken(score_BRCT)
+    rank_BGT, keep_BGT = causal_ranks(taken_BGT, pos_BT, cache['count'], per_token=rt.capacity_factor / C,
+                                      num_slots=cache['k'].shape[1])
+    qk_BTRH = rope(qk_BTRH * H**0.5, pos_BT, self.rope_theta)
+    def per_group(x_BTRH):
+      return jnp.broadcast_to(x_BTRH[:, :, :, None], (B, T, R, C, H)).reshape(B, T, R * C, H)
+    qk_BTGH, v_BTGH = per_group(qk_BTRH), per_group(v_BTRH)
+    o_BTGH, routed_cache = cached_slot_attention(
+        qk_BTGH, qk_BTGH, v_BTGH, rank_BGT.transpose(0, 2, 1), keep_BGT.transpose(0, 2, 1),
+        {'k': cache['k'], 'v': cache['v'], 'count': cache['count']}, window=rt.window)
+    o_BTRH = o_BTGH.reshape(B, T, R, C, H).sum(axis=3)  # a token sits in one cluster at most
+    y_BTD += jnp.einsum('btrh,rhd->btd', o_BTRH, self.routing_wo[...].astype(self.dtype))
+    return y_BTD, {'dense': dense_cache, **routed_cache}
