@@ -80,3 +80,4 @@ def check_config(config: ml_collections.ConfigDict, *, num_devices: int, process
   check_train(config, num_devices, process_count)
   tokenizer.vocab_size_for(config)
   data.check_source(config)
+  data.check_shards(config, process_count)

@@ -78,7 +78,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.seq_len = 256
   c.data.tokenizer = 'byte'  # 'byte' or 'sentencepiece:VOCAB_SIZE' (trained on the train split)
   c.data.validation_fraction = 0.02  # of documents, for sources without a validation split
-  c.data.shuffle_buffer = 256  # packed sequences shuffled in a window of this many
+  c.data.shuffle_buffer = 256  # packed sequences shuffled in a window of this many, per shard
+  # Virtual shards of the train stream (sparse_lm/data.py): they, not the hosts, fix the batches, so a
+  # run gives the same data on any process count that divides them. 0: the largest power of two
+  # dividing train.batch_size, at most 64.
+  c.data.num_shards = 0
   c.data.tfds_split_train = 'train'
   c.data.tfds_split_eval = 'validation'
   c.data.tfds_text_key = 'text'

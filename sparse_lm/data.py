@@ -4,11 +4,15 @@ A source (`data.source`) gives each split as a `Corpus`: documents read lazily o
 token ids for a synthetic task), and their size in UTF-8 bytes where that is cheap to know. A new
 source is one function plus one `SOURCES` line.
 
-Training, per host: this host's documents (`[process_index::process_count]`, so hosts never share a
-document), shuffled by `train.seed` with a new order every epoch, repeated forever, tokenized with EOS
-after each document, concatenated and split into windows of `seq_len + 1` tokens, shuffled within a
-window of `data.shuffle_buffer`, and batched. Each batch is `{'inputs', 'targets'}`, both `int32[b, T]`,
-the targets being the inputs shifted by one. The iterator's state is a small JSON-serialisable dict.
+Training: the train documents are dealt into `data.num_shards` virtual shards (`documents[j::S]`), and
+each shard is its own stream: its documents shuffled by `train.seed` with a new order every epoch,
+repeated forever, tokenized with EOS after each document, concatenated and split into windows of
+`seq_len + 1` tokens, shuffled within a window of `data.shuffle_buffer`. A global batch of B sequences
+takes B / S consecutive windows from each shard, shard-major. The shards, not the hosts, fix the data:
+a host runs only the shards it owns (S / process_count of them, contiguous) and yields its rows of the
+global batch, so 1 process or 16 see the same global batches, and a checkpoint (the states of all S
+shard streams, gathered from every host) resumes on any process count that divides S. Each batch is
+`{'inputs', 'targets'}`, both `int32[b, T]`, the targets being the inputs shifted by one.
 
 Evaluation reads the validation split in order, once, and never shuffles.
 """
@@ -24,7 +28,7 @@ import zlib
 import grain
 import numpy as np
 
-from sparse_lm import synthetic
+from sparse_lm import distributed, synthetic
 from sparse_lm.config import ConfigError
 
 # Long text files are cut into documents of this many bytes so that a corpus of one big file still has
@@ -321,19 +325,88 @@ class _JsonStateIterator(grain.DatasetIterator):
     self._parent.set_state(_grain_state(state))
 
 
-def make_train_iterator(config, tokenizer, *, process_index: int = 0, process_count: int = 1):
-  """Endless batches of this host's share of the train split; `get_state`/`set_state` resume exactly."""
-  check_source(config)
-  batch_size = _host_batch_size(config, process_count)
-  documents = corpus(config, 'train').documents[process_index::process_count]
-  if len(documents) == 0:
-    raise ConfigError(f'data.source={config.data.source!r}: too few train documents for '
-                      f'{process_count} processes')
+def num_shards(config) -> int:
+  """`data.num_shards`, or for 0 the largest power of two that divides `train.batch_size`, at most 64."""
+  if config.data.num_shards:
+    return config.data.num_shards
+  batch = config.train.batch_size
+  return min(64, batch & -batch) if batch > 0 else 1
+
+
+def check_shards(config, process_count: int) -> int:
+  """The shard count, or one ConfigError line when it cannot split the batch or the processes."""
+  shards = num_shards(config)
+  if shards < 1 or config.train.batch_size % shards or shards % process_count:
+    raise ConfigError(
+        f'data.num_shards={shards} must divide train.batch_size={config.train.batch_size} and be a '
+        f'multiple of the process count {process_count} (0: the largest power of two dividing the batch)')
+  return shards
+
+
+def _shard_stream(documents: grain.MapDataset, tokenizer, config, rows: int) -> grain.DatasetIterator:
+  """One shard's endless stream, `rows` windows at a time."""
   documents = documents.shuffle(seed=config.train.seed).repeat()  # the shuffle reseeds every epoch
   windows = grain.experimental.WindowShuffleIterDataset(
       _pack(documents, tokenizer, config), window_size=config.data.shuffle_buffer, seed=config.train.seed)
-  batches = windows.batch(batch_size, drop_remainder=True).map(_inputs_targets)
-  return _JsonStateIterator(iter(batches))
+  return _JsonStateIterator(iter(windows.batch(rows, drop_remainder=True)))
+
+
+class ShardedIterator:
+  """This host's rows of every global batch, from the shards it owns; its state covers those shards.
+
+  `get_state()` is this host's part, `{'shards': {j: state}}`; `set_state` takes a state holding at
+  least this host's shards (a gathered global one, from a checkpoint written by any process count).
+  """
+
+  def __init__(self, streams: dict[int, grain.DatasetIterator], num_shards: int):
+    self._streams = streams
+    self._num_shards = num_shards
+
+  def __iter__(self):
+    return self
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    return _inputs_targets(np.concatenate([next(stream) for stream in self._streams.values()]))
+
+  def get_state(self) -> dict:
+    return {'num_shards': self._num_shards,
+            'shards': {str(j): stream.get_state() for j, stream in self._streams.items()}}
+
+  def set_state(self, state: dict) -> None:
+    shards = state.get('shards', {})
+    missing = [j for j in self._streams if str(j) not in shards]
+    if state.get('num_shards') != self._num_shards or missing:
+      raise ValueError(f'the data state was saved with data.num_shards={state.get("num_shards")} and '
+                       f'holds shards {sorted(shards, key=int)}; this run has data.num_shards='
+                       f'{self._num_shards} and needs shards {sorted(self._streams)}')
+    for j, stream in self._streams.items():
+      stream.set_state(shards[str(j)])
+
+
+def make_train_iterator(config, tokenizer, *, process_index: int = 0,
+                        process_count: int = 1) -> ShardedIterator:
+  """Endless batches of this host's rows of the train split; `get_state`/`set_state` resume exactly."""
+  check_source(config)
+  _host_batch_size(config, process_count)
+  shards = check_shards(config, process_count)
+  documents = corpus(config, 'train').documents
+  if len(documents) < shards:
+    raise ConfigError(f'data.source={config.data.source!r} has {len(documents)} train documents, fewer '
+                      f'than data.num_shards={shards}; set data.num_shards lower')
+  per_host = shards // process_count
+  rows = config.train.batch_size // shards
+  owned = range(process_index * per_host, (process_index + 1) * per_host)
+  return ShardedIterator({j: _shard_stream(documents[j::shards], tokenizer, config, rows) for j in owned},
+                         shards)
+
+
+def gather_state(iterator: ShardedIterator) -> dict:
+  """The state of every shard, from all processes (a collective: every process calls it)."""
+  local = iterator.get_state()
+  merged = {}
+  for state in distributed.allgather_json(local):
+    merged.update(state['shards'])
+  return {**local, 'shards': merged}
 
 
 def eval_batches(config, tokenizer, *, process_index: int = 0, process_count: int = 1) -> list[dict]:

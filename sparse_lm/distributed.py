@@ -17,9 +17,12 @@ to connect; the coordinator declares a process dead after `heartbeat_timeout` se
 heartbeat and then fails every other process, whose collectives would otherwise wait forever.
 """
 
+import json
 import os
 
 import jax
+import numpy as np
+from jax.experimental import multihost_utils
 
 MODES = ('auto', 'on', 'off')
 
@@ -59,3 +62,31 @@ def initialize(*, mode: str = 'auto', coordinator_address: str | None = None,
       coordinator_address=coordinator_address, num_processes=num_processes, process_id=process_id,
       initialization_timeout=initialization_timeout, heartbeat_timeout_seconds=heartbeat_timeout)
   return True
+
+
+# ----------------------------------------------------------------------------- host-side exchanges
+# Collectives: every process must call them, in the same order.
+
+def _padded(data: bytes, length: int) -> np.ndarray:
+  out = np.zeros(length, np.uint8)
+  out[:len(data)] = np.frombuffer(data, np.uint8)
+  return out
+
+
+def broadcast_bytes(data: bytes | None) -> bytes:
+  """Process 0's `data` on every process (the others pass anything, None included)."""
+  if jax.process_count() == 1:
+    return data
+  length = int(multihost_utils.broadcast_one_to_all(np.int32(len(data) if jax.process_index() == 0 else 0)))
+  mine = data if jax.process_index() == 0 else b''
+  return np.asarray(multihost_utils.broadcast_one_to_all(_padded(mine, length))).tobytes()
+
+
+def allgather_json(value) -> list:
+  """Every process's JSON-serialisable `value`, in process order, on every process."""
+  if jax.process_count() == 1:
+    return [value]
+  encoded = json.dumps(value).encode()
+  lengths = np.asarray(multihost_utils.process_allgather(np.int32(len(encoded))))
+  rows = np.asarray(multihost_utils.process_allgather(_padded(encoded, int(lengths.max()))))
+  return [json.loads(row[:n].tobytes()) for row, n in zip(rows, lengths, strict=True)]

@@ -7,6 +7,7 @@ d_model=128, and 20 training tokens per parameter (Hoffmann et al. 2022). Rungs 
 """
 
 import dataclasses
+import functools
 
 import ml_collections
 
@@ -27,6 +28,9 @@ class Rung:
 
 
 RUNGS = {
+    # Tiny rungs for isoFLOP studies on a CPU, head_dim 16 so widths come in fine steps.
+    '100k': Rung(num_layers=2, d_model=64, num_heads=4, num_kv_heads=2, batch_size=16),
+    '300k': Rung(num_layers=3, d_model=96, num_heads=6, num_kv_heads=2, batch_size=16),
     '1m': Rung(num_layers=5, d_model=128, num_heads=4, num_kv_heads=2, batch_size=16),
     '3m': Rung(num_layers=8, d_model=192, num_heads=6, num_kv_heads=2, batch_size=16),
     '10m': Rung(num_layers=6, d_model=384, num_heads=6, num_kv_heads=2, batch_size=32),
@@ -35,7 +39,7 @@ RUNGS = {
     '300m': Rung(num_layers=26, d_model=1024, num_heads=16, num_kv_heads=4, batch_size=256),
     '1b': Rung(num_layers=22, d_model=2048, num_heads=16, num_kv_heads=4, batch_size=256),
 }
-CPU_RUNGS = ('1m', '3m', '10m')
+CPU_RUNGS = ('100k', '300k', '1m', '3m', '10m')
 
 
 def apply_shape(c: ml_collections.ConfigDict, *, num_layers: int, d_model: int, num_heads: int,
@@ -74,65 +78,114 @@ def _sized(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 
 
 def nsa_config(name: str) -> ml_collections.ConfigDict:
-  """The dense rung with NSA attention and the same parameter count, data and steps.
-
-  NSA's extra key/value projections, compression MLPs and gates are paid for by a narrower MLP, so
-  dense and NSA compare at equal parameters. Accelerator rungs use the paper's l=32, d=16, l'=64,
-  n=16, w=512 (Sec. 4.1); the CPU rungs (sequences of 256) scale the blocks down so selection still
-  leaves keys out.
-  """
+  """The rung with NSA at the same parameter count (`to_nsa`), data and steps."""
   c = dense_config(name)
-  dense_params = flops.param_counts(_sized(c))['total_params']
-  c.model.attention = 'nsa'
-  if name in CPU_RUNGS:
-    c.model.nsa.update(cmp_block=16, cmp_stride=8, sel_block=16, num_selected=4, window=32)
-  nsa_params = flops.param_counts(_sized(c))['total_params']
-  per_unit = 3 * c.model.num_layers * c.model.d_model  # parameters per unit of SwiGLU width
-  c.model.mlp_dim -= round((nsa_params - dense_params) / per_unit / 8) * 8
+  to_nsa(c, small=name in CPU_RUNGS)
   return c
 
 
 def moe_config(name: str) -> ml_collections.ConfigDict:
-  """The dense rung with fine-grained MoE MLPs (DeepSeekMoE, Dai et al. 2024) at the same *active* size,
-  data and steps.
-
-  Each MLP becomes 16 routed experts and 1 shared expert, each a quarter of the dense `mlp_dim`, with
-  the top 3 routed experts per token: a token runs through 4 quarter-width experts, the dense width,
-  so active parameters equal the dense rung's up to the router (d_model x 16 per layer, about 1%)
-  while total MLP parameters grow 4.25-fold. Softmax routing with the Switch balance loss and z-loss,
-  dropless execution.
-  """
+  """The rung with fine-grained MoE MLPs at the same active size (`to_moe`), data and steps."""
   c = dense_config(name)
-  c.model.mlp = 'moe'
-  c.model.moe.update(num_experts=16, top_k=3, num_shared_experts=1, granularity=0.25, score='softmax',
-                     normalize_top_k=True, execution='dropless', load_balance_weight=0.01,
-                     z_loss_weight=1e-3)
+  to_moe(c, small=name in CPU_RUNGS)
   return c
 
 
 def mosa_config(name: str, *, causal: bool = False) -> ml_collections.ConfigDict:
-  """The dense rung with MoSA at equal attention FLOPs (Piękos et al. 2025's isoFLOP rule): it keeps
-  `num_kv_heads` dense heads and spends the other dense heads' FLOPs on MoSA heads at sparsity 8 (CPU
-  rungs, sequences of 256) or 64 (the paper's, accelerator rungs). `causal`: mosa_causal."""
+  """The rung with MoSA at equal attention FLOPs (`to_mosa`); `causal`: mosa_causal."""
   c = dense_config(name)
-  m = c.model
-  rho = 8 if name in CPU_RUNGS else 64
-  heads = isoflop_heads(m.d_model, m.head_dim, m.num_heads, c.data.seq_len, rho, m.num_kv_heads)
-  m.attention = 'mosa_causal' if causal else 'mosa'
-  m.mosa.update(num_heads=heads, sparsity=rho)
-  m.num_heads = m.num_kv_heads
+  to_mosa(c, small=name in CPU_RUNGS, causal=causal)
   return c
 
 
 def routing_config(name: str, *, causal: bool = False) -> ml_collections.ConfigDict:
-  """The dense rung with half its heads local (window 32 on CPU rungs, 256 on accelerators) and half
-  routing heads over about sqrt(T) clusters (Roy et al. 2021); same parameters up to the routing heads'
-  shared Q/K. `causal`: routing_causal."""
+  """The rung with half its heads routing heads (`to_routing`); `causal`: routing_causal."""
   c = dense_config(name)
+  to_routing(c, small=name in CPU_RUNGS, causal=causal)
+  return c
+
+
+# ----------------------------------------------------------------------------- variants
+# Each turns a dense config of any shape (a rung, or a sweep's interpolated size) into its variant in
+# place, keeping data, optimiser and steps. `small`: CPU scale (sequences of 256), where the papers'
+# block and window sizes would cover the whole sequence, so they are scaled down.
+
+def to_nsa(c: ml_collections.ConfigDict, *, small: bool) -> None:
+  """NSA at the dense config's parameter count.
+
+  NSA's extra key/value projections, compression MLPs and gates are paid for by a narrower MLP, so
+  dense and NSA compare at equal parameters. Accelerator sizes use the paper's l=32, d=16, l'=64,
+  n=16, w=512 (Sec. 4.1); CPU sizes (sequences of 256) scale the blocks down so selection still
+  leaves keys out.
+  """
+  dense_params = flops.param_counts(_sized(c))['total_params']
+  c.model.attention = 'nsa'
+  if small:
+    c.model.nsa.update(cmp_block=16, cmp_stride=8, sel_block=16, num_selected=4, window=32)
+  nsa_params = flops.param_counts(_sized(c))['total_params']
+  per_unit = 3 * c.model.num_layers * c.model.d_model  # parameters per unit of SwiGLU width
+  c.model.mlp_dim -= round((nsa_params - dense_params) / per_unit / 8) * 8
+
+
+def to_moe(c: ml_collections.ConfigDict, *, small: bool) -> None:
+  """Fine-grained MoE MLPs (DeepSeekMoE, Dai et al. 2024) at the dense config's *active* size.
+
+  Each MLP becomes 16 routed experts and 1 shared expert, each a quarter of the dense `mlp_dim`, with
+  the top 3 routed experts per token: a token runs through 4 quarter-width experts, the dense width,
+  so active parameters equal the dense config's up to the router (d_model x 16 per layer, about 1%)
+  while total MLP parameters grow 4.25-fold. Softmax routing with the Switch balance loss and z-loss,
+  dropless execution. The same at every scale (`small` is unused).
+  """
+  del small
+  c.model.mlp = 'moe'
+  c.model.moe.update(num_experts=16, top_k=3, num_shared_experts=1, granularity=0.25, score='softmax',
+                     normalize_top_k=True, execution='dropless', load_balance_weight=0.01,
+                     z_loss_weight=1e-3)
+
+
+def to_mosa(c: ml_collections.ConfigDict, *, small: bool, causal: bool = False) -> None:
+  """MoSA at equal attention FLOPs (Piękos et al. 2025's isoFLOP rule): it keeps `num_kv_heads` dense
+  heads and spends the other dense heads' FLOPs on MoSA heads at sparsity 8 (CPU sizes, sequences of
+  256) or 64 (the paper's, accelerator sizes). `causal`: mosa_causal."""
   m = c.model
-  local = max(m.num_kv_heads, m.num_heads // 2 // m.num_kv_heads * m.num_kv_heads)
+  rho = 8 if small else 64
+  kept = _kept_heads(m, m.num_kv_heads)
+  heads = isoflop_heads(m.d_model, m.head_dim, m.num_heads, c.data.seq_len, rho, kept)
+  m.attention = 'mosa_causal' if causal else 'mosa'
+  m.mosa.update(num_heads=heads, sparsity=rho)
+  m.num_heads = kept
+
+
+def to_routing(c: ml_collections.ConfigDict, *, small: bool, causal: bool = False) -> None:
+  """Half the heads local (window 32 on CPU sizes, 256 on accelerators) and half routing heads over
+  about sqrt(T) clusters (Roy et al. 2021); same parameters up to the routing heads' shared Q/K.
+  `causal`: routing_causal."""
+  m = c.model
+  local = _kept_heads(m, max(m.num_kv_heads, m.num_heads // 2 // m.num_kv_heads * m.num_kv_heads))
   m.attention = 'routing_causal' if causal else 'routing'
   m.routing.update(num_heads=m.num_heads - local, num_clusters=round(c.data.seq_len ** 0.5),
-                   window=32 if name in CPU_RUNGS else 256)
+                   window=32 if small else 256)
   m.num_heads = local
-  return c
+
+
+def _kept_heads(m: ml_collections.ConfigDict, wanted: int) -> int:
+  """`wanted` dense heads kept beside the sparse ones if that leaves some heads to convert; on tiny
+  shapes (heads == kv heads) one kv head and half the heads instead."""
+  if wanted < m.num_heads:
+    return wanted
+  if m.num_heads < 2:
+    raise ValueError(f'model.num_heads={m.num_heads}: a sparse variant needs at least 2 heads to split')
+  m.num_kv_heads = 1
+  return m.num_heads // 2
+
+
+# name -> in-place transform of a dense config; what `sparse_lm.sweep` sizes and runs.
+VARIANTS = {
+    'dense': lambda c, *, small: None,
+    'nsa': to_nsa,
+    'mosa': functools.partial(to_mosa, causal=False),
+    'mosa_causal': functools.partial(to_mosa, causal=True),
+    'routing': functools.partial(to_routing, causal=False),
+    'routing_causal': functools.partial(to_routing, causal=True),
+    'moe': to_moe,
+}

@@ -28,9 +28,6 @@ from sparse_lm import attention, flops, ladder, mlp, tokenizer
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
-# How a variant turns a ladder rung into its config. Any other name is the dense rung with
-# `model.attention` (or `model.mlp`) set to it.
-VARIANTS = {'dense': ladder.dense_config, 'nsa': ladder.nsa_config}
 _RUN_NAME = re.compile(r'^(?P<variant>.+)_C(?P<budget>[0-9.e+-]+)_L(?P<layers>\d+)_d(?P<width>\d+)$')
 
 
@@ -51,18 +48,18 @@ class Run:
 
 # ----------------------------------------------------------------------------- shapes
 
-def variant_rung_config(variant: str, rung: str) -> ml_collections.ConfigDict:
-  if variant in VARIANTS:
-    return VARIANTS[variant](rung)
-  c = ladder.dense_config(rung)
-  if variant in attention.REGISTRY:
+def to_variant(c: ml_collections.ConfigDict, variant: str, *, small: bool) -> None:
+  """Turns a dense config into `variant` in place: a `ladder.VARIANTS` recipe (NSA at equal parameters,
+  MoSA at equal attention FLOPs, ...), or else any attention or MLP name set as it is."""
+  if variant in ladder.VARIANTS:
+    ladder.VARIANTS[variant](c, small=small)
+  elif variant in attention.REGISTRY:
     c.model.attention = variant
   elif variant in mlp.REGISTRY:
     c.model.mlp = variant
   else:
-    known = sorted({*VARIANTS, *attention.REGISTRY, *mlp.REGISTRY})
+    known = sorted({*ladder.VARIANTS, *attention.REGISTRY, *mlp.REGISTRY})
     raise ValueError(f'variant={variant!r} is not one of {known}')
-  return c
 
 
 def with_vocab(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -99,13 +96,14 @@ def _head_dim(rung: str) -> int:
 
 
 def sized_config(variant: str, template: str, num_layers: int, d_model: int) -> ml_collections.ConfigDict:
-  """The template rung's config (optimiser, data, batch) at another depth and width, shaped by the
-  ladder's recipe (`ladder.apply_shape`) with the rung's head_dim. Variant-specific resizing (NSA's
-  narrower MLP that matches the dense parameter count) is not redone at the new width."""
-  c = variant_rung_config(variant, template)
+  """The template rung's dense config (optimiser, data, batch) at another depth and width, shaped by
+  the ladder's recipe (`ladder.apply_shape`) with the rung's head_dim, then turned into `variant` at
+  that size (so NSA's narrower MLP and MoSA's isoFLOP head count are computed for the new shape)."""
+  c = ladder.dense_config(template)
   num_heads = d_model // _head_dim(template)
   ladder.apply_shape(c, num_layers=num_layers, d_model=d_model, num_heads=num_heads,
                      num_kv_heads=math.gcd(ladder.RUNGS[template].num_kv_heads, num_heads))
+  to_variant(c, variant, small=template in ladder.CPU_RUNGS)
   return c
 
 
@@ -120,7 +118,8 @@ def plan(budgets, n_center, *, sizes_per_budget=5, spread=4.0, variant='dense', 
   runs = []
   for budget in budgets:
     seen = set()
-    for n in n_center(budget) * spread ** np.linspace(-1, 1, sizes_per_budget):
+    offsets = np.linspace(-1, 1, sizes_per_budget) if sizes_per_budget > 1 else np.zeros(1)  # 1: the centre
+    for n in n_center(budget) * spread ** offsets:
       template, num_layers, d_model = shape_for(n)
       if (num_layers, d_model) not in seen:
         seen.add((num_layers, d_model))
@@ -137,10 +136,9 @@ def _planned(variant, budget, template, num_layers, d_model, sets) -> Run:
   t.steps = max(1, round(budget / fpt / (t.batch_size * c.data.seq_len)))
   # Short runs would otherwise spend most of their steps warming up.
   t.warmup_steps = min(t.warmup_steps, max(1, t.steps // 10))
-  base_variant = variant if variant in VARIANTS else 'dense'
-  base = variant_rung_config(variant, template) if variant in VARIANTS else ladder.dense_config(template)
   return Run(name=f'{variant}_C{budget:.3g}_L{num_layers}_d{d_model}', variant=variant, budget=budget,
-             config=c, base_file=f'configs/{base_variant}_{template}.py', overrides=_diff(base, c))
+             config=c, base_file=f'configs/dense_{template}.py',
+             overrides=_diff(ladder.dense_config(template), c))
 
 
 def apply_override(config: ml_collections.ConfigDict, assignment: str) -> None:

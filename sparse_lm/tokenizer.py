@@ -9,10 +9,11 @@ import io
 import itertools
 import os
 
+import jax
 import numpy as np
 import sentencepiece as spm
 
-from sparse_lm import data
+from sparse_lm import data, distributed
 from sparse_lm.config import ConfigError
 
 # SentencePiece trains on the first this-many characters of the train split: enough to learn a vocabulary of a
@@ -47,6 +48,7 @@ class SentencePieceTokenizer:
   """A SentencePiece model trained by `train_sentencepiece` (byte fallback, no normalisation)."""
 
   def __init__(self, model_proto: bytes):
+    self.model_proto = model_proto
     self._sp = spm.SentencePieceProcessor(model_proto=model_proto)
     self.vocab_size = self._sp.vocab_size()
     self.bos_id = self._sp.bos_id()
@@ -137,6 +139,15 @@ def make_tokenizer(config, workdir: str):
   vocab_size = vocab_size_for(config)
   if config.data.tokenizer == 'byte':
     return ByteTokenizer()
+  if jax.process_count() > 1:
+    # Trained (or loaded) once, by process 0, and sent to the others: hosts may not share a disk,
+    # and independent trainings need not agree.
+    proto = _spm_model(config, workdir, vocab_size).model_proto if jax.process_index() == 0 else None
+    return SentencePieceTokenizer(distributed.broadcast_bytes(proto))
+  return _spm_model(config, workdir, vocab_size)
+
+
+def _spm_model(config, workdir: str, vocab_size: int) -> 'SentencePieceTokenizer':
   spec = config.data.tokenizer
   # Reusing the saved model keeps ids stable across resumes, evaluation and sampling.
   model_path = os.path.join(workdir, _SPM_MODEL_FILE)

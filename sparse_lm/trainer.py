@@ -267,7 +267,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
         throughput.restart(step)
       final = preemption.reached(step) or step == t.steps
       if final or checkpointer.should_save(step):
-        checkpointer.save(step, state, train_iter.get_state(), force=final)
+        checkpointer.save(step, state, data.gather_state(train_iter), force=final)
       writer.advance(step)
       if preemption.requested:
         break

@@ -216,3 +216,59 @@ def test_validation_too_small_for_one_batch_after_tokenizing(tmp_path):
 def test_batch_size_must_divide_over_hosts():
   _raises_one_line(_config(batch_size=3), 'train.batch_size',
                    lambda config: data.make_train_iterator(config, BYTES, process_count=2))
+
+
+def test_global_batches_do_not_depend_on_the_process_count():
+  """Hosts' rows, stacked, are the one-process batch: the shards, not the hosts, fix the data."""
+  config = _config(batch_size=8)
+  whole = _take(data.make_train_iterator(config, BYTES), 5)
+  for processes in (2, 4):
+    parts = [_take(data.make_train_iterator(config, BYTES, process_index=i, process_count=processes), 5)
+             for i in range(processes)]
+    for step, batch in enumerate(whole):
+      np.testing.assert_array_equal(np.concatenate([p[step]['inputs'] for p in parts]), batch['inputs'])
+
+
+def test_state_moves_between_process_counts():
+  """States saved by 2 hosts, merged as a checkpoint holds them, resume 1 host exactly; and back."""
+  config = _config(batch_size=8)
+  hosts = [data.make_train_iterator(config, BYTES, process_index=i, process_count=2) for i in range(2)]
+  for host in hosts:
+    _take(host, 6)
+  merged = {**hosts[0].get_state(),
+            'shards': {**hosts[0].get_state()['shards'], **hosts[1].get_state()['shards']}}
+  merged = json.loads(json.dumps(merged))
+  per_host = [[batch['inputs'] for batch in _take(host, 3)] for host in hosts]
+  expected = [np.concatenate(rows) for rows in zip(*per_host, strict=True)]
+  single = data.make_train_iterator(config, BYTES)
+  single.set_state(merged)
+  for batch, want in zip(_take(single, 3), expected, strict=True):
+    np.testing.assert_array_equal(batch['inputs'], want)
+
+  # And a one-process state resumes each of 2 hosts, which keep their own shards of it.
+  state = json.loads(json.dumps(single.get_state()))
+  expected = _take(single, 2)
+  for i in range(2):
+    host = data.make_train_iterator(config, BYTES, process_index=i, process_count=2)
+    host.set_state(state)
+    for batch, want in zip(_take(host, 2), expected, strict=True):
+      np.testing.assert_array_equal(batch['inputs'], want['inputs'][i * 4:(i + 1) * 4])
+
+
+def test_state_of_other_shards_is_refused():
+  config = _config(batch_size=8)
+  state = data.make_train_iterator(config, BYTES).get_state()
+  config.data.num_shards = 2
+  with pytest.raises(ValueError, match='num_shards'):
+    data.make_train_iterator(config, BYTES).set_state(state)
+
+
+@pytest.mark.parametrize('shards,processes', [(3, 1), (2, 4), (16, 1)])
+def test_shards_must_split_batch_and_processes(shards, processes):
+  config = _config(batch_size=8)
+  config.data.num_shards = shards
+  _raises_one_line(config, 'data.num_shards', lambda config: data.check_shards(config, processes))
+
+
+def test_default_shards_are_the_batch_power_of_two():
+  assert [data.num_shards(_config(batch_size=b)) for b in (1, 6, 8, 48, 256)] == [1, 2, 8, 16, 64]

@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# The CPU-scale study of results/cpu_study/README.md, end to end: a dense isoFLOP ladder, its fits,
+# then NSA, MoSA, routing (paper-faithful and causal) and MoE at the largest budget, at the size the
+# dense fit calls compute-optimal, each with its causality leak. Runs are skipped once finished, so
+# rerunning continues an interrupted study. About an hour on 2 CPU cores.
+#
+#     bash results/cpu_study/run.sh            # from the repository root
+set -euo pipefail
+ROOT=${ROOT:-runs/cpu_study}
+OUT=${OUT:-results/cpu_study}
+BUDGETS=4e11,1.2e12,4e12
+LARGEST=4e12
+VARIANTS=(nsa mosa mosa_causal routing routing_causal moe)
+# Batches of 8 sequences of 256 bytes so the smallest budget still takes a few hundred steps; one
+# evaluation at the end on 32 validation batches (65K tokens); no checkpoints but the final one.
+COMMON=(--set train.batch_size=8 --set train.eval_batches=32 --set train.eval_every=1000000
+        --set checkpoint.every_steps=1000000 --set train.log_every=50)
+
+python -m sparse_lm.scaling sweep --budgets "$BUDGETS" --sizes_per_budget 6 --spread 5 \
+  --workdir_root "$ROOT/dense" "${COMMON[@]}" --run
+python -m sparse_lm.scaling collect --workdir_root "$ROOT/dense" --out "$OUT/dense_runs.jsonl"
+python -m sparse_lm.scaling fit "$OUT/dense_runs.jsonl" --out "$OUT/dense_only" > "$OUT/dense_fit.json"
+
+for variant in "${VARIANTS[@]}"; do
+  python -m sparse_lm.scaling sweep --variant "$variant" --budgets "$LARGEST" --sizes_per_budget 1 \
+    --law "$OUT/dense_fit.json" --workdir_root "$ROOT/variants" "${COMMON[@]}" --run
+done
+python -m sparse_lm.scaling collect --workdir_root "$ROOT/variants" --out "$OUT/variant_runs.jsonl"
+cat "$OUT/dense_runs.jsonl" "$OUT/variant_runs.jsonl" > "$OUT/runs.jsonl"
+python -m sparse_lm.scaling fit "$OUT/runs.jsonl" --out "$OUT" > "$OUT/fit.json"
+
+# The causality leak of every variant run (and one dense run, which must read 0).
+: > "$OUT/leaks.jsonl"
+for workdir in "$ROOT"/variants/*/ "$(ls -d "$ROOT"/dense/dense_C4e+12_* | head -1)"; do
+  python -m sparse_lm.evaluate --workdir="$workdir" --task=causality | tail -1 >> "$OUT/leaks.jsonl"
+done
