@@ -60,9 +60,12 @@ def test_block_choice_matches_per_token_reference(l, d, sel, n):
   C = layer._num_compressed(T)
   ck_BCKD = rng.standard_normal((B, C, K, D)).astype(np.float32)
   pos_BT = jnp.broadcast_to(jnp.arange(T), (B, T))
-  _, p_BKGTC = layer._compressed_branch(jnp.asarray(q_BTHD), jnp.asarray(ck_BCKD), jnp.asarray(ck_BCKD),
-                                        pos_BT)
-  idx_BTKn = np.asarray(layer._block_indices(p_BKGTC, pos_BT, -(-T // sel)))
+
+  @jax.jit
+  def block_indices(q_BTHD, ck_BCKD):
+    _, p_BKGTC = layer._compressed_branch(q_BTHD, ck_BCKD, ck_BCKD, pos_BT)
+    return layer._block_indices(p_BKGTC, pos_BT, -(-T // sel))
+  idx_BTKn = np.asarray(block_indices(jnp.asarray(q_BTHD), jnp.asarray(ck_BCKD)))
   for t in range(T):  # includes t < l, where no compressed block is visible yet
     for k in range(K):
       q_GD = q_BTHD[0, t, k * (H // K):(k + 1) * (H // K)]
@@ -89,10 +92,10 @@ def _model(kernel='xla', **nsa_overrides):
 def test_output_never_depends_on_later_inputs():
   model = _model()
   x_BTD = jax.random.normal(jax.random.key(_seed()), (2, 24, 64))
+  # One compilation for every t: t is traced, not static.
+  grad_at = nnx.jit(nnx.grad(lambda m, x, t: jnp.sum(m.from_embeddings(x)[0][:, t, :259] ** 2), argnums=1))
   for t in (0, 3, 11, 22):
-    def out_at_t(x_BTD, t=t):
-      return jnp.sum(model.from_embeddings(x_BTD)[0][:, t, :259] ** 2)
-    g_BTD = np.asarray(jax.grad(out_at_t)(x_BTD))
+    g_BTD = np.asarray(grad_at(model, x_BTD, t))
     assert np.all(g_BTD[:, t + 1:] == 0.0), f'position {t} sees the future'
     assert np.all(np.abs(g_BTD[:, t]).sum(-1) > 0)
 
@@ -102,11 +105,12 @@ def test_incremental_decoding_equals_parallel_forward(shared_kv):
   model = _model(shared_kv=shared_kv)
   B, T, P = 2, 23, 6
   tokens_BT = jax.random.randint(jax.random.key(_seed()), (B, T), 0, 259)
-  parallel_BTV, _ = model(tokens_BT)
-  logits_BPV, cache = model(tokens_BT[:, :P], model.init_cache(B, T + 3))
+  call = nnx.jit(lambda model, tokens, cache: model(tokens, cache))
+  parallel_BTV, _ = call(model, tokens_BT, None)
+  logits_BPV, cache = call(model, tokens_BT[:, :P], model.init_cache(B, T + 3))
   steps = [logits_BPV]
   for t in range(P, T):
-    logits_B1V, cache = model(tokens_BT[:, t:t + 1], cache)
+    logits_B1V, cache = call(model, tokens_BT[:, t:t + 1], cache)
     steps.append(logits_B1V)
   np.testing.assert_allclose(jnp.concatenate(steps, 1)[..., :259], parallel_BTV[..., :259],
                              atol=1e-4, rtol=1e-4)
@@ -120,7 +124,7 @@ def test_pallas_path_equals_xla_path():
 
   def loss(model):
     return jnp.mean(model(tokens_BT)[0][..., :259] ** 2)
-  (loss_x, grads_x), (loss_p, grads_p) = (nnx.value_and_grad(loss)(m) for m in (xla, pallas))
+  (loss_x, grads_x), (loss_p, grads_p) = (nnx.jit(nnx.value_and_grad(loss))(m) for m in (xla, pallas))
   np.testing.assert_allclose(loss_p, loss_x, rtol=1e-5)
   for gx, gp in zip(jax.tree.leaves(grads_x), jax.tree.leaves(grads_p), strict=True):
     np.testing.assert_allclose(gp, gx, atol=1e-5, rtol=1e-4)

@@ -40,7 +40,8 @@ def test_pallas_path_equals_xla_path(attention):
 
   def loss(layer, x_BTD):
     return jnp.mean(_apply(layer, x_BTD) ** 2)
-  (lx, (gx, dx)), (lp, (gp, dp)) = (nnx.value_and_grad(loss, argnums=(0, 1))(m, x_BTD) for m in (xla, pallas))
+  value_and_grad = nnx.jit(nnx.value_and_grad(loss, argnums=(0, 1)))
+  (lx, (gx, dx)), (lp, (gp, dp)) = (value_and_grad(m, x_BTD) for m in (xla, pallas))
   np.testing.assert_allclose(lp, lx, rtol=1e-5)
   np.testing.assert_allclose(dp, dx, atol=1e-6, rtol=1e-4)
   for a, b in zip(jax.tree.leaves(gx), jax.tree.leaves(gp), strict=True):
@@ -50,7 +51,8 @@ def test_pallas_path_equals_xla_path(attention):
 
 def _future_change(layer, x_BTD, t):
   other_BTD = x_BTD.at[:, t + 1:].set(jax.random.normal(jax.random.key(_seed()), x_BTD[:, t + 1:].shape))
-  return float(jnp.max(jnp.abs(_apply(layer, x_BTD)[:, :t + 1] - _apply(layer, other_BTD)[:, :t + 1])))
+  apply = nnx.jit(_apply)
+  return float(jnp.max(jnp.abs(apply(layer, x_BTD)[:, :t + 1] - apply(layer, other_BTD)[:, :t + 1])))
 
 
 def test_faithful_routing_leaks_the_future():
@@ -114,11 +116,12 @@ def test_routing_causal_decoding_equals_parallel_forward():
   model = Transformer(_config('routing_causal', window=4).model, rngs=nnx.Rngs(_seed()))
   B, T, P = 2, 11, 6
   tokens_BT = jax.random.randint(jax.random.key(_seed()), (B, T), 0, 259)
-  parallel_BTV, _ = model(tokens_BT)
-  logits_BPV, cache = model(tokens_BT[:, :P], model.init_cache(B, T + 3))
+  call = nnx.jit(lambda model, tokens, cache: model(tokens, cache))
+  parallel_BTV, _ = call(model, tokens_BT, None)
+  logits_BPV, cache = call(model, tokens_BT[:, :P], model.init_cache(B, T + 3))
   steps = [logits_BPV]
   for t in range(P, T):
-    logits_B1V, cache = model(tokens_BT[:, t:t + 1], cache)
+    logits_B1V, cache = call(model, tokens_BT[:, t:t + 1], cache)
     steps.append(logits_B1V)
   np.testing.assert_allclose(jnp.concatenate(steps, 1)[..., :259], parallel_BTV[..., :259],
                              atol=1e-4, rtol=1e-4)
