@@ -160,6 +160,12 @@ def _synthetic_args(name: str, arg: str, defaults: dict[str, int]) -> dict[str, 
   return args
 
 
+def mqar_args(arg: str, config) -> dict[str, int]:
+  """The settings of `data.source=mqar:ARG` over their defaults."""
+  return _synthetic_args('mqar', arg, {'num_kv_pairs': synthetic.default_kv_pairs(config.data.seq_len),
+                                       'vocab': 256, 'seed': 0})
+
+
 def _mqar_source(arg: str, config, split: str) -> Corpus:
   """MQAR (Zoology) examples of exactly `seq_len` tokens, so each packed window is one example.
 
@@ -167,8 +173,7 @@ def _mqar_source(arg: str, config, split: str) -> Corpus:
   at most 256 (Zoology's 8192 scaled down to what a byte-level model can embed). The loss counts every
   token; only the answers after the query keys are predictable, the rest is noise of fixed size.
   """
-  args = _synthetic_args('mqar', arg, {'num_kv_pairs': synthetic.default_kv_pairs(config.data.seq_len),
-                                       'vocab': 256, 'seed': 0})
+  args = mqar_args(arg, config)
   if config.data.tokenizer != 'byte' or not 4 <= args['vocab'] <= 256:
     raise ConfigError(f'data.source=mqar needs data.tokenizer=byte and 4 <= vocab <= 256, got '
                       f'{config.data.tokenizer!r} and vocab={args["vocab"]}')

@@ -249,7 +249,11 @@ def niah(run: Run, opts: Options, leaks: dict[str, float]) -> dict:
 # ----------------------------------------------------------------------------- MQAR
 
 def _symbol_vocab(run: Run) -> int:
-  """Ids a model embeds as ordinary tokens: the 256 bytes of the byte tokenizer, else all of them."""
+  """The alphabet of a run trained on `data.source=mqar[:...]`; else the ids a model embeds as
+  ordinary tokens: the 256 bytes of the byte tokenizer, or all of them."""
+  name, _, arg = run.config.data.source.partition(':')
+  if name == 'mqar':
+    return data.mqar_args(arg, run.config)['vocab']
   vocab = 256 if run.config.data.tokenizer == 'byte' else run.config.model.vocab_size
   return min(synthetic.ZOOLOGY_VOCAB, vocab)
 
