@@ -298,8 +298,9 @@ def run_task(workdir, task: str, opts: Options = Options()) -> dict:
   leaks = _run_leaks(run, opts)
   num_params = sum(np.size(x) for x in jax.tree.leaves(run.variables[0]))
   settings = dataclasses.asdict(opts)
-  result = {'task': task, 'step': run.step, 'attention': run.config.model.attention,
-            'mlp': run.config.model.mlp, 'num_params': int(num_params),
+  result = {'task': task, 'workdir': str(run.workdir), 'step': run.step,
+            'attention': run.config.model.attention, 'mlp': run.config.model.mlp,
+            'num_params': int(num_params),
             'causality_leak': max(leaks.values()), **TASKS[task](run, opts, leaks), 'params': settings}
   with open(run.workdir / 'eval.jsonl', 'a', encoding='utf-8') as f:
     f.write(json.dumps(result) + '\n')

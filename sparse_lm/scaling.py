@@ -198,13 +198,17 @@ def budget_groups(c_R, budget_R=None) -> dict[float, np.ndarray]:
 
 
 def isoflop_minimum(logn_R, loss_R):
-  """Parabola of loss against log N and its minimum; None without three sizes or a convex fit."""
+  """Parabola of loss against log N and its minimum; None without three sizes, a convex fit, or a
+  minimum inside the sizes run (a vertex outside them is an extrapolation, and a budget whose best
+  run is its smallest or largest size only bounds the optimum)."""
   if len(np.unique(logn_R)) < 3:
     return None
   coef_3 = np.polyfit(logn_R, loss_R, 2)
   if coef_3[0] <= 0:
     return None
   logn_opt = -coef_3[1] / (2 * coef_3[0])
+  if not np.min(logn_R) <= logn_opt <= np.max(logn_R):
+    return None
   return coef_3, logn_opt, float(np.polyval(coef_3, logn_opt))
 
 
@@ -216,10 +220,12 @@ def power_law(x_K, y_K) -> tuple[float, float]:
 
 def approach2(n_R, loss_R, groups, fpt: FlopsModel) -> dict | None:
   """Per-budget optima and the power laws N* = kN C^a, D* = kD C^b; None with fewer than 2 budgets."""
-  optima = []
+  optima, skipped = [], []
   for c, idx in sorted(groups.items()):
     found = isoflop_minimum(np.log(n_R[idx]), loss_R[idx])
-    if found is not None:
+    if found is None:
+      skipped.append(c)
+    else:
       coef_3, logn_opt, loss_opt = found
       n_opt = math.exp(logn_opt)
       optima.append(dict(C=c, N_opt=n_opt, D_opt=float(c / fpt(n_opt)), loss_opt=loss_opt,
@@ -229,7 +235,7 @@ def approach2(n_R, loss_R, groups, fpt: FlopsModel) -> dict | None:
   c_K, n_K, d_K = (np.array([o[key] for o in optima]) for key in ('C', 'N_opt', 'D_opt'))
   a, kn = power_law(c_K, n_K)
   b, kd = power_law(c_K, d_K)
-  return dict(a=a, b=b, N_coef=kn, D_coef=kd, budgets=optima)
+  return dict(a=a, b=b, N_coef=kn, D_coef=kd, budgets=optima, skipped_budgets=skipped)
 
 
 def bootstrap_approach2(n_R, loss_R, groups, fpt: FlopsModel, *, count: int, seed: int) -> dict:

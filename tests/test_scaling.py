@@ -71,6 +71,13 @@ def test_approach2_recovers_known_exponents():
   assert fit['b'] == pytest.approx(1 - a, abs=0.02), (seed, fit['b'])
 
 
+def test_approach2_skips_a_budget_whose_optimum_lies_outside_its_sizes():
+  logn = np.log([1e5, 2e5, 4e5, 8e5])
+  assert scaling.isoflop_minimum(logn, np.array([2.0, 2.1, 2.3, 2.6])) is None  # best at the edge
+  found = scaling.isoflop_minimum(logn, np.array([2.2, 2.0, 2.05, 2.3]))
+  assert found is not None and logn[1] < found[1] < logn[2]
+
+
 @pytest.mark.parametrize('fpt', [scaling.FlopsModel(), scaling.FlopsModel(k=9.0, gamma=0.95)])
 def test_frontier_is_the_minimum_over_sizes(fpt):
   c = 1e20

@@ -18,6 +18,10 @@ COMMON=(--set train.batch_size=8 --set train.eval_batches=32 --set train.eval_ev
 
 python -m sparse_lm.scaling sweep --budgets "$BUDGETS" --sizes_per_budget 6 --spread 5 \
   --workdir_root "$ROOT/dense" "${COMMON[@]}" --run
+# The two smaller budgets' best runs were their smallest sizes: centring them on 400 tokens per
+# parameter instead of 20 adds the next smaller shape (1 layer, d_model 16) below them.
+python -m sparse_lm.scaling sweep --budgets 4e11,1.2e12 --sizes_per_budget 6 --spread 5 \
+  --tokens_per_param 400 --workdir_root "$ROOT/dense" "${COMMON[@]}" --run
 python -m sparse_lm.scaling collect --workdir_root "$ROOT/dense" --out "$OUT/dense_runs.jsonl"
 python -m sparse_lm.scaling fit "$OUT/dense_runs.jsonl" --out "$OUT/dense_only" > "$OUT/dense_fit.json"
 

@@ -1,0 +1,90 @@
+"""Markdown tables of the CPU study from the files `run.sh` writes (nothing here is typed in by hand).
+
+    python results/cpu_study/summarize.py [--dir=results/cpu_study] > results/cpu_study/tables.md
+"""
+
+import argparse
+import collections
+import json
+import pathlib
+
+
+def _lines(path: pathlib.Path) -> list[dict]:
+  return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _interval(x) -> str:
+  return f'[{x[0]:.3g}, {x[1]:.3g}]' if x else 'n/a'
+
+
+def dense_table(runs: list[dict]) -> list[str]:
+  out = ['| budget C | layers | d_model | N (total) | D (tokens) | tokens/param | eval loss (nats/token) | '
+         'bits/byte |', '|---|---|---|---|---|---|---|---|']
+  by_budget = collections.defaultdict(list)
+  for r in runs:
+    by_budget[r['budget']].append(r)
+  for budget in sorted(by_budget):
+    rows = sorted(by_budget[budget], key=lambda r: r['N'])
+    best = min(r['loss'] for r in rows)
+    for r in rows:
+      loss = f'**{r["loss"]:.4f}**' if r['loss'] == best else f'{r["loss"]:.4f}'
+      out.append(f'| {budget:.2g} | {r["num_layers"]} | {r["d_model"]} | {r["N"]:,} | {r["D"]:,} | '
+                 f'{r["D"] / r["N"]:.0f} | {loss} | {r["bpb"]:.3f} |')
+  return out
+
+
+def fit_table(fit: dict) -> list[str]:
+  iv = fit.get('intervals') or {}
+  out = ['| constant | fit | 95% bootstrap interval |', '|---|---|---|']
+  for k in ('E', 'A', 'B', 'alpha', 'beta'):
+    out.append(f'| {k} | {fit[k]:.4g} | {_interval(iv.get(k))} |')
+  alloc = fit['allocation']
+  out.append('')
+  out.append(f'Approach 3 allocation (C = 6ND): N_opt ~ C^{alloc["a"]:.3f}, D_opt ~ C^{alloc["b"]:.3f}.')
+  a2 = fit.get('approach2') or {}
+  if a2.get('a') is not None:
+    iv2 = a2.get('intervals') or {}
+    out.append(f'Approach 2 (parabola minima of {len(a2.get("budgets", []))} budgets): '
+               f'N_opt ~ C^{a2["a"]:.3f} {_interval(iv2.get("a"))}, '
+               f'D_opt ~ C^{a2["b"]:.3f} {_interval(iv2.get("b"))}.')
+  else:
+    out.append('Approach 2: fewer than two budgets had a convex parabola with its minimum; no exponents.')
+  return out
+
+
+def variant_table(fit: dict, runs: list[dict], leaks: list[dict]) -> list[str]:
+  leak_of = {pathlib.Path(r['workdir']).name: r for r in leaks}
+  run_of = {r['name']: r for r in runs}
+  out = ['| run | N total | N active | C (FLOPs) | eval loss | compute multiplier | 95% interval | '
+         'gradient leak | perturbation leak |', '|---|---|---|---|---|---|---|---|---|']
+  for v in fit['variants']:
+    r, leak = run_of[v['name']], leak_of.get(v['name'], {})
+    mult = v['multiplier']
+    mult = f'{mult:.3g}' if isinstance(mult, float) else str(mult)
+    out.append(f'| {v["name"]} | {r["N"]:,} | {r["N_active"]:,} | {v["C"]:.3g} | {v["loss"]:.4f} | {mult} | '
+               f'{_interval(v.get("interval"))} | {leak.get("leak", float("nan")):.3g} | '
+               f'{leak.get("perturbation_leak", float("nan")):.3g} |')
+  return out
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  parser.add_argument('--dir', default='results/cpu_study')
+  d = pathlib.Path(parser.parse_args().dir)
+  fit = json.loads((d / 'fit.json').read_text())
+  runs = _lines(d / 'runs.jsonl')
+  leaks = _lines(d / 'leaks.jsonl') if (d / 'leaks.jsonl').exists() else []
+  sections = [
+      ('Dense isoFLOP runs (best of each budget in bold)',
+       dense_table([r for r in runs if r['variant'] == 'dense'])),
+      ('Dense fit', fit_table(fit)),
+      ('Variants against the dense frontier', variant_table(fit, runs, leaks)),
+  ]
+  for title, lines in sections:
+    print(f'### {title}\n')
+    print('\n'.join(lines))
+    print()
+
+
+if __name__ == '__main__':
+  main()
