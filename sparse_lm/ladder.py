@@ -124,7 +124,12 @@ def to_nsa(c: ml_collections.ConfigDict, *, small: bool) -> None:
     c.model.nsa.update(cmp_block=16, cmp_stride=8, sel_block=16, num_selected=4, window=32)
   nsa_params = flops.param_counts(_sized(c))['total_params']
   per_unit = 3 * c.model.num_layers * c.model.d_model  # parameters per unit of SwiGLU width
-  c.model.mlp_dim -= round((nsa_params - dense_params) / per_unit / 8) * 8
+  mlp_dim = c.model.mlp_dim - round((nsa_params - dense_params) / per_unit / 8) * 8
+  if mlp_dim < 8:
+    raise ValueError(f'NSA at num_layers={c.model.num_layers}, d_model={c.model.d_model}: its branches '
+                     f'add {nsa_params - dense_params:,} parameters, more than the dense MLP holds; '
+                     'equal parameters need a larger model')
+  c.model.mlp_dim = mlp_dim
 
 
 def to_moe(c: ml_collections.ConfigDict, *, small: bool) -> None:

@@ -451,6 +451,8 @@ def _parser() -> argparse.ArgumentParser:
   run.add_argument('--tokens_per_param', type=float, default=sweep.ladder.TOKENS_PER_PARAM,
                    help='centre each budget on D = this x N (with C = 6ND) ...')
   run.add_argument('--law', help='... or on the allocation of a `fit` JSON output (E, A, B, alpha, beta)')
+  run.add_argument('--params', type=float,
+                   help='... or on this many parameters at every budget (say, an isoFLOP minimum)')
   run.add_argument('--set', action='append', default=[], metavar='KEY=VALUE',
                    help='a config override for every run, e.g. data.source=text:corpus.txt')
   mode = run.add_mutually_exclusive_group()
@@ -476,7 +478,10 @@ def main(argv=None) -> None:
                       starts=args.starts, out=args.out)
     print(json.dumps(json_safe(result), indent=2))
   elif args.command == 'sweep':
-    center = law_center(args.law) if args.law else sweep.chinchilla_center(args.tokens_per_param)
+    if args.params:
+      center = lambda c: args.params  # noqa: E731
+    else:
+      center = law_center(args.law) if args.law else sweep.chinchilla_center(args.tokens_per_param)
     budgets = [float(b) for b in args.budgets.split(',')]
     runs = sweep.plan(budgets, center, sizes_per_budget=args.sizes_per_budget, spread=args.spread,
                       variant=args.variant, sets=args.set)

@@ -134,6 +134,30 @@ def test_rung_shape_rebuilds_the_rung():
   assert sweep.shape_for(sweep.rung_params()['3m']) == ('3m', rung.num_layers, rung.d_model)
 
 
+@pytest.mark.parametrize('variant', ['nsa', 'mosa', 'mosa_causal', 'routing', 'routing_causal', 'moe'])
+def test_variants_are_sized_from_the_dense_shape(variant):
+  """A variant at a sweep's size is the dense model of that size turned into the variant: NSA at equal
+  parameters, MoE at equal active parameters, MoSA at equal attention FLOPs, routing beside local heads."""
+  dense = sweep.sized_config('dense', '300k', 3, 80)
+  c = sweep.sized_config(variant, '300k', 3, 80)
+  count = lambda config: flops.param_counts(sweep.with_vocab(config).model)  # noqa: E731
+  assert (c.model.num_layers, c.model.d_model) == (3, 80)
+  if variant == 'nsa':
+    assert count(c)['total_params'] == pytest.approx(count(dense)['total_params'], rel=0.02)
+  if variant == 'moe':
+    assert count(c)['active_params'] == pytest.approx(count(dense)['total_params'], rel=0.02)
+  if variant.startswith('mosa'):
+    assert c.model.mosa.num_heads > 0 and c.model.num_heads < dense.model.num_heads
+  if variant.startswith('routing'):
+    assert c.model.routing.num_heads + c.model.num_heads == dense.model.num_heads
+
+
+def test_nsa_too_small_for_equal_parameters_says_so():
+  with pytest.raises(ValueError, match='NSA at num_layers=1, d_model=48') as error:
+    sweep.sized_config('nsa', '100k', 1, 48)
+  assert '\n' not in str(error.value)
+
+
 def finish(workdir, steps, loss=2.0):
   workdir.mkdir(parents=True, exist_ok=True)
   (workdir / 'metrics.jsonl').write_text(

@@ -25,9 +25,12 @@ python -m sparse_lm.scaling sweep --budgets 4e11,1.2e12 --sizes_per_budget 6 --s
 python -m sparse_lm.scaling collect --workdir_root "$ROOT/dense" --out "$OUT/dense_runs.jsonl"
 python -m sparse_lm.scaling fit "$OUT/dense_runs.jsonl" --out "$OUT/dense_only" > "$OUT/dense_fit.json"
 
+# The variants take the dense model size that the largest budget's isoFLOP parabola calls optimal
+# (approach 3's allocation puts it at a 1-layer model, too small for NSA's branches at equal parameters).
+N_OPT=$(python -c "import json; print(json.load(open('$OUT/dense_fit.json'))['approach2']['budgets'][-1]['N_opt'])")
 for variant in "${VARIANTS[@]}"; do
   python -m sparse_lm.scaling sweep --variant "$variant" --budgets "$LARGEST" --sizes_per_budget 1 \
-    --law "$OUT/dense_fit.json" --workdir_root "$ROOT/variants" "${COMMON[@]}" --run
+    --params "$N_OPT" --workdir_root "$ROOT/variants" "${COMMON[@]}" --run
 done
 python -m sparse_lm.scaling collect --workdir_root "$ROOT/variants" --out "$OUT/variant_runs.jsonl"
 cat "$OUT/dense_runs.jsonl" "$OUT/variant_runs.jsonl" > "$OUT/runs.jsonl"
