@@ -35,7 +35,7 @@ def check_model(m: ml_collections.ConfigDict) -> None:
   if m.num_heads % m.num_kv_heads:
     raise ConfigError(f'model.num_heads={m.num_heads} is not a multiple of '
                       f'model.num_kv_heads={m.num_kv_heads} (grouped-query attention needs it)')
-  if m.num_heads * m.head_dim != m.d_model:
+  if attention.REGISTRY[m.attention].heads_span_width and m.num_heads * m.head_dim != m.d_model:
     raise ConfigError(f'model.d_model={m.d_model} must equal model.num_heads * model.head_dim = '
                       f'{m.num_heads} * {m.head_dim} = {m.num_heads * m.head_dim}')
   if m.head_dim % 2:

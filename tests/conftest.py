@@ -7,7 +7,10 @@ import subprocess
 import sys
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 import pytest
+from flax import nnx
 
 from sparse_lm.config import base_config
 
@@ -36,6 +39,27 @@ def tiny_config(**model):
   c.train.log_every = 1
   c.checkpoint.every_steps = 10
   return c
+
+
+def fresh_seed() -> int:
+  """A new seed per call: kernels and attention variants are checked on fresh random inputs each run."""
+  return int(np.random.default_rng().integers(1 << 30))
+
+
+def assert_decoding_equals_parallel(model, T: int, P: int, B: int = 2) -> dict:
+  """Prefills P random tokens, then decodes one token at a time from the cache (sized past T, as a
+  sampler sizes it): every position's logits equal the parallel forward pass. Returns the final cache."""
+  tokens_BT = jax.random.randint(jax.random.key(fresh_seed()), (B, T), 0, 259)
+  call = nnx.jit(lambda model, tokens, cache: model(tokens, cache))
+  parallel_BTV, _ = call(model, tokens_BT, None)
+  logits_BPV, cache = call(model, tokens_BT[:, :P], model.init_cache(B, T + 3))
+  steps = [logits_BPV]
+  for t in range(P, T):
+    logits_B1V, cache = call(model, tokens_BT[:, t:t + 1], cache)
+    steps.append(logits_B1V)
+  np.testing.assert_allclose(jnp.concatenate(steps, 1)[..., :259], parallel_BTV[..., :259],
+                             atol=1e-4, rtol=1e-4)
+  return cache
 
 
 @pytest.fixture

@@ -9,7 +9,7 @@ from flax import nnx
 
 from sparse_lm.attention import core
 from sparse_lm.model import Transformer
-from tests.conftest import tiny_config
+from tests.conftest import assert_decoding_equals_parallel, fresh_seed, tiny_config
 
 VARIANTS = [('dense', {}), ('sliding_window', {'window': 5})]
 
@@ -44,38 +44,26 @@ def test_attend_matches_naive_reference(heads, kv_heads, window):
 
 def _model(attention, **extra):
   cfg = tiny_config(attention=attention, **extra).model
-  return Transformer(cfg, rngs=nnx.Rngs(int(np.random.default_rng().integers(1 << 30))))
+  return Transformer(cfg, rngs=nnx.Rngs(fresh_seed()))
 
 
 @pytest.mark.parametrize('attention,extra', VARIANTS)
 def test_output_never_depends_on_later_inputs(attention, extra):
   model = _model(attention, **extra)
   B, T = 2, 16
-  x_BTD = jax.random.normal(jax.random.key(int(np.random.default_rng().integers(1 << 30))), (B, T, 64))
+  x_BTD = jax.random.normal(jax.random.key(fresh_seed()), (B, T, 64))
+  # One compilation for every t: t is traced, not static.
+  grad_at = nnx.jit(nnx.grad(lambda m, x, t: jnp.sum(m.from_embeddings(x)[0][:, t, :259] ** 2), argnums=1))
   for t in (0, 6, T - 2):
-    def out_at_t(x_BTD, t=t):
-      logits_BTV, _ = model.from_embeddings(x_BTD)
-      return jnp.sum(logits_BTV[:, t, :259] ** 2)
-    g_BTD = jax.grad(out_at_t)(x_BTD)
-    assert np.all(np.asarray(g_BTD[:, t + 1:]) == 0.0), f'position {t} sees the future'
-    assert np.all(np.abs(np.asarray(g_BTD[:, t])).sum(-1) > 0), 'position sees itself'
+    g_BTD = np.asarray(grad_at(model, x_BTD, t))
+    assert np.all(g_BTD[:, t + 1:] == 0.0), f'position {t} sees the future'
+    assert np.all(np.abs(g_BTD[:, t]).sum(-1) > 0), 'position sees itself'
 
 
 @pytest.mark.parametrize('attention,extra', VARIANTS)
 def test_incremental_decoding_equals_parallel_forward(attention, extra):
-  model = _model(attention, **extra)
-  B, T, P = 2, 14, 5
-  tokens_BT = jax.random.randint(jax.random.key(int(np.random.default_rng().integers(1 << 30))), (B, T),
-                                 0, 259)
-  parallel_BTV, _ = model(tokens_BT)
-  logits_BPV, cache = model(tokens_BT[:, :P], model.init_cache(B, T))
-  steps = [logits_BPV]
-  for t in range(P, T):
-    logits_B1V, cache = model(tokens_BT[:, t:t + 1], cache)
-    steps.append(logits_B1V)
-  incremental_BTV = jnp.concatenate(steps, axis=1)
-  np.testing.assert_allclose(incremental_BTV[..., :259], parallel_BTV[..., :259], atol=1e-4, rtol=1e-4)
-  assert int(cache['end']) == T
+  cache = assert_decoding_equals_parallel(_model(attention, **extra), T=14, P=5)
+  assert int(cache['end']) == 14
 
 
 @pytest.mark.parametrize('T,window', [(17, 4), (16, 4), (9, 20), (33, 7)])
@@ -89,14 +77,14 @@ def test_local_attend_matches_naive_reference(T, window):
 
 @pytest.mark.parametrize('attention,extra', VARIANTS)
 def test_pallas_kernel_path_equals_xla_path(attention, extra):
-  seed = int(np.random.default_rng().integers(1 << 30))
+  seed = fresh_seed()
   models = [Transformer(tiny_config(attention=attention, kernel=kernel, **extra).model, rngs=nnx.Rngs(seed))
             for kernel in ('xla', 'pallas')]
   tokens_BT = jax.random.randint(jax.random.key(seed), (2, 20), 0, 259)
 
   def loss(model):
     return jnp.mean(model(tokens_BT)[0][..., :259] ** 2)
-  (loss_x, grads_x), (loss_p, grads_p) = (nnx.value_and_grad(loss)(m) for m in models)
+  (loss_x, grads_x), (loss_p, grads_p) = (nnx.jit(nnx.value_and_grad(loss))(m) for m in models)
   np.testing.assert_allclose(loss_p, loss_x, rtol=1e-5)
   for gx, gp in zip(jax.tree.leaves(grads_x), jax.tree.leaves(grads_p), strict=True):
     np.testing.assert_allclose(gp, gx, atol=1e-5, rtol=1e-4)

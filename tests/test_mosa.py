@@ -10,11 +10,7 @@ from flax import nnx
 from sparse_lm import flops
 from sparse_lm.attention import mosa
 from sparse_lm.model import Transformer
-from tests.conftest import run_train, tiny_config, train_losses
-
-
-def _seed():
-  return int(np.random.default_rng().integers(1 << 30))
+from tests.conftest import assert_decoding_equals_parallel, fresh_seed, run_train, tiny_config, train_losses
 
 
 def _config(attention, kernel='xla', **mosa_overrides):
@@ -43,7 +39,7 @@ def test_isoflop_heads_reproduce_the_papers_tiny_model():
 
 @pytest.mark.parametrize('attention', ['mosa', 'mosa_causal'])
 def test_pallas_path_equals_xla_path(attention):
-  seed = _seed()
+  seed = fresh_seed()
   xla, pallas = (_layer(attention, kernel, seed, include_first=True, num_heads=3)
                  for kernel in ('xla', 'pallas'))
   x_BTD = jax.random.normal(jax.random.key(seed), (2, 16, 64))
@@ -61,21 +57,21 @@ def test_pallas_path_equals_xla_path(attention):
 
 def _future_change(layer, x_BTD, t):
   """How much outputs at or before t move when every input after t is replaced."""
-  other_BTD = x_BTD.at[:, t + 1:].set(jax.random.normal(jax.random.key(_seed()), x_BTD[:, t + 1:].shape))
+  other_BTD = x_BTD.at[:, t + 1:].set(jax.random.normal(jax.random.key(fresh_seed()), x_BTD[:, t + 1:].shape))
   apply = nnx.jit(_apply)
   return float(jnp.max(jnp.abs(apply(layer, x_BTD)[:, :t + 1] - apply(layer, other_BTD)[:, :t + 1])))
 
 
 def test_faithful_mosa_leaks_the_future():
-  layer = _layer('mosa', seed=_seed())
-  x_BTD = jax.random.normal(jax.random.key(_seed()), (2, 32, 64))
+  layer = _layer('mosa', seed=fresh_seed())
+  x_BTD = jax.random.normal(jax.random.key(fresh_seed()), (2, 32, 64))
   # The top-k is discrete, so gradients do not see the leak; replacing the future does.
   assert _future_change(layer, x_BTD, 15) > 1e-4
 
 
 def test_mosa_causal_never_depends_on_later_inputs():
-  layer = _layer('mosa_causal', seed=_seed(), include_first=True)
-  x_BTD = jax.random.normal(jax.random.key(_seed()), (2, 32, 64))
+  layer = _layer('mosa_causal', seed=fresh_seed(), include_first=True)
+  x_BTD = jax.random.normal(jax.random.key(fresh_seed()), (2, 32, 64))
   grad_at = nnx.jit(nnx.grad(lambda m, x, t: jnp.sum(_apply(m, x)[:, t] ** 2), argnums=1))
   for t in (0, 17):
     g_BTD = np.asarray(grad_at(layer, x_BTD, t))
@@ -112,18 +108,8 @@ def test_threshold_moves_toward_the_target_share():
 
 
 def test_mosa_causal_decoding_equals_parallel_forward():
-  model = Transformer(_config('mosa_causal', include_first=True).model, rngs=nnx.Rngs(_seed()))
-  B, T, P = 2, 11, 6
-  tokens_BT = jax.random.randint(jax.random.key(_seed()), (B, T), 0, 259)
-  call = nnx.jit(lambda model, tokens, cache: model(tokens, cache))
-  parallel_BTV, _ = call(model, tokens_BT, None)
-  logits_BPV, cache = call(model, tokens_BT[:, :P], model.init_cache(B, T + 3))
-  steps = [logits_BPV]
-  for t in range(P, T):
-    logits_B1V, cache = call(model, tokens_BT[:, t:t + 1], cache)
-    steps.append(logits_B1V)
-  np.testing.assert_allclose(jnp.concatenate(steps, 1)[..., :259], parallel_BTV[..., :259],
-                             atol=1e-4, rtol=1e-4)
+  model = Transformer(_config('mosa_causal', include_first=True).model, rngs=nnx.Rngs(fresh_seed()))
+  assert_decoding_equals_parallel(model, T=11, P=6, B=2)
 
 
 def test_flops_count_only_the_chosen_tokens():
@@ -146,7 +132,7 @@ def test_mosa_trains_on_the_embedded_corpus(tmp_path, attention):
 
 
 def test_causal_ranks_match_the_sequential_rule():
-  rng = np.random.default_rng(_seed())
+  rng = np.random.default_rng(fresh_seed())
   taken_BGT = rng.random((3, 4, 40)) < 0.6
   count_BG = rng.integers(0, 3, (3, 4))
   pos_BT = np.broadcast_to(np.arange(5, 45), (3, 40))

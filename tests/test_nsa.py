@@ -12,13 +12,9 @@ from flax import nnx
 from sparse_lm.attention import nsa
 from sparse_lm.layers import rope
 from sparse_lm.model import Transformer
-from tests.conftest import run_train, tiny_config, train_losses
+from tests.conftest import assert_decoding_equals_parallel, fresh_seed, run_train, tiny_config, train_losses
 
 SMALL_NSA = {'cmp_block': 4, 'cmp_stride': 2, 'sel_block': 4, 'num_selected': 3, 'window': 5}
-
-
-def _seed():
-  return int(np.random.default_rng().integers(1 << 30))
 
 
 def _nsa_config(kernel='xla', **nsa_overrides):
@@ -53,9 +49,9 @@ def reference_selection(q_TGD, ck_CD, t, *, l, d, sel, n, theta):
 @pytest.mark.parametrize('l,d,sel,n', [(4, 2, 4, 3), (8, 4, 4, 4), (4, 4, 8, 3)])
 def test_block_choice_matches_per_token_reference(l, d, sel, n):
   c = _nsa_config(cmp_block=l, cmp_stride=d, sel_block=sel, num_selected=n)
-  layer = nsa.Attention(c.model, rngs=nnx.Rngs(_seed()))
+  layer = nsa.Attention(c.model, rngs=nnx.Rngs(fresh_seed()))
   B, T, H, K, D = 1, 27, 4, 2, 16
-  rng = np.random.default_rng(_seed())
+  rng = np.random.default_rng(fresh_seed())
   q_BTHD = rng.standard_normal((B, T, H, D)).astype(np.float32)
   C = layer._num_compressed(T)
   ck_BCKD = rng.standard_normal((B, C, K, D)).astype(np.float32)
@@ -77,21 +73,21 @@ def test_block_choice_matches_per_token_reference(l, d, sel, n):
 
 def test_compressed_branch_is_zero_before_the_first_block_completes():
   c = _nsa_config(cmp_block=8, cmp_stride=4)
-  layer = nsa.Attention(c.model, rngs=nnx.Rngs(_seed()))
-  q_BTHD = jax.random.normal(jax.random.key(_seed()), (1, 12, 4, 16))
-  ck_BCKD = jax.random.normal(jax.random.key(_seed()), (1, 2, 2, 16))
+  layer = nsa.Attention(c.model, rngs=nnx.Rngs(fresh_seed()))
+  q_BTHD = jax.random.normal(jax.random.key(fresh_seed()), (1, 12, 4, 16))
+  ck_BCKD = jax.random.normal(jax.random.key(fresh_seed()), (1, 2, 2, 16))
   o_BTHD, p_BKGTC = layer._compressed_branch(q_BTHD, ck_BCKD, ck_BCKD, jnp.arange(12)[None])
   assert np.all(np.asarray(o_BTHD[:, :7]) == 0) and np.all(np.asarray(p_BKGTC[..., :7, :]) == 0)
   assert np.all(np.abs(np.asarray(o_BTHD[:, 7:])).sum(-1) > 0)
 
 
 def _model(kernel='xla', **nsa_overrides):
-  return Transformer(_nsa_config(kernel, **nsa_overrides).model, rngs=nnx.Rngs(_seed()))
+  return Transformer(_nsa_config(kernel, **nsa_overrides).model, rngs=nnx.Rngs(fresh_seed()))
 
 
 def test_output_never_depends_on_later_inputs():
   model = _model()
-  x_BTD = jax.random.normal(jax.random.key(_seed()), (2, 24, 64))
+  x_BTD = jax.random.normal(jax.random.key(fresh_seed()), (2, 24, 64))
   # One compilation for every t: t is traced, not static.
   grad_at = nnx.jit(nnx.grad(lambda m, x, t: jnp.sum(m.from_embeddings(x)[0][:, t, :259] ** 2), argnums=1))
   for t in (0, 3, 11, 22):
@@ -103,21 +99,11 @@ def test_output_never_depends_on_later_inputs():
 @pytest.mark.parametrize('shared_kv', [False, True])
 def test_incremental_decoding_equals_parallel_forward(shared_kv):
   model = _model(shared_kv=shared_kv)
-  B, T, P = 2, 23, 6
-  tokens_BT = jax.random.randint(jax.random.key(_seed()), (B, T), 0, 259)
-  call = nnx.jit(lambda model, tokens, cache: model(tokens, cache))
-  parallel_BTV, _ = call(model, tokens_BT, None)
-  logits_BPV, cache = call(model, tokens_BT[:, :P], model.init_cache(B, T + 3))
-  steps = [logits_BPV]
-  for t in range(P, T):
-    logits_B1V, cache = call(model, tokens_BT[:, t:t + 1], cache)
-    steps.append(logits_B1V)
-  np.testing.assert_allclose(jnp.concatenate(steps, 1)[..., :259], parallel_BTV[..., :259],
-                             atol=1e-4, rtol=1e-4)
+  assert_decoding_equals_parallel(model, T=23, P=6, B=2)
 
 
 def test_pallas_path_equals_xla_path():
-  seed = _seed()
+  seed = fresh_seed()
   xla = Transformer(_nsa_config('xla').model, rngs=nnx.Rngs(seed))
   pallas = Transformer(_nsa_config('pallas').model, rngs=nnx.Rngs(seed))
   tokens_BT = jax.random.randint(jax.random.key(seed), (2, 16), 0, 259)
@@ -142,7 +128,7 @@ def test_nsa_model_trains_on_the_embedded_corpus(tmp_path):
 
 def test_chunked_selected_attention_equals_the_kernel_reference():
   from pallas_kernels.selected_attention import selected_attention_reference
-  rng = np.random.default_rng(_seed())
+  rng = np.random.default_rng(fresh_seed())
   B, T, H, K, D, block, n = 2, 45, 4, 2, 8, 4, 3
   q, k, v = (jnp.asarray(rng.standard_normal((B, T, h, D)), jnp.float32) for h in (H, K, K))
   idx_BTKn = jnp.asarray(rng.integers(-1, -(-T // block), (B, T, K, n)), jnp.int32)

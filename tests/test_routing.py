@@ -9,11 +9,7 @@ from flax import nnx
 
 from sparse_lm.attention import routing
 from sparse_lm.model import Transformer
-from tests.conftest import run_train, tiny_config, train_losses
-
-
-def _seed():
-  return int(np.random.default_rng().integers(1 << 30))
+from tests.conftest import assert_decoding_equals_parallel, fresh_seed, run_train, tiny_config, train_losses
 
 
 def _config(attention, kernel='xla', **routing_overrides):
@@ -34,7 +30,7 @@ def _apply(layer, x_BTD):
 
 @pytest.mark.parametrize('attention', ['routing', 'routing_causal'])
 def test_pallas_path_equals_xla_path(attention):
-  seed = _seed()
+  seed = fresh_seed()
   xla, pallas = (_layer(attention, kernel, seed) for kernel in ('xla', 'pallas'))
   x_BTD = jax.random.normal(jax.random.key(seed), (2, 16, 64))
 
@@ -50,20 +46,20 @@ def test_pallas_path_equals_xla_path(attention):
 
 
 def _future_change(layer, x_BTD, t):
-  other_BTD = x_BTD.at[:, t + 1:].set(jax.random.normal(jax.random.key(_seed()), x_BTD[:, t + 1:].shape))
+  other_BTD = x_BTD.at[:, t + 1:].set(jax.random.normal(jax.random.key(fresh_seed()), x_BTD[:, t + 1:].shape))
   apply = nnx.jit(_apply)
   return float(jnp.max(jnp.abs(apply(layer, x_BTD)[:, :t + 1] - apply(layer, other_BTD)[:, :t + 1])))
 
 
 def test_faithful_routing_leaks_the_future():
-  layer = _layer('routing', seed=_seed())
-  x_BTD = jax.random.normal(jax.random.key(_seed()), (2, 32, 64))
+  layer = _layer('routing', seed=fresh_seed())
+  x_BTD = jax.random.normal(jax.random.key(fresh_seed()), (2, 32, 64))
   assert _future_change(layer, x_BTD, 15) > 1e-4  # discrete choices: invisible to gradients
 
 
 def test_routing_causal_never_depends_on_later_inputs():
-  layer = _layer('routing_causal', seed=_seed())
-  x_BTD = jax.random.normal(jax.random.key(_seed()), (2, 32, 64))
+  layer = _layer('routing_causal', seed=fresh_seed())
+  x_BTD = jax.random.normal(jax.random.key(fresh_seed()), (2, 32, 64))
   grad_at = nnx.jit(nnx.grad(lambda m, x, t: jnp.sum(_apply(m, x)[:, t] ** 2), argnums=1))
   for t in (0, 17):
     g_BTD = np.asarray(grad_at(layer, x_BTD, t))
@@ -74,7 +70,7 @@ def test_routing_causal_never_depends_on_later_inputs():
 
 def test_faithful_clusters_are_balanced():
   layer = _layer('routing', num_clusters=4)
-  x_BTD = jax.random.normal(jax.random.key(_seed()), (2, 32, 64))
+  x_BTD = jax.random.normal(jax.random.key(fresh_seed()), (2, 32, 64))
   _, _, score_BRCT = layer._route_inputs(x_BTD)
   idx_BGS = np.asarray(layer._clusters(score_BRCT, jnp.broadcast_to(jnp.arange(32), (2, 32))))
   assert idx_BGS.shape == (2, 2 * 4, 32 // 4)
@@ -86,7 +82,7 @@ def test_centroids_move_by_ema_and_stay_unit():
   layer = _layer('routing', decay=0.9)
   layer.update_state = True
   before_RCH = np.asarray(layer.centroids[...])
-  x_BTD = jax.random.normal(jax.random.key(_seed()), (2, 32, 64))
+  x_BTD = jax.random.normal(jax.random.key(fresh_seed()), (2, 32, 64))
   qk_BTRH = np.asarray(routing._unit(jnp.einsum('btd,drh->btrh', x_BTD, layer.routing_wqk[...])))
   nearest_BTR = np.argmax(np.einsum('btrh,rch->btrc', qk_BTRH, before_RCH), axis=-1)
   _apply(layer, x_BTD)
@@ -100,7 +96,7 @@ def test_centroids_move_by_ema_and_stay_unit():
       else:
         np.testing.assert_array_equal(after_RCH[r, c], before_RCH[r, c])
   for _ in range(20):
-    _apply(layer, jax.random.normal(jax.random.key(_seed()), (2, 32, 64)))
+    _apply(layer, jax.random.normal(jax.random.key(fresh_seed()), (2, 32, 64)))
   mu_RCH = np.asarray(layer.centroids[...])
   assert np.all(np.isfinite(mu_RCH)) and np.allclose(np.linalg.norm(mu_RCH, axis=-1), 1, atol=1e-5)
   assert not np.allclose(mu_RCH, before_RCH)
@@ -113,18 +109,8 @@ def test_centroids_are_state_not_parameters():
 
 
 def test_routing_causal_decoding_equals_parallel_forward():
-  model = Transformer(_config('routing_causal', window=4).model, rngs=nnx.Rngs(_seed()))
-  B, T, P = 2, 11, 6
-  tokens_BT = jax.random.randint(jax.random.key(_seed()), (B, T), 0, 259)
-  call = nnx.jit(lambda model, tokens, cache: model(tokens, cache))
-  parallel_BTV, _ = call(model, tokens_BT, None)
-  logits_BPV, cache = call(model, tokens_BT[:, :P], model.init_cache(B, T + 3))
-  steps = [logits_BPV]
-  for t in range(P, T):
-    logits_B1V, cache = call(model, tokens_BT[:, t:t + 1], cache)
-    steps.append(logits_B1V)
-  np.testing.assert_allclose(jnp.concatenate(steps, 1)[..., :259], parallel_BTV[..., :259],
-                             atol=1e-4, rtol=1e-4)
+  model = Transformer(_config('routing_causal', window=4).model, rngs=nnx.Rngs(fresh_seed()))
+  assert_decoding_equals_parallel(model, T=11, P=6, B=2)
 
 
 def test_routing_causal_trains_on_the_embedded_corpus(tmp_path):

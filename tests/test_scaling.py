@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import scipy.optimize
 
-from sparse_lm import flops, scaling, sweep
+from sparse_lm import checks, flops, scaling, sweep
 from tests.conftest import REPO
 
 TRUE = scaling.Law(E=1.7, A=400.0, B=410.0, alpha=0.34, beta=0.28)
@@ -142,6 +142,7 @@ def test_variants_are_sized_from_the_dense_shape(variant):
   c = sweep.sized_config(variant, '300k', 3, 80)
   count = lambda config: flops.param_counts(sweep.with_vocab(config).model)  # noqa: E731
   assert (c.model.num_layers, c.model.d_model) == (3, 80)
+  checks.check_model(c.model)  # what train.py would accept
   if variant == 'nsa':
     assert count(c)['total_params'] == pytest.approx(count(dense)['total_params'], rel=0.02)
   if variant == 'moe':

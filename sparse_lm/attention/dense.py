@@ -16,6 +16,9 @@ Cache = dict[str, jax.Array]
 class Attention(nnx.Module):
   """`num_heads` query heads share `num_kv_heads` key/value heads."""
 
+  # The config check requires num_heads * head_dim == d_model where the heads span the model width.
+  heads_span_width = True
+
   def __init__(self, cfg: ml_collections.ConfigDict, *, rngs: nnx.Rngs):
     d, hq, hkv, dh = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     pd = cfg.param_dtype

@@ -160,6 +160,9 @@ class Attention(dense.Attention):
   """The paper's MoSA: expert-choice top-k over the whole sequence, hence not causal."""
 
   causal = False
+  # MoSA heads come beside the few dense heads kept, which need not span d_model (the paper's Tiny
+  # model keeps 4 dense heads of 64 in a width of 512).
+  heads_span_width = False
 
   def __init__(self, cfg: ml_collections.ConfigDict, *, rngs: nnx.Rngs):
     super().__init__(cfg, rngs=rngs)

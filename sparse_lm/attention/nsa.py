@@ -123,6 +123,8 @@ def chunked_selected_attention(q_BTHD, k_BSKD, v_BSKD, idx_BTKn, pos_BT, sel_blo
 class Attention(nnx.Module):
   """NSA with grouped-query heads; `model.nsa` holds l, d, l', n, w and whether K/V are shared."""
 
+  heads_span_width = True
+
   def __init__(self, cfg: ml_collections.ConfigDict, *, rngs: nnx.Rngs):
     n = cfg.nsa
     d, hq, hkv, dh, pd = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.param_dtype

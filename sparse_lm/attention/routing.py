@@ -56,6 +56,7 @@ class Attention(dense.Attention):
   """The paper's routing attention: balanced top-k clusters over the whole sequence, not causal."""
 
   causal = False
+  heads_span_width = False  # routing heads come beside the model.num_heads local heads
 
   def __init__(self, cfg: ml_collections.ConfigDict, *, rngs: nnx.Rngs):
     super().__init__(cfg, rngs=rngs)
