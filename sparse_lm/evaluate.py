@@ -33,6 +33,7 @@ from absl import app, flags, logging
 from flax import nnx
 
 from sparse_lm import data, sample, sharding, synthetic, trainer
+from sparse_lm.model import is_causal
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,23 +99,31 @@ def causality_leak(apply_fn, x_BTD: jax.Array, positions) -> float:
     sq_T = jnp.sum(jnp.square(g_BTD.reshape(*g_BTD.shape[:2], -1)), axis=(0, 2))
     future_T = jnp.arange(T) > t
     return jnp.sqrt(jnp.sum(jnp.where(future_T, sq_T, 0.0)) / jnp.sum(jnp.where(future_T, 0.0, sq_T)))
-  return float(jnp.max(jax.jit(jax.vmap(leak_at))(jnp.asarray(positions, jnp.int32))))
+  # lax.map, not vmap: one compilation for every t without batching the model (ragged_dot, the MoE
+  # layer's grouped matmul, has no batching rule for the position axis).
+  return float(jnp.max(jax.jit(lambda ts: jax.lax.map(leak_at, ts))(jnp.asarray(positions, jnp.int32))))
 
 
 def perturbation_leak(apply_fn, x_BTD: jax.Array, other_BTD: jax.Array, positions) -> float:
   """How far the outputs up to `t` move, relative to their size, when every input after `t` is replaced
   by `other_BTD`'s; the largest over `positions`. Exactly 0 for a causal function."""
-  base_BTX = apply_fn(x_BTD)
   T = x_BTD.shape[1]
 
-  def leak_at(t):
-    after_1T1 = (jnp.arange(T) > t)[None, :, None]
-    mixed_BTX = apply_fn(jnp.where(after_1T1, other_BTD, x_BTD))
-    upto_T = (jnp.arange(T) <= t).astype(jnp.float32)
-    diff = jnp.sum(jnp.square(mixed_BTX - base_BTX).reshape(*base_BTX.shape[:2], -1), axis=(0, 2))
-    size = jnp.sum(jnp.square(base_BTX).reshape(*base_BTX.shape[:2], -1), axis=(0, 2))
-    return jnp.sqrt(jnp.sum(diff * upto_T) / jnp.sum(size * upto_T))
-  return float(max(jax.jit(leak_at)(t) for t in positions))
+  @jax.jit
+  def replaced_after(s):
+    """The outputs with every input after `s` replaced (none for s = T - 1). One program serves the base
+    and every probe, so a prefix whose inputs match gets bit-identical outputs from a causal function;
+    two programs (eager against jitted, or fused differently) would differ in rounding."""
+    return apply_fn(jnp.where((jnp.arange(T) > s)[None, :, None], other_BTD, x_BTD))
+
+  base_TX = np.asarray(replaced_after(T - 1), np.float64)
+  base_TX = base_TX.reshape(*base_TX.shape[:2], -1).transpose(1, 0, 2).reshape(T, -1)
+  leaks = []
+  for t in positions:
+    moved_TX = np.asarray(replaced_after(t), np.float64).reshape(*x_BTD.shape[:2], -1)
+    moved_TX = moved_TX.transpose(1, 0, 2).reshape(T, -1)
+    leaks.append(np.linalg.norm(moved_TX[:t + 1] - base_TX[:t + 1]) / np.linalg.norm(base_TX[:t + 1]))
+  return float(max(leaks))
 
 
 def probe_positions(seq_len: int, count: int) -> list[int]:
@@ -134,12 +143,14 @@ def model_leaks(graphdef, variables, seq_len: int, *, batch: int = 2, positions:
   """Both probes of a model through `from_embeddings`, on random tokens (the perturbation replaces the
   future tokens with other random tokens)."""
   key_x, key_other = jax.random.split(jax.random.key(seed))
-  embed = nnx.merge(graphdef, *variables).embed_tokens
-  x_BTD = embed(jax.random.randint(key_x, (batch, seq_len), 0, vocab))
-  other_BTD = embed(jax.random.randint(key_other, (batch, seq_len), 0, vocab))
+  model = nnx.merge(graphdef, *variables)
+  x_BTD = model.embed_tokens(jax.random.randint(key_x, (batch, seq_len), 0, vocab))
+  other_BTD = model.embed_tokens(jax.random.randint(key_other, (batch, seq_len), 0, vocab))
 
   def apply_fn(x_BTD):
-    return nnx.merge(graphdef, *variables).from_embeddings(x_BTD)[0]
+    # The real vocabulary's logits: the padding's are a -1e30 constant, whose square would overflow the
+    # perturbation probe's norm to inf and its ratio to 0.
+    return nnx.merge(graphdef, *variables).from_embeddings(x_BTD)[0][..., :model.vocab_size]
   ts = probe_positions(seq_len, positions)
   return {'gradient': causality_leak(apply_fn, x_BTD, ts),
           'perturbation': perturbation_leak(apply_fn, x_BTD, other_BTD, ts)}
@@ -196,7 +207,7 @@ def _retrieval(run: Run, opts: Options, filler: list[int], needle: str, question
                                             question_Q, length - 1, depth) for key in keys], jnp.int32)
       num_new = max(len(tok.encode(key)) for key in keys)
       new_NA = sample.generate(run.graphdef, run.variables, prompts_NP, num_new, jax.random.key(0),
-                               use_cache=opts.use_cache)
+                               use_cache=opts.use_cache, causal=is_causal(run.config.model))
       accuracy_LD[i, j] = np.mean([tok.decode(new_A)[:len(key)] == key
                                    for new_A, key in zip(np.asarray(new_NA), keys, strict=True)])
   heatmap = run.workdir / f'{name}_step{run.step}.png'
@@ -300,7 +311,7 @@ def run_task(workdir, task: str, opts: Options = Options()) -> dict:
   settings = dataclasses.asdict(opts)
   result = {'task': task, 'workdir': str(run.workdir), 'step': run.step,
             'attention': run.config.model.attention, 'mlp': run.config.model.mlp,
-            'num_params': int(num_params),
+            'num_params': int(num_params), 'causal_architecture': is_causal(run.config.model),
             'causality_leak': max(leaks.values()), **TASKS[task](run, opts, leaks), 'params': settings}
   with open(run.workdir / 'eval.jsonl', 'a', encoding='utf-8') as f:
     f.write(json.dumps(result) + '\n')

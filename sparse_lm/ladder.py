@@ -91,10 +91,11 @@ def moe_config(name: str) -> ml_collections.ConfigDict:
   return c
 
 
-def mosa_config(name: str, *, causal: bool = False) -> ml_collections.ConfigDict:
-  """The rung with MoSA at equal attention FLOPs (`to_mosa`); `causal`: mosa_causal."""
+def mosa_config(name: str, *, causal: bool = False, sparsity: int | None = None) -> ml_collections.ConfigDict:
+  """The rung with MoSA at equal attention FLOPs at `sparsity` rho (`to_mosa`): "isoFLOP with dense size
+  `name` at sparsity rho"; `causal`: mosa_causal."""
   c = dense_config(name)
-  to_mosa(c, small=name in CPU_RUNGS, causal=causal)
+  to_mosa(c, small=name in CPU_RUNGS, causal=causal, sparsity=sparsity)
   return c
 
 
@@ -148,14 +149,24 @@ def to_moe(c: ml_collections.ConfigDict, *, small: bool) -> None:
                      z_loss_weight=1e-3)
 
 
-def to_mosa(c: ml_collections.ConfigDict, *, small: bool, causal: bool = False) -> None:
+def to_mosa(c: ml_collections.ConfigDict, *, small: bool, causal: bool = False,
+            sparsity: int | None = None) -> None:
   """MoSA at equal attention FLOPs (Piękos et al. 2025's isoFLOP rule): it keeps `num_kv_heads` dense
-  heads and spends the other dense heads' FLOPs on MoSA heads at sparsity 8 (CPU sizes, sequences of
-  256) or 64 (the paper's, accelerator sizes). `causal`: mosa_causal."""
+  heads, each on its own K/V head, and spends the rest of the dense layer's FLOPs (its grouped K/V
+  counted once per kv head, its attention causally, as `sparse_lm.flops` counts) on MoSA heads at
+  `sparsity` rho: by default 8 (CPU sizes, sequences of 256) or 64 (the paper's, accelerator sizes), so
+  the variant's FLOPs per token do not exceed the dense model's. `causal`: mosa_causal, whose heads
+  each run `capacity_factor` k slots, so fewer of them fit."""
   m = c.model
-  rho = 8 if small else 64
+  rho = sparsity or (8 if small else 64)
+  dense_kv = m.num_kv_heads
   kept = _kept_heads(m, m.num_kv_heads)
-  heads = isoflop_heads(m.d_model, m.head_dim, m.num_heads, c.data.seq_len, rho, kept)
+  heads = isoflop_heads(m.d_model, m.head_dim, m.num_heads, c.data.seq_len, rho, kept,
+                        dense_kv_heads=dense_kv, kept_kv_heads=m.num_kv_heads,
+                        capacity_factor=m.mosa.capacity_factor if causal else None, causal=True)
+  if heads < 1:
+    raise ValueError(f'MoSA at data.seq_len={c.data.seq_len}, sparsity {rho}: one head costs more than '
+                     f'the {m.num_heads - kept} dense heads it would replace; use a lower sparsity')
   m.attention = 'mosa_causal' if causal else 'mosa'
   m.mosa.update(num_heads=heads, sparsity=rho)
   m.num_heads = kept

@@ -1,5 +1,7 @@
 """Where training numbers go: `metrics.jsonl` (one JSON object per line, each with `step`), a
-TensorBoard event log, and a progress bar. Only the primary host writes."""
+TensorBoard event log, and a progress bar. Only the primary host writes. Evaluation lines carry
+`causal`, whether the architecture is causal (`model.is_causal`): a perplexity of a model that sees
+later tokens is not a language model's perplexity, and says so wherever it is shown."""
 
 import json
 import math
@@ -11,8 +13,10 @@ from tensorboardX import SummaryWriter
 
 class MetricsWriter:
 
-  def __init__(self, workdir: pathlib.Path, *, total_steps: int, start_step: int, is_primary: bool):
+  def __init__(self, workdir: pathlib.Path, *, total_steps: int, start_step: int, is_primary: bool,
+               causal: bool = True):
     self.is_primary = is_primary
+    self.causal = causal
     if not is_primary:
       return
     self.jsonl = open(workdir / 'metrics.jsonl', 'a', encoding='utf-8')
@@ -24,14 +28,16 @@ class MetricsWriter:
     if not self.is_primary:
       return
     values = {k: float(v) for k, v in values.items()}
-    self.jsonl.write(json.dumps({'step': step, **values}) + '\n')
+    flag = {'causal': self.causal} if 'eval_loss' in values else {}
+    self.jsonl.write(json.dumps({'step': step, **values, **flag}) + '\n')
     self.jsonl.flush()
     for key, value in values.items():
       if math.isfinite(value):
         self.tensorboard.add_scalar(key, value, step)
     if 'eval_loss' in values:
+      note = '' if self.causal else '  (NOT causal: the model sees later tokens)'
       self.bar.write(f'step {step}: eval_loss {values["eval_loss"]:.4f}  '
-                     f'eval_bpb {values["eval_bpb"]:.4f}')
+                     f'eval_bpb {values["eval_bpb"]:.4f}{note}')
     elif 'loss' in values:
       self.bar.set_postfix(loss=f'{values["loss"]:.3f}', tok_s=f'{values["tokens_per_second"]:.0f}',
                            tflop_s=f'{values["tflops_per_second"]:.3f}', refresh=False)

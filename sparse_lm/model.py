@@ -27,6 +27,13 @@ def mlp_name(cfg: ml_collections.ConfigDict, layer: int) -> str:
   return 'moe' if after >= 0 and after % cfg.moe.every == 0 else 'dense'
 
 
+def is_causal(cfg: ml_collections.ConfigDict) -> bool:
+  """Whether the architecture guarantees that the output at t never depends on inputs after t: not so
+  for the papers' MoSA and routing attention, nor for expert-choice or capacity-limited MoE."""
+  return attention.REGISTRY[cfg.attention].causal and all(
+      mlp.REGISTRY[mlp_name(cfg, layer)].is_causal(cfg) for layer in range(cfg.num_layers))
+
+
 class Block(nnx.Module):
 
   def __init__(self, cfg: ml_collections.ConfigDict, *, rngs: nnx.Rngs, layer: int = 0):

@@ -17,6 +17,7 @@ from flax import nnx
 
 from sparse_lm import optim, tokenizer, trainer
 from sparse_lm.checkpoint import Checkpointer
+from sparse_lm.model import is_causal
 
 
 def pick(logits_BV: jax.Array, key: jax.Array, temperature: float, top_k: int) -> jax.Array:
@@ -30,10 +31,17 @@ def pick(logits_BV: jax.Array, key: jax.Array, temperature: float, top_k: int) -
 
 
 def generate(graphdef, variables, prompt_BP: jax.Array, num_new: int, key: jax.Array, *,
-             temperature: float = 0.0, top_k: int = 0, use_cache: bool = True) -> jax.Array:
+             temperature: float = 0.0, top_k: int = 0, use_cache: bool = True,
+             causal: bool = True) -> jax.Array:
   """The `num_new` tokens that follow each prompt row; `variables` is what `nnx.merge(graphdef, ...)`
   takes (the parameters, and the non-parameter state where the model has some). Step i draws with
-  `fold_in(key, i)` on either path, so the two paths agree whenever their logits do."""
+  `fold_in(key, i)` on every path, so the paths agree whenever their logits do.
+
+  A model that is not causal (`model.is_causal`: the papers' MoSA and routing, expert-choice MoE) can
+  neither decode from a cache nor see padding after its last token, so each step re-runs it on exactly
+  the tokens so far (one compilation per length), whatever `use_cache` says."""
+  if not causal:
+    return _generate_exact(graphdef, variables, prompt_BP, num_new, key, temperature, top_k)
   fn = _generate_cached if use_cache else _generate_full
   return jax.jit(fn, static_argnums=(0, 3, 5, 6))(graphdef, variables, prompt_BP, num_new, key,
                                                   temperature, top_k)
@@ -78,6 +86,17 @@ def _generate_full(graphdef, variables, prompt_BP, num_new, key, temperature, to
   return jax.lax.fori_loop(0, num_new, step, buffer_BL)[:, P:]
 
 
+def _generate_exact(graphdef, variables, prompt_BP, num_new, key, temperature, top_k):
+  @jax.jit
+  def step(variables, tokens_BL, i):
+    logits_BLV, _ = _merged(graphdef, variables)(tokens_BL)
+    return pick(logits_BLV[:, -1], jax.random.fold_in(key, i), temperature, top_k)
+  tokens_BL = prompt_BP
+  for i in range(num_new):
+    tokens_BL = jnp.concatenate([tokens_BL, step(variables, tokens_BL, i)[:, None]], axis=1)
+  return tokens_BL[:, prompt_BP.shape[1]:]
+
+
 def load_run(workdir: str | pathlib.Path):
   """The run's config, tokenizer, model structure, newest variables (parameters and non-parameter
   state, on the default device) and step."""
@@ -106,11 +125,13 @@ def main(argv) -> None:
   # Documents start after an end-of-document token in training, so prompts do too.
   prompt_1P = jnp.asarray([[tok.eos_id, *tok.encode(_PROMPT.value)]], jnp.int32)
   new_1N = generate(graphdef, variables, prompt_1P, _NUM_NEW.value, jax.random.key(_SEED.value),
-                    temperature=_TEMPERATURE.value, top_k=_TOP_K.value, use_cache=_USE_CACHE.value)
+                    temperature=_TEMPERATURE.value, top_k=_TOP_K.value, use_cache=_USE_CACHE.value,
+                    causal=is_causal(config.model))
   ids = [int(i) for i in new_1N[0]]
   if tok.eos_id in ids:
     ids = ids[:ids.index(tok.eos_id)]
-  print(f'[{config.model.attention} model, step {step}]')
+  note = '' if is_causal(config.model) else ', NOT causal: each token re-runs the model on the text so far'
+  print(f'[{config.model.attention} model, step {step}{note}]')
   print(_PROMPT.value + tok.decode(ids))
 
 

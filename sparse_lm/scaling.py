@@ -337,13 +337,14 @@ def plot_frontier(path, law: Law, fpt: FlopsModel, dense, variants):
   names = sorted({r['variant'] for r in variants})
   for color, name in zip(_colors(len(names)), names, strict=True):
     runs = [r for r in variants if r['variant'] == name]
-    ax.scatter([r['C'] for r in runs], [r['loss'] for r in runs], color=color, marker='D', s=30,
-               label=name)
+    causal = all(r.get('causal', True) for r in runs)
+    ax.scatter([r['C'] for r in runs], [r['loss'] for r in runs], color=color, marker='D' if causal else 'x',
+               s=30, label=name if causal else f'{name} (NOT causal)')
     for r in runs:
       ax.annotate(f"{_fmt_multiplier(r['multiplier'])}x", (r['C'], r['loss']), fontsize=7,
                   xytext=(4, 4), textcoords='offset points')
   ax.set(xscale='log', xlabel='compute C (FLOPs)', ylabel='final eval loss',
-         title='loss against compute; labels: compute multiplier')
+         title='loss against compute; labels: compute multiplier; x: sees later tokens')
   ax.legend(fontsize=7)
   fig.savefig(path, dpi=120, bbox_inches='tight')
 
@@ -391,8 +392,8 @@ def fit_runs(runs: list[dict], *, bootstrap=100, seed=0, grid='full', starts=100
       else None,
       bootstrap=bootstrap, starts=starts, allocation=law.allocation_exponents(),
       flops_per_token=dataclasses.asdict(fpt), approach2=fit2,
-      variants=[{k: r.get(k) for k in ('name', 'variant', 'budget', 'N', 'D', 'C', 'loss',
-                                       'C_dense', 'multiplier', 'interval') if k in r}
+      variants=[{k: r.get(k) for k in ('name', 'variant', 'budget', 'N', 'D', 'C', 'loss', 'causal',
+                                       'causality_leak', 'C_dense', 'multiplier', 'interval') if k in r}
                 for r in variants])
   if out is not None:
     out = pathlib.Path(out)

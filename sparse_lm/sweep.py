@@ -25,6 +25,7 @@ import ml_collections
 import numpy as np
 
 from sparse_lm import attention, flops, ladder, mlp, tokenizer
+from sparse_lm.model import is_causal
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -212,12 +213,22 @@ def collect(workdir_root) -> list[dict]:
     if final is None:
       print(f'# unfinished, left out: {path.parent.name}', file=sys.stderr)
       continue
-    records.append(run_record(path.parent.name, config, final))
+    record = run_record(path.parent.name, config, final)
+    records.append({**record, **_measured_leak(path.parent, record['step'])})
   return records
 
 
+def _measured_leak(workdir: pathlib.Path, step: int) -> dict:
+  """The newest causality probe `sparse_lm.evaluate` wrote for the final checkpoint, if any."""
+  path = workdir / 'eval.jsonl'
+  lines = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+  probes = [line for line in lines if line.get('step') == step and 'causality_leak' in line]
+  return {'causality_leak': probes[-1]['causality_leak']} if probes else {}
+
+
 def run_record(name: str, config: ml_collections.ConfigDict, final: dict) -> dict:
-  """N (total parameters), D (tokens), C (training FLOPs with attention), C_6ND, and the final losses."""
+  """N (total parameters), D (tokens), C (training FLOPs with attention), C_6ND, the final losses, and
+  whether the architecture is causal (a non-causal model's loss is not a language model's)."""
   counts = flops.flops_per_token(with_vocab(config))
   fpt = counts['flops_per_token']
   tokens = config.train.steps * config.train.batch_size * config.data.seq_len
@@ -229,7 +240,8 @@ def run_record(name: str, config: ml_collections.ConfigDict, final: dict) -> dic
       N=n, N_non_embedding=counts['non_embedding_params'], N_active=counts['active_params'], D=tokens,
       C=fpt['total'] * tokens, C_params=fpt['params'] * tokens, C_6ND=6 * n * tokens,
       flops_per_token=fpt['total'], loss=final['eval_loss'], bpb=final.get('eval_bpb'),
-      step=final['step'], num_layers=config.model.num_layers, d_model=config.model.d_model)
+      step=final['step'], num_layers=config.model.num_layers, d_model=config.model.d_model,
+      causal=is_causal(config.model))
 
 
 def _variant_of(config) -> str:

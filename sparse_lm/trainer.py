@@ -17,7 +17,7 @@ from jax.experimental import multihost_utils
 from sparse_lm import checks, data, flops, optim, sharding, tokenizer
 from sparse_lm.checkpoint import Checkpointer
 from sparse_lm.metrics import MetricsWriter
-from sparse_lm.model import Transformer
+from sparse_lm.model import Transformer, is_causal
 
 # {'params': pure dict, 'model_state': pure dict, 'opt_state': optax state, 'step': int32 scalar}.
 # `model_state` holds the model's variables that are not parameters, which layers update in the train
@@ -245,7 +245,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   eval_step = jax.jit(make_eval_step(graphdef, tok.token_bytes),
                       in_shardings=(shardings['params'], shardings['model_state'], batch_sh))
 
-  writer = MetricsWriter(workdir, total_steps=t.steps, start_step=start_step, is_primary=is_primary)
+  writer = MetricsWriter(workdir, total_steps=t.steps, start_step=start_step, is_primary=is_primary,
+                         causal=is_causal(config.model))
   throughput = Throughput(t.batch_size * config.data.seq_len, flops_per_token, start_step)
   preemption = Preemption()
   evaluated = {}

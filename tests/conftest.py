@@ -96,3 +96,9 @@ def train_losses(workdir) -> dict[int, float]:
     if 'loss' in row:
       losses[row['step']] = row['loss']
   return losses
+
+
+def eval_lines(workdir) -> list[dict]:
+  """The evaluation lines of a run's metrics.jsonl."""
+  rows = [json.loads(line) for line in (pathlib.Path(workdir) / 'metrics.jsonl').read_text().splitlines()]
+  return [row for row in rows if 'eval_loss' in row]

@@ -12,7 +12,7 @@ import pytest
 from flax import nnx
 
 from sparse_lm import data, evaluate, synthetic, tokenizer
-from sparse_lm.model import Transformer
+from sparse_lm.model import Transformer, is_causal
 from tests.conftest import REPO, run_train, tiny_config
 
 SMALL_NSA = {'cmp_block': 4, 'cmp_stride': 2, 'sel_block': 4, 'num_selected': 3, 'window': 5}
@@ -68,6 +68,34 @@ def test_leak_is_exactly_zero_for_causal_models(attention, extra):
   cfg.nsa.update(SMALL_NSA)
   graphdef, params = nnx.split(Transformer(cfg, rngs=nnx.Rngs(1)), nnx.Param)
   assert evaluate.model_leak(graphdef, (nnx.to_pure_dict(params),), 16, positions=3) == 0.0
+
+
+ARCHITECTURES = [
+    ('dense', {}, True), ('nsa', {}, True), ('mosa_causal', {}, True), ('routing_causal', {}, True),
+    ('dense', {'mlp': 'moe'}, True), ('mosa', {}, False), ('routing', {}, False),
+    ('dense', {'mlp': 'moe', 'router': 'expert_choice'}, False)]
+
+
+@pytest.mark.parametrize('attention,extra,causal', ARCHITECTURES)
+def test_architecture_flag_agrees_with_the_probes(attention, extra, causal):
+  """`model.is_causal`, which every evaluation line, training eval line, sweep record and frontier plot
+  carries, says what both probes measure on a tiny random model of each kind."""
+  cfg = tiny_config(attention=attention, mlp=extra.get('mlp', 'dense')).model
+  cfg.nsa.update(SMALL_NSA)
+  cfg.mosa.update(num_heads=4, sparsity=4)
+  cfg.routing.update(num_clusters=4, window=4)
+  cfg.moe.router = extra.get('router', 'token_choice')
+  assert is_causal(cfg) == causal
+  graphdef, params, rest = nnx.split(Transformer(cfg, rngs=nnx.Rngs(2)), nnx.Param, ...)
+  leaks = evaluate.model_leaks(graphdef, (nnx.to_pure_dict(params), nnx.to_pure_dict(rest)), 32,
+                               positions=4)
+  assert (max(leaks.values()) == 0.0) == causal, leaks
+
+
+def test_capacity_limited_moe_is_flagged_non_causal():
+  cfg = tiny_config(mlp='moe').model
+  cfg.moe.execution = 'capacity'
+  assert not is_causal(cfg)
 
 
 def test_leak_is_positive_for_non_causal_functions():

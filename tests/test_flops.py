@@ -49,3 +49,60 @@ def test_command_prints_json():
   counts = json.loads(out)
   assert 0.8e6 < counts['total_params'] < 1.3e6
   assert counts['flops_per_token']['total'] > counts['flops_per_token']['params']
+
+
+def test_nsa_counts_its_three_branches():
+  """T=16, l=4, d=2, l'=4, n=3, w=2, counted by hand per position t:
+  compressed blocks end at 3, 5, ..., 15, and t sees those ending at or before t: 49 over all t;
+  selection: t // 4 + 1 visible blocks, all of them while 3 or fewer (t + 1 keys, 78 for t < 12), then
+  two full blocks and the current one's t % 4 + 1 keys (9 + 10 + 11 + 12); window: 1 + 2 x 15 = 31."""
+  c = tiny_config(attention='nsa')
+  c.model.nsa.update(cmp_block=4, cmp_stride=2, sel_block=4, num_selected=3, window=2)
+  c.data.seq_len = 16
+  assert flops.flops_per_token(c)['attended_keys_per_query'] == pytest.approx((49 + 78 + 42 + 31) / 16)
+
+
+@pytest.mark.parametrize('attention,slots', [('mosa', 2), ('mosa_causal', 4)])
+def test_mosa_counts_the_slots_its_heads_run(attention, slots):
+  """T=8, rho=4: the paper's head runs k=2 tokens, mosa_causal's its capacity of 2 k = 4 slots (filled
+  or not); 6 MoSA heads of 16 beside the 4 dense heads, 2 layers."""
+  c = tiny_config(attention=attention)
+  c.model.mosa.update(num_heads=6, sparsity=4, capacity_factor=2.0)
+  c.data.seq_len = 8
+  got, dense = flops.flops_per_token(c), flops.flops_per_token(tiny_config())
+  dense_keys = 4.5  # causal over 8 tokens: (1 + ... + 8) / 8
+  sparse_keys = 6 * slots * (slots + 1) / 2 / 8 / 4  # per MoSA head, in units of the 4 dense heads
+  assert got['attended_keys_per_query'] == pytest.approx(dense_keys + sparse_keys)
+  # 2 layers of Q, K, V, O (64 x 6 heads x 16) applied to `slots` of the 8 tokens
+  projections = 2 * 4 * 64 * 6 * 16 * slots / 8
+  router = 2 * 64 * 6  # every token scored by 6 heads, 2 layers
+  assert got['flops_per_token']['params'] == pytest.approx(dense['flops_per_token']['params']
+                                                           + 6 * (projections + router))
+
+
+@pytest.mark.parametrize('attention,routed', [
+    # Faithful: 2 balanced clusters of 4 tokens, causal within: 2 x (1 + 2 + 3 + 4) / 8 keys a token.
+    ('routing', 2 * 10 / 8),
+    # Causal: 2 clusters of capacity 2 x 8 / 2 = 8 slots, window 6: 2 x (1 + ... + 6 + 6 + 6) / 8.
+    ('routing_causal', 2 * 33 / 8)])
+def test_routing_counts_its_clusters_and_centroids(attention, routed):
+  c = tiny_config(attention=attention)
+  c.model.routing.update(num_heads=2, num_clusters=2, window=6, capacity_factor=2.0)
+  c.data.seq_len = 8
+  local = (1 + 2 + 3 + 4 + 5 + 6 + 6 + 6) / 8  # the 4 local heads, window 6
+  centroids = 2 / 2  # 2 centroids scored at 2 h' each, half a key's 4 h'
+  got = flops.flops_per_token(c)['attended_keys_per_query']
+  assert got == pytest.approx(local + 2 * (routed + centroids) / 4)
+
+
+@pytest.mark.parametrize('execution,share', [('dropless', 1 / 4), ('capacity', 1.25 / 4)])
+def test_moe_counts_active_experts_and_the_router(execution, share):
+  """4 experts as wide as the dense MLP, top-1: a token runs one (dropless), or its share of the
+  capacity buffers, 1.25 x as many slots as tokens (capacity execution); the router always."""
+  c = tiny_config(mlp='moe')
+  c.model.moe.update(num_experts=4, top_k=1, granularity=1.0, execution=execution, capacity_factor=1.25)
+  dense = flops.flops_per_token(tiny_config())['flops_per_token']['params']
+  experts = 2 * 4 * 3 * 64 * 128 * share  # 2 layers, 4 experts of gate/up/down 64 x 128
+  router = 2 * 64 * 4
+  assert flops.flops_per_token(c)['flops_per_token']['params'] == pytest.approx(
+      dense - 6 * 2 * 3 * 64 * 128 + 6 * (experts + router))

@@ -7,10 +7,17 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from sparse_lm import flops
+from sparse_lm import flops, ladder, sweep
 from sparse_lm.attention import mosa
 from sparse_lm.model import Transformer
-from tests.conftest import assert_decoding_equals_parallel, fresh_seed, run_train, tiny_config, train_losses
+from tests.conftest import (
+  assert_decoding_equals_parallel,
+  eval_lines,
+  fresh_seed,
+  run_train,
+  tiny_config,
+  train_losses,
+)
 
 
 def _config(attention, kernel='xla', **mosa_overrides):
@@ -112,23 +119,27 @@ def test_mosa_causal_decoding_equals_parallel_forward():
   assert_decoding_equals_parallel(model, T=11, P=6, B=2)
 
 
-def test_flops_count_only_the_chosen_tokens():
-  c = _config('mosa', sparsity=4)
-  dense = tiny_config()
-  got, want = flops.flops_per_token(c), flops.flops_per_token(dense)
-  extra_params = sum(6 * 64 * 6 * 16 / 4 for _ in range(4)) * c.model.num_layers  # Q, K, V, O at k / T
-  router = 6 * 64 * 6 * c.model.num_layers
-  assert got['flops_per_token']['params'] == pytest.approx(want['flops_per_token']['params'] + extra_params
-                                                           + router)
+@pytest.mark.parametrize('rung', ['100k', '1m', '10m', '100m'])
+@pytest.mark.parametrize('causal', [False, True])
+def test_ladder_mosa_spends_at_most_the_dense_flops(rung, causal):
+  """The ladder's isoFLOP rule, with grouped K/V and causal attention counted as `sparse_lm.flops` counts
+  them: the MoSA model's FLOPs per token stay within the dense rung's, and one more head would not."""
   assert not mosa.Attention.causal and mosa.CausalAttention.causal
+  dense = ladder.dense_config(rung)
+  c = ladder.mosa_config(rung, causal=causal)
+  total = lambda config: flops.flops_per_token(sweep.with_vocab(config))['flops_per_token']['total']  # noqa: E731
+  assert total(c) <= total(dense)
+  c.model.mosa.num_heads += 1
+  assert total(c) > total(dense)
 
 
-@pytest.mark.parametrize('attention', ['mosa_causal'])
+@pytest.mark.parametrize('attention', ['mosa', 'mosa_causal'])
 def test_mosa_trains_on_the_embedded_corpus(tmp_path, attention):
   run_train(tmp_path, f'--config.model.attention={attention}', '--config.data.source=stdlib',
             '--config.train.steps=25', '--config.model.mosa.num_heads=6', '--config.model.mosa.sparsity=4')
   losses = train_losses(tmp_path)
   assert np.mean([losses[s] for s in range(21, 26)]) < np.mean([losses[s] for s in range(1, 6)]) - 0.8
+  assert {line['causal'] for line in eval_lines(tmp_path)} == {attention == 'mosa_causal'}
 
 
 def test_causal_ranks_match_the_sequential_rule():

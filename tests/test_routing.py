@@ -9,7 +9,14 @@ from flax import nnx
 
 from sparse_lm.attention import routing
 from sparse_lm.model import Transformer
-from tests.conftest import assert_decoding_equals_parallel, fresh_seed, run_train, tiny_config, train_losses
+from tests.conftest import (
+  assert_decoding_equals_parallel,
+  eval_lines,
+  fresh_seed,
+  run_train,
+  tiny_config,
+  train_losses,
+)
 
 
 def _config(attention, kernel='xla', **routing_overrides):
@@ -113,8 +120,10 @@ def test_routing_causal_decoding_equals_parallel_forward():
   assert_decoding_equals_parallel(model, T=11, P=6, B=2)
 
 
-def test_routing_causal_trains_on_the_embedded_corpus(tmp_path):
-  run_train(tmp_path, '--config.model.attention=routing_causal', '--config.data.source=stdlib',
+@pytest.mark.parametrize('attention', ['routing', 'routing_causal'])
+def test_routing_trains_on_the_embedded_corpus(tmp_path, attention):
+  run_train(tmp_path, f'--config.model.attention={attention}', '--config.data.source=stdlib',
             '--config.train.steps=25', '--config.model.routing.window=8')
   losses = train_losses(tmp_path)
   assert np.mean([losses[s] for s in range(21, 26)]) < np.mean([losses[s] for s in range(1, 6)]) - 0.8
+  assert {line['causal'] for line in eval_lines(tmp_path)} == {attention == 'routing_causal'}

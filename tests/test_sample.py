@@ -29,6 +29,25 @@ def test_cached_sampling_equals_full_recompute(attention, extra, temperature, to
   np.testing.assert_array_equal(cached, full)
 
 
+@pytest.mark.parametrize('attention', ['mosa', 'routing'])
+def test_non_causal_models_generate_from_exactly_the_text_so_far(attention):
+  """The papers' MoSA and routing look at the whole sequence: neither a cache nor a padded buffer can
+  serve them, so each greedy step is the argmax at the last position of the model run on the prompt and
+  the tokens generated so far, nothing after."""
+  seed = int(np.random.default_rng().integers(1 << 30))
+  cfg = tiny_config(attention=attention).model
+  cfg.mosa.update(num_heads=4, sparsity=2)
+  model = Transformer(cfg, rngs=nnx.Rngs(seed))
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  variables = (nnx.to_pure_dict(params), nnx.to_pure_dict(rest))
+  tokens_BL = jax.random.randint(jax.random.key(seed), (2, 8), 0, 259)
+  new_BN = sample.generate(graphdef, variables, tokens_BL, 4, jax.random.key(0), causal=False)
+  for i in range(4):
+    logits_BLV, _ = nnx.merge(graphdef, *variables)(tokens_BL)
+    np.testing.assert_array_equal(new_BN[:, i], np.argmax(logits_BLV[:, -1], axis=-1))
+    tokens_BL = np.concatenate([tokens_BL, new_BN[:, i:i + 1]], axis=1)
+
+
 @pytest.mark.parametrize('model_flags', [(), ('--config.model.mlp=moe', '--config.model.moe.num_experts=4',
                                                 '--config.model.moe.bias_update_rate=0.01')])
 def test_sample_command_continues_the_prompt(tmp_path, model_flags):

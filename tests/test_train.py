@@ -28,7 +28,7 @@ def test_loss_falls_and_outputs_are_written(reference_run):
   evals = [row for row in rows if 'eval_loss' in row]
   assert [row['step'] for row in evals] == [10, 20, 30]
   assert evals[-1]['eval_loss'] < evals[0]['eval_loss']
-  assert all(row['eval_bpb'] > 0 for row in evals)
+  assert all(row['eval_bpb'] > 0 and row['causal'] is True for row in evals)
   train_rows = [row for row in rows if 'loss' in row]
   assert all(row['tokens_per_second'] > 0 and row['tflops_per_second'] > 0 for row in train_rows)
   assert all(row['learning_rate'] > 0 for row in train_rows)

@@ -36,8 +36,16 @@ python -m sparse_lm.scaling collect --workdir_root "$ROOT/variants" --out "$OUT/
 cat "$OUT/dense_runs.jsonl" "$OUT/variant_runs.jsonl" > "$OUT/runs.jsonl"
 python -m sparse_lm.scaling fit "$OUT/runs.jsonl" --out "$OUT" > "$OUT/fit.json"
 
-# The causality leak of every variant run (and one dense run, which must read 0).
+# The causality leak of every variant run and of the dense run of the same shape and budget (its
+# "twin", which must read 0), then the tables.
 : > "$OUT/leaks.jsonl"
-for workdir in "$ROOT"/variants/*/ "$(ls -d "$ROOT"/dense/dense_C4e+12_* | head -1)"; do
+declare -A twins=()
+for workdir in "$ROOT"/variants/*/; do
+  name=$(basename "$workdir")
+  twins["$ROOT/dense/dense_C${name#*_C}"]=1
   python -m sparse_lm.evaluate --workdir="$workdir" --task=causality | tail -1 >> "$OUT/leaks.jsonl"
 done
+for workdir in "${!twins[@]}"; do
+  python -m sparse_lm.evaluate --workdir="$workdir" --task=causality | tail -1 >> "$OUT/leaks.jsonl"
+done
+python results/cpu_study/summarize.py --dir="$OUT" > "$OUT/tables.md"

@@ -8,6 +8,8 @@ import collections
 import json
 import pathlib
 
+from sparse_lm import scaling
+
 
 def _lines(path: pathlib.Path) -> list[dict]:
   return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
@@ -53,18 +55,36 @@ def fit_table(fit: dict) -> list[str]:
 
 
 def variant_table(fit: dict, runs: list[dict], leaks: list[dict]) -> list[str]:
+  """Each variant placed on the fitted frontier, and beside the dense run of its own shape and budget
+  (the comparison that needs no fitted law); the twin's own multiplier says how far the law's frontier
+  sits from the runs actually made."""
   leak_of = {pathlib.Path(r['workdir']).name: r for r in leaks}
   run_of = {r['name']: r for r in runs}
-  out = ['| run | N total | N active | C (FLOPs) | eval loss | compute multiplier | 95% interval | '
-         'gradient leak | perturbation leak |', '|---|---|---|---|---|---|---|---|---|']
+  law = scaling.Law(**{k: fit[k] for k in ('E', 'A', 'B', 'alpha', 'beta')})
+  fpt = scaling.FlopsModel(**fit['flops_per_token'])
+  out = ['| run | N total | N active | C (FLOPs) | eval loss | loss - dense twin | compute multiplier | '
+         '95% interval | gradient leak | perturbation leak |', '|---|---|---|---|---|---|---|---|---|---|']
+  twins = {}
   for v in fit['variants']:
     r, leak = run_of[v['name']], leak_of.get(v['name'], {})
-    mult = v['multiplier']
-    mult = f'{mult:.3g}' if isinstance(mult, float) else str(mult)
-    out.append(f'| {v["name"]} | {r["N"]:,} | {r["N_active"]:,} | {v["C"]:.3g} | {v["loss"]:.4f} | {mult} | '
-               f'{_interval(v.get("interval"))} | {leak.get("leak", float("nan")):.3g} | '
+    twin = run_of.get('dense' + v['name'][len(v['variant']):])
+    if twin:
+      twins[twin['name']] = twin
+    delta = f'{v["loss"] - twin["loss"]:+.4f}' if twin else 'n/a'
+    out.append(f'| {v["name"]} | {r["N"]:,} | {r["N_active"]:,} | {v["C"]:.3g} | {v["loss"]:.4f} | {delta} | '
+               f'{_multiplier(v["multiplier"])} | {_interval(v.get("interval"))} | '
+               f'{leak.get("leak", float("nan")):.3g} | {leak.get("perturbation_leak", float("nan")):.3g} |')
+  for name, twin in sorted(twins.items()):
+    leak = leak_of.get(name, {})
+    mult = scaling.compute_multiplier(law, twin['C'], twin['loss'], fpt)
+    out.append(f'| {name} (dense twin) | {twin["N"]:,} | {twin["N_active"]:,} | {twin["C"]:.3g} | '
+               f'{twin["loss"]:.4f} | 0 | {_multiplier(mult)} | | {leak.get("leak", float("nan")):.3g} | '
                f'{leak.get("perturbation_leak", float("nan")):.3g} |')
   return out
+
+
+def _multiplier(m) -> str:
+  return f'{m:.3g}' if isinstance(m, float) else str(m)
 
 
 def main() -> None:

@@ -16,6 +16,7 @@ Cache = dict[str, jax.Array]
 class Attention(nnx.Module):
   """`num_heads` query heads share `num_kv_heads` key/value heads."""
 
+  causal = True  # the output at t never depends on inputs after t
   # The config check requires num_heads * head_dim == d_model where the heads span the model width.
   heads_span_width = True
 

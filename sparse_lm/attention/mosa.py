@@ -41,24 +41,51 @@ Cache = dict
 
 # ----------------------------------------------------------------------------- the isoFLOP rule
 
-def dense_head_flops(d_model: int, head_dim: int, seq_len: int) -> int:
-  """Forward FLOPs of one dense head over a sequence: Q/K/V/O projections (8 T h h') and the score and
-  value products (4 T^2 h'), the count the paper's isoFLOP comparison uses."""
-  return 8 * seq_len * d_model * head_dim + 4 * seq_len**2 * head_dim
+def _score_pairs(n: int, causal: bool) -> float:
+  """Query-key pairs of attention over n tokens: n^2 as the paper counts, n (n + 1) / 2 causally."""
+  return n * (n + 1) / 2 if causal else n * n
 
 
-def mosa_head_flops(d_model: int, head_dim: int, seq_len: int, sparsity: int) -> int:
-  """One MoSA head: the same products over k = T / rho tokens, plus the router over all T (2 T h)."""
-  k = num_selected(seq_len, sparsity)
-  return 8 * k * d_model * head_dim + 4 * k**2 * head_dim + 2 * seq_len * d_model
+def dense_head_flops(d_model: int, head_dim: int, seq_len: int, kv_heads: int | None = None,
+                     heads: int = 1, causal: bool = False) -> float:
+  """Forward FLOPs of `heads` dense heads over a sequence: Q/O projections per query head and K/V per
+  kv head (4 T h h' each), score and value products per query head (4 h' a pair). With one kv head per
+  query head (`kv_heads=None`) and every pair counted (`causal=False`), one head is the paper's
+  isoFLOP unit, 8 T h h' + 4 T^2 h'; `causal=True` counts only the pairs a causal mask keeps, as
+  `sparse_lm.flops` does."""
+  kv_heads = heads if kv_heads is None else kv_heads
+  return (4 * (heads + kv_heads) * seq_len * d_model * head_dim
+          + 4 * heads * _score_pairs(seq_len, causal) * head_dim)
+
+
+def mosa_head_flops(d_model: int, head_dim: int, seq_len: int, sparsity: int,
+                    capacity_factor: float | None = None, causal: bool = False) -> float:
+  """One MoSA head: the same products over its slots, plus the router over all T (2 T h). The paper's
+  head has k = T / rho slots; mosa_causal's has `capacity_factor` times as many (`head_slots`)."""
+  k = head_slots(seq_len, sparsity, capacity_factor)
+  return 8 * k * d_model * head_dim + 4 * _score_pairs(k, causal) * head_dim + 2 * seq_len * d_model
 
 
 def isoflop_heads(d_model: int, head_dim: int, dense_heads: int, seq_len: int, sparsity: int,
-                  kept_dense_heads: int) -> int:
-  """MoSA heads that fit in the FLOPs a dense layer of `dense_heads` heads leaves once
-  `kept_dense_heads` dense heads are kept (the paper's Tiny model: 512, 64, 9, 1024, 64, 4 -> 505)."""
-  budget = (dense_heads - kept_dense_heads) * dense_head_flops(d_model, head_dim, seq_len)
-  return budget // mosa_head_flops(d_model, head_dim, seq_len, sparsity)
+                  kept_dense_heads: int, *, dense_kv_heads: int | None = None,
+                  kept_kv_heads: int | None = None, capacity_factor: float | None = None,
+                  causal: bool = False) -> int:
+  """MoSA heads that fit in the FLOPs a dense layer of `dense_heads` query heads (sharing
+  `dense_kv_heads` K/V heads; None: one each, as in the paper) leaves once `kept_dense_heads` dense
+  heads (on `kept_kv_heads` K/V heads) are kept. The paper's count (`causal=False`) gives its Tiny
+  model (512, 64, 9, 1024, 64, 4) 505 heads; `causal=True` counts as this project's FLOP accounting
+  does, where the dense heads' causal attention frees half as much and fewer MoSA heads fit."""
+  budget = (dense_head_flops(d_model, head_dim, seq_len, dense_kv_heads, dense_heads, causal)
+            - dense_head_flops(d_model, head_dim, seq_len, kept_kv_heads, kept_dense_heads, causal))
+  return int(max(0, budget) // mosa_head_flops(d_model, head_dim, seq_len, sparsity, capacity_factor, causal))
+
+
+def head_slots(seq_len: int, sparsity: int, capacity_factor: float | None = None) -> int:
+  """Tokens a MoSA head processes: k = T / rho (the paper), or mosa_causal's capacity of
+  `capacity_factor` k slots, computed whether filled or not."""
+  if capacity_factor is None:
+    return num_selected(seq_len, sparsity)
+  return math.ceil(capacity_factor * seq_len / sparsity)
 
 
 def num_selected(seq_len: int, sparsity: int) -> int:
@@ -188,18 +215,25 @@ class Attention(dense.Attention):
     if cfg.head_dim % 2:
       raise ConfigError(f'model.head_dim={cfg.head_dim} must be even (rotary embeddings)')
 
+  @staticmethod
+  def capacity_factor(cfg: ml_collections.ConfigDict) -> float | None:
+    """None: the paper's head computes exactly its k tokens (`head_slots`)."""
+    del cfg
+    return None
+
   @classmethod
   def attended_keys(cls, cfg: ml_collections.ConfigDict, seq_len: int) -> float:
-    """The dense heads' keys, plus the MoSA heads' work in units of a dense head: k queries a head,
-    each seeing (k + 1) / 2 keys on average, spread over T tokens."""
-    k = num_selected(seq_len, cfg.mosa.sparsity)
-    sparse = cfg.mosa.num_heads * k * (k + 1) / 2 / seq_len
+    """The dense heads' keys, plus the MoSA heads' work in units of a dense head: S slots a head (k, or
+    mosa_causal's capacity), each seeing (S + 1) / 2 keys on average, spread over T tokens."""
+    s = head_slots(seq_len, cfg.mosa.sparsity, cls.capacity_factor(cfg))
+    sparse = cfg.mosa.num_heads * s * (s + 1) / 2 / seq_len
     return super().attended_keys(cfg, seq_len) + sparse / cfg.num_heads
 
-  @staticmethod
-  def param_uses_per_token(cfg: ml_collections.ConfigDict) -> dict[str, float]:
-    # A MoSA head projects only its k = T / rho tokens; the router scores every token.
-    share = 1 / cfg.mosa.sparsity
+  @classmethod
+  def param_uses_per_token(cls, cfg: ml_collections.ConfigDict) -> dict[str, float]:
+    # A MoSA head projects only its slots (k = T / rho, or the causal capacity); the router scores
+    # every token.
+    share = (cls.capacity_factor(cfg) or 1) / cfg.mosa.sparsity
     return {name: share for name in ('mosa_wq', 'mosa_wk', 'mosa_wv', 'mosa_wo')}
 
   def init_cache(self, batch: int, max_len: int) -> Cache:
@@ -269,8 +303,13 @@ class CausalAttention(Attention):
     self.threshold = Threshold(jnp.full((cfg.mosa.num_heads,), start, jnp.float32))
     self.update_state = False  # the train step sets it (trainer.forward) so the threshold moves
 
+  @staticmethod
+  def capacity_factor(cfg: ml_collections.ConfigDict) -> float:
+    """Every one of a head's capacity slots is projected and attended, filled or not."""
+    return cfg.mosa.capacity_factor
+
   def _slots(self, seq_len: int) -> int:
-    return math.ceil(self.mosa.capacity_factor * seq_len / self.mosa.sparsity)
+    return head_slots(seq_len, self.mosa.sparsity, self.mosa.capacity_factor)
 
   def _taken(self, logits_BMT, pos_BT) -> jax.Array:
     tau_1M1 = jax.lax.stop_gradient(self.threshold[...])[None, :, None]

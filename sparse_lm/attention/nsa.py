@@ -123,6 +123,7 @@ def chunked_selected_attention(q_BTHD, k_BSKD, v_BSKD, idx_BTKn, pos_BT, sel_blo
 class Attention(nnx.Module):
   """NSA with grouped-query heads; `model.nsa` holds l, d, l', n, w and whether K/V are shared."""
 
+  causal = True
   heads_span_width = True
 
   def __init__(self, cfg: ml_collections.ConfigDict, *, rngs: nnx.Rngs):
@@ -173,7 +174,7 @@ class Attention(nnx.Module):
     n = cfg.nsa
     total = 0
     for t in range(seq_len):
-      cmp = max(0, (t - n.cmp_block) // n.cmp_stride + 1)
+      cmp = max(0, (t + 1 - n.cmp_block) // n.cmp_stride + 1)  # blocks ending at or before t
       visible_blocks = t // n.sel_block + 1
       sel = t + 1 if visible_blocks <= n.num_selected else (
           (n.num_selected - 1) * n.sel_block + t % n.sel_block + 1)

@@ -92,11 +92,20 @@ class Attention(dense.Attention):
     if cfg.head_dim % 2:
       raise ConfigError(f'model.head_dim={cfg.head_dim} must be even (rotary embeddings)')
 
+  @staticmethod
+  def cluster_slots(cfg: ml_collections.ConfigDict, seq_len: int) -> tuple[int, int]:
+    """(slots a cluster runs, keys a slot sees at most): balanced clusters of w = T / C, causal within."""
+    w = max(1, seq_len // cfg.routing.num_clusters)
+    return w, w
+
   @classmethod
   def routed_keys(cls, cfg: ml_collections.ConfigDict, seq_len: int) -> float:
-    """Keys a routing head's query sees on average: C clusters of w = T / C, causal within each."""
-    w = max(1, seq_len // cfg.routing.num_clusters)
-    return cfg.routing.num_clusters * w * (w + 1) / 2 / seq_len
+    """Keys per token of a routing head: every slot of the C clusters attends causally within its
+    cluster (up to the window), padding slots included, over T tokens; plus scoring each token against
+    the C centroids, 2 h' FLOPs a centroid where a key costs 4 h', so C / 2 keys."""
+    slots, span = cls.cluster_slots(cfg, seq_len)
+    C = cfg.routing.num_clusters
+    return C * sum(min(i + 1, span) for i in range(slots)) / seq_len + C / 2
 
   @classmethod
   def attended_keys(cls, cfg: ml_collections.ConfigDict, seq_len: int) -> float:
@@ -189,7 +198,12 @@ class CausalAttention(Attention):
     return self.routing.window
 
   def _slots(self, seq_len: int) -> int:
-    return min(seq_len, math.ceil(self.routing.capacity_factor * seq_len / self.routing.num_clusters))
+    return _capacity(self.routing, seq_len)
+
+  @staticmethod
+  def cluster_slots(cfg: ml_collections.ConfigDict, seq_len: int) -> tuple[int, int]:
+    """A cluster's capacity slots, each seeing the last `window` of them."""
+    return _capacity(cfg.routing, seq_len), cfg.routing.window
 
   def _taken(self, score_BRCT) -> jax.Array:
     """`[B, R*C, T]`: whether group (head, cluster) takes each token: its nearest centroid."""
@@ -205,12 +219,6 @@ class CausalAttention(Attention):
     self.sow(nnx.Intermediate, 'routing_dropped_share',
              1 - jnp.sum(keep_BGT) / (taken_BGT.shape[0] * taken_BGT.shape[-1] * rt.num_heads))
     return idx_BGS
-
-  @classmethod
-  def routed_keys(cls, cfg: ml_collections.ConfigDict, seq_len: int) -> float:
-    """Keys a routing head's query sees, for clusters of T / C tokens: the last `window` of its cluster."""
-    n = max(1, seq_len // cfg.routing.num_clusters)
-    return sum(min(i + 1, cfg.routing.window) for i in range(n)) / n
 
   def init_cache(self, batch: int, max_len: int) -> Cache:
     G, H = self.routing.num_heads * self.routing.num_clusters, self.routing_wqk.shape[-1]
@@ -243,3 +251,8 @@ class CausalAttention(Attention):
     o_BTRH = o_BTGH.reshape(B, T, R, C, H).sum(axis=3)  # a token sits in one cluster at most
     y_BTD += jnp.einsum('btrh,rhd->btd', o_BTRH, self.routing_wo[...].astype(self.dtype))
     return y_BTD, {'dense': dense_cache, **routed_cache}
+
+
+def _capacity(rt: ml_collections.ConfigDict, seq_len: int) -> int:
+  """routing_causal's slots per cluster: `capacity_factor` T / C, at most T."""
+  return min(seq_len, math.ceil(rt.capacity_factor * seq_len / rt.num_clusters))

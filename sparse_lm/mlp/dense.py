@@ -24,6 +24,11 @@ class Mlp(nnx.Module):
     del cfg
 
   @staticmethod
+  def is_causal(cfg: ml_collections.ConfigDict) -> bool:
+    del cfg
+    return True
+
+  @staticmethod
   def param_uses_per_token(cfg: ml_collections.ConfigDict) -> dict[str, float]:
     """Parameters (by name) that a token does not use once in a matmul, with how often it does."""
     del cfg

@@ -33,7 +33,8 @@ Execution (`moe.execution`):
   (MegaBlocks, Gale et al. 2022), unsort and combine. Nothing is dropped.
 - `capacity`: each expert has C = capacity_factor * N * k / E slots, filled first choices first (GShard,
   Lepikhin et al. 2020); the experts run as one batched matmul over an [E, C, D] buffer and assignments
-  past C are dropped (`dropped_fraction` is their share).
+  past C are dropped (`dropped_fraction` is their share). Not causal either: later tokens' first
+  choices can take the slot an earlier token's second choice needed (`is_causal`).
 
 Expert parallelism: inside a train step (`sharding.active_mesh()`), token-choice dispatch runs in
 `jax.shard_map`. Every device routes its own rows; with `mesh.expert` = P > 1 the P devices of an
@@ -97,6 +98,12 @@ class Mlp(nnx.Module):
     self.dtype = jnp.dtype(cfg.dtype)
 
   @staticmethod
+  def is_causal(cfg: ml_collections.ConfigDict) -> bool:
+    """Only dropless token choice: expert choice ranks a token against later ones, and capacity
+    execution lets later tokens' first choices take the slots an earlier token's second choice wanted."""
+    return cfg.moe.router == 'token_choice' and cfg.moe.execution == 'dropless'
+
+  @staticmethod
   def check_config(cfg: ml_collections.ConfigDict) -> None:
     """One ConfigError line for MoE settings that cannot run (the mesh is checked in checks.py)."""
     m = cfg.moe
@@ -128,11 +135,12 @@ class Mlp(nnx.Module):
 
   @staticmethod
   def param_uses_per_token(cfg: ml_collections.ConfigDict) -> dict[str, float]:
-    """A token runs through k of the E experts (expert choice: capacity_factor * k of them on
-    average); the router and shared experts it always uses."""
+    """A token runs through k of the E experts; where experts run fixed capacity buffers (expert
+    choice, or capacity execution) every slot is computed, filled or not: capacity_factor * k of them.
+    The router and shared experts it always uses."""
     m = cfg.moe
     share = m.top_k / m.num_experts
-    if m.router == 'expert_choice':
+    if m.router == 'expert_choice' or m.execution == 'capacity':
       share *= m.capacity_factor
     return {'expert_gate': share, 'expert_up': share, 'expert_down': share}
 
