@@ -88,8 +88,10 @@ def test_mosa_causal_never_depends_on_later_inputs():
 
 
 def test_sparse_heads_memory_grows_with_k_not_t():
+  """No intermediate of the MoSA heads, forward or backward, is larger than the layer's input [B, T, D]:
+  a [B, heads, k, T] gather (27,648 here) or anything [.., T, T] would be."""
   layer = _layer('mosa', sparsity=8)
-  T = 96
+  T = 192  # k = 24 tokens for each of 6 heads
   x_BTD = jnp.zeros((1, T, 64))
   pos_BT = jnp.arange(T)[None]
 
@@ -98,7 +100,7 @@ def test_sparse_heads_memory_grows_with_k_not_t():
     return layer._sparse_heads(x_BTD, pos_BT, logits_BMT, layer._select(logits_BMT, pos_BT))
   jaxpr = jax.make_jaxpr(jax.grad(lambda x: jnp.sum(sparse(x))))(x_BTD)  # faithful: sows nothing
   shapes = [v.aval.shape for eqn in jaxpr.eqns for v in eqn.outvars]
-  assert all(list(s).count(T) <= 1 for s in shapes), [s for s in shapes if list(s).count(T) > 1]
+  assert all(np.prod(s) <= x_BTD.size for s in shapes), [s for s in shapes if np.prod(s) > x_BTD.size]
 
 
 def test_threshold_moves_toward_the_target_share():
