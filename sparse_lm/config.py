@@ -76,7 +76,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.data = ml_collections.ConfigDict()
   c.data.source = 'stdlib'  # stdlib | text:PATH_OR_GLOB | tfds:NAME[:CONFIG]
   c.data.seq_len = 256
-  c.data.tokenizer = 'byte'  # 'byte' or 'sentencepiece:VOCAB_SIZE' (trained on the train split)
+  c.data.tokenizer = 'byte'  # 'byte', 'sentencepiece:VOCAB_SIZE' (trained on train) or 'ids:VOCAB' (mqar)
   c.data.validation_fraction = 0.02  # of documents, for sources without a validation split
   c.data.shuffle_buffer = 256  # packed sequences shuffled in a window of this many, per shard
   # Virtual shards of the train stream (sparse_lm/data.py): they, not the hosts, fix the batches, so a

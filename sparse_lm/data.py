@@ -169,14 +169,17 @@ def mqar_args(arg: str, config) -> dict[str, int]:
 def _mqar_source(arg: str, config, split: str) -> Corpus:
   """MQAR (Zoology) examples of exactly `seq_len` tokens, so each packed window is one example.
 
-  Documents are token ids, not text: the MQAR alphabet is the byte tokenizer's ids [0, vocab), vocab
-  at most 256 (Zoology's 8192 scaled down to what a byte-level model can embed). The loss counts every
-  token; only the answers after the query keys are predictable, the rest is noise of fixed size.
+  Documents are token ids, not text: the MQAR alphabet is the ids [0, vocab) of the byte tokenizer
+  (vocab at most 256) or of `data.tokenizer=ids:V` (vocab at most V: Zoology's 8192 with ids:8192). The
+  loss counts every token; only the answers after the query keys are predictable, the rest is noise of
+  fixed size.
   """
   args = mqar_args(arg, config)
-  if config.data.tokenizer != 'byte' or not 4 <= args['vocab'] <= 256:
-    raise ConfigError(f'data.source=mqar needs data.tokenizer=byte and 4 <= vocab <= 256, got '
-                      f'{config.data.tokenizer!r} and vocab={args["vocab"]}')
+  spec = config.data.tokenizer
+  symbols = 256 if spec == 'byte' else int(spec.removeprefix('ids:')) if spec.startswith('ids:') else 0
+  if not 4 <= args['vocab'] <= symbols:
+    raise ConfigError(f'data.source=mqar: vocab={args["vocab"]} needs 4 <= vocab <= the symbols of '
+                      f'data.tokenizer={spec!r} (byte: 256, ids:V: V; SentencePiece has none)')
 
   def example(index: int) -> np.ndarray:
     return synthetic.mqar_example(synthetic.rng_for(args['seed'], split, index), config.data.seq_len,

@@ -17,8 +17,9 @@ also write a heat map (context length x needle depth) beside `eval.jsonl`.
 
 MQAR vocabulary: Zoology uses 8192 symbols; a model here can only be asked about ids it embeds as
 ordinary tokens, so the symbols are the ids [0, vocab) with vocab = min(8192, 256) for byte-level
-models (the byte ids; BOS/EOS/PAD excluded) and min(8192, vocab_size) otherwise. Every line says which
-vocabulary it used and whether that is Zoology's. The `mqar` training source uses the same ids.
+models (the byte ids; BOS/EOS/PAD excluded) and min(8192, vocab_size) otherwise; a run trained on
+`data.source=mqar` is asked in its own alphabet, Zoology's 8192 with `data.tokenizer=ids:8192`. Every
+line says which vocabulary it used and whether that is Zoology's.
 """
 
 import copy

@@ -1,6 +1,7 @@
-"""Tokenizers: raw UTF-8 bytes, or a SentencePiece model trained on the train split.
+"""Tokenizers: raw UTF-8 bytes, a SentencePiece model trained on the train split, or the bare symbol ids
+of a synthetic task (`ids:VOCAB`, for MQAR at Zoology's vocabulary of 8192).
 
-Both expose the same small interface: `encode`, `decode`, `vocab_size`, `bos_id`, `eos_id`, `pad_id`,
+All expose the same small interface: `encode`, `decode`, `vocab_size`, `bos_id`, `eos_id`, `pad_id`,
 and `token_bytes`, the number of bytes of text each id stands for, which turns a loss in nats per token
 into bits per byte (`eval_bpb`) so runs with different tokenizers compare.
 """
@@ -42,6 +43,27 @@ class ByteTokenizer:
   def decode(self, ids) -> str:
     ids = np.asarray(ids)
     return ids[ids < 256].astype(np.uint8).tobytes().decode('utf-8', errors='replace')
+
+
+class IdTokenizer:
+  """Ids 0..V-1 are the symbols of a synthetic task that has no text (MQAR); BOS, EOS and PAD follow.
+  Text is space-separated ids, so prompts and samples stay readable; a symbol counts as one byte, so
+  bits per byte are bits per symbol."""
+
+  def __init__(self, num_symbols: int):
+    self.bos_id, self.eos_id, self.pad_id = num_symbols, num_symbols + 1, num_symbols + 2
+    self.vocab_size = num_symbols + 3
+    self.token_bytes = np.zeros(self.vocab_size, np.int32)
+    self.token_bytes[:num_symbols] = 1
+
+  def encode(self, text: str) -> np.ndarray:
+    ids = np.asarray([int(word) for word in text.split()], np.int32)
+    if np.any((ids < 0) | (ids >= self.bos_id)):
+      raise ValueError(f'ids tokenizer: symbols are 0..{self.bos_id - 1}, got {text!r}')
+    return ids
+
+  def decode(self, ids) -> str:
+    return ' '.join(str(int(i)) for i in np.asarray(ids) if i < self.bos_id)
 
 
 class SentencePieceTokenizer:
@@ -129,9 +151,21 @@ def vocab_size_for(config) -> int:
   spec = config.data.tokenizer
   if spec == 'byte':
     return ByteTokenizer.vocab_size
+  if spec.startswith('ids:'):
+    return _id_symbols(config) + 3
   if not spec.startswith('sentencepiece:'):
-    raise ConfigError(f"data.tokenizer={spec!r} is not one of 'byte', 'sentencepiece:VOCAB'")
+    raise ConfigError(f"data.tokenizer={spec!r} is not one of 'byte', 'sentencepiece:VOCAB', 'ids:VOCAB'")
   return _spm_vocab_size(spec)
+
+
+def _id_symbols(config) -> int:
+  """The VOCAB of 'ids:VOCAB', for the synthetic sources whose documents are ids; else a ConfigError."""
+  spec, source = config.data.tokenizer, config.data.source
+  vocab = spec.removeprefix('ids:')
+  if not vocab.isdigit() or int(vocab) < 4 or not source.startswith('mqar'):
+    raise ConfigError(f'data.tokenizer={spec!r}: ids:VOCAB (VOCAB >= 4 symbols) serves data.source=mqar '
+                      f'only, got data.source={source!r}')
+  return int(vocab)
 
 
 def make_tokenizer(config, workdir: str):
@@ -139,6 +173,8 @@ def make_tokenizer(config, workdir: str):
   vocab_size = vocab_size_for(config)
   if config.data.tokenizer == 'byte':
     return ByteTokenizer()
+  if config.data.tokenizer.startswith('ids:'):
+    return IdTokenizer(vocab_size - 3)
   if jax.process_count() > 1:
     # Trained (or loaded) once, by process 0, and sent to the others: hosts may not share a disk,
     # and independent trainings need not agree.

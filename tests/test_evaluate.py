@@ -12,6 +12,7 @@ import pytest
 from flax import nnx
 
 from sparse_lm import data, evaluate, synthetic, tokenizer
+from sparse_lm.config import ConfigError
 from sparse_lm.model import Transformer, is_causal
 from tests.conftest import REPO, run_train, tiny_config
 
@@ -152,6 +153,28 @@ def test_synthetic_sources_feed_training_one_example_per_window():
     key = text[-4:]
     assert key.isdigit() and f'The pass key is {key}.' in text
     assert text.endswith(synthetic.PASSKEY_QUESTION + key)
+
+
+def test_mqar_trains_and_scores_at_zoologys_vocabulary(tmp_path):
+  """data.tokenizer=ids:8192: the model embeds Zoology's 8192 symbols, trains on MQAR and is scored in
+  that alphabet at Zoology's shapes, not a scaled-down one."""
+  run_train(tmp_path, '--config.data.tokenizer=ids:8192', '--config.data.source=mqar:vocab=8192',
+            '--config.train.steps=4', '--config.train.warmup_steps=1', '--config.train.eval_every=4',
+            '--config.checkpoint.every_steps=4')
+  assert json.loads((tmp_path / 'config.json').read_text())['model']['vocab_size'] == 8195
+  result = evaluate.run_task(tmp_path, 'mqar', evaluate.Options(mqar_shapes=((64, 4),), mqar_examples=4))
+  assert result['vocab'] == synthetic.ZOOLOGY_VOCAB and not result['vocab_scaled']
+  assert 0.0 <= result['accuracy'] <= 1.0 and result['causality_leak'] == 0.0
+
+
+def test_ids_tokenizer_serves_only_mqar():
+  c = tiny_config()
+  c.data.tokenizer = 'ids:8192'
+  with pytest.raises(ConfigError, match=r"^data.tokenizer='ids:8192'.*mqar"):
+    tokenizer.vocab_size_for(c)
+  c.data.source, c.data.tokenizer = 'mqar:vocab=8192', 'byte'
+  with pytest.raises(ConfigError, match='vocab=8192'):
+    data.make_train_iterator(c, tokenizer.ByteTokenizer())
 
 
 def test_perturbation_leak_sees_a_look_ahead_the_gradient_misses():
