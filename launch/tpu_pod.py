@@ -108,9 +108,10 @@ def run(args, train_flags: list[str]) -> int:
   g = Gcloud(args)
   if subprocess.run(g.describe(), capture_output=True, text=True).returncode != 0:
     subprocess.run(g.create(), check=True)
-    while args.queued and subprocess.run(g.describe(), capture_output=True,
-                                         text=True).stdout.strip() != 'ACTIVE':
-      time.sleep(30)
+  # A queued resource, new or reused, may still be waiting for capacity: wait until it is ACTIVE.
+  while args.queued and subprocess.run(g.describe(), capture_output=True,
+                                       text=True).stdout.strip() != 'ACTIVE':
+    time.sleep(30)
   for command in code_steps(g, args):
     subprocess.run(command, check=True)
   subprocess.run(g.ssh(f"cd {REMOTE_DIR} && pip install -q -e '.[tpu]'"), check=True)

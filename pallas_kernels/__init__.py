@@ -1,3 +1,16 @@
-"""Pallas kernels (flash attention, NSA selected-block attention, grouped matmul), each beside its XLA
-reference. The kernels themselves arrive with the kernels issue; until then `model.kernel` accepts
-only 'xla'."""
+"""Pallas kernels, each beside its XLA reference in the same file (`implementation='pallas'|'xla'`):
+`flash_attention`, NSA's `selected_attention` and the MoE `grouped_matmul` (with its transpose for the
+weight gradient). Interpret mode on CPU, real lowering for GPU (Triton) and TPU (Mosaic)."""
+
+from pallas_kernels.flash_attention import flash_attention, flash_attention_reference
+from pallas_kernels.grouped_matmul import (
+                                           grouped_matmul,
+                                           grouped_matmul_reference,
+                                           transposed_grouped_matmul,
+                                           transposed_grouped_matmul_reference,
+)
+from pallas_kernels.selected_attention import selected_attention, selected_attention_reference
+
+__all__ = ['flash_attention', 'flash_attention_reference', 'grouped_matmul', 'grouped_matmul_reference',
+           'selected_attention', 'selected_attention_reference', 'transposed_grouped_matmul',
+           'transposed_grouped_matmul_reference']

@@ -29,12 +29,13 @@ def param_sizes(model_cfg: ml_collections.ConfigDict) -> dict[tuple[str, ...], i
           for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]}
 
 
-def mlp_uses(model_cfg: ml_collections.ConfigDict, path: tuple[str, ...]) -> float:
-  """How often a token uses a parameter by its block's MLP variant: 1 outside the MLPs."""
+def mlp_uses(model_cfg: ml_collections.ConfigDict, path: tuple[str, ...], *, computed: bool = True) -> float:
+  """How often a token's computation uses a parameter by its block's MLP variant (not `computed`: the
+  share a token needs, which capacity buffers do not inflate); 1 outside the MLPs."""
   if len(path) < 4 or path[0] != 'blocks' or path[2] != 'mlp':
     return 1.0
   variant = mlp.REGISTRY[mlp_name(model_cfg, int(path[1]))]
-  return variant.param_uses_per_token(model_cfg).get(path[-1], 1.0)
+  return variant.param_uses_per_token(model_cfg, computed=computed).get(path[-1], 1.0)
 
 
 def param_counts(model_cfg: ml_collections.ConfigDict) -> dict[str, int]:
@@ -43,7 +44,8 @@ def param_counts(model_cfg: ml_collections.ConfigDict) -> dict[str, int]:
   total = sum(sizes.values())
   embedding = sum(size for path, size in sizes.items() if path[0] in ('embed', 'unembed'))
   norms = sum(size for path, size in sizes.items() if path[-1] == 'scale')
-  inactive = sum(size * (1 - min(1.0, mlp_uses(model_cfg, path))) for path, size in sizes.items())
+  inactive = sum(size * (1 - min(1.0, mlp_uses(model_cfg, path, computed=False)))
+                 for path, size in sizes.items())
   return {'total_params': total, 'active_params': total - round(inactive), 'embedding_params': embedding,
           'non_embedding_params': total - embedding, 'norm_params': norms}
 

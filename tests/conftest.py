@@ -102,3 +102,15 @@ def eval_lines(workdir) -> list[dict]:
   """The evaluation lines of a run's metrics.jsonl."""
   rows = [json.loads(line) for line in (pathlib.Path(workdir) / 'metrics.jsonl').read_text().splitlines()]
   return [row for row in rows if 'eval_loss' in row]
+
+
+def logged_lines(workdir) -> int:
+  path = pathlib.Path(workdir) / 'metrics.jsonl'
+  return len(path.read_text().splitlines()) if path.exists() else 0
+
+
+def first_step_after(workdir, logged: int) -> int:
+  """The step of the first training line after the first `logged` lines of metrics.jsonl: where a
+  rerun resumed (a rerun that started over would log step 1, with the same losses)."""
+  lines = (pathlib.Path(workdir) / 'metrics.jsonl').read_text().splitlines()[logged:]
+  return next(row['step'] for row in map(json.loads, lines) if 'loss' in row)

@@ -3,9 +3,11 @@ calls srun as intended, and the Kubernetes manifest has what a multi-host Job ne
 
 import os
 import shlex
+import signal
 import stat
 import subprocess
 import sys
+import time
 
 import yaml
 
@@ -48,7 +50,7 @@ def test_slurm_script_parses_and_runs_train_on_every_task(tmp_path):
   script = LAUNCH / 'slurm.sbatch'
   subprocess.run(['bash', '-n', str(script)], check=True)
   directives = [line for line in script.read_text().splitlines() if line.startswith('#SBATCH')]
-  assert '#SBATCH --signal=TERM@120' in directives
+  assert '#SBATCH --signal=B:USR1@180' in directives
   # A stand-in srun records its arguments and the environment the job sets up.
   fake = tmp_path / 'srun'
   fake.write_text('#!/bin/bash\necho "ARGS $*"\necho "LOCAL_IDS ${JAX_LOCAL_DEVICE_IDS:-unset}"\n')
@@ -60,6 +62,29 @@ def test_slurm_script_parses_and_runs_train_on_every_task(tmp_path):
   assert 'LOCAL_IDS unset' in out  # one task per GPU: JAX picks SLURM_LOCALID
   env.update(SLURM_NTASKS_PER_NODE='1', SLURM_GPUS_PER_NODE='h100:4')
   assert 'LOCAL_IDS 0,1,2,3' in _run('bash', str(script), env=env)
+
+
+def test_slurm_time_limit_checkpoints_then_requeues(tmp_path):
+  """SLURM's USR1 before the time limit: the tasks get SIGTERM (train.py's checkpoint-and-exit), and
+  only once they have exited is the job requeued."""
+  log = tmp_path / 'log'
+  (tmp_path / 'srun').write_text(  # a task that checkpoints on SIGTERM, taking a moment
+      f'#!/bin/bash\ntrap \'sleep 0.5; echo "task saved and exited" >> {log}; exit 0\' TERM\n'
+      f'echo started >> {log}\nwhile true; do sleep 0.1; done\n')
+  (tmp_path / 'scontrol').write_text(f'#!/bin/bash\necho "scontrol $*" >> {log}\n')
+  for name in ('srun', 'scontrol'):
+    (tmp_path / name).chmod(0o755)
+  env = {**os.environ, 'PATH': f'{tmp_path}:{os.environ["PATH"]}', 'SLURM_SUBMIT_DIR': str(REPO),
+         'SLURM_JOB_ID': '4242'}
+  job = subprocess.Popen(['bash', str(LAUNCH / 'slurm.sbatch'), '--workdir=/shared/run'], env=env,
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+  deadline = time.monotonic() + 30
+  while not (log.exists() and 'started' in log.read_text()):
+    assert time.monotonic() < deadline and job.poll() is None, job.stdout.read()
+    time.sleep(0.05)
+  job.send_signal(signal.SIGUSR1)
+  job.wait(timeout=30)
+  assert log.read_text().splitlines() == ['started', 'task saved and exited', 'scontrol requeue 4242']
 
 
 def _manifest(*flags):

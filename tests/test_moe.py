@@ -147,6 +147,9 @@ def test_interleaving_and_active_parameter_count():
   counts = flops.param_counts(config.model)
   D, F = 64, 64  # expert width: granularity 0.5 of mlp_dim 128
   assert counts['total_params'] - counts['active_params'] == 2 * 6 * 3 * D * F  # 6 idle experts, 2 layers
+  # Capacity buffers cost FLOPs (tests/test_flops.py), not active parameters: a token still needs k.
+  config.model.moe.execution = 'capacity'
+  assert flops.param_counts(config.model) == counts
 
 
 @pytest.mark.parametrize('key, value', [
@@ -187,13 +190,14 @@ def test_moe_model_trains_on_the_embedded_corpus(moe_run):
   assert losses[20] < losses[1] - 1.0, losses
   rows = [json.loads(line) for line in (moe_run / 'metrics.jsonl').read_text().splitlines()]
   last = [row for row in rows if 'loss' in row][-1]
-  for key in ('expert_load_7', 'dropped_fraction', 'router_entropy'):
+  for key in ('expert_load_7', 'dropped_fraction', 'router_entropy', 'load_balance_loss', 'router_z_loss'):
     assert f'blocks/1/mlp/{key}' in last, sorted(last)
   assert last['aux_loss'] > 0
 
 
 def test_expert_parallel_on_eight_devices_matches_one_device(moe_run, tmp_path):
-  run_train(tmp_path, *MOE_FLAGS, '--config.mesh.expert=4', devices=8)
+  """Experts over 4 devices, parameters and batch ZeRO-3 style over the other 2 (fsdp)."""
+  run_train(tmp_path, *MOE_FLAGS, '--config.mesh.fsdp=2', '--config.mesh.expert=4', devices=8)
   sharded, single = train_losses(tmp_path), train_losses(moe_run)
   assert sorted(sharded) == sorted(single)
   for step, loss in single.items():

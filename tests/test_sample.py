@@ -48,8 +48,12 @@ def test_non_causal_models_generate_from_exactly_the_text_so_far(attention):
     tokens_BL = np.concatenate([tokens_BL, new_BN[:, i:i + 1]], axis=1)
 
 
+NSA_FLAGS = ('--config.model.attention=nsa', *(f'--config.model.nsa.{key}={value}' for key, value in (
+    ('cmp_block', 4), ('cmp_stride', 2), ('sel_block', 4), ('num_selected', 3), ('window', 5))))
+
+
 @pytest.mark.parametrize('model_flags', [(), ('--config.model.mlp=moe', '--config.model.moe.num_experts=4',
-                                                '--config.model.moe.bias_update_rate=0.01')])
+                                                '--config.model.moe.bias_update_rate=0.01'), NSA_FLAGS])
 def test_sample_command_continues_the_prompt(tmp_path, model_flags):
   run_train(tmp_path, '--config.train.steps=10', *model_flags)
   out = subprocess.run(

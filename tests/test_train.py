@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from tests.conftest import REPO, run_train, train_command, train_losses
+from tests.conftest import REPO, first_step_after, logged_lines, run_train, train_command, train_losses
 
 
 @pytest.fixture(scope='module')
@@ -69,6 +69,16 @@ def _wait_for_step(workdir, step, process, timeout=300):
   raise TimeoutError(f'step {step} not reached')
 
 
+def _rerun_and_assert_resumed(workdir, reference_run):
+  """Reruns the command: it starts from the newest committed checkpoint (not from step 0, which would
+  log the same losses) and ends with the losses of the uninterrupted run."""
+  committed = max(int(p.parent.name) for p in (workdir / 'checkpoints').glob('*/commit_success.txt'))
+  logged = logged_lines(workdir)
+  run_train(workdir)
+  assert first_step_after(workdir, logged) == committed + 1, committed
+  _assert_resumed_exactly(workdir, reference_run)
+
+
 def _assert_resumed_exactly(workdir, reference_run):
   resumed, reference = train_losses(workdir), train_losses(reference_run)
   assert sorted(resumed) == sorted(reference)
@@ -79,11 +89,14 @@ def _assert_resumed_exactly(workdir, reference_run):
 def test_kill_9_then_rerun_resumes_exactly(reference_run, tmp_path):
   process = _start(tmp_path)
   _wait_for_step(tmp_path, 14, process)  # past the step-10 checkpoint
+  deadline = time.monotonic() + 120
+  while not (tmp_path / 'checkpoints' / '10' / 'commit_success.txt').exists():  # the async save is done
+    assert time.monotonic() < deadline and process.poll() is None
+    time.sleep(0.05)
   process.kill()
   process.wait()
   assert max(train_losses(tmp_path)) < 30
-  run_train(tmp_path)
-  _assert_resumed_exactly(tmp_path, reference_run)
+  _rerun_and_assert_resumed(tmp_path, reference_run)
 
 
 def test_sigterm_saves_then_exits_and_rerun_resumes(reference_run, tmp_path):
@@ -95,8 +108,7 @@ def test_sigterm_saves_then_exits_and_rerun_resumes(reference_run, tmp_path):
   assert stopped_at < 30
   saved = {int(p.name) for p in (tmp_path / 'checkpoints').iterdir() if p.name.isdigit()}
   assert max(saved) >= stopped_at, (saved, stopped_at)  # saved where it stopped, not at step 10
-  run_train(tmp_path)
-  _assert_resumed_exactly(tmp_path, reference_run)
+  _rerun_and_assert_resumed(tmp_path, reference_run)
 
 
 def test_bad_config_fails_fast_with_one_line(tmp_path):

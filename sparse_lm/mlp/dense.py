@@ -29,9 +29,10 @@ class Mlp(nnx.Module):
     return True
 
   @staticmethod
-  def param_uses_per_token(cfg: ml_collections.ConfigDict) -> dict[str, float]:
-    """Parameters (by name) that a token does not use once in a matmul, with how often it does."""
-    del cfg
+  def param_uses_per_token(cfg: ml_collections.ConfigDict, *, computed: bool = True) -> dict[str, float]:
+    """Parameters (by name) that a token does not use once in a matmul, with how often it does (or,
+    not `computed`, the share of them a token really needs: MoE's active parameters)."""
+    del cfg, computed
     return {}
 
   def __call__(self, x_BTD: jax.Array) -> jax.Array:

@@ -134,13 +134,14 @@ class Mlp(nnx.Module):
                         '(experts choosing tokens are balanced by construction)')
 
   @staticmethod
-  def param_uses_per_token(cfg: ml_collections.ConfigDict) -> dict[str, float]:
-    """A token runs through k of the E experts; where experts run fixed capacity buffers (expert
-    choice, or capacity execution) every slot is computed, filled or not: capacity_factor * k of them.
-    The router and shared experts it always uses."""
+  def param_uses_per_token(cfg: ml_collections.ConfigDict, *, computed: bool = True) -> dict[str, float]:
+    """A token uses k of the E experts (`computed=False`: the active share). What runs (`computed`):
+    where experts run fixed capacity buffers (expert choice, or capacity execution) every slot is
+    computed, filled or not, capacity_factor * k of them. The router and shared experts a token
+    always uses."""
     m = cfg.moe
     share = m.top_k / m.num_experts
-    if m.router == 'expert_choice' or m.execution == 'capacity':
+    if computed and (m.router == 'expert_choice' or m.execution == 'capacity'):
       share *= m.capacity_factor
     return {'expert_gate': share, 'expert_up': share, 'expert_down': share}
 
@@ -163,6 +164,7 @@ class Mlp(nnx.Module):
 
   def _sow_router_stats(self, logits_BTE, scores_BTE) -> None:
     z = jnp.mean(jnp.square(jax.nn.logsumexp(logits_BTE, axis=-1)))
+    self.sow(nnx.Intermediate, 'router_z_loss', z)  # unweighted, a metric whatever its weight
     if self.cfg.z_loss_weight:
       self.sow(nnx.Intermediate, 'router_z_aux_loss', self.cfg.z_loss_weight * z)
     probs_BTE = _as_distribution(scores_BTE)
@@ -183,9 +185,10 @@ class Mlp(nnx.Module):
       w_BTK = w_BTK / jnp.sum(w_BTK, axis=-1, keepdims=True)
     load_E = jnp.bincount(idx_BTK.reshape(-1), length=E) / idx_BTK.size
     self.sow(nnx.Intermediate, 'expert_load', load_E)
+    prob_E = jnp.mean(_as_distribution(scores_BTE), axis=(0, 1))
+    balance = E * jnp.sum(load_E * prob_E)  # Switch Eq. 4; 1 when perfectly balanced
+    self.sow(nnx.Intermediate, 'load_balance_loss', balance)  # unweighted, a metric whatever its weight
     if m.load_balance_weight:
-      prob_E = jnp.mean(_as_distribution(scores_BTE), axis=(0, 1))
-      balance = E * jnp.sum(load_E * prob_E)  # Switch Eq. 4; 1 when perfectly balanced
       self.sow(nnx.Intermediate, 'load_balance_aux_loss', m.load_balance_weight * balance)
     if self.bias is not None and self.update_state:
       # Wang et al. 2024, Alg. 1: raise the bias of under-loaded experts, lower it for over-loaded ones.
