@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The CPU-scale study of results/cpu_study/README.md, end to end: a dense isoFLOP ladder, its fits,
 # then NSA, MoSA, routing (paper-faithful and causal) and MoE at the largest budget, at the size the
-# dense fit calls compute-optimal, each with its causality leak. Runs are skipped once finished, so
-# rerunning continues an interrupted study. About an hour on 2 CPU cores.
+# dense fit calls compute-optimal, each with its causality leak, and the noise of one run (the dense
+# twin at two more seeds). Runs are skipped once finished, so rerunning continues an interrupted
+# study. About 90 minutes on 2 CPU cores.
 #
 #     bash results/cpu_study/run.sh            # from the repository root
 set -euo pipefail
@@ -33,6 +34,14 @@ for variant in "${VARIANTS[@]}"; do
     --params "$N_OPT" --workdir_root "$ROOT/variants" "${COMMON[@]}" --run
 done
 python -m sparse_lm.scaling collect --workdir_root "$ROOT/variants" --out "$OUT/variant_runs.jsonl"
+# The variants' dense twin (same shape and budget) again at training seeds 1 and 2: one run's noise.
+: > "$OUT/dense_twin_seeds.jsonl"
+for seed in 1 2; do
+  python -m sparse_lm.scaling sweep --budgets "$LARGEST" --sizes_per_budget 1 --params "$N_OPT" \
+    --workdir_root "$ROOT/seed$seed" "${COMMON[@]}" --set train.seed=$seed --run
+  python -m sparse_lm.scaling collect --workdir_root "$ROOT/seed$seed" --out "$ROOT/seed$seed.jsonl"
+  cat "$ROOT/seed$seed.jsonl" >> "$OUT/dense_twin_seeds.jsonl"
+done
 cat "$OUT/dense_runs.jsonl" "$OUT/variant_runs.jsonl" > "$OUT/runs.jsonl"
 python -m sparse_lm.scaling fit "$OUT/runs.jsonl" --out "$OUT" > "$OUT/fit.json"
 

@@ -7,6 +7,7 @@ import argparse
 import collections
 import json
 import pathlib
+import statistics
 
 from sparse_lm import scaling
 
@@ -83,6 +84,18 @@ def variant_table(fit: dict, runs: list[dict], leaks: list[dict]) -> list[str]:
   return out
 
 
+def seed_table(runs: list[dict], seeds: list[dict]) -> list[str]:
+  """The dense twin (train.seed 0) again at train.seed 1, 2, ... (`dense_twin_seeds.jsonl`, in that
+  order): init and data order change, the validation batches do not. The noise of one run."""
+  rows = [{r['name']: r for r in runs}[seeds[0]['name']], *seeds]
+  out = ['| train.seed | eval loss | bits/byte |', '|---|---|---|']
+  out += [f'| {seed} | {r["loss"]:.4f} | {r["bpb"]:.3f} |' for seed, r in enumerate(rows)]
+  losses = [r['loss'] for r in rows]
+  out += ['', f'{rows[0]["name"]} over {len(rows)} seeds: mean {statistics.mean(losses):.4f}, standard '
+              f'deviation {statistics.stdev(losses):.4f}, range {max(losses) - min(losses):.4f} nats.']
+  return out
+
+
 def _multiplier(m) -> str:
   return f'{m:.3g}' if isinstance(m, float) else str(m)
 
@@ -94,12 +107,15 @@ def main() -> None:
   fit = json.loads((d / 'fit.json').read_text())
   runs = _lines(d / 'runs.jsonl')
   leaks = _lines(d / 'leaks.jsonl') if (d / 'leaks.jsonl').exists() else []
+  seeds = _lines(d / 'dense_twin_seeds.jsonl') if (d / 'dense_twin_seeds.jsonl').exists() else []
   sections = [
       ('Dense isoFLOP runs (best of each budget in bold)',
        dense_table([r for r in runs if r['variant'] == 'dense'])),
       ('Dense fit', fit_table(fit)),
       ('Variants against the dense frontier', variant_table(fit, runs, leaks)),
   ]
+  if seeds:
+    sections.append(('Seed noise of the dense twin', seed_table(runs, seeds)))
   for title, lines in sections:
     print(f'### {title}\n')
     print('\n'.join(lines))
