@@ -9,10 +9,13 @@ import subprocess
 import sys
 import time
 
+import kubernetes_validate
+import pytest
 import yaml
 
 from tests.conftest import REPO
 
+K8S_VERSION = '1.33'  # a GKE release; the schemas ship with kubernetes-validate (no network)
 LAUNCH = REPO / 'launch'
 
 
@@ -88,10 +91,21 @@ def test_slurm_time_limit_checkpoints_then_requeues(tmp_path):
 
 
 def _manifest(*flags):
+  """The rendered Service and Job, each validated against Kubernetes' own OpenAPI schema (strict: an
+  unknown or misspelt field fails), as `kubectl apply --dry-run` would."""
   out = _run(sys.executable, str(LAUNCH / 'k8s.py'), '--name=dense-1b', '--image=registry/sparse_lm:1',
              '--hosts=4', *flags, '--', '--config=configs/dense_1b.py', '--workdir=gs://bucket/run')
   service, job = yaml.safe_load_all(out)
+  for manifest in (service, job):
+    kubernetes_validate.validate(manifest, K8S_VERSION, strict=True)
   return service, job
+
+
+def test_k8s_schema_check_rejects_an_unknown_field():
+  _, job = _manifest('--accelerator=gpu')
+  job['spec']['completionz'] = 4
+  with pytest.raises(kubernetes_validate.ValidationError, match='completionz'):
+    kubernetes_validate.validate(job, K8S_VERSION, strict=True)
 
 
 def test_k8s_manifest_is_an_indexed_job_with_a_coordinator():
