@@ -4,10 +4,10 @@ weight gradient). Interpret mode on CPU, real lowering for GPU (Triton) and TPU 
 
 from pallas_kernels.flash_attention import flash_attention, flash_attention_reference
 from pallas_kernels.grouped_matmul import (
-                                           grouped_matmul,
-                                           grouped_matmul_reference,
-                                           transposed_grouped_matmul,
-                                           transposed_grouped_matmul_reference,
+  grouped_matmul,
+  grouped_matmul_reference,
+  transposed_grouped_matmul,
+  transposed_grouped_matmul_reference,
 )
 from pallas_kernels.selected_attention import selected_attention, selected_attention_reference
 

@@ -163,7 +163,7 @@ def to_mosa(c: ml_collections.ConfigDict, *, small: bool, causal: bool = False,
   kept = _kept_heads(m, m.num_kv_heads)
   heads = isoflop_heads(m.d_model, m.head_dim, m.num_heads, c.data.seq_len, rho, kept,
                         dense_kv_heads=dense_kv, kept_kv_heads=m.num_kv_heads,
-                        capacity_factor=m.mosa.capacity_factor if causal else None, causal=True)
+                        capacity_factor=m.mosa.capacity_factor if causal else None, causal_mask=True)
   if heads < 1:
     raise ValueError(f'MoSA at data.seq_len={c.data.seq_len}, sparsity {rho}: one head costs more than '
                      f'the {m.num_heads - kept} dense heads it would replace; use a lower sparsity')

@@ -41,43 +41,44 @@ Cache = dict
 
 # ----------------------------------------------------------------------------- the isoFLOP rule
 
-def _score_pairs(n: int, causal: bool) -> float:
+def _score_pairs(n: int, causal_mask: bool) -> float:
   """Query-key pairs of attention over n tokens: n^2 as the paper counts, n (n + 1) / 2 causally."""
-  return n * (n + 1) / 2 if causal else n * n
+  return n * (n + 1) / 2 if causal_mask else n * n
 
 
 def dense_head_flops(d_model: int, head_dim: int, seq_len: int, kv_heads: int | None = None,
-                     heads: int = 1, causal: bool = False) -> float:
+                     heads: int = 1, causal_mask: bool = False) -> float:
   """Forward FLOPs of `heads` dense heads over a sequence: Q/O projections per query head and K/V per
   kv head (4 T h h' each), score and value products per query head (4 h' a pair). With one kv head per
-  query head (`kv_heads=None`) and every pair counted (`causal=False`), one head is the paper's
-  isoFLOP unit, 8 T h h' + 4 T^2 h'; `causal=True` counts only the pairs a causal mask keeps, as
+  query head (`kv_heads=None`) and every pair counted (`causal_mask=False`), one head is the paper's
+  isoFLOP unit, 8 T h h' + 4 T^2 h'; `causal_mask=True` counts only the pairs a causal mask keeps, as
   `sparse_lm.flops` does."""
   kv_heads = heads if kv_heads is None else kv_heads
   return (4 * (heads + kv_heads) * seq_len * d_model * head_dim
-          + 4 * heads * _score_pairs(seq_len, causal) * head_dim)
+          + 4 * heads * _score_pairs(seq_len, causal_mask) * head_dim)
 
 
 def mosa_head_flops(d_model: int, head_dim: int, seq_len: int, sparsity: int,
-                    capacity_factor: float | None = None, causal: bool = False) -> float:
+                    capacity_factor: float | None = None, causal_mask: bool = False) -> float:
   """One MoSA head: the same products over its slots, plus the router over all T (2 T h). The paper's
   head has k = T / rho slots; mosa_causal's has `capacity_factor` times as many (`head_slots`)."""
   k = head_slots(seq_len, sparsity, capacity_factor)
-  return 8 * k * d_model * head_dim + 4 * _score_pairs(k, causal) * head_dim + 2 * seq_len * d_model
+  return 8 * k * d_model * head_dim + 4 * _score_pairs(k, causal_mask) * head_dim + 2 * seq_len * d_model
 
 
 def isoflop_heads(d_model: int, head_dim: int, dense_heads: int, seq_len: int, sparsity: int,
                   kept_dense_heads: int, *, dense_kv_heads: int | None = None,
                   kept_kv_heads: int | None = None, capacity_factor: float | None = None,
-                  causal: bool = False) -> int:
+                  causal_mask: bool = False) -> int:
   """MoSA heads that fit in the FLOPs a dense layer of `dense_heads` query heads (sharing
   `dense_kv_heads` K/V heads; None: one each, as in the paper) leaves once `kept_dense_heads` dense
-  heads (on `kept_kv_heads` K/V heads) are kept. The paper's count (`causal=False`) gives its Tiny
-  model (512, 64, 9, 1024, 64, 4) 505 heads; `causal=True` counts as this project's FLOP accounting
+  heads (on `kept_kv_heads` K/V heads) are kept. The paper's count (`causal_mask=False`) gives its Tiny
+  model (512, 64, 9, 1024, 64, 4) 505 heads; `causal_mask=True` counts as this project's FLOP accounting
   does, where the dense heads' causal attention frees half as much and fewer MoSA heads fit."""
-  budget = (dense_head_flops(d_model, head_dim, seq_len, dense_kv_heads, dense_heads, causal)
-            - dense_head_flops(d_model, head_dim, seq_len, kept_kv_heads, kept_dense_heads, causal))
-  return int(max(0, budget) // mosa_head_flops(d_model, head_dim, seq_len, sparsity, capacity_factor, causal))
+  budget = (dense_head_flops(d_model, head_dim, seq_len, dense_kv_heads, dense_heads, causal_mask)
+            - dense_head_flops(d_model, head_dim, seq_len, kept_kv_heads, kept_dense_heads, causal_mask))
+  head = mosa_head_flops(d_model, head_dim, seq_len, sparsity, capacity_factor, causal_mask)
+  return int(max(0, budget) // head)
 
 
 def head_slots(seq_len: int, sparsity: int, capacity_factor: float | None = None) -> int:
