@@ -39,10 +39,18 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels._common import check_implementation, interpret_param, resolve_backend, resolve_interpret
+from pallas_kernels._common import check_implementation, dispatch, in_shard_map, interpret_param, out_struct
 
-# Untuned (no accelerator was at hand): (block_q, block_k), used by the forward and both backward kernels.
+# (block_q, block_k), used by the forward and both backward kernels. Not tuned for speed (no accelerator was
+# at hand); the GPU choice is the one that compiles without register spills. Deviceless compiles for H100
+# and A100 (`python -m sparse_lm.compile`, ptxas -v) at B=1, T=4096, Hq=8, Hkv=2, bf16, causal, of
+# (64, 64), (128, 64) and (64, 128) blocks with 4 or 8 warps and 2 or 3 stages: only 8 warps, 2 stages
+# and (64, 64) keep all three kernels spill-free at head_dim 64 and 128 on both (most registers:
+# dkv 250 of 255 on H100 at D=128, 255 with 0 spills on A100 at D=64). With 4 warps the dkv kernel's
+# two [block_k, D] float32 accumulators alone take 128 registers a thread at D=128, and it spilled
+# 216 bytes on H100; 3 stages add shared memory (A100 refuses (128, 64) at D=128: 198,656 bytes of 166,912).
 DEFAULT_BLOCKS = {'gpu': (64, 64), 'tpu': (256, 512)}
+GPU_NUM_WARPS, GPU_NUM_STAGES = 8, 2
 COMPILED_HEAD_DIMS = (64, 128)
 _LANES = 128
 # Finite: a query row can meet a block where all its keys are masked (before its window starts, or as a
@@ -90,23 +98,31 @@ def flash_attention_reference(q_BTHD: jax.Array, k_BSKD: jax.Array, v_BSKD: jax.
 def flash_attention(q_BTHD: jax.Array, k_BSKD: jax.Array, v_BSKD: jax.Array, *, causal: bool = True,
                     window: int | None = None, sm_scale: float | None = None, block_q: int | None = None,
                     block_k: int | None = None, implementation: str = 'pallas', interpret: bool | None = None,
-                    backend: str | None = None) -> jax.Array:
+                    backend: str | None = None, num_warps: int = GPU_NUM_WARPS,
+                    num_stages: int = GPU_NUM_STAGES) -> jax.Array:
   """Softmax attention, [B, T, H, D] x [B, S, K, D] -> [B, T, H, D]; positions as in the module docstring.
 
   `sm_scale` (a Python float) defaults to D**-0.5. `block_q`/`block_k` default per backend
   (`DEFAULT_BLOCKS`), serve the forward and both backward kernels, and are clipped to the smallest legal
   block covering the sequence. Compiled bodies take D in `COMPILED_HEAD_DIMS` and blocks that are powers
   of two >= 16 (GPU) or multiples of 128 (TPU); interpret mode takes any D <= 128 and multiples of 8.
+  `num_warps` / `num_stages`: the Triton body's (defaults: `GPU_NUM_WARPS`, `GPU_NUM_STAGES`).
   """
   check_implementation(implementation)
   if implementation == 'xla':
     return flash_attention_reference(q_BTHD, k_BSKD, v_BSKD, causal=causal, window=window,
                                      sm_scale=sm_scale)
   _check_args(q_BTHD, k_BSKD, v_BSKD, causal, window)
-  cfg = _make_config(q_BTHD.shape, k_BSKD.shape, causal=causal, window=window, sm_scale=sm_scale,
-                     block_q=block_q, block_k=block_k, interpret=resolve_interpret(interpret),
-                     backend=resolve_backend(backend))
-  return _flash(q_BTHD, k_BSKD, v_BSKD, cfg)
+
+  def build(body: str, interpreted: bool):
+    if interpreted and in_shard_map(q_BTHD, k_BSKD, v_BSKD):  # JAX's interpreter cannot run in shard_map
+      return functools.partial(flash_attention_reference, causal=causal, window=window, sm_scale=sm_scale)
+    cfg = _make_config(q_BTHD.shape, k_BSKD.shape, causal=causal, window=window, sm_scale=sm_scale,
+                       block_q=block_q, block_k=block_k, interpret=interpreted, backend=body,
+                       num_warps=num_warps, num_stages=num_stages)
+    return lambda q, k, v: _flash(q, k, v, cfg)
+  return dispatch(build, (q_BTHD, k_BSKD, v_BSKD), jax.ShapeDtypeStruct(q_BTHD.shape, q_BTHD.dtype),
+                  backend=backend, interpret=interpret)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,6 +138,8 @@ class _Config:
   group: int
   backend: str
   interpret: bool
+  num_warps: int = GPU_NUM_WARPS
+  num_stages: int = GPU_NUM_STAGES
 
   @property
   def offset(self) -> int:
@@ -174,7 +192,7 @@ def _clip_block(block: int, length: int, backend: str) -> int:
 
 
 def _make_config(q_shape, k_shape, *, causal, window, sm_scale, block_q, block_k, interpret,
-                 backend) -> _Config:
+                 backend, num_warps=GPU_NUM_WARPS, num_stages=GPU_NUM_STAGES) -> _Config:
   _, T, H, D = q_shape
   S, K = k_shape[1:3]
   if not interpret and D not in COMPILED_HEAD_DIMS:
@@ -188,7 +206,7 @@ def _make_config(q_shape, k_shape, *, causal, window, sm_scale, block_q, block_k
   _check_block('block_k', block_k, backend, interpret)
   return _Config(causal=causal, window=window, sm_scale=float(D**-0.5 if sm_scale is None else sm_scale),
                  block_q=block_q, block_k=block_k, q_len=T, kv_len=S, group=H // K, backend=backend,
-                 interpret=interpret)
+                 interpret=interpret, num_warps=num_warps, num_stages=num_stages)
 
 
 def _pad_seq(x_BLHD: jax.Array, block: int) -> jax.Array:
@@ -323,7 +341,7 @@ def _dkv_step(q_QD, k_CD, v_CD, do_QD, lse_1Q, delta_1Q, i, j, cfg: _Config):
 
 
 def _gpu_params(cfg: _Config):
-  return plgpu.CompilerParams(num_warps=4 if cfg.block_q * cfg.block_k <= 64 * 64 else 8, num_stages=2)
+  return plgpu.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
 
 def _gpu_fwd_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, *, cfg: _Config):
@@ -352,8 +370,8 @@ def _gpu_forward(q_BTHD, k_BSKD, v_BSKD, cfg: _Config):
       grid=(T // Q, B, H),
       in_specs=[q_spec, kv_spec, kv_spec],
       out_specs=[q_spec, pl.BlockSpec((None, None, Q), lambda i, b, h: (b, h, i))],
-      out_shape=[jax.ShapeDtypeStruct(q_BTHD.shape, q_BTHD.dtype),
-                 jax.ShapeDtypeStruct((B, H, T), jnp.float32)],
+      out_shape=[out_struct(q_BTHD.shape, q_BTHD.dtype, q_BTHD, k_BSKD, v_BSKD),
+                 out_struct((B, H, T), jnp.float32, q_BTHD, k_BSKD, v_BSKD)],
       compiler_params=_gpu_params(cfg),
       interpret=interpret_param(cfg.interpret, 'gpu'),
       name='flash_attention_fwd',
@@ -406,7 +424,7 @@ def _gpu_backward(q_BTHD, k_BSKD, v_BSKD, do_BTHD, lse_BHT, delta_BHT, cfg: _Con
       grid=(T // Q, B, H),
       in_specs=[q_spec, kv_spec, kv_spec, q_spec, row_spec, row_spec],
       out_specs=q_spec,
-      out_shape=jax.ShapeDtypeStruct(q_BTHD.shape, q_BTHD.dtype),
+      out_shape=out_struct(q_BTHD.shape, q_BTHD.dtype, q_BTHD, k_BSKD, do_BTHD),
       compiler_params=_gpu_params(cfg),
       interpret=interpret,
       name='flash_attention_dq',
@@ -421,7 +439,7 @@ def _gpu_backward(q_BTHD, k_BSKD, v_BSKD, do_BTHD, lse_BHT, delta_BHT, cfg: _Con
       grid=(S // C, B, K),
       in_specs=[group_spec, kv_block_spec, kv_block_spec, group_spec, group_rows_spec, group_rows_spec],
       out_specs=[kv_block_spec, kv_block_spec],
-      out_shape=[jax.ShapeDtypeStruct(k_BSKD.shape, k_BSKD.dtype)] * 2,
+      out_shape=[out_struct(k_BSKD.shape, k_BSKD.dtype, q_BTHD, k_BSKD, do_BTHD)] * 2,
       compiler_params=_gpu_params(cfg),
       interpret=interpret,
       name='flash_attention_dkv',
@@ -481,8 +499,8 @@ def _tpu_forward(q_BTHD, k_BSKD, v_BSKD, cfg: _Config):
           out_specs=[q_spec, pl.BlockSpec((None, None, Q, _LANES), lambda b, h, i, step: (b, h, i, 0))],
           scratch_shapes=[pltpu.VMEM((Q, D), jnp.float32), pltpu.VMEM((Q, _LANES), jnp.float32),
                           pltpu.VMEM((Q, _LANES), jnp.float32)]),
-      out_shape=[jax.ShapeDtypeStruct((B, H, T, D), q_BTHD.dtype),
-                 jax.ShapeDtypeStruct((B, H, T, _LANES), jnp.float32)],
+      out_shape=[out_struct((B, H, T, D), q_BTHD.dtype, q_BTHD, k_BSKD, v_BSKD),
+                 out_struct((B, H, T, _LANES), jnp.float32, q_BTHD, k_BSKD, v_BSKD)],
       compiler_params=pltpu.CompilerParams(
           dimension_semantics=('parallel', 'parallel', 'parallel', 'arbitrary')),
       interpret=interpret_param(cfg.interpret, 'tpu'),
@@ -553,7 +571,7 @@ def _tpu_backward(q_BTHD, k_BSKD, v_BSKD, do_BTHD, lse_BHT, delta_BHT, cfg: _Con
           in_specs=[q_spec, kv_spec, kv_spec, q_spec, row_spec, row_spec],
           out_specs=q_spec,
           scratch_shapes=[pltpu.VMEM((Q, D), jnp.float32)]),
-      out_shape=jax.ShapeDtypeStruct(q_BHTD.shape, q_BHTD.dtype),
+      out_shape=out_struct(q_BHTD.shape, q_BHTD.dtype, q_BHTD, k_BKSD, do_BHTD),
       compiler_params=pltpu.CompilerParams(
           dimension_semantics=('parallel', 'parallel', 'parallel', 'arbitrary')),
       interpret=interpret,
@@ -577,7 +595,7 @@ def _tpu_backward(q_BTHD, k_BSKD, v_BSKD, do_BTHD, lse_BHT, delta_BHT, cfg: _Con
           in_specs=[group_spec, kv_block_spec, kv_block_spec, group_spec, group_row_spec, group_row_spec],
           out_specs=[kv_block_spec, kv_block_spec],
           scratch_shapes=[pltpu.VMEM((C, D), jnp.float32), pltpu.VMEM((C, D), jnp.float32)]),
-      out_shape=[jax.ShapeDtypeStruct(k_BKSD.shape, k_BKSD.dtype)] * 2,
+      out_shape=[out_struct(k_BKSD.shape, k_BKSD.dtype, q_BHTD, k_BKSD, do_BHTD)] * 2,
       compiler_params=pltpu.CompilerParams(
           dimension_semantics=('parallel', 'parallel', 'parallel', 'arbitrary', 'arbitrary')),
       interpret=interpret,

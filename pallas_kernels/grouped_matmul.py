@@ -32,7 +32,15 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels._common import check_implementation, interpret_param, resolve_backend, resolve_interpret
+from pallas_kernels._common import (
+  check_backend,
+  check_implementation,
+  dispatch,
+  in_shard_map,
+  interpret_param,
+  out_struct,
+  vary_alike,
+)
 
 # (block_m, block_k, block_n): chosen by rule of thumb, not measured. On GPU 64-row tiles waste little
 # work on tiles that straddle experts, and 64 x 128 f32 accumulators fit in 4 warps' registers. On TPU
@@ -64,7 +72,7 @@ def _fit(block: int, dim: int, backend: str) -> int:
 
 
 def _make_kernel(backend, interpret, block_m, block_k, block_n) -> _Kernel:
-  backend = resolve_backend(backend)
+  check_backend(backend)
   defaults = TPU_BLOCKS if backend == 'tpu' else GPU_BLOCKS
   blocks = tuple(d if b is None else b for b, d in zip((block_m, block_k, block_n), defaults, strict=True))
   for name, b in zip(('block_m', 'block_k', 'block_n'), blocks, strict=True):
@@ -72,7 +80,7 @@ def _make_kernel(backend, interpret, block_m, block_k, block_n) -> _Kernel:
       raise ValueError(f'{name}={b}: the GPU body needs a power of two >= 16 (Triton dot tiles)')
     if backend == 'tpu' and (b <= 0 or b % _TPU_LANES):
       raise ValueError(f'{name}={b}: the TPU body needs a positive multiple of {_TPU_LANES}')
-  return _Kernel(backend, resolve_interpret(interpret), blocks)
+  return _Kernel(backend, interpret, blocks)
 
 
 def _check_operands(lhs_MK, other, group_sizes_G, *, transposed: bool) -> None:
@@ -177,11 +185,12 @@ def _gmm_gpu(lhs_MK, rhs, group_sizes_G, tiles, *, transpose_rhs, out_dtype, int
 
   return pl.pallas_call(
       kernel,
-      out_shape=jax.ShapeDtypeStruct((m_pad, n_pad), out_dtype),
+      out_shape=out_struct((m_pad, n_pad), out_dtype, lhs_MK, rhs, group_sizes_G),
       grid=(tiles_m, n_pad // tn),
       out_specs=pl.BlockSpec((tm, tn), lambda t, n: (t, n)),
       compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=3),
       interpret=interpret,
+      name='grouped_matmul',
   )(visits.offsets, visits.group, tile_start, lhs_MK, rhs)
 
 
@@ -211,11 +220,12 @@ def _tgmm_gpu(lhs_MK, dout_MN, group_sizes_G, tiles, *, out_dtype, interpret):
 
   return pl.pallas_call(
       kernel,
-      out_shape=jax.ShapeDtypeStruct((n_groups, k_pad, n_pad), out_dtype),
+      out_shape=out_struct((n_groups, k_pad, n_pad), out_dtype, lhs_MK, dout_MN, group_sizes_G),
       grid=(n_groups, k_pad // tk, n_pad // tn),
       out_specs=pl.BlockSpec((None, tk, tn), lambda g, k, n: (g, k, n)),
       compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=3),
       interpret=interpret,
+      name='transposed_grouped_matmul',
   )(offsets, lhs_MK, dout_MN)
 
 
@@ -269,7 +279,7 @@ def _gmm_tpu(lhs_MK, rhs, group_sizes_G, tiles, *, transpose_rhs, out_dtype, int
   rhs_block = (None, tn, tk) if transpose_rhs else (None, tk, tn)
   return pl.pallas_call(
       kernel,
-      out_shape=jax.ShapeDtypeStruct((m_pad, n_pad), out_dtype),
+      out_shape=out_struct((m_pad, n_pad), out_dtype, lhs_MK, rhs, group_sizes_G),
       grid_spec=pltpu.PrefetchScalarGridSpec(
           num_scalar_prefetch=4,
           grid=(n_pad // tn, visits.group.shape[0], tiles_k),
@@ -279,6 +289,7 @@ def _gmm_tpu(lhs_MK, rhs, group_sizes_G, tiles, *, transpose_rhs, out_dtype, int
       ),
       compiler_params=pltpu.CompilerParams(dimension_semantics=('parallel', 'arbitrary', 'arbitrary')),
       interpret=interpret,
+      name='grouped_matmul',
   )(*visits, lhs_MK, rhs)
 
 
@@ -327,7 +338,7 @@ def _tgmm_tpu(lhs_MK, dout_MN, group_sizes_G, tiles, *, out_dtype, interpret):
 
   return pl.pallas_call(
       kernel,
-      out_shape=jax.ShapeDtypeStruct((n_groups, k_pad, n_pad), out_dtype),
+      out_shape=out_struct((n_groups, k_pad, n_pad), out_dtype, lhs_MK, dout_MN, group_sizes_G),
       grid_spec=pltpu.PrefetchScalarGridSpec(
           num_scalar_prefetch=4,
           grid=(k_pad // tk, n_pad // tn, visits.group.shape[0]),
@@ -337,6 +348,7 @@ def _tgmm_tpu(lhs_MK, dout_MN, group_sizes_G, tiles, *, out_dtype, interpret):
       ),
       compiler_params=pltpu.CompilerParams(dimension_semantics=('parallel', 'parallel', 'arbitrary')),
       interpret=interpret,
+      name='transposed_grouped_matmul',
   )(*visits, lhs_MK, dout_MN)
 
 
@@ -420,8 +432,14 @@ def grouped_matmul(lhs_MK, rhs_GKN, group_sizes_G, *, block_m=None, block_k=None
   out_dtype = _out_dtype(lhs_MK, rhs_GKN, preferred_element_type)
   if implementation == 'xla':
     return grouped_matmul_reference(lhs_MK, rhs_GKN, group_sizes_G, preferred_element_type=out_dtype)
-  kern = _make_kernel(backend, interpret, block_m, block_k, block_n)
-  return _grouped_matmul(lhs_MK, rhs_GKN, group_sizes_G.astype(jnp.int32), kern, out_dtype)
+  def build(body: str, interpreted: bool):
+    kern = _make_kernel(body, interpreted, block_m, block_k, block_n)
+    if interpreted and in_shard_map(lhs_MK, rhs_GKN):  # JAX's interpreter cannot run under shard_map
+      return functools.partial(grouped_matmul_reference, preferred_element_type=out_dtype)
+    return lambda lhs, rhs, sizes: _grouped_matmul(*vary_alike(lhs, rhs), sizes, kern, out_dtype)
+  out = jax.ShapeDtypeStruct((lhs_MK.shape[0], rhs_GKN.shape[2]), out_dtype)
+  return dispatch(build, (lhs_MK, rhs_GKN, group_sizes_G.astype(jnp.int32)), out, backend=backend,
+                  interpret=interpret)
 
 
 def transposed_grouped_matmul(lhs_MK, dout_MN, group_sizes_G, *, block_m=None, block_k=None, block_n=None,
@@ -440,5 +458,11 @@ def transposed_grouped_matmul(lhs_MK, dout_MN, group_sizes_G, *, block_m=None, b
   if implementation == 'xla':
     return transposed_grouped_matmul_reference(lhs_MK, dout_MN, group_sizes_G,
                                                preferred_element_type=out_dtype)
-  kern = _make_kernel(backend, interpret, block_m, block_k, block_n)
-  return _tgmm(lhs_MK, dout_MN, group_sizes_G.astype(jnp.int32), kern, out_dtype)
+  def build(body: str, interpreted: bool):
+    kern = _make_kernel(body, interpreted, block_m, block_k, block_n)
+    if interpreted and in_shard_map(lhs_MK, dout_MN):  # as in `grouped_matmul`
+      return functools.partial(transposed_grouped_matmul_reference, preferred_element_type=out_dtype)
+    return lambda lhs, dout, sizes: _tgmm(*vary_alike(lhs, dout), sizes, kern, out_dtype)
+  out = jax.ShapeDtypeStruct((group_sizes_G.shape[0], lhs_MK.shape[1], dout_MN.shape[1]), out_dtype)
+  return dispatch(build, (lhs_MK, dout_MN, group_sizes_G.astype(jnp.int32)), out, backend=backend,
+                  interpret=interpret)

@@ -22,8 +22,17 @@ list, never as a dense [tiles, blocks] mask. The forward saves the per-row log-s
 Bodies: the GPU (Triton) body loops over a tile's blocks inside one program and reads K/V by pointer.
 The TPU (Mosaic) body puts the union slots on the grid: the block lists are scalar-prefetched and drive
 the K/V fetches through the BlockSpec index maps (as splash attention does with its mask metadata);
-unused slots repeat the previous block so no new DMA is issued, and their compute is skipped. Its
-prefetched tables hold B * Hkv * (T / block_q) * U int32 (U <= block_q * n), which must fit in SMEM.
+unused slots repeat the previous block so no new DMA is issued, and their compute is skipped. Whole tables
+would hold B * Hkv * (T / block_q) * U int32 (U <= min(block_q * n, T / block_size)), past SMEM's ~1 MiB
+from T = 4096 on, so the work is flattened and cut into chunks, one pallas_call per chunk in a loop, the
+outputs carried through it and aliased so a call writes only its own blocks. Forward and dq: the
+W = B * Hkv * (T / block_q) work items (b, h, query tile), Wc per call on grid (Wc, U); the last call
+starts early and recomputes a few items to the same values. dk/dv: the (tile, block) pairs of the whole
+problem sorted by (b, h, block), Pc per call, ceil(real pairs / Pc) calls; a key block's pairs are one
+run whose sums start from the aliased dk/dv block, so a run that straddles two calls continues from what
+the first wrote (rounded once more to dk/dv's dtype there). A call prefetches at most max(E, U + 2) int32,
+E = `tpu_table_entries`, whatever B and T. The dk/dv calls take their pairs in order, so on a chip with
+two TensorCores per device (v4, v5p) they use one.
 """
 
 import dataclasses
@@ -36,7 +45,14 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels._common import check_implementation, interpret_param, resolve_backend, resolve_interpret
+from pallas_kernels._common import (
+  check_implementation,
+  dispatch,
+  in_shard_map,
+  interpret_param,
+  out_struct,
+  vary_alike,
+)
 
 _NEG = -1e30  # finite mask value: a row with no visible key never produces inf - inf
 _NONE = jnp.iinfo(jnp.int32).max  # sorts after every real block index
@@ -54,6 +70,7 @@ class _Plan:
   interpret: bool
   num_warps: int
   num_stages: int
+  tpu_table_entries: int  # int32 entries one TPU call may scalar-prefetch into SMEM
 
   @property
   def rows(self) -> int:
@@ -128,11 +145,9 @@ def _fetch_table(union_BKNU: jax.Array, count_BKN: jax.Array) -> jax.Array:
 
 
 def _inverse_map(union_BKNU: jax.Array, num_blocks: int):
-  """Key block -> the query tiles whose union holds it, as CSR over (tile, block) pairs sorted by block.
-
-  Returns the pairs' blocks and tiles `[B, K, P]` (unused pairs at the end, repeating the last real pair
-  so a TPU fetch stays put), each block's start `[B, K, num_blocks + 1]` and the real pair count `[B, K]`.
-  """
+  """Key block -> the query tiles whose union holds it, as CSR over (tile, block) pairs sorted by block
+  (the GPU body's dk/dv loop): the pairs' tiles `[B, K, P]` (unused pairs at the end) and each block's
+  first pair `[B, K, num_blocks + 1]`."""
   B, K, NT, U = union_BKNU.shape
   key_BKP = jnp.where(union_BKNU >= 0, union_BKNU, num_blocks).reshape(B, K, NT * U)
   order_BKP = jnp.argsort(key_BKP, axis=-1, stable=True)
@@ -144,7 +159,7 @@ def _inverse_map(union_BKNU: jax.Array, num_blocks: int):
   tile_BKP = jnp.take_along_axis(order_BKP // U, last_BKP, axis=-1).astype(jnp.int32)
   starts = jax.vmap(jax.vmap(lambda b_P: jnp.searchsorted(b_P, jnp.arange(num_blocks + 1))))
   start_BKJ = starts(jnp.where(p_11P < npairs_BK[..., None], block_BKP, num_blocks))
-  return block_BKP.astype(jnp.int32), tile_BKP, start_BKJ.astype(jnp.int32), npairs_BK
+  return tile_BKP, start_BKJ.astype(jnp.int32)
 
 
 # ----------------------------------------------------------------------------- shared kernel math
@@ -271,8 +286,8 @@ def _gpu_forward(plan, q_BKMD, k_BKSD, v_BKSD, idx_BKMn, qpos_M1, union_BKNU, co
       grid=(B, K, NT),
       in_specs=[union, count, tile(D), whole_kv, whole_kv, tile(n), qpos],
       out_specs=[tile(D), tile(1)],
-      out_shape=[jax.ShapeDtypeStruct(q_BKMD.shape, q_BKMD.dtype),
-                 jax.ShapeDtypeStruct((B, K, Mt, 1), jnp.float32)],
+      out_shape=[out_struct(q_BKMD.shape, q_BKMD.dtype, q_BKMD, k_BKSD, v_BKSD),
+                 out_struct((B, K, Mt, 1), jnp.float32, q_BKMD, k_BKSD, v_BKSD)],
       compiler_params=plgpu.CompilerParams(num_warps=plan.num_warps, num_stages=plan.num_stages),
       interpret=interpret_param(plan.interpret, 'gpu'),
       name='selected_attention_fwd',
@@ -293,12 +308,12 @@ def _gpu_backward(plan, q_BKMD, k_BKSD, v_BKSD, idx_BKMn, qpos_M1, union_BKNU, c
       grid=(B, K, NT),
       in_specs=[union, count, tile(D), whole_kv, whole_kv, tile(n), qpos, tile(D), tile(1), tile(1)],
       out_specs=tile(D),
-      out_shape=jax.ShapeDtypeStruct(q_BKMD.shape, q_BKMD.dtype),
+      out_shape=out_struct(q_BKMD.shape, q_BKMD.dtype, q_BKMD, k_BKSD, do_BKMD),
       name='selected_attention_dq', **params,
   )(union_BKNU, count_BKN[..., None], q_BKMD, k_BKSD, v_BKSD, idx_BKMn, qpos_M1, do_BKMD, lse_BKM1,
     delta_BKM1)
 
-  _, tile_BKP, start_BKJ, _ = _inverse_map(union_BKNU, NB)
+  tile_BKP, start_BKJ = _inverse_map(union_BKNU, NB)
   def whole(width):
     return pl.BlockSpec((None, None, Mt, width), lambda b, h, j: (b, h, 0, 0))
   kv_block = pl.BlockSpec((None, None, L, D), lambda b, h, j: (b, h, j, 0))
@@ -310,8 +325,7 @@ def _gpu_backward(plan, q_BKMD, k_BKSD, v_BKSD, idx_BKMn, qpos_M1, union_BKNU, c
                 whole(D), kv_block, kv_block, whole(n), pl.BlockSpec((Mt, 1), lambda b, h, j: (0, 0)),
                 whole(D), whole(1), whole(1)],
       out_specs=[kv_block, kv_block],
-      out_shape=[jax.ShapeDtypeStruct(k_BKSD.shape, k_BKSD.dtype),
-                 jax.ShapeDtypeStruct(v_BKSD.shape, v_BKSD.dtype)],
+      out_shape=[out_struct(x.shape, x.dtype, q_BKMD, k_BKSD, do_BKMD) for x in (k_BKSD, v_BKSD)],
       name='selected_attention_dkdv', **params,
   )(start_BKJ, tile_BKP, q_BKMD, k_BKSD, v_BKSD, idx_BKMn, qpos_M1, do_BKMD, lse_BKM1, delta_BKM1)
   return dq_BKMD, dk_BKSD, dv_BKSD
@@ -320,21 +334,32 @@ def _gpu_backward(plan, q_BKMD, k_BKSD, v_BKSD, idx_BKMn, qpos_M1, union_BKNU, c
 # ----------------------------------------------------------------------------- TPU (Mosaic) bodies
 
 
-def _tpu_specs(M, L, D, K, NT, U):
-  """Grid (b, h, tile, slot) BlockSpecs; the K/V one reads the block to fetch from the prefetched table."""
+def _split(x, K, NT):
+  """`x = (b * K + h) * NT + i` -> (b, h, i), with lax.div/rem (x >= 0): Mosaic cannot lower the sign
+  tests of Python's floor division."""
+  bh = jax.lax.div(x, NT)
+  return jax.lax.div(bh, K), jax.lax.rem(bh, K), jax.lax.rem(x, NT)
+
+
+def _item_specs(M, L, D, K, NT, U):
+  """Grid (item of the chunk, slot) BlockSpecs for work items `(b * K + h) * NT + tile`; the prefetched
+  refs are the chunk's first item, its fetch table and its counts."""
   def tile(width):
-    return pl.BlockSpec((None, None, M, width), lambda b, h, i, u, fetch, count: (b, h, i, 0))
-  def kv_map(b, h, i, u, fetch, count):
-    return b, h, fetch[((b * K + h) * NT + i) * U + u], 0
-  qpos = pl.BlockSpec((M, 1), lambda b, h, i, u, fetch, count: (i, 0))
-  return tile, pl.BlockSpec((None, None, L, D), kv_map), qpos
+    def index(w, u, start, fetch, count):
+      return *_split(start[0] + w, K, NT), 0
+    return pl.BlockSpec((None, None, M, width), index)
+  def kv_map(w, u, start, fetch, count):
+    b, h, _ = _split(start[0] + w, K, NT)
+    return b, h, fetch[w * U + u], 0
+  def qpos_map(w, u, start, fetch, count):
+    return _split(start[0] + w, K, NT)[2], 0
+  return tile, pl.BlockSpec((None, None, L, D), kv_map), pl.BlockSpec((M, 1), qpos_map)
 
 
-def _fwd_tpu_kernel(fetch_ref, count_ref, q_ref, k_ref, v_ref, idx_ref, qpos_ref, o_ref, lse_ref,
-                    m_scr, l_scr, acc_scr, *, plan):
-  b, h, i, u = (pl.program_id(a) for a in range(4))
-  K, NT, U = pl.num_programs(1), pl.num_programs(2), pl.num_programs(3)
-  tile = (b * K + h) * NT + i
+def _fwd_tpu_kernel(start_ref, fetch_ref, count_ref, q_ref, k_ref, v_ref, idx_ref, qpos_ref, o0_ref, lse0_ref,
+                    o_ref, lse_ref, m_scr, l_scr, acc_scr, *, plan):
+  del start_ref, o0_ref, lse0_ref  # o0/lse0: the outputs so far, aliased to o/lse
+  w, u, U = pl.program_id(0), pl.program_id(1), pl.num_programs(1)
 
   @pl.when(u == 0)
   def _():
@@ -342,9 +367,9 @@ def _fwd_tpu_kernel(fetch_ref, count_ref, q_ref, k_ref, v_ref, idx_ref, qpos_ref
     l_scr[...] = jnp.zeros(l_scr.shape, jnp.float32)
     acc_scr[...] = jnp.zeros(acc_scr.shape, jnp.float32)
 
-  @pl.when(u < count_ref[tile])
+  @pl.when(u < count_ref[w])
   def _():
-    j = fetch_ref[tile * U + u]
+    j = fetch_ref[w * U + u]
     visible_ML = _visible(idx_ref[...], qpos_ref[...], j, plan.block_size)
     m_scr[...], l_scr[...], acc_scr[...] = _online_step(q_ref[...], k_ref[...], v_ref[...], visible_ML,
                                                         m_scr[...], l_scr[...], acc_scr[...], plan.sm_scale)
@@ -356,19 +381,18 @@ def _fwd_tpu_kernel(fetch_ref, count_ref, q_ref, k_ref, v_ref, idx_ref, qpos_ref
     lse_ref[...] = lse_M1
 
 
-def _dq_tpu_kernel(fetch_ref, count_ref, q_ref, k_ref, v_ref, idx_ref, qpos_ref, do_ref, lse_ref, delta_ref,
-                   dq_ref, dq_scr, *, plan):
-  b, h, i, u = (pl.program_id(a) for a in range(4))
-  K, NT, U = pl.num_programs(1), pl.num_programs(2), pl.num_programs(3)
-  tile = (b * K + h) * NT + i
+def _dq_tpu_kernel(start_ref, fetch_ref, count_ref, q_ref, k_ref, v_ref, idx_ref, qpos_ref, do_ref, lse_ref,
+                   delta_ref, dq0_ref, dq_ref, dq_scr, *, plan):
+  del start_ref, dq0_ref  # dq0: dq so far, aliased to dq
+  w, u, U = pl.program_id(0), pl.program_id(1), pl.num_programs(1)
 
   @pl.when(u == 0)
   def _():
     dq_scr[...] = jnp.zeros(dq_scr.shape, jnp.float32)
 
-  @pl.when(u < count_ref[tile])
+  @pl.when(u < count_ref[w])
   def _():
-    j = fetch_ref[tile * U + u]
+    j = fetch_ref[w * U + u]
     k_LD = k_ref[...]
     _, ds_ML = _probs_and_dscores(q_ref[...], k_LD, v_ref[...], do_ref[...], lse_ref[...], delta_ref[...],
                                   _visible(idx_ref[...], qpos_ref[...], j, plan.block_size), plan.sm_scale)
@@ -379,25 +403,85 @@ def _dq_tpu_kernel(fetch_ref, count_ref, q_ref, k_ref, v_ref, idx_ref, qpos_ref,
     dq_ref[...] = dq_scr[...].astype(dq_ref.dtype)
 
 
-def _dkdv_tpu_kernel(block_ref, tile_ref, npairs_ref, q_ref, k_ref, v_ref, idx_ref, qpos_ref, do_ref, lse_ref,
-                     delta_ref, dk0_ref, dv0_ref, dk_ref, dv_ref, dk_scr, dv_scr, *, plan):
-  """One (tile, block) pair per step, pairs sorted by block: a block's pairs form one run, accumulated in
-  scratch; the output block is rewritten every step so it is right whenever the run ends."""
-  del dk0_ref, dv0_ref  # zeros aliased to dk/dv: blocks no query selected keep them
-  b, h, p = (pl.program_id(a) for a in range(3))
-  K, P = pl.num_programs(1), pl.num_programs(2)
-  pair = (b * K + h) * P + p
-  j = block_ref[pair]
+def _over_items(plan, kernel, union_BKNU, count_BKN, args, outs, in_specs, out_specs, scratch, name):
+  """Runs `kernel` on grid (item, slot) over all B * K * NT work items, `Wc` items per call: a call
+  prefetches Wc * U fetch entries, Wc counts and its first item, which fits `plan.tpu_table_entries`.
+  `outs` are the initial outputs; returns the final ones."""
+  W, U = count_BKN.size, union_BKNU.shape[-1]
+  outs = vary_alike(*outs, *args)[:len(outs)]  # in shard_map a loop carry must vary like the kernel's outputs
+  Wc = min(W, max(1, (plan.tpu_table_entries - 1) // (U + 1)))
+  fetch_WU = _fetch_table(union_BKNU, count_BKN).reshape(W, U)
+  count_W = count_BKN.reshape(W)
+  call = pl.pallas_call(
+      functools.partial(kernel, plan=plan),
+      grid_spec=pltpu.PrefetchScalarGridSpec(
+          num_scalar_prefetch=3,
+          grid=(Wc, U),
+          in_specs=[*in_specs] + [pl.BlockSpec(memory_space=pl.ANY)] * len(outs),
+          out_specs=out_specs,
+          scratch_shapes=scratch),
+      out_shape=[out_struct(o.shape, o.dtype, *args) for o in outs],
+      input_output_aliases={3 + len(args) + i: i for i in range(len(outs))},
+      compiler_params=pltpu.CompilerParams(dimension_semantics=('parallel', 'arbitrary')),
+      interpret=interpret_param(plan.interpret, 'tpu'), name=name)
 
-  @pl.when((p == 0) | (j != block_ref[jnp.maximum(pair - 1, 0)]))
+  def chunk(c, outs):
+    # The last call ends at item W by starting early: the items it shares with the call before are
+    # recomputed to the same values, which needs no padded tables.
+    start = jnp.minimum(c * Wc, W - Wc)
+    return tuple(call(start[None], jax.lax.dynamic_slice_in_dim(fetch_WU, start, Wc).reshape(Wc * U),
+                      jax.lax.dynamic_slice_in_dim(count_W, start, Wc), *args, *outs))
+  return jax.lax.fori_loop(0, -(-W // Wc), chunk, tuple(outs))
+
+
+def _tpu_pairs(union_BKNU: jax.Array, num_blocks: int, Pc: int):
+  """Key block -> query tiles over the whole flattened problem, for the TPU's chunked dk/dv.
+
+  The (tile, block) pairs sorted by (b * K + h, block), as keys `(b * K + h) * num_blocks + block` and work
+  items `(b * K + h) * NT + tile`, `[P]` with P a multiple of Pc: real pairs first, then the last real
+  pair repeated (a fetch that stays put). Also the real pair count (with none, no dk/dv call runs).
+  """
+  B, K, NT, U = union_BKNU.shape
+  bh_BK11 = jnp.arange(B * K, dtype=jnp.int32).reshape(B, K, 1, 1)
+  key_X = jnp.where(union_BKNU >= 0, bh_BK11 * num_blocks + union_BKNU, B * K * num_blocks).reshape(-1)
+  order_X = jnp.argsort(key_X, stable=True).astype(jnp.int32)
+  npairs = jnp.sum(union_BKNU >= 0, dtype=jnp.int32)
+  last_P = jnp.maximum(jnp.minimum(jnp.arange(-(-key_X.size // Pc) * Pc), npairs - 1), 0)
+  pair_P = order_X[last_P]
+  return key_X[pair_P], pair_P // U, npairs
+
+
+def _pair_specs(M, L, D, K, NT, NB):
+  """Grid (pair of the chunk,) BlockSpecs: the pair's query tile and its key block, read from the chunk's
+  prefetched items and keys."""
+  def by_item(width):
+    def index(p, scalars, key, item):
+      return *_split(item[p], K, NT), 0
+    return pl.BlockSpec((None, None, M, width), index)
+  def block_map(p, scalars, key, item):
+    return *_split(key[p], K, NB), 0
+  qpos = pl.BlockSpec((M, 1), lambda p, scalars, key, item: (jax.lax.rem(item[p], NT), 0))
+  return by_item, pl.BlockSpec((None, None, L, D), block_map), qpos
+
+
+def _dkdv_tpu_kernel(scalars_ref, key_ref, item_ref, q_ref, k_ref, v_ref, idx_ref, qpos_ref, do_ref, lse_ref,
+                     delta_ref, dk0_ref, dv0_ref, dk_ref, dv_ref, dk_scr, dv_scr, *, plan, num_blocks):
+  """One (tile, block) pair per step. A key block's pairs are one run (in one call or across consecutive
+  ones); its sums start from the aliased dk/dv block (zeros, or what the call before left when the run
+  straddles calls), and the output block is rewritten every step so it is right whenever the run ends."""
+  del item_ref
+  p = pl.program_id(0)
+  key = key_ref[p]
+
+  @pl.when((p == 0) | (key != key_ref[jnp.maximum(p - 1, 0)]))
   def _():
-    dk_scr[...] = jnp.zeros(dk_scr.shape, jnp.float32)
-    dv_scr[...] = jnp.zeros(dv_scr.shape, jnp.float32)
+    dk_scr[...] = dk0_ref[...].astype(jnp.float32)
+    dv_scr[...] = dv0_ref[...].astype(jnp.float32)
 
-  @pl.when(p < npairs_ref[b * K + h])
+  @pl.when(scalars_ref[0] + p < scalars_ref[1])  # skip the padding pairs (scalars: first pair, real pairs)
   def _():
     q_MD, do_MD = q_ref[...], do_ref[...]
-    visible_ML = _visible(idx_ref[...], qpos_ref[...], j, plan.block_size)
+    visible_ML = _visible(idx_ref[...], qpos_ref[...], jax.lax.rem(key, num_blocks), plan.block_size)
     p_ML, ds_ML = _probs_and_dscores(q_MD, k_ref[...], v_ref[...], do_MD, lse_ref[...], delta_ref[...],
                                      visible_ML, plan.sm_scale)
     dv_scr[...] += jnp.dot(p_ML.T.astype(do_MD.dtype), do_MD, preferred_element_type=jnp.float32)
@@ -410,75 +494,58 @@ def _dkdv_tpu_kernel(block_ref, tile_ref, npairs_ref, q_ref, k_ref, v_ref, idx_r
 def _tpu_forward(plan, q_BKMD, k_BKSD, v_BKSD, idx_BKMn, qpos_M1, union_BKNU, count_BKN):
   B, K, Mt, D = q_BKMD.shape
   M, L, NT, U, n = plan.rows, plan.block_size, count_BKN.shape[-1], union_BKNU.shape[-1], idx_BKMn.shape[-1]
-  tile, kv, qpos = _tpu_specs(M, L, D, K, NT, U)
-  return pl.pallas_call(
-      functools.partial(_fwd_tpu_kernel, plan=plan),
+  tile, kv, qpos = _item_specs(M, L, D, K, NT, U)
+  outs = (jnp.zeros(q_BKMD.shape, q_BKMD.dtype), jnp.zeros((B, K, Mt, 1), jnp.float32))
+  args = (q_BKMD, k_BKSD, v_BKSD, idx_BKMn, qpos_M1)
+  return _over_items(plan, _fwd_tpu_kernel, union_BKNU, count_BKN, args, outs,
+                     [tile(D), kv, kv, tile(n), qpos], [tile(D), tile(1)],
+                     [pltpu.VMEM((M, 1), jnp.float32), pltpu.VMEM((M, 1), jnp.float32),
+                      pltpu.VMEM((M, D), jnp.float32)], 'selected_attention_fwd')
+
+
+def _tpu_dkdv(plan, union_BKNU, args):
+  """dk/dv over the sorted (tile, block) pairs, `Pc` per call: a call prefetches Pc keys, Pc items and 2
+  scalars (its first pair and the real pair count), which fits `plan.tpu_table_entries`."""
+  q_BKMD, k_BKSD, v_BKSD, idx_BKMn = args[:4]
+  K, D, L, M = q_BKMD.shape[1], q_BKMD.shape[3], plan.block_size, plan.rows
+  NT, n, NB = union_BKNU.shape[2], idx_BKMn.shape[-1], k_BKSD.shape[2] // L
+  Pc = min(union_BKNU.size, max(1, (plan.tpu_table_entries - 2) // 2))
+  key_P, item_P, npairs = _tpu_pairs(union_BKNU, NB, Pc)
+  by_item, by_block, qpos = _pair_specs(M, L, D, K, NT, NB)
+  call = pl.pallas_call(
+      functools.partial(_dkdv_tpu_kernel, plan=plan, num_blocks=NB),
       grid_spec=pltpu.PrefetchScalarGridSpec(
-          num_scalar_prefetch=2,
-          grid=(B, K, NT, U),
-          in_specs=[tile(D), kv, kv, tile(n), qpos],
-          out_specs=[tile(D), tile(1)],
-          scratch_shapes=[pltpu.VMEM((M, 1), jnp.float32), pltpu.VMEM((M, 1), jnp.float32),
-                          pltpu.VMEM((M, D), jnp.float32)]),
-      out_shape=[jax.ShapeDtypeStruct(q_BKMD.shape, q_BKMD.dtype),
-                 jax.ShapeDtypeStruct((B, K, Mt, 1), jnp.float32)],
-      compiler_params=pltpu.CompilerParams(
-          dimension_semantics=('parallel', 'parallel', 'parallel', 'arbitrary')),
-      interpret=interpret_param(plan.interpret, 'tpu'),
-      name='selected_attention_fwd',
-  )(_fetch_table(union_BKNU, count_BKN).reshape(-1), count_BKN.reshape(-1), q_BKMD, k_BKSD, v_BKSD,
-    idx_BKMn, qpos_M1)
+          num_scalar_prefetch=3,
+          grid=(Pc,),
+          in_specs=[by_item(D), by_block, by_block, by_item(n), qpos, by_item(D), by_item(1), by_item(1),
+                    by_block, by_block],
+          out_specs=[by_block, by_block],
+          scratch_shapes=[pltpu.VMEM((L, D), jnp.float32), pltpu.VMEM((L, D), jnp.float32)]),
+      out_shape=[out_struct(x.shape, x.dtype, *args) for x in (k_BKSD, v_BKSD)],
+      input_output_aliases={11: 0, 12: 1},
+      # Sequential: a run's sums live in scratch from one step to the next.
+      compiler_params=pltpu.CompilerParams(dimension_semantics=('arbitrary',)),
+      interpret=interpret_param(plan.interpret, 'tpu'), name='selected_attention_dkdv')
+
+  def chunk(c, dkdv):
+    start = c * Pc
+    return tuple(call(jnp.stack([start, npairs]), jax.lax.dynamic_slice_in_dim(key_P, start, Pc),
+                      jax.lax.dynamic_slice_in_dim(item_P, start, Pc), *args, *dkdv))
+  # Blocks no query selected are never visited and keep these zeros.
+  dkdv = vary_alike(jnp.zeros(k_BKSD.shape, k_BKSD.dtype), jnp.zeros(v_BKSD.shape, v_BKSD.dtype), *args)[:2]
+  return jax.lax.fori_loop(0, -(-npairs // Pc), chunk, dkdv)
 
 
 def _tpu_backward(plan, q_BKMD, k_BKSD, v_BKSD, idx_BKMn, qpos_M1, union_BKNU, count_BKN, do_BKMD, lse_BKM1,
                   delta_BKM1):
-  B, K, Mt, D = q_BKMD.shape
+  K, D = q_BKMD.shape[1], q_BKMD.shape[3]
   M, L, NT, U, n = plan.rows, plan.block_size, count_BKN.shape[-1], union_BKNU.shape[-1], idx_BKMn.shape[-1]
-  S = k_BKSD.shape[2]
-  interpret = interpret_param(plan.interpret, 'tpu')
-  tile, kv, qpos = _tpu_specs(M, L, D, K, NT, U)
-  dq_BKMD = pl.pallas_call(
-      functools.partial(_dq_tpu_kernel, plan=plan),
-      grid_spec=pltpu.PrefetchScalarGridSpec(
-          num_scalar_prefetch=2,
-          grid=(B, K, NT, U),
-          in_specs=[tile(D), kv, kv, tile(n), qpos, tile(D), tile(1), tile(1)],
-          out_specs=tile(D),
-          scratch_shapes=[pltpu.VMEM((M, D), jnp.float32)]),
-      out_shape=jax.ShapeDtypeStruct(q_BKMD.shape, q_BKMD.dtype),
-      compiler_params=pltpu.CompilerParams(
-          dimension_semantics=('parallel', 'parallel', 'parallel', 'arbitrary')),
-      interpret=interpret, name='selected_attention_dq',
-  )(_fetch_table(union_BKNU, count_BKN).reshape(-1), count_BKN.reshape(-1), q_BKMD, k_BKSD, v_BKSD,
-    idx_BKMn, qpos_M1, do_BKMD, lse_BKM1, delta_BKM1)
-
-  block_BKP, tile_BKP, _, npairs_BK = _inverse_map(union_BKNU, S // L)
-  P = block_BKP.shape[-1]
-
-  def by_tile(width):  # the pair's query tile
-    return pl.BlockSpec((None, None, M, width),
-                        lambda b, h, p, blk, til, npairs: (b, h, til[(b * K + h) * P + p], 0))
-  by_block = pl.BlockSpec((None, None, L, D),
-                          lambda b, h, p, blk, til, npairs: (b, h, blk[(b * K + h) * P + p], 0))
-  qpos = pl.BlockSpec((M, 1), lambda b, h, p, blk, til, npairs: (til[(b * K + h) * P + p], 0))
-  zeros = jnp.zeros(k_BKSD.shape, k_BKSD.dtype)
-  dk_BKSD, dv_BKSD = pl.pallas_call(
-      functools.partial(_dkdv_tpu_kernel, plan=plan),
-      grid_spec=pltpu.PrefetchScalarGridSpec(
-          num_scalar_prefetch=3,
-          grid=(B, K, P),
-          in_specs=[by_tile(D), by_block, by_block, by_tile(n), qpos, by_tile(D), by_tile(1), by_tile(1),
-                    pl.BlockSpec(memory_space=pl.ANY), pl.BlockSpec(memory_space=pl.ANY)],
-          out_specs=[by_block, by_block],
-          scratch_shapes=[pltpu.VMEM((L, D), jnp.float32), pltpu.VMEM((L, D), jnp.float32)]),
-      out_shape=[jax.ShapeDtypeStruct(k_BKSD.shape, k_BKSD.dtype),
-                 jax.ShapeDtypeStruct(v_BKSD.shape, v_BKSD.dtype)],
-      input_output_aliases={11: 0, 12: 1},
-      compiler_params=pltpu.CompilerParams(dimension_semantics=('parallel', 'parallel', 'arbitrary')),
-      interpret=interpret, name='selected_attention_dkdv',
-  )(block_BKP.reshape(-1), tile_BKP.reshape(-1), npairs_BK.reshape(-1), q_BKMD, k_BKSD, v_BKSD, idx_BKMn,
-    qpos_M1, do_BKMD, lse_BKM1, delta_BKM1, zeros, zeros)
-  return dq_BKMD, dk_BKSD, dv_BKSD
+  tile, kv, qpos = _item_specs(M, L, D, K, NT, U)
+  args = (q_BKMD, k_BKSD, v_BKSD, idx_BKMn, qpos_M1, do_BKMD, lse_BKM1, delta_BKM1)
+  (dq_BKMD,) = _over_items(plan, _dq_tpu_kernel, union_BKNU, count_BKN, args, (jnp.zeros_like(q_BKMD),),
+                           [tile(D), kv, kv, tile(n), qpos, tile(D), tile(1), tile(1)], [tile(D)],
+                           [pltpu.VMEM((M, D), jnp.float32)], 'selected_attention_dq')
+  return (dq_BKMD, *_tpu_dkdv(plan, union_BKNU, args))
 
 
 # ----------------------------------------------------------------------------- custom_vjp
@@ -521,8 +588,8 @@ def _check_compiled_shapes(plan: _Plan, D: int) -> None:
   """Tile rules of the compiled bodies (interpret mode runs any shape)."""
   L, M = plan.block_size, plan.rows
   if plan.backend == 'gpu' and not (_pow2(L) and _pow2(D) and _pow2(M) and min(L, D, M) >= 16):
-    raise ValueError(f'the Triton body needs block_size={L}, head_dim={D} and block_q*group={M} to be '
-                     'powers of two >= 16')
+    raise ValueError(f'the Triton body needs block_size={L}, head_dim={D} and block_q * group={M} (the '
+                     'group padded to a power of two) to be powers of two >= 16')
   if plan.backend == 'tpu' and (L % 8 or M % 8):
     raise ValueError(f'the TPU body needs block_size={L} and block_q*group={M} to be multiples of 8')
 
@@ -538,10 +605,12 @@ def _default_block_q(backend: str, group: int) -> int:
 def selected_attention(q_BTHD: jax.Array, k_BSKD: jax.Array, v_BSKD: jax.Array, block_indices_BTKn: jax.Array,
                        *, block_size: int, sm_scale: float | None = None, implementation: str = 'pallas',
                        interpret: bool | None = None, backend: str | None = None, block_q: int | None = None,
-                       num_warps: int = 4, num_stages: int = 2) -> jax.Array:
+                       num_warps: int = 4, num_stages: int = 2, tpu_table_entries: int = 16384) -> jax.Array:
   """NSA selected-block attention `[B, T, Hq, D]` (see the module docstring for the rule).
 
   `block_q`: query tokens per program (default per backend, untuned). `num_warps`/`num_stages`: Triton.
+  `tpu_table_entries`: the int32 entries one TPU call may scalar-prefetch; the default, 64 KiB of the ~1 MiB
+  SMEM, is untuned (a call then runs ~16K grid steps, which should dwarf its fixed cost).
   A T that is not a multiple of `block_size` (or of `block_q`) is zero-padded: padded keys sit after
   every real query, so causality hides them, and padded queries select nothing.
   """
@@ -555,19 +624,34 @@ def selected_attention(q_BTHD: jax.Array, k_BSKD: jax.Array, v_BSKD: jax.Array, 
   if implementation == 'xla':
     return selected_attention_reference(q_BTHD, k_BSKD, v_BSKD, block_indices_BTKn, block_size=block_size,
                                         sm_scale=sm_scale)
-  backend = resolve_backend(backend)
-  G = H // K
-  plan = _Plan(block_size=block_size, block_q=block_q or _default_block_q(backend, G), group=G,
-               sm_scale=D**-0.5 if sm_scale is None else sm_scale, backend=backend,
-               interpret=resolve_interpret(interpret), num_warps=num_warps, num_stages=num_stages)
-  if not plan.interpret:
-    _check_compiled_shapes(plan, D)
+  def build(body: str, interpreted: bool):
+    if interpreted and in_shard_map(q_BTHD, k_BSKD, v_BSKD):  # JAX's interpreter cannot run in shard_map
+      return functools.partial(selected_attention_reference, block_size=block_size, sm_scale=sm_scale)
+    # Triton tiles are powers of two, so the GPU body pads a group of 3, 5, 6, 12, ... query heads with
+    # zero heads: their outputs are dropped, so their cotangents are zero and they add nothing to dk/dv.
+    G = pl.next_power_of_2(H // K) if body == 'gpu' else H // K
+    plan = _Plan(block_size=block_size, block_q=block_q or _default_block_q(body, G), group=G,
+                 sm_scale=D**-0.5 if sm_scale is None else sm_scale, backend=body, interpret=interpreted,
+                 num_warps=num_warps, num_stages=num_stages, tpu_table_entries=tpu_table_entries)
+    if not interpreted:
+      _check_compiled_shapes(plan, D)
+    return functools.partial(_planned, plan)
+  return dispatch(build, (q_BTHD, k_BSKD, v_BSKD, block_indices_BTKn),
+                  jax.ShapeDtypeStruct(q_BTHD.shape, q_BTHD.dtype), backend=backend, interpret=interpret)
 
+
+def _planned(plan: _Plan, q_BTHD, k_BSKD, v_BSKD, block_indices_BTKn):
+  """The kernel path for one plan: pads T, builds the block lists and tile unions, runs the custom_vjp."""
+  B, T, H, D = q_BTHD.shape
+  K, G, block_size = k_BSKD.shape[2], plan.group, plan.block_size
+  if K * G != H:  # the padded group (see `build`)
+    q_BTKgD = q_BTHD.reshape(B, T, K, H // K, D)
+    q_BTHD = jnp.pad(q_BTKgD, ((0, 0),) * 3 + ((0, G - H // K), (0, 0))).reshape(B, T, K * G, D)
   Tp = -(-T // math.lcm(block_size, plan.block_q)) * math.lcm(block_size, plan.block_q)
   pad = ((0, 0), (0, Tp - T), (0, 0), (0, 0))
   idx_BKTn = _token_lists(jnp.pad(block_indices_BTKn.astype(jnp.int32), pad, constant_values=-1), block_size)
   union_BKNU, count_BKN = _tile_unions(idx_BKTn, plan.block_q, Tp // block_size)
-  if backend == 'gpu':  # Triton loads need power-of-two sizes
+  if plan.backend == 'gpu':  # Triton loads need power-of-two sizes
     n = idx_BKTn.shape[-1]
     idx_BKTn = jnp.pad(idx_BKTn, ((0, 0),) * 3 + ((0, pl.next_power_of_2(n) - n),), constant_values=-1)
   # Rows are (token, head of the group) pairs, token-major, so a tile of block_q tokens is M = block_q*G rows.
@@ -577,4 +661,5 @@ def selected_attention(q_BTHD: jax.Array, k_BSKD: jax.Array, v_BSKD: jax.Array, 
   k_BKSD = jnp.pad(k_BSKD, pad).transpose(0, 2, 1, 3)
   v_BKSD = jnp.pad(v_BSKD, pad).transpose(0, 2, 1, 3)
   o_BKMD = _selected(plan, q_BKMD, k_BKSD, v_BKSD, idx_BKMn, qpos_M1, union_BKNU, count_BKN)
-  return o_BKMD.reshape(B, K, Tp, G, D).transpose(0, 2, 1, 3, 4).reshape(B, Tp, H, D)[:, :T]
+  o_BTKGD = o_BKMD.reshape(B, K, Tp, G, D).transpose(0, 2, 1, 3, 4)[:, :T, :, :H // K]
+  return o_BTKGD.reshape(B, T, H, D)

@@ -3,7 +3,8 @@
 The recipe: pre-norm SwiGLU blocks with `mlp_dim` = 8/3 d_model rounded up to 64, grouped-query attention
 with head_dim 32 (small rungs) or 64/128, the learning rate falling as 1/sqrt(width) from 3e-3 at
 d_model=128, and 20 training tokens per parameter (Hoffmann et al. 2022). Rungs up to 10m run on a CPU
-(byte tokens, seq_len 256, float32); the rest are meant for accelerators (seq_len 2048, bfloat16).
+(byte tokens, seq_len 256, float32); the rest are meant for accelerators (seq_len 2048, bfloat16, the
+Pallas kernels).
 """
 
 import dataclasses
@@ -59,8 +60,9 @@ def dense_config(name: str) -> ml_collections.ConfigDict:
   apply_shape(c, num_layers=rung.num_layers, d_model=rung.d_model, num_heads=rung.num_heads,
               num_kv_heads=rung.num_kv_heads)
   c.train.batch_size = rung.batch_size
-  if name not in CPU_RUNGS:
+  if name not in CPU_RUNGS:  # accelerator rungs run the Pallas kernels (interpreted on a CPU: slow)
     m.dtype = 'bfloat16'
+    m.kernel = 'pallas'
     c.data.seq_len = 2048
     c.train.warmup_steps = 1000
     c.train.eval_every = c.checkpoint.every_steps = 1000

@@ -6,12 +6,16 @@ import pathlib
 import subprocess
 import sys
 
-import jax
+# With the compile tier's packages installed (libtpu, the CUDA plugin), JAX would try, and loudly fail, to
+# start a TPU and a GPU in every test process; the tests run on the CPU (compile-only devices still work).
+os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+import jax  # noqa: E402
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 
+from sparse_lm import aot  # noqa: E402,F401  (sets the compile-only backends' environment before JAX starts)
 from sparse_lm.config import base_config
 
 jax.config.update('jax_numpy_rank_promotion', 'raise')

@@ -202,3 +202,16 @@ def test_expert_parallel_on_eight_devices_matches_one_device(moe_run, tmp_path):
   assert sorted(sharded) == sorted(single)
   for step, loss in single.items():
     assert sharded[step] == pytest.approx(loss, rel=2e-4, abs=2e-4), step
+
+
+def test_expert_parallel_with_the_kernel_config_matches_one_device(moe_run, tmp_path):
+  """`model.kernel=pallas` with experts over a shard_map: it crashed before (the kernel's output had no
+  manual-axis type). JAX's interpreter cannot run under shard_map, so on the CPU the reference runs
+  there (`pallas_kernels._common.in_shard_map`); the compiled kernel in it is checked by the compile
+  tier (tests/test_compile.py, MoE on h100x8 and a TPU v5e 8-chip slice)."""
+  run_train(tmp_path, *MOE_FLAGS, '--config.model.kernel=pallas', '--config.mesh.fsdp=2',
+            '--config.mesh.expert=4', devices=8)
+  sharded, single = train_losses(tmp_path), train_losses(moe_run)
+  assert sorted(sharded) == sorted(single)
+  for step, loss in single.items():
+    assert sharded[step] == pytest.approx(loss, rel=2e-4, abs=2e-4), step

@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.extend.core import ClosedJaxpr, Jaxpr
 
 from pallas_kernels.selected_attention import selected_attention, selected_attention_reference
 
@@ -148,3 +149,106 @@ def test_shape_errors():
     selected_attention(q, kv, kv, idx, block_size=12, backend='gpu', interpret=False)
   with pytest.raises(ValueError, match='multiples of 8'):
     selected_attention(q, kv, kv, idx, block_size=12, backend='tpu', interpret=False)
+
+
+# ----------------------------------------------------------------------------- TPU body: chunked tables
+
+
+def _assert_matches_reference(got, q, k, v, idx, do, L, context):
+  """Output and gradients against the float32 reference on the same (rounded) inputs."""
+  up = functools.partial(jnp.asarray, dtype=jnp.float32)
+  reference = functools.partial(selected_attention_reference, block_indices_BTKn=idx, block_size=L)
+  want = _vjp(reference)(up(q), up(k), up(v), up(do))
+  tol = 2e-5 if q.dtype == jnp.float32 else 2e-2
+  for name, g, w in zip(('o', 'dq', 'dk', 'dv'), got, want, strict=True):
+    assert g.dtype == q.dtype, name
+    err = float(jnp.max(jnp.abs(up(g) - w)) / jnp.maximum(jnp.max(jnp.abs(w)), 1.0))
+    assert err < tol, f'{name}: relative error {err:.2e} ({context})'
+
+
+# (H, K, dtype, table entries E) at B=2, T=36 (not a multiple of block_size=8) and block_q=4: NT=10 query
+# tiles per (b, h), U=5 union slots, W=B*K*NT work items. A call takes Wc=(E-1)//(U+1) items (forward, dq)
+# or Pc=(E-2)//2 (tile, block) pairs (dk/dv). Every token lists block 0, so the first dk/dv run (block 0 of
+# b=0, h=0) has NT=10 pairs and, with Pc < 10, straddles a call boundary.
+TPU_CHUNK_CASES = [
+    (2, 2, jnp.float32, 20),  # GQA 1: Wc=3, 14 calls for W=40, the last overlapping the one before; Pc=9
+    (6, 3, jnp.float32, 14),  # GQA 2: Wc=2, 30 calls for W=60; Pc=6
+    (8, 2, jnp.bfloat16, 8),  # GQA 4: Wc=1, one item per call; Pc=3
+]
+
+
+@pytest.mark.parametrize('H,K,dtype,entries', TPU_CHUNK_CASES)
+def test_tpu_chunked_tables_match_reference(H, K, dtype, entries):
+  """The TPU body cut into many calls by a small `tpu_table_entries` still matches the reference, with a
+  query tile and a whole (b, h) that see nothing."""
+  seed = _seed()
+  rng = np.random.default_rng(seed)
+  T, L, G = 36, 8, H // K
+  q, k, v, idx = _inputs(rng, 2, T, H, K, 16, 5, L, dtype)
+  idx = idx.at[0, 8:12, 1].set(-1)  # query tile 2 of (b=0, h=1): an item with no slots, no pairs
+  idx = idx.at[1, :, 0].set(-1)  # (b=1, h=0): no pairs at all
+  do = jnp.asarray(rng.standard_normal(q.shape), dtype)
+  kernel = functools.partial(selected_attention, block_indices_BTKn=idx, block_size=L, backend='tpu',
+                             interpret=True, block_q=4, tpu_table_entries=entries)
+  o, dq, dk, dv = got = _vjp(kernel)(q, k, v, do)
+  _assert_matches_reference(got, q, k, v, idx, do, L, f'{H=} {K=} {entries=} {seed=}')
+  assert not np.any(np.asarray(o[1, :, :G])) and not np.any(np.asarray(dq[1, :, :G])), f'{seed=}'
+  assert not np.any(np.asarray(dk[1, :, 0])) and not np.any(np.asarray(dv[1, :, 0])), f'{seed=}'
+
+
+def test_tpu_nothing_selected_runs_no_dkdv_call():
+  """With every list empty there is no (tile, block) pair, so the dk/dv loop runs zero calls."""
+  q = jnp.ones((1, 16, 2, 8))
+  kv = jnp.ones((1, 16, 1, 8))
+  idx = jnp.full((1, 16, 1, 3), -1, jnp.int32)
+  kernel = functools.partial(selected_attention, block_indices_BTKn=idx, block_size=8, backend='tpu',
+                             interpret=True, tpu_table_entries=8)
+  for x in _vjp(kernel)(q, kv, kv, q):
+    assert not np.any(np.asarray(x))
+
+
+def _prefetch_sizes(jaxpr):
+  """The scalar-prefetch operand sizes of every pallas_call in `jaxpr` and its sub-jaxprs."""
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == 'pallas_call':
+      yield sum(v.aval.size for v in eqn.invars[:eqn.params['grid_mapping'].num_index_operands])
+    for param in eqn.params.values():
+      for sub in param if isinstance(param, tuple | list) else (param,):
+        if isinstance(sub, ClosedJaxpr):
+          yield from _prefetch_sizes(sub.jaxpr)
+        elif isinstance(sub, Jaxpr):
+          yield from _prefetch_sizes(sub)
+
+
+@pytest.mark.parametrize('entries', [None, 1000])
+def test_tpu_prefetch_fits_table_budget(entries):
+  """SMEM bound, traced only: at B=8, T=131072 (whole tables of 3.4e7 entries) no TPU call prefetches more
+  than `tpu_table_entries` int32."""
+  B, T, H, K, D, n = 8, 131072, 8, 2, 128, 16
+  q = jax.ShapeDtypeStruct((B, T, H, D), jnp.bfloat16)
+  kv = jax.ShapeDtypeStruct((B, T, K, D), jnp.bfloat16)
+  idx = jax.ShapeDtypeStruct((B, T, K, n), jnp.int32)
+  budget = {} if entries is None else {'tpu_table_entries': entries}
+
+  def loss(q, k, v, idx):
+    return selected_attention(q, k, v, idx, block_size=64, backend='tpu', interpret=False,
+                              **budget).astype(jnp.float32).sum()
+  sizes = list(_prefetch_sizes(jax.make_jaxpr(jax.grad(loss, argnums=(0, 1, 2)))(q, kv, kv, idx).jaxpr))
+  assert len(sizes) == 3 and max(sizes) <= (entries or 16384), sizes
+
+
+def test_tpu_chunks_lower_in_shard_map():
+  """Inside `shard_map` (check_vma) the chunk loops carry outputs that vary over the manual axes, as the
+  kernels' outputs do; the TPU body, forward and backward, traces and lowers for tpu there."""
+  mesh = jax.make_mesh((1,), ('data',))
+  B, T, H, K, D, n = 2, 256, 8, 2, 128, 4
+  shard = functools.partial(jax.device_put, device=jax.sharding.NamedSharding(mesh, jax.P('data')))
+  q, kv = shard(jnp.zeros((B, T, H, D), jnp.bfloat16)), shard(jnp.zeros((B, T, K, D), jnp.bfloat16))
+  idx = shard(jnp.zeros((B, T, K, n), jnp.int32))
+  kernel = functools.partial(selected_attention, block_size=64, backend='tpu', interpret=False,
+                             tpu_table_entries=1000)
+
+  def loss(q, k, v, idx):
+    o = jax.shard_map(kernel, mesh=mesh, in_specs=(jax.P('data'),) * 4, out_specs=jax.P('data'))(q, k, v, idx)
+    return o.astype(jnp.float32).sum()
+  jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(q, kv, kv, idx).lower(lowering_platforms=('tpu',))

@@ -1,5 +1,7 @@
 """Dense causal grouped-query attention (Ainslie et al. 2023) with rotary embeddings and a KV cache."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -70,7 +72,8 @@ class Attention(nnx.Module):
                                 ('batch', 'length', 'q_heads', 'head_dim'))
     k_BTKD = rope(k_BTKD, pos_BT, self.rope_theta)
     if cache is None and self.kernel == 'pallas':
-      o_BTHD = flash_attention(q_BTHD, k_BTKD, v_BTKD, causal=True, window=self.window).astype(self.dtype)
+      kernel = functools.partial(flash_attention, causal=True, window=self.window)
+      o_BTHD = sharding.attention_per_device(kernel, q_BTHD, k_BTKD, v_BTKD).astype(self.dtype)
     elif cache is None and self.window:
       o_BTHD = core.local_attend(q_BTHD, k_BTKD, v_BTKD, window=self.window)
     elif cache is None:

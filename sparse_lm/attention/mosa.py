@@ -23,6 +23,7 @@ taken ones exceeds `capacity_factor * (t + 1) / rho` is dropped, a rule that loo
 decoding cache keeps each head's chosen keys and values.
 """
 
+import functools
 import math
 import statistics
 
@@ -32,6 +33,7 @@ import ml_collections
 from flax import nnx
 
 from pallas_kernels.flash_attention import flash_attention
+from sparse_lm import sharding
 from sparse_lm.attention import core, dense
 from sparse_lm.config import ConfigError
 from sparse_lm.layers import param, rope
@@ -147,7 +149,8 @@ def slot_attention(q_BSGD: jax.Array, k_BSGD: jax.Array, v_BSGD: jax.Array, *, k
   """Causal attention over each group's slots; slots are in position order, so slot order is position
   order, and empty slots come last, where no filled slot sees them."""
   if kernel == 'pallas':
-    return flash_attention(q_BSGD, k_BSGD, v_BSGD, causal=True, window=window).astype(q_BSGD.dtype)
+    kernel = functools.partial(flash_attention, causal=True, window=window)
+    return sharding.attention_per_device(kernel, q_BSGD, k_BSGD, v_BSGD).astype(q_BSGD.dtype)
   if window:
     return core.local_attend(q_BSGD, k_BSGD, v_BSGD, window=window)
   slot_BS = jnp.broadcast_to(jnp.arange(q_BSGD.shape[1]), q_BSGD.shape[:2])

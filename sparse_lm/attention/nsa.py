@@ -26,6 +26,8 @@ Where this departs from the paper, and why:
 - The top-n indices carry no gradient, as in the paper; `phi` learns through the compressed branch.
 """
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -273,8 +275,10 @@ class Attention(nnx.Module):
     kw_BSKD = rope(self._branch(k_BSJKD, 'win'), kpos_BS, self.rope_theta)
     vs_BSKD, vw_BSKD = self._branch(v_BSJKD, 'slc'), self._branch(v_BSJKD, 'win')
     if cache is None and self.kernel == 'pallas':
-      o_slc = selected_attention(q_BTHD, ks_BSKD, vs_BSKD, idx_BTKn, block_size=n.sel_block)
-      o_win = flash_attention(q_BTHD, kw_BSKD, vw_BSKD, causal=True, window=n.window)
+      selected = functools.partial(selected_attention, block_size=n.sel_block)
+      o_slc = sharding.attention_per_device(selected, q_BTHD, ks_BSKD, vs_BSKD, idx_BTKn)
+      window = functools.partial(flash_attention, causal=True, window=n.window)
+      o_win = sharding.attention_per_device(window, q_BTHD, kw_BSKD, vw_BSKD)
     elif cache is None:
       o_slc = chunked_selected_attention(q_BTHD, ks_BSKD, vs_BSKD, idx_BTKn, pos_BT, n.sel_block)
       o_win = core.local_attend(q_BTHD, kw_BSKD, vw_BSKD, window=n.window)

@@ -1,0 +1,144 @@
+"""Compiles a config's sharded train step (or one decoding step) for a GPU or TPU target that is not here.
+
+    python -m sparse_lm.compile --config=configs/nsa_100m.py --target=h100x8 [--step=train|decode]
+        [--memory_fraction=0.9] [--config.KEY=VALUE ...]
+
+Targets: `h100`, `a100` (one GPU), `h100x8` (GPUs per host), `h100x8x2` (hosts), and TPU topologies
+(`v5e:2x2`, `v5p:2x2x1`, `v6e:2x4`, ...). The config's `mesh.*` spans the target's devices. Prints one
+JSON object: the target, devices and mesh, whether it compiled (else a one-line `error`), per-device
+argument / output / temporary / peak bytes against the device's memory, `fits`, the compile time, and
+every kernel call with the resources the compiler reports (sparse_lm/aot.py). Exit status 0 only when it
+compiled and fits. A compile, not a run: nothing here says how fast the step is.
+
+`--step=decode` compiles one cached decoding step of `train.batch_size` sequences with a cache of
+`data.seq_len` positions. `fits` compares the peak with `--memory_fraction` of the device's memory
+(JAX preallocates 75% on GPUs unless XLA_PYTHON_CLIENT_MEM_FRACTION says otherwise).
+"""
+
+import json
+import os
+import sys
+
+os.environ.setdefault('JAX_PLATFORMS', 'cpu')  # compile-only devices need no attached backend
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import ml_collections  # noqa: E402
+from absl import app, flags  # noqa: E402
+from flax import nnx  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from sparse_lm import (  # noqa: E402
+  aot,  # noqa: E402  (first: sets the environment the compile-only backends need)
+  checks,
+  optim,
+  sharding,
+  tokenizer,
+  trainer,
+)
+from sparse_lm.config import ConfigError  # noqa: E402
+
+STEPS = ('train', 'decode')
+
+
+def prepare(config: ml_collections.ConfigDict, target: aot.Target) -> jax.sharding.Mesh:
+  """The config checked against the target (no data is read) and the mesh over its devices."""
+  checks.check_model(config.model)
+  checks.check_train(config, len(target.devices), target.num_hosts)
+  if config.mesh.get('dcn_data', 1) * config.mesh.get('dcn_fsdp', 1) != 1:
+    raise ConfigError('mesh.dcn_data / mesh.dcn_fsdp: multi-slice meshes are not compiled here; '
+                      'compile one slice (both 1)')
+  with config.unlocked():
+    config.model.vocab_size = config.model.vocab_size or tokenizer.vocab_size_for(config)
+  shape = sharding.mesh_shape(config.mesh, len(target.devices))
+  return aot.make_mesh(target, shape, sharding.MESH_AXES)
+
+
+def _abstract(tree, shardings):
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+
+
+def lower_train_step(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh):
+  """The train step exactly as `trainer.train_and_evaluate` jits it, lowered on abstract inputs."""
+  tx, schedule = optim.make_optimizer(config.train)
+  graphdef, abstract_params, abstract_model_state = trainer.split_model(config.model)
+  shardings = trainer.state_shardings(abstract_params, tx, mesh, abstract_model_state)
+  state = _abstract(jax.eval_shape(trainer.state_init_fn(config, tx), jax.random.key(0)), shardings)
+  batch_sh = sharding.batch_sharding(mesh)
+  rows = jax.ShapeDtypeStruct((config.train.batch_size, config.data.seq_len), jnp.int32, sharding=batch_sh)
+  step = jax.jit(trainer.make_train_step(graphdef, tx, schedule, config.train.grad_accum_steps),
+                 in_shardings=(shardings, batch_sh), out_shardings=(shardings, None), donate_argnums=0)
+  with sharding.activate(mesh):
+    return step.trace(state, {'inputs': rows, 'targets': rows}).lower()
+
+
+def lower_decode_step(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh):
+  """One token for each of `train.batch_size` sequences against a cache of `data.seq_len` positions."""
+  graphdef, abstract_params, abstract_model_state = trainer.split_model(config.model)
+  params_sh = sharding.param_shardings(abstract_params, mesh)
+  state_sh = sharding.param_shardings(abstract_model_state, mesh)
+  params = _abstract(nnx.to_pure_dict(abstract_params), params_sh)
+  model_state = _abstract(nnx.to_pure_dict(abstract_model_state), state_sh)
+  B, S = config.train.batch_size, config.data.seq_len
+  model = nnx.eval_shape(lambda: trainer.Transformer(config.model, rngs=nnx.Rngs(0)))
+  cache = jax.eval_shape(lambda: model.init_cache(B, S))
+  cache_sh = jax.tree.map(lambda x: sharding.batch_sharding(mesh, x.ndim) if x.ndim and x.shape[0] == B
+                          and B % _batch_devices(mesh) == 0 else sharding.replicated(mesh), cache)
+  tokens = jax.ShapeDtypeStruct((B, 1), jnp.int32, sharding=sharding.batch_sharding(mesh)
+                                if B % _batch_devices(mesh) == 0 else sharding.replicated(mesh))
+
+  def decode(params, model_state, cache, tokens_B1):
+    out, _ = nnx.capture(nnx.merge(graphdef, params, model_state), nnx.Intermediate)(tokens_B1, cache)
+    return out
+
+  step = jax.jit(decode, out_shardings=(None, cache_sh), donate_argnums=2)
+  with sharding.activate(mesh):
+    return step.trace(params, model_state, _abstract(cache, cache_sh), tokens).lower()
+
+
+def _batch_devices(mesh: jax.sharding.Mesh) -> int:
+  return mesh.shape['data'] * mesh.shape['fsdp']
+
+
+def compile_config(config: ml_collections.ConfigDict, target_name: str, *, step: str = 'train',
+                   memory_fraction: float = 0.9) -> dict:
+  """The report `python -m sparse_lm.compile` prints (a dict); raises ConfigError / TargetError on
+  bad input."""
+  if step not in STEPS:
+    raise ConfigError(f'--step={step!r} is not one of {STEPS}')
+  if not 0 < memory_fraction <= 1:
+    raise ConfigError(f'--memory_fraction={memory_fraction} must be in (0, 1]')
+  target = aot.get_target(target_name)
+  mesh = prepare(config, target)
+  lowered = (lower_train_step if step == 'train' else lower_decode_step)(config, mesh)
+  report = aot.compile_lowered(lowered, target)
+  limit = int(memory_fraction * target.memory_bytes)
+  fits = report.compiled and report.memory['peak_bytes'] <= limit
+  return {'target': target.name, 'platform': target.platform, 'device_kind': target.devices[0].device_kind,
+          'num_devices': len(target.devices), 'num_hosts': target.num_hosts, 'mesh': dict(mesh.shape),
+          'step': step, 'compiled': report.compiled, 'error': report.error,
+          'memory_per_device': report.memory, 'memory_limit_bytes': limit, 'fits': fits,
+          'compile_seconds': round(report.compile_seconds, 2), 'kernels': report.kernels,
+          'kernel_calls': sum(k.get('calls', 1) for k in report.kernels)}
+
+
+_CONFIG = config_flags.DEFINE_config_file('config', 'configs/default.py', 'Experiment config file.')
+_TARGET = flags.DEFINE_string('target', 'h100', f'What to compile for: {aot.target_names_help()}.')
+_STEP = flags.DEFINE_string('step', 'train', f'Which step: one of {STEPS}.')
+_FRACTION = flags.DEFINE_float('memory_fraction', 0.9, 'Share of device memory the step may use.')
+
+
+def main(argv) -> None:
+  del argv
+  try:
+    report = compile_config(_CONFIG.value, _TARGET.value, step=_STEP.value, memory_fraction=_FRACTION.value)
+  except (ConfigError, aot.TargetError) as error:
+    sys.exit(f'compile error: {error}')
+  print(json.dumps(report, indent=2))
+  if not report['fits']:
+    reason = report['error'] or (f"needs {report['memory_per_device']['peak_bytes'] / aot.GIB:.2f} GiB per "
+                                 f"device, more than {report['memory_limit_bytes'] / aot.GIB:.2f} GiB")
+    sys.exit(f'compile {"failed" if report["error"] else "does not fit"}: {reason}')
+
+
+if __name__ == '__main__':
+  app.run(main)

@@ -1,0 +1,177 @@
+"""The compile tier: every kernel, forward and backward, and whole train and decode steps compiled for
+GPUs and TPUs that are not here (sparse_lm/aot.py), with what the compiler reports checked.
+
+Marked `aot`: needs the `aot` extra (libtpu, the CUDA PJRT plugin, ptxas); without it these tests skip,
+unless SPARSE_LM_REQUIRE_AOT=1 (CI sets it) makes the missing packages a failure.
+"""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from sparse_lm import aot, ladder
+from tests.conftest import REPO
+
+_MISSING = [name for name in ('libtpu', 'jax_plugins.xla_cuda12', 'nvidia.cuda_nvcc')
+            if importlib.util.find_spec(name) is None]
+if _MISSING and os.environ.get('SPARSE_LM_REQUIRE_AOT') == '1':
+  raise ImportError(f'SPARSE_LM_REQUIRE_AOT=1 but {_MISSING} are not installed: pip install -e ".[aot]"')
+pytestmark = [pytest.mark.aot, pytest.mark.skipif(
+    bool(_MISSING), reason=f'needs pip install -e ".[aot]" ({_MISSING} missing)')]
+
+GPU_TARGETS = ('h100', 'a100')
+TPU_TARGETS = ('v5e:2x2', 'v5p:2x2x1', 'v6e:2x2')
+TPU_SLICE = 'v5e:2x4'  # 8 chips; v5p:2x2x2 compiles the same steps about twice as slowly here
+KERNEL_NAMES = {
+    'flash_attention': {'flash_attention_fwd', 'flash_attention_dq', 'flash_attention_dkv'},
+    'selected_attention': {'selected_attention_fwd', 'selected_attention_dq', 'selected_attention_dkdv'},
+    'grouped_matmul': {'grouped_matmul', 'transposed_grouped_matmul'},
+}
+# (head_dim, group size Hq / Hkv, sequence length): head_dim 64 and 128, groups 1, 3, 4 and 16, and one
+# case of each attention kernel at 65,536 tokens.
+ATTENTION_CASES = [(64, 1, 4096), (128, 3, 4096), (64, 4, 65536), (128, 16, 4096)]
+# grouped matmul: rows B*T over 8 experts of [Hq*D, Hkv*D]; the long case has 65,536 rows.
+GMM_CASES = [(64, 4, 65536), (128, 1, 4096)]
+CASES = ([(k, *c) for k in ('flash_attention', 'selected_attention') for c in ATTENTION_CASES]
+         + [('grouped_matmul', *c) for c in GMM_CASES])
+# A TPU compile takes 5 to 40 s here, so each chip compiles every kernel at its long case and the
+# attention kernels at one more case; the chips between them cover every head_dim and group.
+TPU_EXTRA = {'v5e:2x2': (128, 3, 4096), 'v5p:2x2x1': (64, 1, 4096), 'v6e:2x2': (128, 16, 4096)}
+TPU_CASES = ([(t, kernel, *case) for t in TPU_TARGETS for kernel, *case in CASES if case[2] == 65536]
+             + [(t, kernel, *case) for t, case in TPU_EXTRA.items()
+                for kernel in ('flash_attention', 'selected_attention')])
+
+
+_targets = {}
+
+
+def target(name: str) -> aot.Target:
+  if name not in _targets:
+    _targets[name] = aot.get_target(name)
+  return _targets[name]
+
+
+def compile_kernel(kernel, target_name, head_dim, group, seq_len, **options) -> aot.Report:
+  t = target(target_name)
+  kv_heads = 2 if group < 16 else 1
+  lowered = aot.lower_kernel(kernel, t, seq_len=seq_len, q_heads=group * kv_heads, kv_heads=kv_heads,
+                             head_dim=head_dim, **options)
+  return aot.compile_lowered(lowered, t)
+
+
+@pytest.mark.parametrize('kernel,head_dim,group,seq_len', CASES)
+@pytest.mark.parametrize('target_name', GPU_TARGETS)
+def test_gpu_kernels_compile_without_spills(target_name, kernel, head_dim, group, seq_len):
+  report = compile_kernel(kernel, target_name, head_dim, group, seq_len)
+  assert report.compiled, report.error
+  by_name = {k['name']: k for k in report.kernels}
+  assert set(by_name) == KERNEL_NAMES[kernel]
+  gpu = target(target_name).gpu
+  for name, k in by_name.items():
+    assert k['spill_store_bytes'] == 0 and k['spill_load_bytes'] == 0, (name, k)
+    assert 0 < k['registers'] <= 255 and 0 < k['shared_memory_bytes'] <= gpu.smem_per_block_optin, (name, k)
+
+
+@pytest.mark.parametrize('target_name,kernel,head_dim,group,seq_len', TPU_CASES)
+def test_tpu_kernels_compile(target_name, kernel, head_dim, group, seq_len):
+  report = compile_kernel(kernel, target_name, head_dim, group, seq_len)
+  assert report.compiled, report.error
+  by_name = {k['name']: k for k in report.kernels}
+  assert set(by_name) == KERNEL_NAMES[kernel]
+  assert all(k['scoped_vmem_bytes'] > 0 for k in by_name.values()), by_name
+
+
+def test_too_much_shared_memory_is_refused():
+  """Three pipeline stages of 128 x 64 blocks at head_dim 128 need 198,656 bytes of shared memory; an
+  A100 block has 166,912 (an H100 block 232,448, so the same kernel compiles there)."""
+  big = dict(block_q=128, block_k=64, num_stages=3)
+  refused = compile_kernel('flash_attention', 'a100', 128, 4, 4096, **big)
+  assert not refused.compiled and 'Shared memory size limit exceeded' in refused.error, refused.error
+  assert compile_kernel('flash_attention', 'h100', 128, 4, 4096, **big).compiled
+
+
+def test_spills_are_reported():
+  """With 4 warps the dk/dv kernel spills at head_dim 128 (why GPU_NUM_WARPS is 8): the no-spill check
+  above can fail."""
+  report = compile_kernel('flash_attention', 'h100', 128, 4, 4096, num_warps=4)
+  dkv = next(k for k in report.kernels if k['name'] == 'flash_attention_dkv')
+  assert dkv['spill_store_bytes'] > 0, dkv
+
+
+# ----------------------------------------------------------------------------- whole steps
+
+def _small(config, seq_len=None, **mesh):
+  """A rung cut to one layer and 16 sequences: every kernel and collective a layer of the full model
+  has, compiled in seconds (a TPU compile of MoSA or routing layers takes minutes per layer here)."""
+  config.model.num_layers = 1
+  config.train.batch_size = 16
+  config.data.seq_len = seq_len or config.data.seq_len
+  config.mesh.update(data=1, **mesh)
+  return config
+
+
+STEP_CONFIGS = {
+    'dense': lambda: _small(ladder.dense_config('100m'), fsdp=4, tensor=2, expert=1),
+    'nsa': lambda: _small(ladder.nsa_config('100m'), fsdp=4, tensor=2, expert=1),
+    'routing_causal': lambda: _small(ladder.routing_config('100m', causal=True), fsdp=4, tensor=2, expert=1,
+                                     seq_len=512),
+    'moe': lambda: _small(ladder.moe_config('100m'), fsdp=2, tensor=2, expert=2),
+}
+STEP_KERNELS = {'dense': 'flash_attention_fwd', 'nsa': 'selected_attention_fwd',
+                'routing_causal': 'flash_attention_fwd', 'moe': 'grouped_matmul'}
+
+
+@pytest.mark.parametrize('variant', sorted(STEP_CONFIGS))
+@pytest.mark.parametrize('target_name', ['h100x8', TPU_SLICE])
+def test_train_step_compiles_on_eight_devices(target_name, variant):
+  from sparse_lm import compile as aot_compile  # noqa: PLC0415
+  report = aot_compile.compile_config(STEP_CONFIGS[variant](), target_name)
+  assert report['compiled'] and report['fits'], report['error'] or report['memory_per_device']
+  assert report['num_devices'] == 8 and report['mesh']['tensor'] == 2
+  assert STEP_KERNELS[variant] in {k['name'] for k in report['kernels']}, report['kernels']
+
+
+def test_decode_step_compiles():
+  from sparse_lm import compile as aot_compile  # noqa: PLC0415
+  config = _small(ladder.nsa_config('100m'), fsdp=1, tensor=1, expert=1)
+  report = aot_compile.compile_config(config, 'h100', step='decode')
+  assert report['compiled'] and report['fits'], report['error']
+  assert report['memory_per_device']['argument_bytes'] > 0
+
+
+# ----------------------------------------------------------------------------- the command
+
+def _compile_command(*flags):
+  env = {**os.environ, 'TF_CPP_MIN_LOG_LEVEL': '3'}
+  return subprocess.run([sys.executable, '-m', 'sparse_lm.compile', *flags], cwd=REPO, env=env,
+                        capture_output=True, text=True, timeout=600)
+
+
+def test_command_prints_one_json_object_and_exits_by_fit():
+  flags = ('--config=configs/dense_100m.py', '--target=h100', '--config.model.num_layers=1',
+           '--config.train.batch_size=4')
+  ok = _compile_command(*flags)
+  assert ok.returncode == 0, ok.stderr[-2000:]
+  report = json.loads(ok.stdout)
+  assert report['compiled'] and report['fits'] and report['device_kind'] == 'NVIDIA H100 80GB HBM3'
+  assert report['memory_per_device']['peak_bytes'] <= report['memory_limit_bytes']
+  tight = _compile_command(*flags, '--memory_fraction=0.001')
+  assert tight.returncode != 0 and 'does not fit' in tight.stderr.splitlines()[-1], tight.stderr[-500:]
+  assert json.loads(tight.stdout)['fits'] is False
+
+
+@pytest.mark.parametrize('flags,match', [
+    (('--target=h200',), 'not a known target'),
+    (('--target=v5e:9x9',), 'libtpu refuses'),
+    (('--target=h100', '--step=eval'), '--step'),
+    (('--target=h100x8', '--config.mesh.fsdp=3'), 'mesh'),
+])
+def test_command_refuses_bad_input_in_one_line(flags, match):
+  run = _compile_command('--config=configs/dense_1m.py', *flags)
+  assert run.returncode != 0 and not run.stdout
+  last = run.stderr.strip().splitlines()[-1]
+  assert last.startswith('compile error:') and match in last, run.stderr[-1000:]
