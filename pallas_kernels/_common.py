@@ -11,9 +11,9 @@ kernels. With `backend=None` and `interpret=None` a call becomes a `jax.lax.plat
 and only the branch of the platform being lowered is lowered. `backend=` and `interpret=` stay explicit
 overrides: `interpret=True` interprets on every platform (the GPU body unless `backend='tpu'`),
 `interpret=False` compiles on every platform (so a test can lower for `cuda` from a CPU host), and a
-given backend fixes the body. A body that cannot
-take the call's shapes (the Triton body needs powers of two, say) is not an error until a program is
-lowered for its platform; then the lowering fails with the body's own one-line reason.
+given backend fixes the body. A body that cannot take the call's shapes (the Triton body needs powers
+of two, say) is not an error until a program is lowered for its platform; then the lowering fails with
+the body's own one-line reason.
 """
 
 from collections.abc import Callable
@@ -83,8 +83,8 @@ def choices(backend: str | None, interpret: bool | None) -> dict[str, tuple[str,
 
   `interpret=True` runs one body everywhere (`backend`, else the GPU body, which interprets fastest);
   `interpret=False` compiles everywhere. The TPU body interpreted on CPU beside compiled bodies on the
-  other platforms runs `UNCHECKED`:
-  `InterpretParams`' callbacks are effects, and JAX cannot lower effects inside one platform's branch.
+  other platforms runs `UNCHECKED`: `InterpretParams`' callbacks are effects, and JAX cannot lower
+  effects inside one platform's branch.
   """
   check_backend(backend)
   if interpret:
@@ -121,12 +121,7 @@ _refused_p.multiple_results = True
 _refused_p.def_abstract_eval(lambda *args, reason, out: out)
 
 
-def _refused_lowering(ctx, *args, reason, out):
-  del ctx, args, out
-  raise ValueError(reason)
-
-
-def _refused_impl(*args, reason, out):  # run eagerly: lowered for the host's platform at once
+def _refuse(*args, reason, out):  # lowering for the platform, or running eagerly (lowered for the host)
   del args, out
   raise ValueError(reason)
 
@@ -158,8 +153,8 @@ def _refused_batch(args, dims, *, reason, out):
   return _refused_p.bind(*args, reason=reason, out=batched), [0] * len(out)
 
 
-_refused_p.def_impl(_refused_impl)
-mlir.register_lowering(_refused_p, _refused_lowering)
+_refused_p.def_impl(_refuse)
+mlir.register_lowering(_refused_p, lambda ctx, *args, **params: _refuse(*args, **params))
 ad.primitive_jvps[_refused_p] = _refused_jvp
 ad.primitive_transposes[_refused_p] = _refused_transpose
 batching.primitive_batchers[_refused_p] = _refused_batch

@@ -33,8 +33,11 @@ os.environ.setdefault('TPU_WORKER_HOSTNAMES', 'localhost')  # libtpu asks for ho
 os.environ.setdefault('ALLOW_MULTIPLE_LIBTPU_LOAD', '1')  # compile-only: no chip to lock (pytest -n 2)
 
 import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from jax.experimental import mesh_utils, topologies  # noqa: E402
+
+from pallas_kernels import flash_attention, grouped_matmul, selected_attention  # noqa: E402
 
 GIB = 2**30
 
@@ -295,9 +298,6 @@ def lower_kernel(kernel: str, target: Target, *, batch: int = 1, seq_len: int = 
   device of `target`, with the kernel body of that platform. Attention: q [B, T, Hq, D], k/v
   [B, T, Hkv, D] (NSA's selection: `selected` blocks of `block_size` per token); grouped matmul:
   [B*T, Hq*D] rows over `experts` groups of [Hq*D, Hkv*D] weights. `options` go to the kernel."""
-  import jax.numpy as jnp  # noqa: PLC0415
-
-  from pallas_kernels import flash_attention, grouped_matmul, selected_attention  # noqa: PLC0415
   if kernel not in KERNELS:
     raise ValueError(f'kernel={kernel!r} is not one of {KERNELS}')
   one = jax.sharding.SingleDeviceSharding(target.devices[0])
