@@ -36,6 +36,11 @@ CASES = {
 
 def compile_case(name: str, target: str) -> dict:
   config, overrides = CASES[name]
+  return run_compile(name, config, overrides, target)
+
+
+def run_compile(name: str, config: str, overrides: tuple[str, ...], target: str) -> dict:
+  """`python -m sparse_lm.compile` in its own process: its JSON object, or its one-line error."""
   run = subprocess.run([sys.executable, '-m', 'sparse_lm.compile', f'--config={config}', f'--target={target}',
                         *overrides], cwd=REPO, capture_output=True, text=True,
                        env={**os.environ, 'TF_CPP_MIN_LOG_LEVEL': '3'})

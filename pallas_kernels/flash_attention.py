@@ -6,6 +6,9 @@ queries are aligned to the END of the keys, `offset = S - T` (as when decoding t
 `T <= S` is required), and query `t` keeps the keys at positions `<= t + offset`; `window=w` further keeps
 only the `w` most recent of them, `t + offset - w < s`. With `causal=False` every query sees every key and
 a window is rejected (a window without a causal side is not used anywhere in this project).
+`flash_attention_with_lse(..., key_positions=(stride, first))` places key `s` at `first + s * stride` and
+query `t` at `t` (NSA's compressed keys sit at the last token of their blocks, see compressed_attention.py);
+a query that sees no key there outputs zeros and has log-sum-exp -inf.
 
 Kernels. The forward pass runs the online softmax over key blocks and saves the log-sum-exp per query;
 the backward pass recomputes the probabilities from it in two kernels, one for dq (per query block, a
@@ -62,11 +65,11 @@ _MASK_VALUE = -1e30
 # Reference and the mask both sides share.
 
 
-def _keep(qpos, kpos, *, causal: bool, window: int | None, kv_len: int | None = None):
-  """Which (query, key) pairs attend; None when all do. `kv_len` masks zero-padded keys."""
-  keep = None if kv_len is None else kpos < kv_len
+def _keep(qpos, kpos, *, causal: bool, window: int | None):
+  """Which (query, key) pairs attend, by position; None when all do."""
+  keep = None
   if causal:
-    keep = kpos <= qpos if keep is None else keep & (kpos <= qpos)
+    keep = kpos <= qpos
   if window is not None:
     keep &= kpos > qpos - window
   return keep
@@ -76,19 +79,36 @@ def flash_attention_reference(q_BTHD: jax.Array, k_BSKD: jax.Array, v_BSKD: jax.
                               causal: bool = True, window: int | None = None,
                               sm_scale: float | None = None) -> jax.Array:
   """Plain XLA attention with the same semantics as `flash_attention` (float32 softmax and products)."""
-  _check_args(q_BTHD, k_BSKD, v_BSKD, causal, window)
+  return attention_with_lse_reference(q_BTHD, k_BSKD, v_BSKD, causal=causal, window=window,
+                                      sm_scale=sm_scale)[0]
+
+
+def attention_with_lse_reference(q_BTHD: jax.Array, k_BSKD: jax.Array, v_BSKD: jax.Array, *,
+                                 causal: bool = True, window: int | None = None,
+                                 key_positions: tuple[int, int] | None = None,
+                                 sm_scale: float | None = None) -> tuple[jax.Array, jax.Array]:
+  """`flash_attention_with_lse` in plain XLA: the output and the float32 log-sum-exp `[B, H, T]`."""
+  _check_args(q_BTHD, k_BSKD, v_BSKD, causal, window, key_positions)
   B, T, H, D = q_BTHD.shape
   S, K = k_BSKD.shape[1:3]
   scale = D**-0.5 if sm_scale is None else sm_scale
   q_BTKGD = q_BTHD.reshape(B, T, K, H // K, D)
   s_BKGTS = jnp.einsum('btkgd,bskd->bkgts', q_BTKGD, k_BSKD, preferred_element_type=jnp.float32) * scale
-  offset = S - T if causal else 0
-  keep_TS = _keep(jnp.arange(T)[:, None] + offset, jnp.arange(S)[None, :], causal=causal, window=window)
-  if keep_TS is not None:
-    s_BKGTS = jnp.where(keep_TS, s_BKGTS, -jnp.inf)
-  p_BKGTS = jax.nn.softmax(s_BKGTS, axis=-1)
+  stride, first = key_positions or (1, 0)
+  offset = S - T if causal and key_positions is None else 0
+  keep_TS = _keep(jnp.arange(T)[:, None] + offset, jnp.arange(S)[None, :] * stride + first, causal=causal,
+                  window=window)
+  if keep_TS is None:
+    keep_TS = jnp.ones((T, S), bool)
+  # A query with no visible key gets zeros and lse -inf; its row of the log-sum-exp is taken over zeros
+  # instead, so neither value nor gradient is ever NaN.
+  seen_T1 = keep_TS.any(axis=1, keepdims=True)
+  s_BKGTS = jnp.where(keep_TS, s_BKGTS, -jnp.inf)
+  lse_BKGT = jax.nn.logsumexp(jnp.where(seen_T1, s_BKGTS, 0.0), axis=-1)
+  p_BKGTS = jnp.exp(s_BKGTS - lse_BKGT[..., None])
   o_BTKGD = jnp.einsum('bkgts,bskd->btkgd', p_BKGTS, v_BSKD.astype(jnp.float32))
-  return o_BTKGD.reshape(B, T, H, D).astype(q_BTHD.dtype)
+  lse_BKGT = jnp.where(seen_T1[:, 0], lse_BKGT, -jnp.inf)
+  return o_BTKGD.reshape(B, T, H, D).astype(q_BTHD.dtype), lse_BKGT.reshape(B, H, T)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -108,21 +128,39 @@ def flash_attention(q_BTHD: jax.Array, k_BSKD: jax.Array, v_BSKD: jax.Array, *, 
   of two >= 16 (GPU) or multiples of 128 (TPU); interpret mode takes any D <= 128 and multiples of 8.
   `num_warps` / `num_stages`: the Triton body's (defaults: `GPU_NUM_WARPS`, `GPU_NUM_STAGES`).
   """
+  return flash_attention_with_lse(
+      q_BTHD, k_BSKD, v_BSKD, causal=causal, window=window, sm_scale=sm_scale, block_q=block_q,
+      block_k=block_k, implementation=implementation, interpret=interpret, backend=backend,
+      num_warps=num_warps, num_stages=num_stages)[0]
+
+
+def flash_attention_with_lse(q_BTHD: jax.Array, k_BSKD: jax.Array, v_BSKD: jax.Array, *,
+                             causal: bool = True, window: int | None = None,
+                             key_positions: tuple[int, int] | None = None, sm_scale: float | None = None,
+                             block_q: int | None = None, block_k: int | None = None,
+                             implementation: str = 'pallas', interpret: bool | None = None,
+                             backend: str | None = None, num_warps: int = GPU_NUM_WARPS,
+                             num_stages: int = GPU_NUM_STAGES) -> tuple[jax.Array, jax.Array]:
+  """`flash_attention` that also returns the float32 log-sum-exp of each query's logits, `[B, H, T]`
+  (-inf where a query sees no key), differentiable like the output; `key_positions=(stride, first)`
+  puts key `s` at position `first + s * stride` (causal only, no window)."""
   check_implementation(implementation)
   if implementation == 'xla':
-    return flash_attention_reference(q_BTHD, k_BSKD, v_BSKD, causal=causal, window=window,
-                                     sm_scale=sm_scale)
-  _check_args(q_BTHD, k_BSKD, v_BSKD, causal, window)
+    return attention_with_lse_reference(q_BTHD, k_BSKD, v_BSKD, causal=causal, window=window,
+                                        key_positions=key_positions, sm_scale=sm_scale)
+  _check_args(q_BTHD, k_BSKD, v_BSKD, causal, window, key_positions)
 
   def build(body: str, interpreted: bool):
     if interpreted and in_shard_map(q_BTHD, k_BSKD, v_BSKD):  # JAX's interpreter cannot run in shard_map
-      return functools.partial(flash_attention_reference, causal=causal, window=window, sm_scale=sm_scale)
-    cfg = _make_config(q_BTHD.shape, k_BSKD.shape, causal=causal, window=window, sm_scale=sm_scale,
-                       block_q=block_q, block_k=block_k, interpret=interpreted, backend=body,
-                       num_warps=num_warps, num_stages=num_stages)
+      return functools.partial(attention_with_lse_reference, causal=causal, window=window,
+                               key_positions=key_positions, sm_scale=sm_scale)
+    cfg = _make_config(q_BTHD.shape, k_BSKD.shape, causal=causal, window=window,
+                       key_positions=key_positions, sm_scale=sm_scale, block_q=block_q, block_k=block_k,
+                       interpret=interpreted, backend=body, num_warps=num_warps, num_stages=num_stages)
     return lambda q, k, v: _flash(q, k, v, cfg)
-  return dispatch(build, (q_BTHD, k_BSKD, v_BSKD), jax.ShapeDtypeStruct(q_BTHD.shape, q_BTHD.dtype),
-                  backend=backend, interpret=interpret)
+  B, T, H, _ = q_BTHD.shape
+  out = (jax.ShapeDtypeStruct(q_BTHD.shape, q_BTHD.dtype), jax.ShapeDtypeStruct((B, H, T), jnp.float32))
+  return dispatch(build, (q_BTHD, k_BSKD, v_BSKD), out, backend=backend, interpret=interpret)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -140,10 +178,22 @@ class _Config:
   interpret: bool
   num_warps: int = GPU_NUM_WARPS
   num_stages: int = GPU_NUM_STAGES
+  key_stride: int = 1  # key s sits at position key_first + s * key_stride
+  key_first: int = 0
+
+  @property
+  def kernel_name(self) -> str:
+    """What compile reports call the kernels: strided keys are NSA's compressed attention."""
+    return 'compressed_attention' if self.strided else 'flash_attention'
+
+  @property
+  def strided(self) -> bool:
+    return (self.key_stride, self.key_first) != (1, 0)
 
   @property
   def offset(self) -> int:
-    return self.kv_len - self.q_len if self.causal else 0
+    """Position of query 0: causal queries align to the end of plain keys, and start at 0 otherwise."""
+    return self.kv_len - self.q_len if self.causal and not self.strided else 0
 
   @property
   def num_q_blocks(self) -> int:
@@ -159,7 +209,8 @@ class _Config:
     return None if self.kv_len % self.block_k == 0 else self.kv_len
 
 
-def _check_args(q, k, v, causal: bool, window: int | None) -> None:
+def _check_args(q, k, v, causal: bool, window: int | None,
+                key_positions: tuple[int, int] | None = None) -> None:
   if q.ndim != 4 or k.ndim != 4 or k.shape != v.shape:
     raise ValueError(f'want q [B, T, H, D] and k, v [B, S, K, D]; got {q.shape}, {k.shape}, {v.shape}')
   (B, T, H, D), (Bk, S, K, Dk) = q.shape, k.shape
@@ -167,7 +218,13 @@ def _check_args(q, k, v, causal: bool, window: int | None) -> None:
     raise ValueError(f'q {q.shape} and k/v {k.shape} need equal batch and head dim and H % K == 0')
   if not q.dtype == k.dtype == v.dtype:
     raise ValueError(f'q, k, v dtypes differ: {q.dtype}, {k.dtype}, {v.dtype}')
-  if causal and T > S:
+  if key_positions is not None:
+    stride, first = key_positions
+    if not (isinstance(stride, int) and isinstance(first, int) and stride >= 1 and first >= 0):
+      raise ValueError(f'key_positions={key_positions} must be (stride >= 1, first >= 0) integers')
+    if not causal or window is not None:
+      raise ValueError(f'key_positions={key_positions} needs causal=True and no window')
+  elif causal and T > S:
     raise ValueError(f'causal attention aligns queries to the end of the keys and needs T <= S; '
                      f'got T={T}, S={S}')
   if window is not None and (not causal or window < 1):
@@ -192,7 +249,8 @@ def _clip_block(block: int, length: int, backend: str) -> int:
 
 
 def _make_config(q_shape, k_shape, *, causal, window, sm_scale, block_q, block_k, interpret,
-                 backend, num_warps=GPU_NUM_WARPS, num_stages=GPU_NUM_STAGES) -> _Config:
+                 backend, num_warps=GPU_NUM_WARPS, num_stages=GPU_NUM_STAGES,
+                 key_positions=None) -> _Config:
   _, T, H, D = q_shape
   S, K = k_shape[1:3]
   if not interpret and D not in COMPILED_HEAD_DIMS:
@@ -206,7 +264,8 @@ def _make_config(q_shape, k_shape, *, causal, window, sm_scale, block_q, block_k
   _check_block('block_k', block_k, backend, interpret)
   return _Config(causal=causal, window=window, sm_scale=float(D**-0.5 if sm_scale is None else sm_scale),
                  block_q=block_q, block_k=block_k, q_len=T, kv_len=S, group=H // K, backend=backend,
-                 interpret=interpret, num_warps=num_warps, num_stages=num_stages)
+                 interpret=interpret, num_warps=num_warps, num_stages=num_stages,
+                 key_stride=(key_positions or (1, 0))[0], key_first=(key_positions or (1, 0))[1])
 
 
 def _pad_seq(x_BLHD: jax.Array, block: int) -> jax.Array:
@@ -224,14 +283,20 @@ def _flash_fwd(q_BTHD, k_BSKD, v_BSKD, cfg: _Config):
   o_BTHD, lse_BHT = forward(_pad_seq(q_BTHD, cfg.block_q), _pad_seq(k_BSKD, cfg.block_k),
                             _pad_seq(v_BSKD, cfg.block_k), cfg)
   o_BTHD = o_BTHD[:, :cfg.q_len]
-  return o_BTHD, (q_BTHD, k_BSKD, v_BSKD, o_BTHD, lse_BHT)
+  # The bodies give a query that sees no key lse = +inf, so its recomputed probabilities exp(s - lse)
+  # are zeros in the backward kernels; the caller sees the log-sum-exp of nothing, -inf.
+  out_lse_BHT = jnp.where(lse_BHT[:, :, :cfg.q_len] == jnp.inf, -jnp.inf, lse_BHT[:, :, :cfg.q_len])
+  return (o_BTHD, out_lse_BHT), (q_BTHD, k_BSKD, v_BSKD, o_BTHD, lse_BHT)
 
 
-def _flash_bwd(cfg: _Config, res, do_BTHD):
+def _flash_bwd(cfg: _Config, res, cts):
   q_BTHD, k_BSKD, v_BSKD, o_BTHD, lse_BHT = res
+  do_BTHD, dlse_BHT = cts
   _, backward = _BODIES[cfg.backend]
-  # FlashAttention-2 Alg. 2: D = rowsum(dO * O), the softmax-Jacobian correction per query.
+  # FlashAttention-2 Alg. 2: D = rowsum(dO * O), the softmax-Jacobian correction per query. A cotangent of
+  # the log-sum-exp adds p * dlse to the logits' gradient, the same as lowering D by dlse.
   delta_BTH = jnp.einsum('bthd,bthd->bth', o_BTHD.astype(jnp.float32), do_BTHD.astype(jnp.float32))
+  delta_BTH -= dlse_BHT.transpose(0, 2, 1)
   delta_BHT = jnp.pad(delta_BTH, ((0, 0), (0, lse_BHT.shape[2] - cfg.q_len), (0, 0))).transpose(0, 2, 1)
   dq_BTHD, dk_BSKD, dv_BSKD = backward(
       _pad_seq(q_BTHD, cfg.block_q), _pad_seq(k_BSKD, cfg.block_k), _pad_seq(v_BSKD, cfg.block_k),
@@ -250,8 +315,10 @@ def _kv_blocks(i, cfg: _Config):
   """Key blocks [lo, hi) holding a key that some query of query block `i` keeps."""
   first_q = cfg.offset + i * cfg.block_q
   hi = cfg.num_kv_blocks
-  if cfg.causal:  # stop at the diagonal
-    hi = jnp.minimum(hi, lax.div(first_q + cfg.block_q - 1, cfg.block_k) + 1)
+  if cfg.causal:  # stop at the diagonal: the keys at positions <= the block's last query
+    last_q = first_q + cfg.block_q - 1
+    seen = lax.div(jnp.maximum(last_q - cfg.key_first + cfg.key_stride, 0), cfg.key_stride)
+    hi = jnp.minimum(hi, lax.div(seen + cfg.block_k - 1, cfg.block_k))
   lo = 0
   if cfg.window is not None:  # start at the first block inside the window
     lo = lax.div(jnp.maximum(first_q - cfg.window + 1, 0), cfg.block_k)
@@ -262,8 +329,8 @@ def _q_blocks(j, cfg: _Config):
   """Query blocks [lo, hi) holding a query that keeps some key of key block `j`."""
   first_k = j * cfg.block_k
   lo = 0
-  if cfg.causal:
-    lo = lax.div(jnp.maximum(first_k - cfg.offset, 0), cfg.block_q)
+  if cfg.causal:  # from the query at the block's first key position
+    lo = lax.div(jnp.maximum(first_k * cfg.key_stride + cfg.key_first - cfg.offset, 0), cfg.block_q)
   hi = cfg.num_q_blocks
   if cfg.window is not None:  # queries t with t + offset - window < last key of the block
     bound = jnp.maximum(first_k + cfg.block_k - 1 + cfg.window - cfg.offset, 0)
@@ -296,9 +363,20 @@ def _scores(x, y, i, j, cfg: _Config, *, transposed: bool = False):
   s = _nt(x, y) * cfg.sm_scale
   q_axis, k_axis = (1, 0) if transposed else (0, 1)
   qpos = cfg.offset + i * cfg.block_q + lax.broadcasted_iota(jnp.int32, s.shape, q_axis)
-  kpos = j * cfg.block_k + lax.broadcasted_iota(jnp.int32, s.shape, k_axis)
-  keep = _keep(qpos, kpos, causal=cfg.causal, window=cfg.window, kv_len=cfg.kv_mask_len)
+  kidx = j * cfg.block_k + lax.broadcasted_iota(jnp.int32, s.shape, k_axis)
+  kpos = kidx * cfg.key_stride + cfg.key_first if cfg.strided else kidx
+  keep = _keep(qpos, kpos, causal=cfg.causal, window=cfg.window)
+  if cfg.kv_mask_len is not None:
+    keep = kidx < cfg.kv_mask_len if keep is None else keep & (kidx < cfg.kv_mask_len)
   return s if keep is None else jnp.where(keep, s, _MASK_VALUE)
+
+
+def _normalise(acc_QD, m_QL, l_QL):
+  """Output and log-sum-exp of the online softmax; a row that saw no key (its max is still the mask
+  value, or -inf when no block was visited) gives zeros and lse +inf, so exp(s - lse) = 0 there."""
+  seen_QL = m_QL > _MASK_VALUE
+  o_QD = jnp.where(_lanes(seen_QL, acc_QD.shape[1]), acc_QD / _lanes(l_QL, acc_QD.shape[1]), 0.0)
+  return o_QD, jnp.where(seen_QL, m_QL + jnp.log(l_QL), jnp.inf)
 
 
 def _lanes(x_QL, n: int):
@@ -355,9 +433,9 @@ def _gpu_fwd_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, *, cfg: _Config):
   Q, D = q_QD.shape
   init = (jnp.zeros((Q, D), jnp.float32), jnp.full((Q, 1), -jnp.inf, jnp.float32),
           jnp.zeros((Q, 1), jnp.float32))
-  acc_QD, m_Q1, l_Q1 = lax.fori_loop(*_kv_blocks(i, cfg), body, init)
-  o_ref[...] = (acc_QD / l_Q1).astype(o_ref.dtype)
-  lse_ref[...] = (m_Q1 + jnp.log(l_Q1))[:, 0]
+  o_QD, lse_Q1 = _normalise(*lax.fori_loop(*_kv_blocks(i, cfg), body, init))
+  o_ref[...] = o_QD.astype(o_ref.dtype)
+  lse_ref[...] = lse_Q1[:, 0]
 
 
 def _gpu_forward(q_BTHD, k_BSKD, v_BSKD, cfg: _Config):
@@ -374,7 +452,7 @@ def _gpu_forward(q_BTHD, k_BSKD, v_BSKD, cfg: _Config):
                  out_struct((B, H, T), jnp.float32, q_BTHD, k_BSKD, v_BSKD)],
       compiler_params=_gpu_params(cfg),
       interpret=interpret_param(cfg.interpret, 'gpu'),
-      name='flash_attention_fwd',
+      name=f'{cfg.kernel_name}_fwd',
   )(q_BTHD, k_BSKD, v_BSKD)
 
 
@@ -427,7 +505,7 @@ def _gpu_backward(q_BTHD, k_BSKD, v_BSKD, do_BTHD, lse_BHT, delta_BHT, cfg: _Con
       out_shape=out_struct(q_BTHD.shape, q_BTHD.dtype, q_BTHD, k_BSKD, do_BTHD),
       compiler_params=_gpu_params(cfg),
       interpret=interpret,
-      name='flash_attention_dq',
+      name=f'{cfg.kernel_name}_dq',
   )(q_BTHD, k_BSKD, v_BSKD, do_BTHD, lse_BHT, delta_BHT)
 
   # Grid over (key block, batch, kv head); the block of a kv head's G query heads is block `k` of size G.
@@ -442,7 +520,7 @@ def _gpu_backward(q_BTHD, k_BSKD, v_BSKD, do_BTHD, lse_BHT, delta_BHT, cfg: _Con
       out_shape=[out_struct(k_BSKD.shape, k_BSKD.dtype, q_BTHD, k_BSKD, do_BTHD)] * 2,
       compiler_params=_gpu_params(cfg),
       interpret=interpret,
-      name='flash_attention_dkv',
+      name=f'{cfg.kernel_name}_dkv',
   )(q_BTHD, k_BSKD, v_BSKD, do_BTHD, lse_BHT, delta_BHT)
   return dq_BTHD, dk_BSKD, dv_BSKD
 
@@ -473,8 +551,8 @@ def _tpu_fwd_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, acc_ref, m_ref, l_ref, 
 
   @pl.when(step == pl.num_programs(3) - 1)
   def _finish():
-    o_ref[...] = (acc_ref[...] / _lanes(l_ref[...], acc_ref.shape[1])).astype(o_ref.dtype)
-    lse_ref[...] = m_ref[...] + jnp.log(l_ref[...])
+    o_QD, lse_ref[...] = _normalise(acc_ref[...], m_ref[...], l_ref[...])
+    o_ref[...] = o_QD.astype(o_ref.dtype)
 
 
 def _tpu_kv_map(cfg: _Config):
@@ -504,7 +582,7 @@ def _tpu_forward(q_BTHD, k_BSKD, v_BSKD, cfg: _Config):
       compiler_params=pltpu.CompilerParams(
           dimension_semantics=('parallel', 'parallel', 'parallel', 'arbitrary')),
       interpret=interpret_param(cfg.interpret, 'tpu'),
-      name='flash_attention_fwd',
+      name=f'{cfg.kernel_name}_fwd',
   )(_to_bhtd(q_BTHD), _to_bhtd(k_BSKD), _to_bhtd(v_BSKD))
   return _to_bhtd(o_BHTD), lse_BHTL[..., 0]
 
@@ -575,7 +653,7 @@ def _tpu_backward(q_BTHD, k_BSKD, v_BSKD, do_BTHD, lse_BHT, delta_BHT, cfg: _Con
       compiler_params=pltpu.CompilerParams(
           dimension_semantics=('parallel', 'parallel', 'parallel', 'arbitrary')),
       interpret=interpret,
-      name='flash_attention_dq',
+      name=f'{cfg.kernel_name}_dq',
   )(q_BHTD, k_BKSD, v_BKSD, do_BHTD, lse_BH1T, delta_BH1T)
 
   # Grid (batch, kv head, key block, query head in group, step); the query block is clamped like the
@@ -599,7 +677,7 @@ def _tpu_backward(q_BTHD, k_BSKD, v_BSKD, do_BTHD, lse_BHT, delta_BHT, cfg: _Con
       compiler_params=pltpu.CompilerParams(
           dimension_semantics=('parallel', 'parallel', 'parallel', 'arbitrary', 'arbitrary')),
       interpret=interpret,
-      name='flash_attention_dkv',
+      name=f'{cfg.kernel_name}_dkv',
   )(q_BHTD, k_BKSD, v_BKSD, do_BHTD, lse_BH1T, delta_BH1T)
   return _to_bhtd(dq_BHTD), _to_bhtd(dk_BKSD), _to_bhtd(dv_BKSD)
 

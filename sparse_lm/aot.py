@@ -37,7 +37,13 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from jax.experimental import mesh_utils, topologies  # noqa: E402
 
-from pallas_kernels import flash_attention, grouped_matmul, selected_attention  # noqa: E402
+from pallas_kernels import (  # noqa: E402
+  block_selection,
+  compressed_attention,
+  flash_attention,
+  grouped_matmul,
+  selected_attention,
+)
 
 GIB = 2**30
 
@@ -288,16 +294,20 @@ def tpu_kernels(hlo_text: str) -> list[dict]:
 
 # ----------------------------------------------------------------------------- one kernel at a time
 
-KERNELS = ('flash_attention', 'selected_attention', 'grouped_matmul')
+KERNELS = ('flash_attention', 'compressed_attention', 'block_selection', 'selected_attention',
+           'grouped_matmul')
 
 
 def lower_kernel(kernel: str, target: Target, *, batch: int = 1, seq_len: int = 4096, q_heads: int = 8,
                  kv_heads: int = 2, head_dim: int = 128, dtype: str = 'bfloat16', selected: int = 16,
-                 block_size: int = 64, experts: int = 8, **options):
-  """Forward and backward of one kernel (its inputs' gradients, as training needs them) lowered for one
-  device of `target`, with the kernel body of that platform. Attention: q [B, T, Hq, D], k/v
-  [B, T, Hkv, D] (NSA's selection: `selected` blocks of `block_size` per token); grouped matmul:
-  [B*T, Hq*D] rows over `experts` groups of [Hq*D, Hkv*D] weights. `options` go to the kernel."""
+                 block_size: int = 64, cmp_block: int = 32, cmp_stride: int = 16, experts: int = 8,
+                 **options):
+  """Forward and backward of one kernel (its inputs' gradients, as training needs them; block selection
+  has none) lowered for one device of `target`, with the kernel body of that platform. Attention:
+  q [B, T, Hq, D], k/v [B, T, Hkv, D] (NSA's selection: `selected` blocks of `block_size` per token;
+  compressed attention and block selection: the compressed keys of blocks of `cmp_block` at stride
+  `cmp_stride`); grouped matmul: [B*T, Hq*D] rows over `experts` groups of [Hq*D, Hkv*D] weights.
+  `options` go to the kernel."""
   if kernel not in KERNELS:
     raise ValueError(f'kernel={kernel!r} is not one of {KERNELS}')
   one = jax.sharding.SingleDeviceSharding(target.devices[0])
@@ -306,19 +316,28 @@ def lower_kernel(kernel: str, target: Target, *, batch: int = 1, seq_len: int = 
   def arg(shape, dtype=dt):
     return jax.ShapeDtypeStruct(shape, dtype, sharding=one)
 
+  q = arg((batch, seq_len, q_heads, head_dim))
+  kv = arg((batch, seq_len, kv_heads, head_dim))
+  compressed = arg((batch, (seq_len - cmp_block) // cmp_stride + 1, kv_heads, head_dim))
+  nsa_rules = dict(cmp_block=cmp_block, cmp_stride=cmp_stride)
+  if kernel == 'block_selection':
+    fn = functools.partial(block_selection, **nsa_rules, sel_block=block_size, num_selected=selected,
+                           **options)
+    return jax.jit(fn).trace(q, compressed, arg((batch, q_heads, seq_len), jnp.float32)).lower()
   if kernel == 'grouped_matmul':
     width, out_width = q_heads * head_dim, kv_heads * head_dim
     args = (arg((batch * seq_len, width)), arg((experts, width, out_width)))
     sizes = jnp.full((experts,), batch * seq_len // experts, jnp.int32)
     fn = lambda lhs, rhs: grouped_matmul(lhs, rhs, sizes, **options)  # noqa: E731
+  elif kernel == 'compressed_attention':
+    args = (q, compressed, compressed)
+    fn = lambda *a: compressed_attention(*a, **nsa_rules, **options)[0]  # noqa: E731
+  elif kernel == 'flash_attention':
+    args = (q, kv, kv)
+    fn = functools.partial(flash_attention, **options)
   else:
-    args = (arg((batch, seq_len, q_heads, head_dim)), arg((batch, seq_len, kv_heads, head_dim)),
-            arg((batch, seq_len, kv_heads, head_dim)))
-    if kernel == 'flash_attention':
-      fn = functools.partial(flash_attention, **options)
-    else:
-      args += (arg((batch, seq_len, kv_heads, selected), jnp.int32),)
-      fn = functools.partial(selected_attention, block_size=block_size, **options)
+    args = (q, kv, kv, arg((batch, seq_len, kv_heads, selected), jnp.int32))
+    fn = functools.partial(selected_attention, block_size=block_size, **options)
   floats = tuple(range(2 if kernel == 'grouped_matmul' else 3))
   loss = lambda *a: fn(*a).astype(jnp.float32).sum()  # noqa: E731
   return jax.jit(jax.grad(loss, argnums=floats)).trace(*args).lower()

@@ -146,23 +146,28 @@ def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
       x, NamedSharding(mesh, logical_to_spec(names, x.shape, mesh)))
 
 
-def attention_per_device(kernel, q_BTHD: jax.Array, k_BSKD: jax.Array, v_BSKD: jax.Array, *per_kv_head):
+def attention_per_device(kernel, q_BTHD: jax.Array, k_BSKD: jax.Array, *more):
   """Runs an attention kernel on each device's share of a train step: rows split like the batch, heads
   over `tensor` when both the query and the kv heads divide (a device's query heads then find their kv
-  heads on the same device), the sequence whole (a kernel sees every key). `per_kv_head` arrays are laid
-  out like k ([B, T, Hkv, ...], NSA's block lists). A Pallas kernel is a custom call that XLA's
-  partitioner cannot split (Mosaic refuses to compile; a Triton call would gather its operands and run
-  whole on every device), so it is placed by hand with `shard_map`. A plain call outside `activate`."""
+  heads on the same device), the sequence whole (a kernel sees every key). The kernel takes q and k
+  first; arrays in and out are `[B, T, heads, ...]` like them (values, NSA's block lists) or
+  `[B, heads, T]` (log-sum-exps). A Pallas
+  kernel is a custom call that XLA's partitioner cannot split (Mosaic refuses to compile; a Triton call
+  would gather its operands and run whole on every device), so it is placed by hand with `shard_map`.
+  A plain call outside `activate`."""
   mesh = active_mesh()
   if mesh is None:
-    return kernel(q_BTHD, k_BSKD, v_BSKD, *per_kv_head)
+    return kernel(q_BTHD, k_BSKD, *more)
   batch = logical_to_spec(('batch',), q_BTHD.shape[:1], mesh)[0]
   heads = logical_to_spec(('q_heads',), q_BTHD.shape[2:3], mesh)[0]
   if logical_to_spec(('kv_heads',), k_BSKD.shape[2:3], mesh)[0] != heads:
     heads = None
-  spec = PartitionSpec(batch, None, heads, None)
-  return jax.shard_map(kernel, mesh=mesh, in_specs=(spec,) * (3 + len(per_kv_head)), out_specs=spec)(
-      q_BTHD, k_BSKD, v_BSKD, *per_kv_head)
+
+  def spec(x):
+    return PartitionSpec(batch, heads, None) if x.ndim == 3 else PartitionSpec(batch, None, heads, None)
+  args = (q_BTHD, k_BSKD, *more)
+  out_specs = jax.tree.map(spec, jax.eval_shape(kernel, *args))
+  return jax.shard_map(kernel, mesh=mesh, in_specs=tuple(map(spec, args)), out_specs=out_specs)(*args)
 
 
 def global_batch(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:

@@ -46,9 +46,10 @@ def reference_selection(q_TGD, ck_CD, t, *, l, d, sel, n, theta):
   return set(order[:n])
 
 
+@pytest.mark.parametrize('kernel', ['xla', 'pallas'])
 @pytest.mark.parametrize('l,d,sel,n', [(4, 2, 4, 3), (8, 4, 4, 4), (4, 4, 8, 3)])
-def test_block_choice_matches_per_token_reference(l, d, sel, n):
-  c = _nsa_config(cmp_block=l, cmp_stride=d, sel_block=sel, num_selected=n)
+def test_block_choice_matches_per_token_reference(l, d, sel, n, kernel):
+  c = _nsa_config(kernel, cmp_block=l, cmp_stride=d, sel_block=sel, num_selected=n)
   layer = nsa.Attention(c.model, rngs=nnx.Rngs(fresh_seed()))
   B, T, H, K, D = 1, 27, 4, 2, 16
   rng = np.random.default_rng(fresh_seed())
@@ -59,8 +60,7 @@ def test_block_choice_matches_per_token_reference(l, d, sel, n):
 
   @jax.jit
   def block_indices(q_BTHD, ck_BCKD):
-    _, p_BKGTC = layer._compressed_branch(q_BTHD, ck_BCKD, ck_BCKD, pos_BT)
-    return layer._block_indices(p_BKGTC, pos_BT, -(-T // sel))
+    return layer._compressed_and_choice(q_BTHD, ck_BCKD, ck_BCKD, pos_BT, T, kernel == 'pallas')[1]
   idx_BTKn = np.asarray(block_indices(jnp.asarray(q_BTHD), jnp.asarray(ck_BCKD)))
   for t in range(T):  # includes t < l, where no compressed block is visible yet
     for k in range(K):
@@ -71,14 +71,17 @@ def test_block_choice_matches_per_token_reference(l, d, sel, n):
       assert all(j * sel <= t for j in got)
 
 
-def test_compressed_branch_is_zero_before_the_first_block_completes():
-  c = _nsa_config(cmp_block=8, cmp_stride=4)
+@pytest.mark.parametrize('kernel', ['xla', 'pallas'])
+def test_compressed_branch_is_zero_before_the_first_block_completes(kernel):
+  c = _nsa_config(kernel, cmp_block=8, cmp_stride=4)
   layer = nsa.Attention(c.model, rngs=nnx.Rngs(fresh_seed()))
   q_BTHD = jax.random.normal(jax.random.key(fresh_seed()), (1, 12, 4, 16))
   ck_BCKD = jax.random.normal(jax.random.key(fresh_seed()), (1, 2, 2, 16))
-  o_BTHD, p_BKGTC = layer._compressed_branch(q_BTHD, ck_BCKD, ck_BCKD, jnp.arange(12)[None])
-  assert np.all(np.asarray(o_BTHD[:, :7]) == 0) and np.all(np.asarray(p_BKGTC[..., :7, :]) == 0)
+  o_BTHD, idx_BTKn = layer._compressed_and_choice(q_BTHD, ck_BCKD, ck_BCKD, jnp.arange(12)[None], 12,
+                                                  kernel == 'pallas')
+  assert np.all(np.asarray(o_BTHD[:, :7]) == 0)
   assert np.all(np.abs(np.asarray(o_BTHD[:, 7:])).sum(-1) > 0)
+  assert np.all(np.asarray(idx_BTKn[:, :4]) <= 0) and np.all(np.asarray(idx_BTKn[:, :, :, 0]) >= 0)
 
 
 def _model(kernel='xla', **nsa_overrides):

@@ -14,6 +14,11 @@ Each query t attends through three branches and mixes them with learned gates (E
   `pallas_kernels.selected_attention`.
 - sliding window: the `w` most recent keys, through `pallas_kernels.flash_attention(window=w)`.
 
+Memory is linear in T on both paths: the compressed branch (`pallas_kernels.compressed_attention`) returns
+each query's log-sum-exp instead of its `[T, T/d]` probabilities, and `pallas_kernels.block_selection`
+recomputes them tile by tile to score and pick the blocks, writing only the `[B, T, Hkv, n]` indices; the
+`xla` path computes the same in chunks of queries (`map_query_chunks`, rematerialised in the backward).
+
 Where this departs from the paper, and why:
 - Eq. 9 is written with the paper's own block indexing; here compressed block i covers tokens
   `[i*d, i*d + l)` and selection block j covers `[j*l', (j+1)*l')`, so the score of block j sums, over
@@ -33,6 +38,14 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
+from pallas_kernels._common import map_query_chunks
+from pallas_kernels.block_selection import block_selection, block_selection_reference
+from pallas_kernels.compressed_attention import (
+  XLA_CHUNK,
+  block_ends,
+  chunked_compressed_attention,
+  compressed_attention,
+)
 from pallas_kernels.flash_attention import flash_attention
 from pallas_kernels.selected_attention import selected_attention
 from sparse_lm import sharding
@@ -42,36 +55,6 @@ from sparse_lm.layers import param, rope
 
 Cache = dict[str, jax.Array]
 _NEG_INF = -1e30
-
-
-def selection_scores(p_BKTC: jax.Array, num_sel: int, *, cmp_block: int, cmp_stride: int,
-                     sel_block: int) -> jax.Array:
-  """Eq. 9: `[B, K, T, num_sel]` scores of the selection blocks from compressed-block probabilities.
-
-  Stride unit u (tokens `[u*d, (u+1)*d)`) is covered by compressed blocks `u - m`, `m < l/d`; a selection
-  block sums its `l'/d` units. Shifted slices, so memory stays linear in T.
-  """
-  cover, units_per_block = cmp_block // cmp_stride, sel_block // cmp_stride
-  C, U = p_BKTC.shape[-1], num_sel * units_per_block
-  padded_BKTX = jnp.pad(p_BKTC, ((0, 0), (0, 0), (0, 0), (cover - 1, max(0, U - C))))
-  units_BKTU = sum(padded_BKTX[..., cover - 1 - m:cover - 1 - m + U] for m in range(cover))
-  return units_BKTU.reshape(*units_BKTU.shape[:-1], num_sel, units_per_block).sum(-1)
-
-
-def select_blocks(score_BTKS: jax.Array, pos_BT: jax.Array, *, num_selected: int,
-                  sel_block: int) -> jax.Array:
-  """Eq. 11: the top-n selection blocks per token and kv head, the first and two local blocks forced;
-  blocks starting after the token are never chosen; unused slots are -1. Ties go to the lower index."""
-  S = score_BTKS.shape[-1]
-  j_S = jnp.arange(S)
-  valid_BTS = j_S[None, None, :] * sel_block <= pos_BT[:, :, None]
-  current_BT1 = (pos_BT // sel_block)[:, :, None]
-  forced_BTS = valid_BTS & ((j_S[None, None, :] == 0) | (j_S[None, None, :] == current_BT1)
-                            | (j_S[None, None, :] == current_BT1 - 1))
-  score_BTKS = jnp.where(valid_BTS[:, :, None, :], score_BTKS, -jnp.inf)
-  score_BTKS = jnp.where(forced_BTS[:, :, None, :], jnp.inf, score_BTKS)
-  top_BTKn, idx_BTKn = jax.lax.top_k(score_BTKS, min(num_selected, S))
-  return jnp.where(top_BTKn == -jnp.inf, -1, idx_BTKn).astype(jnp.int32)
 
 
 def gathered_selected_attention(q_BTHD, k_BSKD, v_BSKD, idx_BTKn, pos_BT, sel_block) -> jax.Array:
@@ -103,23 +86,13 @@ def gathered_selected_attention(q_BTHD, k_BSKD, v_BSKD, idx_BTKn, pos_BT, sel_bl
 
 
 def chunked_selected_attention(q_BTHD, k_BSKD, v_BSKD, idx_BTKn, pos_BT, sel_block, *,
-                               chunk: int = 256) -> jax.Array:
-  """`gathered_selected_attention` over query chunks one at a time (`lax.map`), so the gathered keys
-  take `chunk * n * l'` rows at once instead of `T * n * l'`: the XLA path's memory stays small."""
-  B, T, H, D = q_BTHD.shape
-  if T <= chunk:
-    return gathered_selected_attention(q_BTHD, k_BSKD, v_BSKD, idx_BTKn, pos_BT, sel_block)
-  N = -(-T // chunk)
-
-  def chunks(x, fill):  # padded queries sit at position -1 and select nothing, so they see no key
-    x = jnp.pad(x, ((0, 0), (0, N * chunk - T)) + ((0, 0),) * (x.ndim - 2), constant_values=fill)
-    return jnp.moveaxis(x.reshape(B, N, chunk, *x.shape[2:]), 1, 0)
-
-  def one_chunk(args):
-    q_BCHD, idx_BCKn, pos_BC = args
+                               chunk: int = XLA_CHUNK) -> jax.Array:
+  """`gathered_selected_attention` over query chunks one at a time (`map_query_chunks`), so the gathered
+  keys take `chunk * n * l'` rows at once instead of `T * n * l'`, in the backward pass too. Padded
+  queries sit at position -1 and select nothing, so they see no key."""
+  def one_chunk(q_BCHD, idx_BCKn, pos_BC):
     return gathered_selected_attention(q_BCHD, k_BSKD, v_BSKD, idx_BCKn, pos_BC, sel_block)
-  o_NBCHD = jax.lax.map(one_chunk, (chunks(q_BTHD, 0), chunks(idx_BTKn, -1), chunks(pos_BT, -1)))
-  return jnp.moveaxis(o_NBCHD, 0, 1).reshape(B, N * chunk, H, D)[:, :T]
+  return map_query_chunks(one_chunk, (q_BTHD, idx_BTKn, pos_BT), (0, -1, -1), chunk=chunk)
 
 
 class Attention(nnx.Module):
@@ -207,27 +180,40 @@ class Attention(nnx.Module):
     h_BNKF = jax.nn.silu(x_BNKX @ getattr(self, f'cmp_w1_{kind}')[...].astype(self.dtype))
     return h_BNKF @ getattr(self, f'cmp_w2_{kind}')[...].astype(self.dtype)
 
-  def _compressed_branch(self, q_BTHD, ck_BCKD, cv_BCKD, pos_BT):
-    """Attention over the visible compressed blocks, and its probabilities (for Eqs. 8-10)."""
-    B, T, H, D = q_BTHD.shape
-    C, K = ck_BCKD.shape[1], ck_BCKD.shape[2]
-    end_C = jnp.arange(C) * self.nsa.cmp_stride + self.nsa.cmp_block - 1
-    ck_BCKD = rope(ck_BCKD, jnp.broadcast_to(end_C, (B, C)), self.rope_theta)
-    q_BTKGD = q_BTHD.reshape(B, T, K, H // K, D)
-    s_BKGTC = jnp.einsum('btkgd,bckd->bkgtc', q_BTKGD, ck_BCKD,
-                         preferred_element_type=jnp.float32) * D**-0.5
-    visible_B11TC = (end_C[None, None, :] <= pos_BT[:, :, None])[:, None, None]
-    p_BKGTC = jax.nn.softmax(jnp.where(visible_B11TC, s_BKGTC, _NEG_INF), axis=-1) * visible_B11TC
-    o_BTKGD = jnp.einsum('bkgtc,bckd->btkgd', p_BKGTC.astype(cv_BCKD.dtype), cv_BCKD)
-    return o_BTKGD.reshape(B, T, H, D), p_BKGTC
-
-  def _block_indices(self, p_BKGTC, pos_BT, num_sel: int) -> jax.Array:
+  def _compressed_and_choice(self, q_BTHD, ck_BCKD, cv_BCKD, pos_BT, num_keys: int, fused: bool):
+    """The compressed branch's output and the selected blocks; compressed keys rotated (RoPE) at their
+    blocks' last tokens. `fused`: the kernels (training), else the chunked XLA path."""
     n = self.nsa
-    # Eq. 10: the heads of a group share one selection, so their scores add up.
-    score_BKTS = selection_scores(jnp.sum(p_BKGTC, axis=2), num_sel, cmp_block=n.cmp_block,
-                                  cmp_stride=n.cmp_stride, sel_block=n.sel_block)
-    return select_blocks(jax.lax.stop_gradient(score_BKTS.transpose(0, 2, 1, 3)), pos_BT,
-                         num_selected=n.num_selected, sel_block=n.sel_block)
+    ends_BC = jnp.broadcast_to(block_ends(ck_BCKD.shape[1], cmp_block=n.cmp_block, cmp_stride=n.cmp_stride),
+                               ck_BCKD.shape[:2])
+    ck_BCKD = rope(ck_BCKD, ends_BC, self.rope_theta)
+    o_cmp, lse_BHT = self._compressed_branch(q_BTHD, ck_BCKD, cv_BCKD, pos_BT, fused)
+    return o_cmp, self._block_indices(q_BTHD, ck_BCKD, lse_BHT, pos_BT, num_keys, fused)
+
+  def _compressed_branch(self, q_BTHD, ck_BCKD, cv_BCKD, pos_BT, fused: bool):
+    """Eq. 8 over the visible compressed blocks: the output and the log-sum-exp `[B, H, T]` that block
+    selection recomputes the probabilities from (`ck_BCKD` already rotated). Linear in memory on both
+    paths: the kernel never holds `[T, C]` scores, the XLA path holds them for a chunk of queries."""
+    n = self.nsa
+    if fused:
+      attend = functools.partial(compressed_attention, cmp_block=n.cmp_block, cmp_stride=n.cmp_stride)
+      return sharding.attention_per_device(attend, q_BTHD, ck_BCKD, cv_BCKD)
+    return chunked_compressed_attention(q_BTHD, ck_BCKD, cv_BCKD, cmp_block=n.cmp_block,
+                                        cmp_stride=n.cmp_stride, pos_BT=pos_BT)
+
+  def _block_indices(self, q_BTHD, ck_BCKD, lse_BHT, pos_BT, num_keys: int, fused: bool) -> jax.Array:
+    """Eqs. 9-11: the top-n selection blocks per token and kv head, from the compressed probabilities
+    recomputed from the log-sum-exp (summed over the heads of a group, Eq. 10). No gradient: the indices
+    are discrete, as in the paper."""
+    n = self.nsa
+    rules = dict(cmp_block=n.cmp_block, cmp_stride=n.cmp_stride, sel_block=n.sel_block,
+                 num_selected=n.num_selected)
+    q_BTHD, ck_BCKD, lse_BHT = map(jax.lax.stop_gradient, (q_BTHD, ck_BCKD, lse_BHT))
+    if fused:
+      return sharding.attention_per_device(functools.partial(block_selection, **rules), q_BTHD, ck_BCKD,
+                                           lse_BHT)
+    return block_selection_reference(q_BTHD, ck_BCKD, lse_BHT, pos_BT=pos_BT,
+                                     num_blocks=-(-num_keys // n.sel_block), **rules)
 
   def _project(self, x_BTD, pos_BT):
     q_BTHD = jnp.einsum('btd,dhk->bthk', x_BTD, self.wq[...].astype(self.dtype))
@@ -264,17 +250,13 @@ class Attention(nnx.Module):
       k_BSJKD, v_BSJKD, ck_BCKD, cv_BCKD = cache['k'], cache['v'], cache['ck'], cache['cv']
       kpos_BS = jnp.broadcast_to(jnp.arange(k_BSJKD.shape[1]), k_BSJKD.shape[:2])
 
-    o_cmp = jnp.zeros_like(q_BTHD)
-    p_BKGTC = jnp.zeros(q_BTHD.shape[:1] + (k_BSJKD.shape[3], q_BTHD.shape[2] // k_BSJKD.shape[3],
-                                            q_BTHD.shape[1], 0), jnp.float32)
-    if ck_BCKD.shape[1]:  # no compressed block fits before the sequence reaches `cmp_block` tokens
-      o_cmp, p_BKGTC = self._compressed_branch(q_BTHD, ck_BCKD, cv_BCKD, pos_BT)
-    idx_BTKn = self._block_indices(p_BKGTC, pos_BT, -(-k_BSJKD.shape[1] // n.sel_block))
+    fused = cache is None and self.kernel == 'pallas'
+    o_cmp, idx_BTKn = self._compressed_and_choice(q_BTHD, ck_BCKD, cv_BCKD, pos_BT, k_BSJKD.shape[1], fused)
 
     ks_BSKD = rope(self._branch(k_BSJKD, 'slc'), kpos_BS, self.rope_theta)
     kw_BSKD = rope(self._branch(k_BSJKD, 'win'), kpos_BS, self.rope_theta)
     vs_BSKD, vw_BSKD = self._branch(v_BSJKD, 'slc'), self._branch(v_BSJKD, 'win')
-    if cache is None and self.kernel == 'pallas':
+    if fused:
       selected = functools.partial(selected_attention, block_size=n.sel_block)
       o_slc = sharding.attention_per_device(selected, q_BTHD, ks_BSKD, vs_BSKD, idx_BTKn)
       window = functools.partial(flash_attention, causal=True, window=n.window)
@@ -285,7 +267,7 @@ class Attention(nnx.Module):
     else:
       o_slc = gathered_selected_attention(q_BTHD, ks_BSKD, vs_BSKD, idx_BTKn, pos_BT, n.sel_block)
       o_win = core.attend(q_BTHD, kw_BSKD, vw_BSKD, pos_BT, kpos_BS, window=n.window)
-    o_BTHD = self._mix(x_BTD, o_cmp, o_slc.astype(self.dtype), o_win.astype(self.dtype))
+    o_BTHD = self._mix(x_BTD, o_cmp.astype(self.dtype), o_slc.astype(self.dtype), o_win.astype(self.dtype))
     y_BTD = jnp.einsum('bthk,hkd->btd', o_BTHD, self.wo[...].astype(self.dtype))
     return sharding.constrain(y_BTD, ('batch', 'length', 'act_embed')), cache
 

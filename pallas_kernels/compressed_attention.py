@@ -1,0 +1,102 @@
+"""Compressed attention, the first branch of Native Sparse Attention (Yuan et al. 2025, arXiv:2502.11089,
+Eqs. 7-8), in memory linear in the sequence.
+
+Compressed key and value `i` summarise the tokens `[i*d, i*d + l)` (`l = cmp_block`, `d = cmp_stride`;
+the caller computes them with NSA's phi) and sit at the block's last token, `i*d + l - 1`: query `t` sees
+block `i` once that position is `<= t`. A query that sees no block (`t < l - 1`) outputs zeros and gets
+zero gradients. Besides the output, the branch returns the float32 log-sum-exp of each query's logits,
+`lse_BHT` (-inf where nothing is visible): with it, `block_selection` recomputes the probabilities of
+Eq. 8 tile by tile to score the selection blocks, so the `[T, T / d]` probability matrix is never held.
+
+Kernel: this is causal softmax attention with keys at positions `d*i + l - 1` instead of `i`, so it runs
+`flash_attention`'s forward and backward bodies (GPU Triton, TPU Mosaic) with `key_positions=(d, l-1)`:
+online softmax over compressed blocks, the key loop stopped at the last visible block, dq and dk/dv
+recomputed from the log-sum-exp (whose own cotangent is taken too, so `lse` is differentiable).
+Temporary memory per query block is O(block_q * D); nothing grows with `T * C`.
+
+XLA reference: `compressed_attention_reference` holds the `[T, C]` scores (for tests, and short
+sequences); `chunked_compressed_attention` computes the same over chunks of queries with
+`map_query_chunks`, so the `model.kernel=xla` path and decoding (queries at arbitrary positions) stay
+linear in memory too.
+"""
+
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels._common import check_implementation, map_query_chunks
+from pallas_kernels.flash_attention import GPU_NUM_STAGES, GPU_NUM_WARPS, flash_attention_with_lse
+
+# Queries per chunk of the XLA path: 256 x C float32 scores per head at a time.
+XLA_CHUNK = 256
+
+
+def block_ends(num_blocks: int, *, cmp_block: int, cmp_stride: int) -> jax.Array:
+  """Position of the last token of each compressed block: where the block becomes visible."""
+  return jnp.arange(num_blocks) * cmp_stride + cmp_block - 1
+
+
+def compressed_attention_reference(q_BTHD: jax.Array, ck_BCKD: jax.Array, cv_BCKD: jax.Array, *,
+                                   cmp_block: int, cmp_stride: int, sm_scale: float | None = None,
+                                   pos_BT: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+  """Eq. 8 over the visible compressed blocks, whole: output `[B, T, H, D]` and lse `[B, H, T]`.
+  `pos_BT` are the queries' positions (default `0..T-1`)."""
+  B, T, H, D = q_BTHD.shape
+  C, K = ck_BCKD.shape[1:3]
+  if pos_BT is None:
+    pos_BT = jnp.broadcast_to(jnp.arange(T), (B, T))
+  scale = D**-0.5 if sm_scale is None else sm_scale
+  ends_11C = block_ends(C, cmp_block=cmp_block, cmp_stride=cmp_stride)[None, None]
+  keep_B11TC = (ends_11C <= pos_BT[..., None])[:, None, None]
+  s_BKGTC = jnp.einsum('btkgd,bckd->bkgtc', q_BTHD.reshape(B, T, K, H // K, D), ck_BCKD,
+                       preferred_element_type=jnp.float32) * scale
+  # A query with no visible block: its log-sum-exp is taken over zeros instead of nothing, so no value
+  # or gradient is NaN, then reported as -inf; its probabilities are exp(-inf) = 0.
+  seen_B11T1 = keep_B11TC.any(axis=-1, keepdims=True)
+  s_BKGTC = jnp.where(keep_B11TC, s_BKGTC, -jnp.inf)
+  lse_BKGT = jax.nn.logsumexp(jnp.where(seen_B11T1, s_BKGTC, 0.0), axis=-1)
+  p_BKGTC = jnp.exp(s_BKGTC - lse_BKGT[..., None])
+  o_BTKGD = jnp.einsum('bkgtc,bckd->btkgd', p_BKGTC, cv_BCKD.astype(jnp.float32))
+  lse_BKGT = jnp.where(seen_B11T1[..., 0], lse_BKGT, -jnp.inf)
+  return o_BTKGD.reshape(B, T, H, D).astype(q_BTHD.dtype), lse_BKGT.reshape(B, H, T)
+
+
+def chunked_compressed_attention(q_BTHD: jax.Array, ck_BCKD: jax.Array, cv_BCKD: jax.Array, *,
+                                 cmp_block: int, cmp_stride: int, sm_scale: float | None = None,
+                                 pos_BT: jax.Array | None = None,
+                                 chunk: int = XLA_CHUNK) -> tuple[jax.Array, jax.Array]:
+  """`compressed_attention_reference`, `chunk` queries at a time (padded queries sit at position -1 and
+  see nothing)."""
+  B, T = q_BTHD.shape[:2]
+  if pos_BT is None:
+    pos_BT = jnp.broadcast_to(jnp.arange(T), (B, T))
+
+  def one_chunk(q_BQHD, pos_BQ):
+    o_BQHD, lse_BHQ = compressed_attention_reference(q_BQHD, ck_BCKD, cv_BCKD, cmp_block=cmp_block,
+                                                     cmp_stride=cmp_stride, sm_scale=sm_scale, pos_BT=pos_BQ)
+    return o_BQHD, lse_BHQ.transpose(0, 2, 1)
+  o_BTHD, lse_BTH = map_query_chunks(one_chunk, (q_BTHD, pos_BT), (0, -1), chunk=chunk)
+  return o_BTHD, lse_BTH.transpose(0, 2, 1)
+
+
+def compressed_attention(q_BTHD: jax.Array, ck_BCKD: jax.Array, cv_BCKD: jax.Array, *, cmp_block: int,
+                         cmp_stride: int, sm_scale: float | None = None, block_q: int | None = None,
+                         block_k: int | None = None, implementation: str = 'pallas',
+                         interpret: bool | None = None, backend: str | None = None,
+                         num_warps: int = GPU_NUM_WARPS,
+                         num_stages: int = GPU_NUM_STAGES) -> tuple[jax.Array, jax.Array]:
+  """Queries `[B, T, H, D]` at positions `0..T-1` over compressed keys and values `[B, C, K, D]`:
+  the output `[B, T, H, D]` and float32 lse `[B, H, T]`, both differentiable. Blocks, warps, stages,
+  `backend` and `interpret` as for `flash_attention`; `implementation='xla'` is the chunked reference."""
+  check_implementation(implementation)
+  if not (isinstance(cmp_block, int) and isinstance(cmp_stride, int) and 1 <= cmp_stride <= cmp_block):
+    raise ValueError(f'cmp_block={cmp_block}, cmp_stride={cmp_stride}: need integers 1 <= stride <= block')
+  if not ck_BCKD.shape[1]:  # shorter than one block: nothing is visible anywhere
+    B, T, H, _ = q_BTHD.shape
+    return jnp.zeros_like(q_BTHD), jnp.full((B, H, T), -jnp.inf, jnp.float32)
+  if implementation == 'xla':
+    return chunked_compressed_attention(q_BTHD, ck_BCKD, cv_BCKD, cmp_block=cmp_block,
+                                        cmp_stride=cmp_stride, sm_scale=sm_scale)
+  return flash_attention_with_lse(
+      q_BTHD, ck_BCKD, cv_BCKD, causal=True, key_positions=(cmp_stride, cmp_block - 1), sm_scale=sm_scale,
+      block_q=block_q, block_k=block_k, interpret=interpret, backend=backend, num_warps=num_warps,
+      num_stages=num_stages)
