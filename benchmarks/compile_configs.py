@@ -10,19 +10,15 @@ compiles, not runs: no time is inferred from them.
 """
 
 import json
-import os
-import pathlib
-import subprocess
-import sys
 
 from absl import app, flags
+from compile_runs import REPO, run_compile  # this folder, which a script run puts first on sys.path
 
 _TARGETS = flags.DEFINE_list('targets', ['h100x8', 'v5p:2x2x2'], 'Targets to compile for.')
 _OUT = flags.DEFINE_string('out', 'results/compile/configs.jsonl', 'JSON lines, one per compile.')
 _ONLY = flags.DEFINE_list('only', None, 'Names of the cases to compile (default: all).')
 _RESUME = flags.DEFINE_bool('resume', True, 'Skip cases already in --out.')
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
 # name -> (config file, overrides). The rungs as shipped (their own batch, mesh.data over every device),
 # then dense and NSA 100m at 32K and 64K tokens, one sequence per device.
 LONG = ('--config.train.batch_size=8',)
@@ -37,16 +33,6 @@ CASES = {
 def compile_case(name: str, target: str) -> dict:
   config, overrides = CASES[name]
   return run_compile(name, config, overrides, target)
-
-
-def run_compile(name: str, config: str, overrides: tuple[str, ...], target: str) -> dict:
-  """`python -m sparse_lm.compile` in its own process: its JSON object, or its one-line error."""
-  run = subprocess.run([sys.executable, '-m', 'sparse_lm.compile', f'--config={config}', f'--target={target}',
-                        *overrides], cwd=REPO, capture_output=True, text=True,
-                       env={**os.environ, 'TF_CPP_MIN_LOG_LEVEL': '3'})
-  if run.stdout.strip():
-    return {'case': name, 'overrides': list(overrides), **json.loads(run.stdout)}
-  return {'case': name, 'target': target, 'compiled': False, 'error': run.stderr.strip().splitlines()[-1]}
 
 
 def gib(n: int) -> str:

@@ -12,7 +12,7 @@ table: temporary and peak GiB per device, NSA / dense, and growth per 4x tokens.
 import json
 
 from absl import app, flags
-from compile_configs import REPO, run_compile  # this folder, which a script run puts first on sys.path
+from compile_runs import REPO, run_compile  # this folder, which a script run puts first on sys.path
 
 _TARGETS = flags.DEFINE_list('targets', ['h100', 'v5p:2x2x1'], 'Targets to compile for.')
 _LENGTHS = flags.DEFINE_list('lengths', ['8192', '16384', '32768', '65536'], 'Sequence lengths.')

@@ -175,6 +175,7 @@ class Report:
   compile_seconds: float
   memory: dict
   kernels: list[dict]
+  bytes_accessed: int | None = None  # XLA's cost model: bytes one execution reads and writes
 
   def to_json(self) -> dict:
     return dataclasses.asdict(self)
@@ -205,7 +206,15 @@ def compile_lowered(lowered, target: Target) -> Report:
                else tpu_kernels(compiled.as_text()))
   finally:
     shutil.rmtree(dump, ignore_errors=True)
-  return Report(True, None, seconds, memory(compiled, target), kernels)
+  return Report(True, None, seconds, memory(compiled, target), kernels, bytes_accessed(compiled))
+
+
+def bytes_accessed(compiled) -> int | None:
+  """XLA's estimate of the bytes one execution moves to and from device memory (a custom call, such as a
+  Pallas kernel, counts its operands and results once), or None where the backend gives no estimate."""
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, list | tuple) and cost else cost
+  return int(cost['bytes accessed']) if cost and 'bytes accessed' in cost else None
 
 
 def memory(compiled, target: Target) -> dict:

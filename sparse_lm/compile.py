@@ -117,6 +117,7 @@ def compile_config(config: ml_collections.ConfigDict, target_name: str, *, step:
           'num_devices': len(target.devices), 'num_hosts': target.num_hosts, 'mesh': dict(mesh.shape),
           'step': step, 'compiled': report.compiled, 'error': report.error,
           'memory_per_device': report.memory, 'memory_limit_bytes': limit, 'fits': fits,
+          'bytes_accessed_per_device': report.bytes_accessed,
           'compile_seconds': round(report.compile_seconds, 2), 'kernels': report.kernels,
           'kernel_calls': sum(k.get('calls', 1) for k in report.kernels)}
 

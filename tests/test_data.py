@@ -221,6 +221,7 @@ def test_batch_size_must_divide_over_hosts():
 def test_global_batches_do_not_depend_on_the_process_count():
   """Hosts' rows, stacked, are the one-process batch: the shards, not the hosts, fix the data."""
   config = _config(batch_size=8)
+  config.data.num_shards = 4  # the fewest that 2 and 4 hosts split (each shard's stream costs seconds)
   whole = _take(data.make_train_iterator(config, BYTES), 5)
   for processes in (2, 4):
     parts = [_take(data.make_train_iterator(config, BYTES, process_index=i, process_count=processes), 5)
@@ -232,6 +233,7 @@ def test_global_batches_do_not_depend_on_the_process_count():
 def test_state_moves_between_process_counts():
   """States saved by 2 hosts, merged as a checkpoint holds them, resume 1 host exactly; and back."""
   config = _config(batch_size=8)
+  config.data.num_shards = 2  # one shard per host: each shard's restore replays its shuffle window
   hosts = [data.make_train_iterator(config, BYTES, process_index=i, process_count=2) for i in range(2)]
   for host in hosts:
     _take(host, 6)
