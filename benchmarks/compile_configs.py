@@ -9,10 +9,14 @@ appended as it goes, so an interrupted sweep keeps what it measured and `--resum
 compiles, not runs: no time is inferred from them.
 """
 
-import json
 
 from absl import app, flags
-from compile_runs import REPO, run_compile  # this folder, which a script run puts first on sys.path
+from compile_runs import (  # this folder, which a script run puts first on sys.path
+  REPO,
+  read_rows,
+  record,
+  run_compile,
+)
 
 _TARGETS = flags.DEFINE_list('targets', ['h100x8', 'v5p:2x2x2'], 'Targets to compile for.')
 _OUT = flags.DEFINE_string('out', 'results/compile/configs.jsonl', 'JSON lines, one per compile.')
@@ -68,19 +72,14 @@ def kernel_table(rows: list[dict]) -> str:
 def main(argv) -> None:
   del argv
   out = REPO / _OUT.value
-  out.parent.mkdir(parents=True, exist_ok=True)
-  done = ([json.loads(line) for line in out.read_text().splitlines()] if out.exists() and _RESUME.value
-          else [])
+  done = read_rows(out) if _RESUME.value else []
   seen = {(r['case'], r['target']) for r in done}
   for target in _TARGETS.value:
     for name in _ONLY.value or CASES:
       if (name, target) in seen:
         continue
       row = compile_case(name, target)
-      print(json.dumps({k: row.get(k) for k in ('case', 'target', 'compiled', 'fits', 'compile_seconds')}),
-            flush=True)
-      with out.open('a') as f:
-        f.write(json.dumps(row) + '\n')
+      record(out, row, 'case', 'target', 'compiled', 'fits', 'compile_seconds')
       done.append(row)
   print(table(done))
   print()

@@ -1,5 +1,5 @@
-"""One compile of a config for a target in its own process, for the compile benchmarks (no flags here, so
-each benchmark script defines its own)."""
+"""One compile of a config for a target in its own process, and the resumable JSON-lines file the compile
+benchmarks keep their results in (no flags here, so each benchmark script defines its own)."""
 
 import json
 import os
@@ -18,3 +18,16 @@ def run_compile(name: str, config: str, overrides: tuple[str, ...], target: str)
   if run.stdout.strip():
     return {'case': name, 'overrides': list(overrides), **json.loads(run.stdout)}
   return {'case': name, 'target': target, 'compiled': False, 'error': run.stderr.strip().splitlines()[-1]}
+
+
+def read_rows(path: pathlib.Path) -> list[dict]:
+  """The compiles already recorded in `path` (none when it does not exist yet)."""
+  return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def record(path: pathlib.Path, row: dict, *summary_keys: str) -> None:
+  """Appends one compile to `path` at once (an interrupted sweep keeps it) and prints its summary."""
+  print(json.dumps({k: row.get(k) for k in summary_keys}), flush=True)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  with path.open('a') as f:
+    f.write(json.dumps(row) + '\n')

@@ -9,10 +9,14 @@ On `h100` a batch of 1; on a TPU slice (the smallest v5p slice has 4 chips) one 
 table: temporary and peak GiB per device, NSA / dense, and growth per 4x tokens. Compiles, not runs.
 """
 
-import json
 
 from absl import app, flags
-from compile_runs import REPO, run_compile  # this folder, which a script run puts first on sys.path
+from compile_runs import (  # this folder, which a script run puts first on sys.path
+  REPO,
+  read_rows,
+  record,
+  run_compile,
+)
 
 _TARGETS = flags.DEFINE_list('targets', ['h100', 'v5p:2x2x1'], 'Targets to compile for.')
 _LENGTHS = flags.DEFINE_list('lengths', ['8192', '16384', '32768', '65536'], 'Sequence lengths.')
@@ -48,11 +52,7 @@ def table(rows: dict) -> str:
 def main(argv) -> None:
   del argv
   out = REPO / _OUT.value
-  out.parent.mkdir(parents=True, exist_ok=True)
-  rows = {}
-  for line in (out.read_text().splitlines() if out.exists() else []):
-    r = json.loads(line)
-    rows[(r['kind'], r['target'], r['seq_len'])] = r
+  rows = {(r['kind'], r['target'], r['seq_len']): r for r in read_rows(out)}
   for target in _TARGETS.value:
     for T in map(int, _LENGTHS.value):
       for kind in _KINDS:
@@ -60,10 +60,7 @@ def main(argv) -> None:
           continue
         r = run_compile(f'{kind}_30m', f'configs/{kind}_30m.py', overrides(target, T), target)
         r.update(kind=kind, seq_len=T, target=target)
-        summary = {k: r.get(k) for k in ('kind', 'target', 'seq_len', 'compiled', 'fits')}
-        print(json.dumps(summary), flush=True)
-        with out.open('a') as f:
-          f.write(json.dumps(r) + '\n')
+        record(out, r, 'kind', 'target', 'seq_len', 'compiled', 'fits')
         rows[(kind, target, T)] = r
   print(table(rows))
 

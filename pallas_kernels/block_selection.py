@@ -67,6 +67,7 @@ from pallas_kernels._common import (
   map_query_chunks,
   out_struct,
 )
+from pallas_kernels.compressed_attention import block_ends
 
 # (block_q, block_s): query tokens and selection blocks per program step. Not tuned for speed (no accelerator
 # was at hand); the GPU choice is the largest block_q (the fewest re-reads of ck per query) that compiles
@@ -153,7 +154,7 @@ def _select_chunk(ck_BCKD, q_BTHD, lse_BTH, pos_BT, *, cmp_block, cmp_stride, se
                   sm_scale, num_blocks):
   B, T, H, D = q_BTHD.shape
   C, K = ck_BCKD.shape[1:3]
-  end_C = jnp.arange(C) * cmp_stride + cmp_block - 1
+  end_C = block_ends(C, cmp_block=cmp_block, cmp_stride=cmp_stride)
   s_BKGTC = jnp.einsum('btkgd,bckd->bkgtc', q_BTHD.reshape(B, T, K, H // K, D), ck_BCKD,
                        preferred_element_type=jnp.float32, precision=_precision(q_BTHD.dtype)) * sm_scale
   lse_BKGT1 = lse_BTH.transpose(0, 2, 1).reshape(B, K, H // K, T)[..., None]

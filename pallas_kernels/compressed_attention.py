@@ -24,7 +24,12 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels._common import check_implementation, map_query_chunks
-from pallas_kernels.flash_attention import GPU_NUM_STAGES, GPU_NUM_WARPS, flash_attention_with_lse
+from pallas_kernels.flash_attention import (
+  GPU_NUM_STAGES,
+  GPU_NUM_WARPS,
+  attention_with_lse_reference,
+  flash_attention_with_lse,
+)
 
 # Queries per chunk of the XLA path: 256 x C float32 scores per head at a time.
 XLA_CHUNK = 256
@@ -40,24 +45,9 @@ def compressed_attention_reference(q_BTHD: jax.Array, ck_BCKD: jax.Array, cv_BCK
                                    pos_BT: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
   """Eq. 8 over the visible compressed blocks, whole: output `[B, T, H, D]` and lse `[B, H, T]`.
   `pos_BT` are the queries' positions (default `0..T-1`)."""
-  B, T, H, D = q_BTHD.shape
-  C, K = ck_BCKD.shape[1:3]
-  if pos_BT is None:
-    pos_BT = jnp.broadcast_to(jnp.arange(T), (B, T))
-  scale = D**-0.5 if sm_scale is None else sm_scale
-  ends_11C = block_ends(C, cmp_block=cmp_block, cmp_stride=cmp_stride)[None, None]
-  keep_B11TC = (ends_11C <= pos_BT[..., None])[:, None, None]
-  s_BKGTC = jnp.einsum('btkgd,bckd->bkgtc', q_BTHD.reshape(B, T, K, H // K, D), ck_BCKD,
-                       preferred_element_type=jnp.float32) * scale
-  # A query with no visible block: its log-sum-exp is taken over zeros instead of nothing, so no value
-  # or gradient is NaN, then reported as -inf; its probabilities are exp(-inf) = 0.
-  seen_B11T1 = keep_B11TC.any(axis=-1, keepdims=True)
-  s_BKGTC = jnp.where(keep_B11TC, s_BKGTC, -jnp.inf)
-  lse_BKGT = jax.nn.logsumexp(jnp.where(seen_B11T1, s_BKGTC, 0.0), axis=-1)
-  p_BKGTC = jnp.exp(s_BKGTC - lse_BKGT[..., None])
-  o_BTKGD = jnp.einsum('bkgtc,bckd->btkgd', p_BKGTC, cv_BCKD.astype(jnp.float32))
-  lse_BKGT = jnp.where(seen_B11T1[..., 0], lse_BKGT, -jnp.inf)
-  return o_BTKGD.reshape(B, T, H, D).astype(q_BTHD.dtype), lse_BKGT.reshape(B, H, T)
+  return attention_with_lse_reference(q_BTHD, ck_BCKD, cv_BCKD, causal=True,
+                                      key_positions=(cmp_stride, cmp_block - 1), sm_scale=sm_scale,
+                                      qpos_BT=pos_BT)
 
 
 def chunked_compressed_attention(q_BTHD: jax.Array, ck_BCKD: jax.Array, cv_BCKD: jax.Array, *,

@@ -85,9 +85,10 @@ def flash_attention_reference(q_BTHD: jax.Array, k_BSKD: jax.Array, v_BSKD: jax.
 
 def attention_with_lse_reference(q_BTHD: jax.Array, k_BSKD: jax.Array, v_BSKD: jax.Array, *,
                                  causal: bool = True, window: int | None = None,
-                                 key_positions: tuple[int, int] | None = None,
-                                 sm_scale: float | None = None) -> tuple[jax.Array, jax.Array]:
-  """`flash_attention_with_lse` in plain XLA: the output and the float32 log-sum-exp `[B, H, T]`."""
+                                 key_positions: tuple[int, int] | None = None, sm_scale: float | None = None,
+                                 qpos_BT: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+  """`flash_attention_with_lse` in plain XLA: the output and the float32 log-sum-exp `[B, H, T]`.
+  `qpos_BT` overrides the queries' positions (decoding with strided keys asks at arbitrary ones)."""
   _check_args(q_BTHD, k_BSKD, v_BSKD, causal, window, key_positions)
   B, T, H, D = q_BTHD.shape
   S, K = k_BSKD.shape[1:3]
@@ -95,19 +96,19 @@ def attention_with_lse_reference(q_BTHD: jax.Array, k_BSKD: jax.Array, v_BSKD: j
   q_BTKGD = q_BTHD.reshape(B, T, K, H // K, D)
   s_BKGTS = jnp.einsum('btkgd,bskd->bkgts', q_BTKGD, k_BSKD, preferred_element_type=jnp.float32) * scale
   stride, first = key_positions or (1, 0)
-  offset = S - T if causal and key_positions is None else 0
-  keep_TS = _keep(jnp.arange(T)[:, None] + offset, jnp.arange(S)[None, :] * stride + first, causal=causal,
-                  window=window)
-  if keep_TS is None:
-    keep_TS = jnp.ones((T, S), bool)
+  if qpos_BT is None:
+    qpos_BT = jnp.arange(T)[None] + (S - T if causal and key_positions is None else 0)
+  keep_BTS = _keep(qpos_BT[:, :, None], (jnp.arange(S) * stride + first)[None, None], causal=causal,
+                   window=window)
+  keep_B11TS = (jnp.ones((1, T, S), bool) if keep_BTS is None else keep_BTS)[:, None, None]
   # A query with no visible key gets zeros and lse -inf; its row of the log-sum-exp is taken over zeros
   # instead, so neither value nor gradient is ever NaN.
-  seen_T1 = keep_TS.any(axis=1, keepdims=True)
-  s_BKGTS = jnp.where(keep_TS, s_BKGTS, -jnp.inf)
-  lse_BKGT = jax.nn.logsumexp(jnp.where(seen_T1, s_BKGTS, 0.0), axis=-1)
+  seen_B11T1 = keep_B11TS.any(axis=-1, keepdims=True)
+  s_BKGTS = jnp.where(keep_B11TS, s_BKGTS, -jnp.inf)
+  lse_BKGT = jax.nn.logsumexp(jnp.where(seen_B11T1, s_BKGTS, 0.0), axis=-1)
   p_BKGTS = jnp.exp(s_BKGTS - lse_BKGT[..., None])
   o_BTKGD = jnp.einsum('bkgts,bskd->btkgd', p_BKGTS, v_BSKD.astype(jnp.float32))
-  lse_BKGT = jnp.where(seen_T1[:, 0], lse_BKGT, -jnp.inf)
+  lse_BKGT = jnp.where(seen_B11T1[..., 0], lse_BKGT, -jnp.inf)
   return o_BTKGD.reshape(B, T, H, D).astype(q_BTHD.dtype), lse_BKGT.reshape(B, H, T)
 
 
@@ -253,6 +254,7 @@ def _make_config(q_shape, k_shape, *, causal, window, sm_scale, block_q, block_k
                  key_positions=None) -> _Config:
   _, T, H, D = q_shape
   S, K = k_shape[1:3]
+  stride, first = key_positions or (1, 0)
   if not interpret and D not in COMPILED_HEAD_DIMS:
     raise ValueError(f'head dim D={D}: the compiled {backend} body supports D in {COMPILED_HEAD_DIMS}')
   if interpret and D > _LANES:
@@ -264,8 +266,8 @@ def _make_config(q_shape, k_shape, *, causal, window, sm_scale, block_q, block_k
   _check_block('block_k', block_k, backend, interpret)
   return _Config(causal=causal, window=window, sm_scale=float(D**-0.5 if sm_scale is None else sm_scale),
                  block_q=block_q, block_k=block_k, q_len=T, kv_len=S, group=H // K, backend=backend,
-                 interpret=interpret, num_warps=num_warps, num_stages=num_stages,
-                 key_stride=(key_positions or (1, 0))[0], key_first=(key_positions or (1, 0))[1])
+                 interpret=interpret, num_warps=num_warps, num_stages=num_stages, key_stride=stride,
+                 key_first=first)
 
 
 def _pad_seq(x_BLHD: jax.Array, block: int) -> jax.Array:
