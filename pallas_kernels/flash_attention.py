@@ -292,7 +292,9 @@ def _flash_fwd(q_BTHD, k_BSKD, v_BSKD, cfg: _Config):
 
 
 def _flash_bwd(cfg: _Config, res, cts):
-  q_BTHD, k_BSKD, v_BSKD, o_BTHD, lse_BHT = res
+  # The barrier keeps XLA from sharing the forward's relaid copies of q, k and v (the TPU body's
+  # [B, H, T, D]) with the backward, which would keep them alive between the passes beside the originals.
+  q_BTHD, k_BSKD, v_BSKD, o_BTHD, lse_BHT = jax.lax.optimization_barrier(res)
   do_BTHD, dlse_BHT = cts
   _, backward = _BODIES[cfg.backend]
   # FlashAttention-2 Alg. 2: D = rowsum(dO * O), the softmax-Jacobian correction per query. A cotangent of
@@ -553,8 +555,9 @@ def _tpu_fwd_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, acc_ref, m_ref, l_ref, 
 
   @pl.when(step == pl.num_programs(3) - 1)
   def _finish():
-    o_QD, lse_ref[...] = _normalise(acc_ref[...], m_ref[...], l_ref[...])
+    o_QD, lse_QL = _normalise(acc_ref[...], m_ref[...], l_ref[...])
     o_ref[...] = o_QD.astype(o_ref.dtype)
+    lse_ref[...] = lse_QL.T[:1]  # a lane-dense row: a [Q, 128] block would store each value 128 times
 
 
 def _tpu_kv_map(cfg: _Config):
@@ -570,23 +573,23 @@ def _tpu_forward(q_BTHD, k_BSKD, v_BSKD, cfg: _Config):
   Q, C = cfg.block_q, cfg.block_k
   q_spec = pl.BlockSpec((None, None, Q, D), lambda b, h, i, step: (b, h, i, 0))
   kv_spec = pl.BlockSpec((None, None, C, D), _tpu_kv_map(cfg))
-  o_BHTD, lse_BHTL = pl.pallas_call(
+  o_BHTD, lse_BH1T = pl.pallas_call(
       functools.partial(_tpu_fwd_kernel, cfg=cfg),
       grid_spec=pltpu.PrefetchScalarGridSpec(
           num_scalar_prefetch=0,
           grid=(B, H, T // Q, _max_span(lambda i: _kv_blocks(i, cfg), T // Q)),
           in_specs=[q_spec, kv_spec, kv_spec],
-          out_specs=[q_spec, pl.BlockSpec((None, None, Q, _LANES), lambda b, h, i, step: (b, h, i, 0))],
+          out_specs=[q_spec, pl.BlockSpec((None, None, 1, Q), lambda b, h, i, step: (b, h, 0, i))],
           scratch_shapes=[pltpu.VMEM((Q, D), jnp.float32), pltpu.VMEM((Q, _LANES), jnp.float32),
                           pltpu.VMEM((Q, _LANES), jnp.float32)]),
       out_shape=[out_struct((B, H, T, D), q_BTHD.dtype, q_BTHD, k_BSKD, v_BSKD),
-                 out_struct((B, H, T, _LANES), jnp.float32, q_BTHD, k_BSKD, v_BSKD)],
+                 out_struct((B, H, 1, T), jnp.float32, q_BTHD, k_BSKD, v_BSKD)],
       compiler_params=pltpu.CompilerParams(
           dimension_semantics=('parallel', 'parallel', 'parallel', 'arbitrary')),
       interpret=interpret_param(cfg.interpret, 'tpu'),
       name=f'{cfg.kernel_name}_fwd',
   )(_to_bhtd(q_BTHD), _to_bhtd(k_BSKD), _to_bhtd(v_BSKD))
-  return _to_bhtd(o_BHTD), lse_BHTL[..., 0]
+  return _to_bhtd(o_BHTD), lse_BH1T[:, :, 0]
 
 
 def _tpu_dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, acc_ref, *, cfg: _Config):

@@ -555,26 +555,75 @@ def _forward_call(plan, *args):
   return (_tpu_forward if plan.backend == 'tpu' else _gpu_forward)(plan, *args)
 
 
+def _padded_len(plan: _Plan, T: int) -> int:
+  step = math.lcm(plan.block_size, plan.block_q)
+  return -(-T // step) * step
+
+
+def _to_rows(plan: _Plan, x_BTHx: jax.Array, K: int) -> jax.Array:
+  """[B, T, H, ...] per query head -> the kernels' rows [B, K, Tp * G, ...]: the group padded to G (see
+  `build`), T to Tp, rows token-major so a tile of block_q tokens is M = block_q * G rows."""
+  B, T, H = x_BTHx.shape[:3]
+  rest, G = x_BTHx.shape[3:], plan.group
+  x = x_BTHx.reshape(B, T, K, H // K, *rest)
+  x = jnp.pad(x, ((0, 0), (0, _padded_len(plan, T) - T), (0, 0), (0, G - H // K)) + ((0, 0),) * len(rest))
+  return jnp.moveaxis(x, 2, 1).reshape(B, K, -1, *rest)
+
+
+def _from_rows(plan: _Plan, x_BKMD: jax.Array, T: int, H: int) -> jax.Array:
+  B, K, _, D = x_BKMD.shape
+  x_BTKGD = x_BKMD.reshape(B, K, -1, plan.group, D).transpose(0, 2, 1, 3, 4)[:, :T, :, :H // K]
+  return x_BTKGD.reshape(B, T, H, D)
+
+
+def _operands(plan: _Plan, q_BTHD, k_BSKD, v_BSKD, block_indices_BTKn):
+  """The kernels' operands: q as rows, K/V as [B, K, Tp, D], each row's block list, its position, and the
+  tiles' union lists and counts."""
+  T, K = q_BTHD.shape[1], k_BSKD.shape[2]
+  Tp = _padded_len(plan, T)
+  pad = ((0, 0), (0, Tp - T), (0, 0), (0, 0))
+  idx_BKTn = _token_lists(jnp.pad(block_indices_BTKn.astype(jnp.int32), pad, constant_values=-1),
+                          plan.block_size)
+  union_BKNU, count_BKN = _tile_unions(idx_BKTn, plan.block_q, Tp // plan.block_size)
+  if plan.backend == 'gpu':  # Triton loads need power-of-two sizes
+    n = idx_BKTn.shape[-1]
+    idx_BKTn = jnp.pad(idx_BKTn, ((0, 0),) * 3 + ((0, pl.next_power_of_2(n) - n),), constant_values=-1)
+  idx_BKMn = jnp.repeat(idx_BKTn, plan.group, axis=2)
+  qpos_M1 = jnp.repeat(jnp.arange(Tp, dtype=jnp.int32), plan.group)[:, None]
+  k_BKSD, v_BKSD = (jnp.pad(x, pad).transpose(0, 2, 1, 3) for x in (k_BSKD, v_BSKD))
+  return _to_rows(plan, q_BTHD, K), k_BKSD, v_BKSD, idx_BKMn, qpos_M1, union_BKNU, count_BKN
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _selected(plan, q_BKMD, k_BKSD, v_BKSD, idx_BKMn, qpos_M1, union_BKNU, count_BKN):
-  return _forward_call(plan, q_BKMD, k_BKSD, v_BKSD, idx_BKMn, qpos_M1, union_BKNU, count_BKN)[0]
+def _planned(plan: _Plan, q_BTHD, k_BSKD, v_BSKD, block_indices_BTKn):
+  """The kernel path for one plan: pads T, builds the block lists and tile unions, runs the kernels."""
+  return _planned_fwd(plan, q_BTHD, k_BSKD, v_BSKD, block_indices_BTKn)[0]
 
 
-def _selected_fwd(plan, q_BKMD, k_BKSD, v_BKSD, idx_BKMn, qpos_M1, union_BKNU, count_BKN):
-  args = (q_BKMD, k_BKSD, v_BKSD, idx_BKMn, qpos_M1, union_BKNU, count_BKN)
-  o_BKMD, lse_BKM1 = _forward_call(plan, *args)
-  return o_BKMD, (args, o_BKMD, lse_BKM1)
+def _planned_fwd(plan, q_BTHD, k_BSKD, v_BSKD, block_indices_BTKn):
+  o_BKMD, lse_BKM1 = _forward_call(plan, *_operands(plan, q_BTHD, k_BSKD, v_BSKD, block_indices_BTKn))
+  o_BTHD = _from_rows(plan, o_BKMD, *q_BTHD.shape[1:3])
+  # The residuals are the caller's arrays, the block lists and lse with the token axis last: the kernels'
+  # layouts (rows of a trailing 1 or n, each list repeated G times) pad to 128 lanes on TPU, 8x-128x.
+  idx_BKnT = block_indices_BTKn.astype(jnp.int32).transpose(0, 2, 3, 1)
+  return o_BTHD, (q_BTHD, k_BSKD, v_BSKD, idx_BKnT, o_BTHD, lse_BKM1[..., 0])
 
 
-def _selected_bwd(plan, residuals, do_BKMD):
-  args, o_BKMD, lse_BKM1 = residuals
-  delta_BKM1 = jnp.sum(do_BKMD.astype(jnp.float32) * o_BKMD.astype(jnp.float32), axis=-1, keepdims=True)
+def _planned_bwd(plan, residuals, do_BTHD):
+  # The barrier makes the backward rebuild the operands from the residuals instead of XLA keeping the
+  # forward's copies alive between the passes.
+  q_BTHD, k_BSKD, v_BSKD, idx_BKnT, o_BTHD, lse_BKM = jax.lax.optimization_barrier(residuals)
+  T, H, K = q_BTHD.shape[1], q_BTHD.shape[2], k_BSKD.shape[2]
+  args = _operands(plan, q_BTHD, k_BSKD, v_BSKD, idx_BKnT.transpose(0, 3, 1, 2))
+  delta_BTH1 = jnp.sum(do_BTHD.astype(jnp.float32) * o_BTHD.astype(jnp.float32), axis=-1, keepdims=True)
   backward = _tpu_backward if plan.backend == 'tpu' else _gpu_backward
-  dq_BKMD, dk_BKSD, dv_BKSD = backward(plan, *args, do_BKMD.astype(o_BKMD.dtype), lse_BKM1, delta_BKM1)
-  return dq_BKMD, dk_BKSD, dv_BKSD, None, None, None, None
+  dq_BKMD, dk_BKSD, dv_BKSD = backward(plan, *args, _to_rows(plan, do_BTHD.astype(q_BTHD.dtype), K),
+                                       lse_BKM[..., None], _to_rows(plan, delta_BTH1, K))
+  dk_BSKD, dv_BSKD = (x.transpose(0, 2, 1, 3)[:, :T] for x in (dk_BKSD, dv_BKSD))
+  return _from_rows(plan, dq_BKMD, T, H), dk_BSKD, dv_BSKD, None
 
 
-_selected.defvjp(_selected_fwd, _selected_bwd)
+_planned.defvjp(_planned_fwd, _planned_bwd)
 
 
 # ----------------------------------------------------------------------------- public function
@@ -639,27 +688,3 @@ def selected_attention(q_BTHD: jax.Array, k_BSKD: jax.Array, v_BSKD: jax.Array, 
   return dispatch(build, (q_BTHD, k_BSKD, v_BSKD, block_indices_BTKn),
                   jax.ShapeDtypeStruct(q_BTHD.shape, q_BTHD.dtype), backend=backend, interpret=interpret)
 
-
-def _planned(plan: _Plan, q_BTHD, k_BSKD, v_BSKD, block_indices_BTKn):
-  """The kernel path for one plan: pads T, builds the block lists and tile unions, runs the custom_vjp."""
-  B, T, H, D = q_BTHD.shape
-  K, G, block_size = k_BSKD.shape[2], plan.group, plan.block_size
-  if K * G != H:  # the padded group (see `build`)
-    q_BTKgD = q_BTHD.reshape(B, T, K, H // K, D)
-    q_BTHD = jnp.pad(q_BTKgD, ((0, 0),) * 3 + ((0, G - H // K), (0, 0))).reshape(B, T, K * G, D)
-  Tp = -(-T // math.lcm(block_size, plan.block_q)) * math.lcm(block_size, plan.block_q)
-  pad = ((0, 0), (0, Tp - T), (0, 0), (0, 0))
-  idx_BKTn = _token_lists(jnp.pad(block_indices_BTKn.astype(jnp.int32), pad, constant_values=-1), block_size)
-  union_BKNU, count_BKN = _tile_unions(idx_BKTn, plan.block_q, Tp // block_size)
-  if plan.backend == 'gpu':  # Triton loads need power-of-two sizes
-    n = idx_BKTn.shape[-1]
-    idx_BKTn = jnp.pad(idx_BKTn, ((0, 0),) * 3 + ((0, pl.next_power_of_2(n) - n),), constant_values=-1)
-  # Rows are (token, head of the group) pairs, token-major, so a tile of block_q tokens is M = block_q*G rows.
-  idx_BKMn = jnp.repeat(idx_BKTn, G, axis=2)
-  qpos_M1 = jnp.repeat(jnp.arange(Tp, dtype=jnp.int32), G)[:, None]
-  q_BKMD = jnp.pad(q_BTHD, pad).reshape(B, Tp, K, G, D).transpose(0, 2, 1, 3, 4).reshape(B, K, Tp * G, D)
-  k_BKSD = jnp.pad(k_BSKD, pad).transpose(0, 2, 1, 3)
-  v_BKSD = jnp.pad(v_BSKD, pad).transpose(0, 2, 1, 3)
-  o_BKMD = _selected(plan, q_BKMD, k_BKSD, v_BKSD, idx_BKMn, qpos_M1, union_BKNU, count_BKN)
-  o_BTKGD = o_BKMD.reshape(B, K, Tp, G, D).transpose(0, 2, 1, 3, 4)[:, :T, :, :H // K]
-  return o_BTKGD.reshape(B, T, H, D)
