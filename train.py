@@ -41,6 +41,8 @@ def main(argv) -> None:
     trainer.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
   except ConfigError as error:
     sys.exit(f'config error: {error}')
+  except trainer.Diverged as error:
+    sys.exit(f'train: {error}')
 
 
 if __name__ == '__main__':

@@ -11,6 +11,7 @@ from sparse_lm.config import ConfigError
 KERNELS = ('xla', 'pallas')
 DTYPES = ('float32', 'bfloat16')
 SCHEDULES = ('cosine', 'wsd')
+NONFINITE = ('stop', 'skip')  # train.on_nonfinite
 
 
 def _choice(key: str, value, allowed) -> None:
@@ -47,8 +48,9 @@ def check_model(m: ml_collections.ConfigDict) -> None:
 def check_train(config: ml_collections.ConfigDict, num_devices: int, process_count: int) -> None:
   t = config.train
   _choice('train.schedule', t.schedule, SCHEDULES)
+  _choice('train.on_nonfinite', t.on_nonfinite, NONFINITE)
   _positive(t, 'train', ('batch_size', 'grad_accum_steps', 'steps', 'eval_every', 'eval_batches',
-                         'log_every'))
+                         'log_every', 'max_skipped_steps'))
   _positive(config.checkpoint, 'checkpoint', ('every_steps', 'keep'))
   _positive(config.data, 'data', ('seq_len',))
   if not 0 <= t.warmup_steps < t.steps:

@@ -105,6 +105,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.eval_every = 100
   c.train.eval_batches = 8
   c.train.log_every = 10
+  # A non-finite loss or gradient norm: 'stop' (exit non-zero, never saving that state) or 'skip' (leave
+  # the state as it was, count it in the metric skipped_steps, stop after max_skipped_steps in a row).
+  c.train.on_nonfinite = 'stop'
+  c.train.max_skipped_steps = 10
 
   c.checkpoint = ml_collections.ConfigDict()
   c.checkpoint.every_steps = 100

@@ -82,7 +82,10 @@ def forward(graphdef, params, batch, model_state=None, *, update_state: bool = F
   return nll_BT, aux_loss, metrics, nnx.to_pure_dict(new_model_state)
 
 
-def make_train_step(graphdef, tx, schedule, accum_steps: int):
+def make_train_step(graphdef, tx, schedule, accum_steps: int, *, skip_nonfinite: bool = False):
+  """The step; its metrics hold `finite`, whether the loss and gradient norm were finite. With
+  `skip_nonfinite` a step that was not keeps the state it started from (the step counter still advances
+  past its batch)."""
   def loss_fn(params, model_state, batch):
     nll_BT, aux_loss, metrics, model_state = forward(graphdef, params, batch, model_state,
                                                      update_state=True)
@@ -111,10 +114,14 @@ def make_train_step(graphdef, tx, schedule, accum_steps: int):
   def train_step(state: State, batch) -> tuple[State, dict]:
     grads, (metrics, model_state) = grads_of(state['params'], state['model_state'], batch)
     updates, opt_state = tx.update(grads, state['opt_state'], state['params'])
-    params = optax.apply_updates(state['params'], updates)
-    metrics.update(grad_norm=optax.global_norm(grads), learning_rate=schedule(state['step']))
-    return {'params': params, 'model_state': model_state, 'opt_state': opt_state,
-            'step': state['step'] + 1}, metrics
+    new = {'params': optax.apply_updates(state['params'], updates), 'model_state': model_state,
+           'opt_state': opt_state}
+    grad_norm = optax.global_norm(grads)
+    finite = jnp.isfinite(metrics['loss'] + metrics['aux_loss']) & jnp.isfinite(grad_norm)
+    if skip_nonfinite:
+      new = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, {key: state[key] for key in new})
+    metrics.update(grad_norm=grad_norm, learning_rate=schedule(state['step']), finite=finite)
+    return {**new, 'step': state['step'] + 1}, metrics
   return train_step
 
 
@@ -169,6 +176,54 @@ class Preemption:
   def restore(self):
     if not self._multihost:
       signal.signal(signal.SIGTERM, self.previous)
+
+
+# ----------------------------------------------------------------------------- divergence
+
+class Diverged(RuntimeError):
+  """The run stopped on a non-finite loss or gradient norm; the message is one line."""
+
+
+class NonFiniteGuard:
+  """Reads each step's `finite` flag one step late (after the next step is dispatched, so the device
+  never waits for the host), and at a checkpoint the saved step's own flag first.
+
+  `stop`: the first non-finite step raises `Diverged`; the state it produced is never saved, so the
+  newest checkpoint is the last finite one. `skip`: such a step left the state as it was (see
+  `make_train_step`); it is counted, and `max_skipped` in a row raise `Diverged`.
+  """
+
+  def __init__(self, mode: str, max_skipped: int):
+    self.mode, self.max_skipped = mode, max_skipped
+    self.skipped = 0  # steps skipped by this process
+    self.consecutive = 0
+    self._unread = None  # (step, metrics) of the newest dispatched step
+
+  def dispatched(self, step: int, metrics) -> None:
+    unread, self._unread = self._unread, (step, metrics)
+    if unread is not None:
+      self._read(*unread)
+
+  def read_all(self) -> None:
+    """Reads the newest step's flag (waits for that step): before saving it, and at the end."""
+    unread, self._unread = self._unread, None
+    if unread is not None:
+      self._read(*unread)
+
+  def _read(self, step: int, metrics) -> None:
+    if bool(jax.device_get(metrics['finite'])):
+      self.consecutive = 0
+      return
+    loss, grad_norm, lr = (float(jax.device_get(metrics[k])) for k in ('loss', 'grad_norm', 'learning_rate'))
+    where = f'step {step}: loss {loss:.4g}, grad_norm {grad_norm:.4g} at learning_rate {lr:.4g}'
+    if self.mode == 'stop':
+      raise Diverged(f'non-finite {where}; that state was not saved. Lower train.learning_rate (or set '
+                     'train.on_nonfinite=skip)')
+    self.skipped += 1
+    self.consecutive += 1
+    if self.consecutive >= self.max_skipped:
+      raise Diverged(f'{self.consecutive} non-finite steps in a row (train.max_skipped_steps='
+                     f'{self.max_skipped}), the last at {where}. Lower train.learning_rate')
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -239,7 +294,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
 
   # --- steps: jitted once, the state donated so parameters update in place.
   batch_sh = sharding.batch_sharding(mesh)
-  train_step = jax.jit(make_train_step(graphdef, tx, schedule, t.grad_accum_steps),
+  train_step = jax.jit(make_train_step(graphdef, tx, schedule, t.grad_accum_steps,
+                                       skip_nonfinite=t.on_nonfinite == 'skip'),
                        in_shardings=(shardings, batch_sh), out_shardings=(shardings, None),
                        donate_argnums=0)
   eval_step = jax.jit(make_eval_step(graphdef, tok.token_bytes),
@@ -249,40 +305,53 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
                          causal=is_causal(config.model))
   throughput = Throughput(t.batch_size * config.data.seq_len, flops_per_token, start_step)
   preemption = Preemption()
+  guard = NonFiniteGuard(t.on_nonfinite, t.max_skipped_steps)
   evaluated = {}
   pending = None  # (step, metrics) of a logged step, read one step late so the device never idles
-  with sharding.activate(mesh):
-    for step in range(start_step + 1, t.steps + 1):
-      state, metrics = train_step(state, sharding.global_batch(next(train_iter), mesh))
-      if pending is not None:
-        _log_train(writer, throughput, *pending)
-        pending = None
-      if step % t.log_every == 0 or step == t.steps:
-        pending = (step, metrics)
-      if step % t.eval_every == 0 or step == t.steps:
+  try:
+    with sharding.activate(mesh):
+      for step in range(start_step + 1, t.steps + 1):
+        state, metrics = train_step(state, sharding.global_batch(next(train_iter), mesh))
+        guard.dispatched(step, metrics)
         if pending is not None:
-          _log_train(writer, throughput, *pending)
+          _log_train(writer, throughput, *pending, guard)
           pending = None
-        evaluated = evaluate(eval_step, state['params'], state['model_state'], eval_data, mesh)
-        writer.write(step, evaluated)
-        throughput.restart(step)
-      final = preemption.reached(step) or step == t.steps
-      if final or checkpointer.should_save(step):
-        checkpointer.save(step, state, data.gather_state(train_iter), force=final)
-      writer.advance(step)
-      if preemption.requested:
-        break
-  if pending is not None:
-    _log_train(writer, throughput, *pending)
-  checkpointer.wait()
-  checkpointer.close()
-  writer.close()
-  preemption.restore()
+        if step % t.log_every == 0 or step == t.steps:
+          pending = (step, metrics)
+        if step % t.eval_every == 0 or step == t.steps:
+          if pending is not None:
+            _log_train(writer, throughput, *pending, guard)
+            pending = None
+          evaluated = evaluate(eval_step, state['params'], state['model_state'], eval_data, mesh)
+          writer.write(step, evaluated)
+          throughput.restart(step)
+        final = preemption.reached(step) or step == t.steps
+        if final or checkpointer.should_save(step):
+          guard.read_all()
+          checkpointer.save(step, state, data.gather_state(train_iter), force=final)
+        writer.advance(step)
+        if preemption.requested:
+          break
+    guard.read_all()
+    if pending is not None:
+      _log_train(writer, throughput, *pending, guard)
+  except Diverged as error:
+    checkpointer.wait()  # the last good save in flight is committed before the run stops
+    newest = checkpointer.latest_step()
+    resume = (f'rerunning resumes from its newest checkpoint, step {newest}' if newest is not None else
+              'no checkpoint was saved, so rerunning starts from step 0')
+    raise Diverged(f'{error}; {resume}.') from None
+  finally:
+    checkpointer.wait()
+    checkpointer.close()
+    writer.close()
+    preemption.restore()
   return evaluated
 
 
-def _log_train(writer: MetricsWriter, throughput: Throughput, step: int, metrics) -> None:
-  values = {}
+def _log_train(writer: MetricsWriter, throughput: Throughput, step: int, metrics,
+               guard: NonFiniteGuard) -> None:
+  values = {'skipped_steps': float(guard.skipped)} if guard.mode == 'skip' else {}
   for key, value in jax.device_get(metrics).items():
     if np.ndim(value) == 0:
       values[key] = float(value)

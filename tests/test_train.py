@@ -2,13 +2,16 @@
 killed or preempted run resumes exactly where an uninterrupted one would be."""
 
 import json
+import math
 import os
+import re
 import signal
 import subprocess
 import time
 
 import pytest
 
+from sparse_lm import evaluate
 from tests.conftest import REPO, first_step_after, logged_lines, run_train, train_command, train_losses
 
 
@@ -131,3 +134,43 @@ def test_sentencepiece_tokenizer_trains_and_reports_bits_per_byte(tmp_path):
            if 'eval_bpb' in line]
   # A subword token covers several bytes, so bits per byte sit well below bits per token.
   assert evals[-1]['eval_bpb'] < evals[-1]['eval_loss'] / 0.6931 / 1.5
+
+
+def test_diverging_run_stops_keeping_its_last_finite_checkpoint(tmp_path):
+  """At learning rate 1e4 the gradient norm turns NaN within a few steps: the run stops one step later,
+  in one line and non-zero, without saving that state; its newest checkpoint evaluates to a finite
+  perplexity, and a rerun at a sane learning rate resumes from it."""
+  diverging = run_train(tmp_path, '--config.train.learning_rate=1e4', '--config.train.warmup_steps=1',
+                        '--config.checkpoint.every_steps=2', check=False)
+  last = diverging.stderr.strip().splitlines()[-1]
+  assert diverging.returncode == 1 and 'Traceback' not in diverging.stderr, diverging.stderr[-2000:]
+  match = re.match(r'train: non-finite step (\d+): .*step (\d+)\.$', last)
+  assert match, last
+  bad, newest = map(int, match.groups())
+  assert max(train_losses(tmp_path)) <= bad + 1  # stopped within a step of reading the flag
+  saved = sorted(int(p.name) for p in (tmp_path / 'checkpoints').iterdir() if p.name.isdigit())
+  assert saved[-1] == newest < bad
+  result = evaluate.run_task(tmp_path, 'perplexity', evaluate.Options())
+  assert result['step'] == newest and all(math.isfinite(row['eval_loss']) for row in result['results'])
+
+  logged = logged_lines(tmp_path)
+  run_train(tmp_path, '--config.train.learning_rate=1e-3', '--config.train.steps=8')
+  assert first_step_after(tmp_path, logged) == newest + 1
+  resumed = {s: v for s, v in train_losses(tmp_path).items() if s > newest}
+  assert sorted(resumed) == list(range(newest + 1, 9)) and all(map(math.isfinite, resumed.values()))
+
+
+def test_skip_mode_stops_after_consecutive_skips(tmp_path):
+  """`train.on_nonfinite=skip`: non-finite steps are counted in `skipped_steps`, and
+  `train.max_skipped_steps` of them in a row stop the run; every checkpoint it saved is finite."""
+  run = run_train(tmp_path, '--config.train.learning_rate=1e4', '--config.train.warmup_steps=1',
+                  '--config.checkpoint.every_steps=2', '--config.train.on_nonfinite=skip',
+                  '--config.train.max_skipped_steps=3', check=False)
+  last = run.stderr.strip().splitlines()[-1]
+  assert run.returncode == 1 and re.match(r'train: 3 non-finite steps in a row \(train.max_skipped_steps=3\)',
+                                          last), last
+  rows = [json.loads(line) for line in (tmp_path / 'metrics.jsonl').read_text().splitlines()]
+  skipped = [row['skipped_steps'] for row in rows if 'loss' in row]
+  assert skipped[0] == 0 and max(skipped) >= 2 and skipped == sorted(skipped)
+  result = evaluate.run_task(tmp_path, 'perplexity', evaluate.Options())
+  assert all(math.isfinite(row['eval_loss']) for row in result['results'])
