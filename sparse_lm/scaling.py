@@ -359,8 +359,55 @@ def _fmt_multiplier(m):
 
 # ----------------------------------------------------------------------------- fit command
 
+class RunsError(ValueError):
+  """A runs file `fit` cannot use; the message is one line naming the file and line."""
+
+
+MIN_DENSE_RUNS = 6  # more points than the law's five parameters
+
+
 def load_runs(path) -> list[dict]:
-  return [json.loads(line) for line in pathlib.Path(path).read_text().splitlines() if line.strip()]
+  """The records of a runs file, each checked: a JSON object with finite N, D and loss > 0 (and C, if
+  given), no record repeated (it would count twice in the bootstrap)."""
+  try:
+    lines = pathlib.Path(path).read_text().splitlines()
+  except OSError as e:
+    raise RunsError(f'{path}: cannot read it ({e.strerror})') from None
+  runs, seen = [], {}
+  for number, line in enumerate(lines, 1):
+    if not line.strip():
+      continue
+    where = f'{path}:{number}'
+    try:
+      run = json.loads(line)
+    except json.JSONDecodeError as e:
+      raise RunsError(f'{where}: not JSON ({e.msg} at column {e.colno})') from None
+    if not isinstance(run, dict):
+      raise RunsError(f'{where}: expected a JSON object with N, D and loss, got {type(run).__name__}')
+    for key in ('N', 'D', 'loss') + (('C',) if 'C' in run else ()):
+      value = run.get(key)
+      if key not in run:
+        raise RunsError(f'{where}: no {key!r} (each run needs N, D and loss; C is optional)')
+      number_like = isinstance(value, int | float) and not isinstance(value, bool)
+      if not (number_like and math.isfinite(value) and value > 0):
+        raise RunsError(f'{where}: {key}={value!r} must be a finite number > 0')
+    key = json.dumps(run, sort_keys=True)
+    if key in seen:
+      raise RunsError(f'{where}: the same record as line {seen[key]}; remove one (a repeated record would '
+                      'count as two runs)')
+    seen[key] = number
+    runs.append(run)
+  return runs
+
+
+def check_identifiable(runs: list[dict], path='runs') -> None:
+  """Refuses dense runs that cannot pin down the five constants of L = E + A/N^alpha + B/D^beta."""
+  dense = [r for r in runs if is_dense(r)]
+  sizes, tokens = len({r['N'] for r in dense}), len({r['D'] for r in dense})
+  if len(dense) < MIN_DENSE_RUNS or sizes < 2 or tokens < 2:
+    raise RunsError(f'{path}: {len(dense)} dense runs with {sizes} distinct N and {tokens} distinct D; the '
+                    f'law has 5 constants and needs at least {MIN_DENSE_RUNS} dense runs over 2 or more '
+                    'values of each (variant runs are placed on the dense law, not fitted)')
 
 
 def is_dense(run: dict) -> bool:
@@ -371,8 +418,11 @@ def run_compute(run: dict) -> float:
   return float(run['C']) if 'C' in run else 6.0 * run['N'] * run['D']
 
 
-def fit_runs(runs: list[dict], *, bootstrap=100, seed=0, grid='full', starts=100, out=None) -> dict:
-  """Everything `fit` prints: the law, intervals, approach 2, the allocation and variant multipliers."""
+def fit_runs(runs: list[dict], *, bootstrap=100, seed=0, grid='full', starts=100, out=None,
+             report=None) -> dict:
+  """Everything `fit` prints: the law, intervals, approach 2, the allocation and variant multipliers.
+  `report(result)` is called before the plots are drawn into `out`; a plot that fails is a warning."""
+  check_identifiable(runs)
   dense = [dict(r, C=run_compute(r)) for r in runs if is_dense(r)]
   variants = [dict(r, C=run_compute(r)) for r in runs if not is_dense(r)]
   n_R, d_R, loss_R, c_R = (np.array([r[k] for r in dense], np.float64) for k in ('N', 'D', 'loss', 'C'))
@@ -395,12 +445,20 @@ def fit_runs(runs: list[dict], *, bootstrap=100, seed=0, grid='full', starts=100
       variants=[{k: r.get(k) for k in ('name', 'variant', 'budget', 'N', 'D', 'C', 'loss', 'causal',
                                        'causality_leak', 'C_dense', 'multiplier', 'interval') if k in r}
                 for r in variants])
+  if report is not None:
+    report(result)
   if out is not None:
     out = pathlib.Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    plot_isoflops(out / 'isoflops.png', n_R, loss_R, groups, fit2)
-    plot_optimal(out / 'optimal.png', law, fpt, fit2, (c_R.min() / 2, c_R.max() * 2))
-    plot_frontier(out / 'frontier.png', law, fpt, dense, variants)
+    plots = {'isoflops.png': lambda p: plot_isoflops(p, n_R, loss_R, groups, fit2),
+             'optimal.png': lambda p: plot_optimal(p, law, fpt, fit2, (c_R.min() / 2, c_R.max() * 2)),
+             'frontier.png': lambda p: plot_frontier(p, law, fpt, dense, variants)}
+    for name, plot in plots.items():
+      try:
+        out.mkdir(parents=True, exist_ok=True)
+        plot(out / name)
+      except Exception as e:  # noqa: BLE001 -- the fit is printed already; a plot is not worth losing it
+        print(f'warning: {out / name} not drawn ({type(e).__name__}: {str(e).splitlines()[0]})',
+              file=sys.stderr)
   return result
 
 
@@ -475,9 +533,13 @@ def law_center(path):
 def main(argv=None) -> None:
   args = _parser().parse_args(argv)
   if args.command == 'fit':
-    result = fit_runs(load_runs(args.runs), bootstrap=args.bootstrap, seed=args.seed, grid=args.grid,
-                      starts=args.starts, out=args.out)
-    print(json.dumps(json_safe(result), indent=2))
+    try:
+      runs = load_runs(args.runs)
+      check_identifiable(runs, args.runs)
+    except RunsError as e:
+      sys.exit(f'scaling fit: {e}')
+    fit_runs(runs, bootstrap=args.bootstrap, seed=args.seed, grid=args.grid, starts=args.starts,
+             out=args.out, report=lambda result: print(json.dumps(json_safe(result), indent=2), flush=True))
   elif args.command == 'sweep':
     if args.params:
       center = lambda c: args.params  # noqa: E731

@@ -4,6 +4,7 @@ Noise is fresh every run; the seed is in every failure message so a failure can 
 """
 
 import json
+import re
 import subprocess
 import sys
 
@@ -125,6 +126,61 @@ def test_fit_command_prints_law_and_writes_plots(tmp_path):
   assert multipliers['nsa_top'] == pytest.approx(1, abs=0.15), (seed, result['variants'])
   assert multipliers['magic'] == 'inf'
   assert all((tmp_path / f).stat().st_size > 0 for f in ('isoflops.png', 'optimal.png', 'frontier.png'))
+
+
+_GOOD = [dict(N=n, D=d, loss=2.0 + 100 / n**0.3 + 300 / d**0.3) for n in (1e6, 3e6, 1e7) for d in (2e7, 6e7)]
+
+
+def _lines(*records) -> str:
+  return ''.join((r if isinstance(r, str) else json.dumps(r)) + '\n' for r in records)
+
+
+# Each row: the file's text and a pattern its one line must match (line numbers count from 1).
+BAD_RUNS = [
+    ('', r'0 dense runs .* at least 6'),
+    (_lines(*_GOOD[:5], dict(N=1e7, D=6e7, loss='high')), r'runs.jsonl:6: loss=.high. must be a finite'),
+    (_lines(*_GOOD[:5], dict(N=1e7, loss=3.0)), r"runs.jsonl:6: no 'D'"),
+    (_lines(*_GOOD[:5], dict(N=1e7, D=6e7, loss=None)), r'runs.jsonl:6: loss=None must be'),
+    (_lines(*_GOOD[:5], '{"N": 1e7, "D": 6e7, "loss": NaN}'), r'runs.jsonl:6: loss=nan must be'),
+    (_lines(*_GOOD[:5], dict(N=1e7, D=6e7, loss=0)), r'runs.jsonl:6: loss=0 must be'),
+    (_lines(*_GOOD[:2], '{"N": 1e7, "D": 6e7, "loss": 3.0'), r'runs.jsonl:3: not JSON'),
+    (_lines(*_GOOD[:2], '[1, 2]'), r'runs.jsonl:3: expected a JSON object'),
+    (_lines(*[_GOOD[0]] * 10), r'runs.jsonl:2: the same record as line 1'),
+    (_lines(*_GOOD, *_GOOD), r'runs.jsonl:7: the same record as line 1'),
+    (_lines(*[dict(N=1e6, D=2e7 * (i + 1), loss=3.0 - i / 100) for i in range(8)]), r'1 distinct N'),
+    (_lines(*_GOOD[:3]), r'3 dense runs'),
+    (_lines(*[dict(r, variant='nsa') for r in _GOOD]), r'0 dense runs'),
+]
+
+
+@pytest.mark.parametrize('text,pattern', BAD_RUNS)
+def test_fit_refuses_bad_runs_in_one_line(tmp_path, capsys, text, pattern):
+  path = tmp_path / 'runs.jsonl'
+  path.write_text(text)
+  with pytest.raises(SystemExit) as exit_:
+    scaling.main(['fit', str(path), f'--out={tmp_path}'])
+  message = str(exit_.value.code)  # what Python prints to stderr before exiting with status 1
+  assert message.startswith('scaling fit: ') and '\n' not in message and re.search(pattern, message), message
+  assert not capsys.readouterr().out
+
+
+def test_fit_command_exits_1_without_traceback(tmp_path):
+  (tmp_path / 'runs.jsonl').write_text(_lines(*_GOOD[:5], dict(N=1e7, loss=3.0)))
+  run = subprocess.run([sys.executable, '-m', 'sparse_lm.scaling', 'fit', str(tmp_path / 'runs.jsonl')],
+                       cwd=REPO, capture_output=True, text=True, timeout=120)
+  last = run.stderr.strip().splitlines()[-1]  # the lines before it are the CUDA plugin's start-up log
+  assert run.returncode == 1 and 'Traceback' not in run.stderr and not run.stdout, run.stderr
+  assert re.match(r"scaling fit: .*runs.jsonl:6: no 'D'", last), last
+
+
+def test_fit_prints_before_plotting_and_a_failed_plot_is_a_warning(tmp_path, capsys):
+  printed = []
+  blocked = tmp_path / 'plots'
+  blocked.write_text('a file where the plot folder would go')
+  scaling.fit_runs(_GOOD, bootstrap=0, grid='small', starts=4, out=blocked, report=printed.append)
+  assert len(printed) == 1 and printed[0]['num_dense_runs'] == 6
+  warnings = capsys.readouterr().err.strip().splitlines()
+  assert len(warnings) == 3 and all(w.startswith('warning: ') and 'not drawn' in w for w in warnings)
 
 
 # ----------------------------------------------------------------------------- sweep and collect
