@@ -86,7 +86,11 @@ def parse(argv: list[str]):
   parser.add_argument('--grace_seconds', type=int, default=300,
                       help='time between SIGTERM and SIGKILL: enough to write a checkpoint')
   split = argv.index('--') if '--' in argv else len(argv)
-  return parser.parse_args(argv[:split]), argv[split + 1:]
+  args = parser.parse_args(argv[:split])
+  for name, low in (('hosts', 1), ('chips_per_host', 1), ('grace_seconds', 0)):
+    if getattr(args, name) < low:
+      parser.error(f'--{name}={getattr(args, name)} must be at least {low}')
+  return args, argv[split + 1:]
 
 
 def main() -> None:

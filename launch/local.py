@@ -100,6 +100,11 @@ def main() -> None:
   argv = sys.argv[1:]
   split = argv.index('--') if '--' in argv else len(argv)
   args = parser.parse_args(argv[:split])
+  for name in ('num_processes', 'devices_per_process'):
+    if getattr(args, name) < 1:
+      parser.error(f'--{name}={getattr(args, name)} must be at least 1')
+  if not os.path.isfile(args.script):
+    parser.error(f'--script={args.script} is not a file')
   command = [sys.executable, args.script, *argv[split + 1:]]
   sys.exit(launch(command, args.num_processes, args.devices_per_process))
 

@@ -139,7 +139,13 @@ def _tfds_source(arg: str, config, split: str) -> Corpus:
     raise ConfigError("data.source='tfds:': expected tfds:NAME[:CONFIG]")
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top  # slow; only tfds needs it
   tfds_split = config.data.tfds_split_train if split == 'train' else config.data.tfds_split_eval
-  records = tfds.data_source(arg.replace(':', '/'), split=tfds_split)
+  try:
+    records = tfds.data_source(arg.replace(':', '/'), split=tfds_split)
+  except Exception as e:  # noqa: BLE001 -- TFDS has a different error for each way a name can fail
+    first = (str(e).strip().splitlines() or [''])[0]
+    raise ConfigError(f'data.source={config.data.source!r}: TFDS cannot open it ({type(e).__name__}: '
+                      f'{first}); it must name a dataset already prepared in the TFDS data dir (nothing is '
+                      'downloaded at run time)') from None
   return Corpus(grain.MapDataset.source(records).map(
       functools.partial(_record_text, key=config.data.tfds_text_key)), num_bytes=None)
 

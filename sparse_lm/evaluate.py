@@ -26,6 +26,7 @@ import copy
 import dataclasses
 import json
 import pathlib
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -34,6 +35,7 @@ from absl import app, flags, logging
 from flax import nnx
 
 from sparse_lm import data, sample, sharding, synthetic, trainer
+from sparse_lm.config import ConfigError
 from sparse_lm.model import is_causal
 
 
@@ -345,15 +347,37 @@ _USE_CACHE = flags.DEFINE_bool('use_cache', True, 'passkey, niah: decode with th
 def main(argv) -> None:
   del argv
   logging.set_verbosity(logging.WARNING)
-  opts = Options(
-      seq_len=tuple(int(n) for n in _SEQ_LEN.value), batch_size=_BATCH_SIZE.value,
-      eval_batches=_EVAL_BATCHES.value, lengths=tuple(int(n) for n in _LENGTHS.value),
-      depths=tuple(float(d) for d in _DEPTHS.value), num_samples=_NUM_SAMPLES.value,
-      digits=_DIGITS.value, filler_source=_FILLER.value,
-      mqar_shapes=tuple(tuple(int(n) for n in shape.split('x')) for shape in _MQAR_SHAPES.value),
-      mqar_vocab=_MQAR_VOCAB.value, mqar_examples=_MQAR_EXAMPLES.value, seed=_SEED.value,
-      use_cache=_USE_CACHE.value)
-  print(json.dumps(run_task(_WORKDIR.value, _TASK.value, opts)))
+  try:
+    opts = Options(
+        seq_len=_numbers('seq_len', _SEQ_LEN.value, int), batch_size=_BATCH_SIZE.value,
+        eval_batches=_EVAL_BATCHES.value, lengths=_numbers('lengths', _LENGTHS.value, int),
+        depths=_numbers('depths', _DEPTHS.value, float, high=1.0), num_samples=_NUM_SAMPLES.value,
+        digits=_DIGITS.value, filler_source=_FILLER.value,
+        mqar_shapes=tuple(_numbers('mqar_shapes', shape.split('x'), int) for shape in _MQAR_SHAPES.value),
+        mqar_vocab=_MQAR_VOCAB.value, mqar_examples=_MQAR_EXAMPLES.value, seed=_SEED.value,
+        use_cache=_USE_CACHE.value)
+    for name in ('batch_size', 'eval_batches', 'mqar_vocab'):
+      if getattr(opts, name) < 0:
+        raise ConfigError(f'--{name}={getattr(opts, name)} must be at least 0 (0: the default)')
+    for name in ('num_samples', 'digits', 'mqar_examples'):
+      if getattr(opts, name) < 1:
+        raise ConfigError(f'--{name}={getattr(opts, name)} must be at least 1')
+    result = run_task(_WORKDIR.value, _TASK.value, opts)
+  except ConfigError as e:
+    sys.exit(f'evaluate: {e}')
+  print(json.dumps(result))
+
+
+def _numbers(name: str, texts, kind, high=None) -> tuple:
+  """A list flag's values as positive ints (or floats in [0, high]); a ConfigError naming the flag."""
+  try:
+    values = tuple(kind(t) for t in texts)
+  except ValueError:
+    raise ConfigError(f'--{name}={",".join(texts)}: expected comma-separated {kind.__name__}s') from None
+  if any(v < 0 or (high is None and v == 0) or (high is not None and v > high) for v in values):
+    allowed = f'in [0, {high}]' if high is not None else 'positive'
+    raise ConfigError(f'--{name}={",".join(texts)}: each value must be {allowed}')
+  return values
 
 
 if __name__ == '__main__':

@@ -10,6 +10,7 @@ backward matmuls (Kaplan et al. 2020; Hoffmann et al. 2022, App. F).
 """
 
 import json
+import sys
 
 import jax
 import ml_collections
@@ -17,7 +18,8 @@ from absl import app, flags
 from flax import nnx
 from ml_collections import config_flags
 
-from sparse_lm import attention, mlp, tokenizer
+from sparse_lm import attention, checks, mlp, tokenizer
+from sparse_lm.config import ConfigError
 from sparse_lm.model import Transformer, mlp_name, padded_vocab
 
 
@@ -74,7 +76,11 @@ def flops_per_token(config: ml_collections.ConfigDict) -> dict:
 def main(argv) -> None:
   del argv
   config = flags.FLAGS.config
-  config.model.vocab_size = config.model.vocab_size or tokenizer.vocab_size_for(config)
+  try:
+    checks.check_model(config.model)
+    config.model.vocab_size = config.model.vocab_size or tokenizer.vocab_size_for(config)
+  except ConfigError as e:
+    sys.exit(f'flops: config error: {e}')
   print(json.dumps(flops_per_token(config), indent=2))
 
 

@@ -14,7 +14,7 @@ import ml_collections
 
 from sparse_lm import flops, tokenizer
 from sparse_lm.attention.mosa import isoflop_heads
-from sparse_lm.config import base_config
+from sparse_lm.config import ConfigError, base_config
 
 TOKENS_PER_PARAM = 20
 
@@ -129,7 +129,7 @@ def to_nsa(c: ml_collections.ConfigDict, *, small: bool) -> None:
   per_unit = 3 * c.model.num_layers * c.model.d_model  # parameters per unit of SwiGLU width
   mlp_dim = c.model.mlp_dim - round((nsa_params - dense_params) / per_unit / 8) * 8
   if mlp_dim < 8:
-    raise ValueError(f'NSA at num_layers={c.model.num_layers}, d_model={c.model.d_model}: its branches '
+    raise ConfigError(f'NSA at num_layers={c.model.num_layers}, d_model={c.model.d_model}: its branches '
                      f'add {nsa_params - dense_params:,} parameters, more than the dense MLP holds; '
                      'equal parameters need a larger model')
   c.model.mlp_dim = mlp_dim

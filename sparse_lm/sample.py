@@ -8,6 +8,7 @@
 
 import json
 import pathlib
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -17,6 +18,7 @@ from flax import nnx
 
 from sparse_lm import optim, tokenizer, trainer
 from sparse_lm.checkpoint import Checkpointer
+from sparse_lm.config import ConfigError
 from sparse_lm.model import is_causal
 
 
@@ -101,6 +103,9 @@ def load_run(workdir: str | pathlib.Path):
   """The run's config, tokenizer, model structure, newest variables (parameters and non-parameter
   state, on the default device) and step."""
   workdir = pathlib.Path(workdir)
+  if not (workdir / 'config.json').is_file():
+    raise ConfigError(f'--workdir={workdir}: no run there (no config.json); train one with '
+                      f'python train.py --workdir={workdir}')
   config = ml_collections.ConfigDict(json.loads((workdir / 'config.json').read_text()))
   tok = tokenizer.make_tokenizer(config, workdir)
   config.model.vocab_size = tok.vocab_size
@@ -113,7 +118,7 @@ def load_run(workdir: str | pathlib.Path):
   restored = checkpointer.restore(abstract_state)
   checkpointer.close()
   if restored is None:
-    raise FileNotFoundError(f'no complete checkpoint under {workdir / "checkpoints"}')
+    raise ConfigError(f'--workdir={workdir}: no complete checkpoint under {workdir / "checkpoints"} yet')
   step, state, _ = restored
   return config, tok, graphdef, (state['params'], state['model_state']), step
 
@@ -121,7 +126,14 @@ def load_run(workdir: str | pathlib.Path):
 def main(argv) -> None:
   del argv
   logging.set_verbosity(logging.WARNING)
-  config, tok, graphdef, variables, step = load_run(_WORKDIR.value)
+  for name, value, low in (('max_new_tokens', _NUM_NEW.value, 1), ('temperature', _TEMPERATURE.value, 0),
+                           ('top_k', _TOP_K.value, 0)):
+    if value < low:
+      sys.exit(f'sample: --{name}={value} must be at least {low}')
+  try:
+    config, tok, graphdef, variables, step = load_run(_WORKDIR.value)
+  except ConfigError as e:
+    sys.exit(f'sample: {e}')
   # Documents start after an end-of-document token in training, so prompts do too.
   prompt_1P = jnp.asarray([[tok.eos_id, *tok.encode(_PROMPT.value)]], jnp.int32)
   new_1N = generate(graphdef, variables, prompt_1P, _NUM_NEW.value, jax.random.key(_SEED.value),

@@ -38,6 +38,7 @@ import scipy.special
 from matplotlib.figure import Figure
 
 from sparse_lm import sweep
+from sparse_lm.config import ConfigError
 
 HUBER_DELTA = 1e-3
 INTERVAL_PERCENTILES = (2.5, 97.5)
@@ -526,18 +527,37 @@ def _parser() -> argparse.ArgumentParser:
 
 def law_center(path):
   """N_opt(C) of a fitted law (the JSON that `fit` prints)."""
-  law = Law(**{k: json.loads(pathlib.Path(path).read_text())[k] for k in ('E', 'A', 'B', 'alpha', 'beta')})
+  try:
+    fitted = json.loads(pathlib.Path(path).read_text())
+    law = Law(**{k: float(fitted[k]) for k in ('E', 'A', 'B', 'alpha', 'beta')})
+  except (OSError, ValueError, KeyError, TypeError) as e:
+    raise RunsError(f'--law={path}: not the JSON of `scaling fit` with E, A, B, alpha and beta '
+                    f'({type(e).__name__}: {e})') from None
   return lambda c: float(law.allocation(c)[0])
+
+
+def _budgets(text: str) -> list[float]:
+  try:
+    budgets = [float(b) for b in text.split(',')]
+  except ValueError:
+    budgets = []
+  if not budgets or not all(math.isfinite(b) and b > 0 for b in budgets):
+    raise RunsError(f'--budgets={text}: expected comma-separated training FLOPs > 0, e.g. 1e13,3e13')
+  return budgets
 
 
 def main(argv=None) -> None:
   args = _parser().parse_args(argv)
+  try:
+    _command(args)
+  except (RunsError, ConfigError) as e:
+    sys.exit(f'scaling {args.command}: {str(e).splitlines()[0]}')
+
+
+def _command(args) -> None:
   if args.command == 'fit':
-    try:
-      runs = load_runs(args.runs)
-      check_identifiable(runs, args.runs)
-    except RunsError as e:
-      sys.exit(f'scaling fit: {e}')
+    runs = load_runs(args.runs)
+    check_identifiable(runs, args.runs)
     fit_runs(runs, bootstrap=args.bootstrap, seed=args.seed, grid=args.grid, starts=args.starts,
              out=args.out, report=lambda result: print(json.dumps(json_safe(result), indent=2), flush=True))
   elif args.command == 'sweep':
@@ -545,11 +565,17 @@ def main(argv=None) -> None:
       center = lambda c: args.params  # noqa: E731
     else:
       center = law_center(args.law) if args.law else sweep.chinchilla_center(args.tokens_per_param)
-    budgets = [float(b) for b in args.budgets.split(',')]
+    budgets = _budgets(args.budgets)
+    for name in ('sizes_per_budget', 'spread', 'tokens_per_param', 'params'):
+      value = getattr(args, name)
+      if value is not None and not value > (1 if name == 'spread' else 0):
+        raise RunsError(f'--{name}={value} must be > {1 if name == "spread" else 0}')
     runs = sweep.plan(budgets, center, sizes_per_budget=args.sizes_per_budget, spread=args.spread,
                       variant=args.variant, sets=args.set)
     sweep.execute(runs, args.workdir_root, run=args.run)
   else:
+    if not pathlib.Path(args.workdir_root).is_dir():
+      raise RunsError(f'--workdir_root={args.workdir_root} is not a directory')
     records = sweep.collect(args.workdir_root)
     pathlib.Path(args.out).write_text(''.join(json.dumps(r) + '\n' for r in records))
     print(f'{len(records)} finished runs -> {args.out}', file=sys.stderr)

@@ -25,6 +25,7 @@ import ml_collections
 import numpy as np
 
 from sparse_lm import attention, flops, ladder, mlp, tokenizer
+from sparse_lm.config import ConfigError
 from sparse_lm.model import is_causal
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -60,7 +61,7 @@ def to_variant(c: ml_collections.ConfigDict, variant: str, *, small: bool) -> No
     c.model.mlp = variant
   else:
     known = sorted({*ladder.VARIANTS, *attention.REGISTRY, *mlp.REGISTRY})
-    raise ValueError(f'variant={variant!r} is not one of {known}')
+    raise ConfigError(f'--variant={variant!r} is not one of {known}')
 
 
 def with_vocab(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
