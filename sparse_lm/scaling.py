@@ -41,10 +41,8 @@ from sparse_lm import sweep
 from sparse_lm.config import ConfigError
 
 HUBER_DELTA = 1e-3
+REFIT_MINIMA = 4  # the full fit's best distinct minima, where each bootstrap refit starts (with others)
 INTERVAL_PERCENTILES = (2.5, 97.5)
-# A new budget starts where sorted run compute jumps by more than this factor (runs of one budget
-# differ only by rounding of their step counts).
-_SAME_BUDGET = 1.05
 
 
 @dataclasses.dataclass(frozen=True)
@@ -145,22 +143,35 @@ def fit_law(n_R, d_R, loss_R, *, inits_GP=None, starts=None, delta=HUBER_DELTA) 
   The search runs in log N and log D centred on their means, which decorrelates (a, alpha) and
   (b, beta) and so shortens it; the law is the same.
   """
+  law, objective, _, _ = _fit(n_R, d_R, loss_R, inits_GP=inits_GP, starts=starts, delta=delta)
+  return law, objective
+
+
+def _fit(n_R, d_R, loss_R, *, inits_GP=None, starts=None, delta=HUBER_DELTA, winners=0):
+  """`fit_law`, the `winners` best distinct minima it reached and the initialisations it started
+  from (both as theta), for the bootstrap refits to start from."""
   logn_R, logd_R, logl_R = np.log(n_R), np.log(d_R), np.log(loss_R)
   inits_GP = init_grid() if inits_GP is None else inits_GP
   if starts is not None and starts < len(inits_GP):
     order = np.argsort(_grid_objectives(inits_GP, logn_R, logd_R, logl_R, delta))
     inits_GP = inits_GP[order[:starts]]
   mean_n, mean_d = logn_R.mean(), logd_R.mean()
-  best = None
+  found = []
   for theta0_P in _recentre(inits_GP, mean_n, mean_d):
     res = scipy.optimize.minimize(huber_objective, theta0_P,
                                   args=(logn_R - mean_n, logd_R - mean_d, logl_R, delta), jac=True,
                                   method='L-BFGS-B', options=dict(ftol=1e-11, gtol=1e-8, maxiter=1000))
-    if np.isfinite(res.fun) and (best is None or res.fun < best.fun):
-      best = res
-  a, b, e, alpha, beta = _recentre(best.x, -mean_n, -mean_d)
+    if np.isfinite(res.fun):
+      found.append((float(res.fun), res.x))
+  found.sort(key=lambda f: f[0])
+  a, b, e, alpha, beta = _recentre(found[0][1], -mean_n, -mean_d)
   law = Law(E=math.exp(e), A=math.exp(a), B=math.exp(b), alpha=float(alpha), beta=float(beta))
-  return law, float(best.fun * delta**2)
+  distinct = []
+  for _, x in found:
+    if len(distinct) < winners and all(np.abs(x - y).max() > 1e-3 for y in distinct):
+      distinct.append(x)
+  minima_GP = _recentre(np.array(distinct).reshape(-1, 5), -mean_n, -mean_d)
+  return law, found[0][0] * delta**2, minima_GP, inits_GP
 
 
 def theta_of(law: Law) -> np.ndarray:
@@ -168,16 +179,19 @@ def theta_of(law: Law) -> np.ndarray:
 
 
 def bootstrap_laws(n_R, d_R, loss_R, *, start: Law, count: int, seed: int, grid='full',
-                   starts=5) -> list[Law]:
-  """Refits on runs resampled with replacement, from the full fit and the `starts` best grid points."""
+                   starts=5, grid_GP=None, minima_GP=None) -> list[Law]:
+  """Refits on runs resampled with replacement, each from the full fit, its other distinct minima
+  `minima_GP` and the `starts` best points for that resample among `grid_GP` (default: all of `grid`;
+  `fit_runs` passes the full fit's own grid winners, which is as good and much cheaper to rank)."""
   rng = np.random.default_rng(seed)
-  grid_GP = init_grid(grid)
+  grid_GP = init_grid(grid) if grid_GP is None else grid_GP
+  minima_GP = np.zeros((0, 5)) if minima_GP is None else minima_GP
   laws = []
   for _ in range(count):
     idx_R = rng.integers(0, len(n_R), len(n_R))
     n_S, d_S, loss_S = n_R[idx_R], d_R[idx_R], loss_R[idx_R]
     best_GP = grid_GP[np.argsort(_grid_objectives(grid_GP, np.log(n_S), np.log(d_S), np.log(loss_S)))]
-    inits_GP = np.concatenate([theta_of(start)[None], best_GP[:starts]])
+    inits_GP = np.concatenate([theta_of(start)[None], minima_GP, best_GP[:starts]])
     laws.append(fit_law(n_S, d_S, loss_S, inits_GP=inits_GP)[0])
   return laws
 
@@ -189,13 +203,12 @@ def percentile_interval(values) -> list[float]:
 
 # ----------------------------------------------------------------------------- approach 2
 
-def budget_groups(c_R, budget_R=None) -> dict[float, np.ndarray]:
-  """Run indices per isoFLOP budget: by the `budget` field, else by clustering compute."""
-  if budget_R is not None:
-    return {float(b): np.flatnonzero(budget_R == b) for b in np.unique(budget_R)}
-  order_R = np.argsort(c_R)
-  breaks = np.flatnonzero(np.diff(np.log(c_R[order_R])) > math.log(_SAME_BUDGET)) + 1
-  return {float(np.exp(np.log(c_R[idx]).mean())): idx for idx in np.split(order_R, breaks)}
+def budget_groups(budget_R=None) -> dict[float, np.ndarray]:
+  """Run indices per isoFLOP budget, by the runs' `budget` field only (`scaling sweep` writes it); none
+  without it. Guessing budgets from gaps in compute splits any spread of runs into dozens of groups."""
+  if budget_R is None:
+    return {}
+  return {float(b): np.flatnonzero(budget_R == b) for b in np.unique(budget_R)}
 
 
 def isoflop_minimum(logn_R, loss_R):
@@ -298,6 +311,8 @@ def plot_isoflops(path, n_R, loss_R, groups, fit2):
   ax = fig.add_subplot()
   colors = _colors(len(groups))
   parabolas = {o['C']: o for o in (fit2 or {}).get('budgets', [])}
+  if not groups:
+    ax.scatter(n_R, loss_R, color='gray', s=16, label='no budget field: runs not grouped')
   for color, (c, idx) in zip(colors, sorted(groups.items()), strict=True):
     ax.scatter(n_R[idx], loss_R[idx], color=color, s=16, label=f'C = {c:.2g}')
     if c in parabolas:
@@ -305,8 +320,10 @@ def plot_isoflops(path, n_R, loss_R, groups, fit2):
       ax.plot(np.exp(logn_S), np.polyval(parabolas[c]['parabola'], logn_S), color=color, lw=1)
       ax.scatter([parabolas[c]['N_opt']], [parabolas[c]['loss_opt']], color=color, marker='*', s=80)
   ax.set(xscale='log', xlabel='parameters N', ylabel='final eval loss', title='isoFLOP curves')
-  ax.legend(fontsize=7)
+  # Inside the axes, in as many columns as keep it short.
+  ax.legend(fontsize=6, loc='upper right', ncol=max(1, math.ceil(len(groups) / 8)), framealpha=0.8)
   fig.savefig(path, dpi=120, bbox_inches='tight')
+  return fig
 
 
 def plot_optimal(path, law: Law, fpt: FlopsModel, fit2, c_range):
@@ -427,12 +444,16 @@ def fit_runs(runs: list[dict], *, bootstrap=100, seed=0, grid='full', starts=100
   dense = [dict(r, C=run_compute(r)) for r in runs if is_dense(r)]
   variants = [dict(r, C=run_compute(r)) for r in runs if not is_dense(r)]
   n_R, d_R, loss_R, c_R = (np.array([r[k] for r in dense], np.float64) for k in ('N', 'D', 'loss', 'C'))
-  law, objective = fit_law(n_R, d_R, loss_R, inits_GP=init_grid(grid), starts=starts or None)
+  # The refits start from the full fit's minima and its best grid points re-ranked per resample, not
+  # from a ranking of the whole grid for every resample (most of the time, for the same minima).
+  law, objective, minima_GP, winners_GP = _fit(n_R, d_R, loss_R, inits_GP=init_grid(grid),
+                                               starts=starts or None, winners=REFIT_MINIMA)
   fpt = fit_flops_model(n_R, d_R, c_R if all('C' in r for r in runs if is_dense(r)) else None)
-  laws = bootstrap_laws(n_R, d_R, loss_R, start=law, count=bootstrap, seed=seed, grid=grid)
+  laws = bootstrap_laws(n_R, d_R, loss_R, start=law, count=bootstrap, seed=seed, grid_GP=winners_GP,
+                        minima_GP=minima_GP[1:])
   has_budgets = all(r.get('budget') is not None for r in dense)
   budget_R = np.array([r['budget'] for r in dense], np.float64) if has_budgets else None
-  groups = budget_groups(c_R, budget_R)
+  groups = budget_groups(budget_R)
   fit2 = approach2(n_R, loss_R, groups, fpt)
   if fit2 is not None and bootstrap:
     fit2['intervals'] = bootstrap_approach2(n_R, loss_R, groups, fpt, count=bootstrap, seed=seed)

@@ -11,6 +11,7 @@ import sys
 import numpy as np
 import pytest
 import scipy.optimize
+from matplotlib.backends.backend_agg import FigureCanvasAgg
 
 from sparse_lm import checks, flops, scaling, sweep
 from tests.conftest import REPO
@@ -171,6 +172,18 @@ def test_fit_command_exits_1_without_traceback(tmp_path):
   last = run.stderr.strip().splitlines()[-1]  # the lines before it are the CUDA plugin's start-up log
   assert run.returncode == 1 and 'Traceback' not in run.stderr and not run.stdout, run.stderr
   assert re.match(r"scaling fit: .*runs.jsonl:6: no 'D'", last), last
+
+
+def test_isoflop_groups_come_from_the_budget_field_only_and_the_legend_stays_inside(tmp_path):
+  _, rng = fresh_rng()
+  n, _, loss, c = isoflop_runs(rng, noise=0.002, budgets=np.geomspace(1e18, 1e22, 40), sizes=5)
+  assert scaling.budget_groups(None) == {}  # no budgets: no groups invented from gaps in compute
+  groups = scaling.budget_groups(c)
+  assert len(groups) == 40
+  fig = scaling.plot_isoflops(tmp_path / 'iso.png', n, loss, groups, None)
+  renderer = FigureCanvasAgg(fig).get_renderer()
+  box, frame = fig.axes[0].get_legend().get_window_extent(renderer), fig.axes[0].get_window_extent(renderer)
+  assert frame.x0 <= box.x0 and box.x1 <= frame.x1 and frame.y0 <= box.y0 and box.y1 <= frame.y1
 
 
 def test_fit_prints_before_plotting_and_a_failed_plot_is_a_warning(tmp_path, capsys):
