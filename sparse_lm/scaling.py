@@ -437,10 +437,11 @@ def run_compute(run: dict) -> float:
 
 
 def fit_runs(runs: list[dict], *, bootstrap=100, seed=0, grid='full', starts=100, out=None,
-             report=None) -> dict:
+             report=None, source='runs') -> dict:
   """Everything `fit` prints: the law, intervals, approach 2, the allocation and variant multipliers.
-  `report(result)` is called before the plots are drawn into `out`; a plot that fails is a warning."""
-  check_identifiable(runs)
+  `report(result)` is called before the plots are drawn into `out`; a plot that fails is a warning.
+  `source` names the runs in the error for runs that cannot identify the law."""
+  check_identifiable(runs, source)
   dense = [dict(r, C=run_compute(r)) for r in runs if is_dense(r)]
   variants = [dict(r, C=run_compute(r)) for r in runs if not is_dense(r)]
   n_R, d_R, loss_R, c_R = (np.array([r[k] for r in dense], np.float64) for k in ('N', 'D', 'loss', 'C'))
@@ -577,10 +578,9 @@ def main(argv=None) -> None:
 
 def _command(args) -> None:
   if args.command == 'fit':
-    runs = load_runs(args.runs)
-    check_identifiable(runs, args.runs)
-    fit_runs(runs, bootstrap=args.bootstrap, seed=args.seed, grid=args.grid, starts=args.starts,
-             out=args.out, report=lambda result: print(json.dumps(json_safe(result), indent=2), flush=True))
+    fit_runs(load_runs(args.runs), source=args.runs, bootstrap=args.bootstrap, seed=args.seed,
+             grid=args.grid, starts=args.starts, out=args.out,
+             report=lambda result: print(json.dumps(json_safe(result), indent=2), flush=True))
   elif args.command == 'sweep':
     if args.params:
       center = lambda c: args.params  # noqa: E731

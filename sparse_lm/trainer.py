@@ -200,9 +200,8 @@ class NonFiniteGuard:
     self._unread = None  # (step, metrics) of the newest dispatched step
 
   def dispatched(self, step: int, metrics) -> None:
-    unread, self._unread = self._unread, (step, metrics)
-    if unread is not None:
-      self._read(*unread)
+    self.read_all()  # the step before, which the device has finished or nearly
+    self._unread = (step, metrics)
 
   def read_all(self) -> None:
     """Reads the newest step's flag (waits for that step): before saving it, and at the end."""
