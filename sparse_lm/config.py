@@ -33,6 +33,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.dtype = 'float32'  # compute dtype; 'bfloat16' on accelerators
   c.model.param_dtype = 'float32'
   c.model.remat = False  # recompute each block in the backward pass to save memory
+  c.model.remat_attention = False  # recompute only the attention sublayers (the block's MLP keeps its own)
   # Native Sparse Attention (Yuan et al. 2025); defaults are the paper's (Sec. 4.1).
   c.model.nsa = ml_collections.ConfigDict()
   c.model.nsa.cmp_block = 32  # l: tokens per compressed block
@@ -79,6 +80,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.tokenizer = 'byte'  # 'byte', 'sentencepiece:VOCAB_SIZE' (trained on train) or 'ids:VOCAB' (mqar)
   c.data.validation_fraction = 0.02  # of documents, for sources without a validation split
   c.data.shuffle_buffer = 256  # packed sequences shuffled in a window of this many, per shard
+  # grain threads reading documents ahead, per shard. 0 reads them in the training loop's thread: right for
+  # the in-memory sources, where threads only contend for the GIL; a tfds source on a slow disk wants some.
+  c.data.read_threads = 0
   # Virtual shards of the train stream (sparse_lm/data.py): they, not the hosts, fix the batches, so a
   # run gives the same data on any process count that divides them. 0: the largest power of two
   # dividing train.batch_size, at most 64.

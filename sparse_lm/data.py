@@ -254,6 +254,8 @@ def check_source(config) -> None:
   if config.data.seq_len < 1 or config.data.shuffle_buffer < 1:
     raise ConfigError(f'data.seq_len={config.data.seq_len} and data.shuffle_buffer='
                       f'{config.data.shuffle_buffer} must both be at least 1')
+  if not isinstance(config.data.read_threads, int) or config.data.read_threads < 0:
+    raise ConfigError(f'data.read_threads={config.data.read_threads!r} must be an integer >= 0')
   train, validation = corpus(config, 'train'), corpus(config, 'validation')
   if train.num_bytes is not None:
     train_tokens = train.num_bytes + len(train.documents)  # an EOS after each document
@@ -297,7 +299,9 @@ def _is_full(window: dict[str, np.ndarray]) -> bool:
 
 def _pack(documents: grain.MapDataset, tokenizer, config) -> grain.IterDataset:
   """Windows of `seq_len + 1` tokens, cut from the concatenation of the tokenized documents."""
-  tokens = documents.map(functools.partial(_tokenize, tokenizer=tokenizer)).to_iter_dataset()
+  threads = config.data.read_threads  # each thread keeps about four documents ahead
+  read = grain.ReadOptions(num_threads=threads, prefetch_buffer_size=4 * threads)
+  tokens = documents.map(functools.partial(_tokenize, tokenizer=tokenizer)).to_iter_dataset(read)
   windows = grain.experimental.ConcatThenSplitIterDataset(
       tokens, length_struct={'tokens': _window_tokens(config)})
   return windows.filter(_is_full).map(lambda window: window['tokens'])

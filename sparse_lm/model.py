@@ -41,9 +41,17 @@ class Block(nnx.Module):
     self.attn = attention.REGISTRY[cfg.attention](cfg, rngs=rngs)
     self.mlp_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, param_dtype=cfg.param_dtype)
     self.mlp = mlp.REGISTRY[mlp_name(cfg, layer)](cfg, rngs=rngs)
+    self.remat_attention = cfg.remat_attention
 
   def __call__(self, x_BTD, pos_BT, cache=None):
-    h_BTD, cache = self.attn(self.attn_norm(x_BTD), pos_BT, cache)
+    if self.remat_attention and cache is None:
+      # Only the sublayer's input is kept for the backward, which runs its forward again. What a sparse
+      # attention saves for its backward (three branches' K/V and outputs for NSA) is several times its
+      # input, while recomputing it costs one more forward of a sublayer whose FLOPs are small.
+      h_BTD, cache = nnx.remat(lambda attn, norm, x, p: attn(norm(x), p))(self.attn, self.attn_norm, x_BTD,
+                                                                         pos_BT)
+    else:
+      h_BTD, cache = self.attn(self.attn_norm(x_BTD), pos_BT, cache)
     x_BTD = x_BTD + h_BTD
     return x_BTD + self.mlp(self.mlp_norm(x_BTD)), cache
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from sparse_lm.attention import core
+from sparse_lm.attention import REGISTRY, core
 from sparse_lm.model import Transformer
 from tests.conftest import assert_decoding_equals_parallel, fresh_seed, tiny_config
 
@@ -88,3 +88,20 @@ def test_pallas_kernel_path_equals_xla_path(attention, extra):
   np.testing.assert_allclose(loss_p, loss_x, rtol=1e-5)
   for gx, gp in zip(jax.tree.leaves(grads_x), jax.tree.leaves(grads_p), strict=True):
     np.testing.assert_allclose(gp, gx, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize('name', sorted(REGISTRY))
+def test_recomputing_attention_in_the_backward_changes_no_number(name):
+  """model.remat_attention runs each attention sublayer's forward again in the backward: loss and
+  gradients stay the same for every variant (the memory it saves is measured in benchmarks/)."""
+  seed = fresh_seed()
+  configs = [tiny_config(attention=name, window=16, remat_attention=remat).model for remat in (False, True)]
+  models = [Transformer(c, rngs=nnx.Rngs(seed)) for c in configs]
+  tokens_BT = jax.random.randint(jax.random.key(seed), (2, 64), 0, 259)
+
+  def loss(model):
+    return jnp.mean(model(tokens_BT)[0][..., :259] ** 2)
+  (loss_a, grads_a), (loss_b, grads_b) = (nnx.jit(nnx.value_and_grad(loss))(m) for m in models)
+  np.testing.assert_allclose(loss_b, loss_a, rtol=1e-6)
+  for ga, gb in zip(jax.tree.leaves(grads_a), jax.tree.leaves(grads_b), strict=True):
+    np.testing.assert_allclose(gb, ga, atol=1e-6, rtol=1e-5)
