@@ -23,6 +23,7 @@ CASES = [
     ('data.source', lambda c: c.data.update(source='ftp:corpus')),
     ('data.seq_len', lambda c: c.data.update(seq_len=10_000_000)),
     ('data.tokenizer', lambda c: c.data.update(tokenizer='wordpiece')),
+    ('data.read_threads', lambda c: c.data.update(read_threads=-1)),
 ]
 
 

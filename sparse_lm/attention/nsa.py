@@ -57,18 +57,26 @@ Cache = dict[str, jax.Array]
 _NEG_INF = -1e30
 
 
-def gathered_selected_attention(q_BTHD, k_BSKD, v_BSKD, idx_BTKn, pos_BT, sel_block) -> jax.Array:
+def gathered_selected_attention(q_BTHD, k_BSKD, v_BSKD, idx_BTKn, pos_BT, sel_block, *,
+                                rope_theta: float | None = None) -> jax.Array:
   """Selected-block attention at arbitrary query positions (decoding): gathers each token's blocks.
 
   Same rule as `pallas_kernels.selected_attention`: keys of the listed blocks at positions <= the
-  query's, repeats counted once, -1 ignored, zero output when nothing is visible.
+  query's, repeats counted once, -1 ignored, zero output when nothing is visible. With `rope_theta` the
+  keys are un-rotated and only the gathered rows are rotated (decoding from a long cache).
   """
   B, T, H, D = q_BTHD.shape
   K, n = k_BSKD.shape[2], idx_BTKn.shape[-1]
   kpos_BTKnL = jnp.maximum(idx_BTKn, 0)[..., None] * sel_block + jnp.arange(sel_block)[None, None, None, None]
   flat_BKX = kpos_BTKnL.transpose(0, 2, 1, 3, 4).reshape(B, K, -1)
-  take = jax.vmap(jax.vmap(lambda x_SD, i_X: x_SD[i_X], in_axes=(1, 0)), in_axes=(0, 0))
-  k_BKTnLD = take(k_BSKD, flat_BKX).reshape(B, K, T, n, sel_block, D)
+
+  def take(x_BSKD, flat_BKX):  # rows of each kv head along S, without laying the cache out K-major first
+    rows_BXKD = jnp.take_along_axis(x_BSKD, flat_BKX.transpose(0, 2, 1)[..., None], axis=1, mode='clip')
+    return rows_BXKD.transpose(0, 2, 1, 3)
+  k_BKXD = take(k_BSKD, flat_BKX)
+  if rope_theta is not None:  # rope's "heads" axis of 1: each gathered row has its own position
+    k_BKXD = rope(k_BKXD.reshape(B, -1, 1, D), flat_BKX.reshape(B, -1), rope_theta).reshape(k_BKXD.shape)
+  k_BKTnLD = k_BKXD.reshape(B, K, T, n, sel_block, D)
   v_BKTnLD = take(v_BSKD, flat_BKX).reshape(B, K, T, n, sel_block, D)
   earlier_111nn = jnp.tril(jnp.ones((n, n), bool), -1)[None, None, None]
   repeat_BTKn = jnp.any((idx_BTKn[..., :, None] == idx_BTKn[..., None, :]) & earlier_111nn, axis=-1)
@@ -223,53 +231,79 @@ class Attention(nnx.Module):
     v_BTJKD = jnp.einsum('btd,djkh->btjkh', x_BTD, self.wv[...].astype(self.dtype))
     return q_BTHD, k_BTJKD, v_BTJKD
 
-  def _branch(self, kv_BSJKD, name: str) -> jax.Array:
-    return kv_BSJKD[:, :, 0 if kv_BSJKD.shape[2] == 1 else ('cmp', 'slc', 'win').index(name)]
+  def _branch(self, kv, name: str) -> jax.Array:
+    """One branch's keys or values: from `[B, T, J, K, D]` (a forward pass) or from a cache's list of J
+    `[B, S, K, D]` arrays (J = 1 when the branches share K/V)."""
+    shared = (len(kv) if isinstance(kv, list) else kv.shape[2]) == 1
+    j = 0 if shared else ('cmp', 'slc', 'win').index(name)
+    return kv[j] if isinstance(kv, list) else kv[:, :, j]
 
   # ------------------------------------------------------------------------- forward
 
   def init_cache(self, batch: int, max_len: int) -> Cache:
+    """Raw K/V as one `[B, S, K, D]` array per branch, so that decoding slices and gathers a branch's
+    rows without copying the other branches, and the compressed blocks."""
     _, J, K, D = self.wk.shape
     C = self._num_compressed(max_len)
-    return {'k': jnp.zeros((batch, max_len, J, K, D), self.dtype),
-            'v': jnp.zeros((batch, max_len, J, K, D), self.dtype),
+    return {'k': [jnp.zeros((batch, max_len, K, D), self.dtype) for _ in range(J)],
+            'v': [jnp.zeros((batch, max_len, K, D), self.dtype) for _ in range(J)],
             'ck': jnp.zeros((batch, C, K, D), self.dtype), 'cv': jnp.zeros((batch, C, K, D), self.dtype)}
 
   def __call__(self, x_BTD: jax.Array, pos_BT: jax.Array,
                cache: Cache | None = None) -> tuple[jax.Array, Cache | None]:
-    n = self.nsa
     x_BTD = x_BTD.astype(self.dtype)
     q_BTHD, k_BTJKD, v_BTJKD = self._project(x_BTD, pos_BT)
     if cache is None:
-      k_BSJKD, v_BSJKD, kpos_BS = k_BTJKD, v_BTJKD, pos_BT
+      k_BSJKD, v_BSJKD = k_BTJKD, v_BTJKD
       C = self._num_compressed(k_BSJKD.shape[1])
       ck_BCKD = self._compress(self._branch(k_BSJKD, 'cmp'), C, 'k')
       cv_BCKD = self._compress(self._branch(v_BSJKD, 'cmp'), C, 'v')
     else:
       cache = self._extend_cache(k_BTJKD, v_BTJKD, pos_BT[0, 0], cache)
       k_BSJKD, v_BSJKD, ck_BCKD, cv_BCKD = cache['k'], cache['v'], cache['ck'], cache['cv']
-      kpos_BS = jnp.broadcast_to(jnp.arange(k_BSJKD.shape[1]), k_BSJKD.shape[:2])
 
     fused = cache is None and self.kernel == 'pallas'
-    o_cmp, idx_BTKn = self._compressed_and_choice(q_BTHD, ck_BCKD, cv_BCKD, pos_BT, k_BSJKD.shape[1], fused)
+    num_keys = self._branch(k_BSJKD, 'slc').shape[1]
+    o_cmp, idx_BTKn = self._compressed_and_choice(q_BTHD, ck_BCKD, cv_BCKD, pos_BT, num_keys, fused)
 
-    ks_BSKD = rope(self._branch(k_BSJKD, 'slc'), kpos_BS, self.rope_theta)
-    kw_BSKD = rope(self._branch(k_BSJKD, 'win'), kpos_BS, self.rope_theta)
-    vs_BSKD, vw_BSKD = self._branch(v_BSJKD, 'slc'), self._branch(v_BSJKD, 'win')
-    if fused:
-      selected = functools.partial(selected_attention, block_size=n.sel_block)
-      o_slc = sharding.attention_per_device(selected, q_BTHD, ks_BSKD, vs_BSKD, idx_BTKn)
-      window = functools.partial(flash_attention, causal=True, window=n.window)
-      o_win = sharding.attention_per_device(window, q_BTHD, kw_BSKD, vw_BSKD)
-    elif cache is None:
-      o_slc = chunked_selected_attention(q_BTHD, ks_BSKD, vs_BSKD, idx_BTKn, pos_BT, n.sel_block)
-      o_win = core.local_attend(q_BTHD, kw_BSKD, vw_BSKD, window=n.window)
+    if cache is None:
+      o_slc, o_win = self._selected_and_window(q_BTHD, k_BSJKD, v_BSJKD, idx_BTKn, pos_BT, fused)
     else:
-      o_slc = gathered_selected_attention(q_BTHD, ks_BSKD, vs_BSKD, idx_BTKn, pos_BT, n.sel_block)
-      o_win = core.attend(q_BTHD, kw_BSKD, vw_BSKD, pos_BT, kpos_BS, window=n.window)
+      o_slc, o_win = self._selected_and_window_from_cache(q_BTHD, k_BSJKD, v_BSJKD, idx_BTKn, pos_BT)
     o_BTHD = self._mix(x_BTD, o_cmp.astype(self.dtype), o_slc.astype(self.dtype), o_win.astype(self.dtype))
     y_BTD = jnp.einsum('bthk,hkd->btd', o_BTHD, self.wo[...].astype(self.dtype))
     return sharding.constrain(y_BTD, ('batch', 'length', 'act_embed')), cache
+
+  def _selected_and_window(self, q_BTHD, k_BTJKD, v_BTJKD, idx_BTKn, pos_BT, fused: bool):
+    """Eq. 12 and the sliding window over the whole sequence (training, or a prompt without cache)."""
+    n = self.nsa
+    ks_BTKD = rope(self._branch(k_BTJKD, 'slc'), pos_BT, self.rope_theta)
+    kw_BTKD = rope(self._branch(k_BTJKD, 'win'), pos_BT, self.rope_theta)
+    vs_BTKD, vw_BTKD = self._branch(v_BTJKD, 'slc'), self._branch(v_BTJKD, 'win')
+    if fused:
+      selected = functools.partial(selected_attention, block_size=n.sel_block)
+      window = functools.partial(flash_attention, causal=True, window=n.window)
+      return (sharding.attention_per_device(selected, q_BTHD, ks_BTKD, vs_BTKD, idx_BTKn),
+              sharding.attention_per_device(window, q_BTHD, kw_BTKD, vw_BTKD))
+    return (chunked_selected_attention(q_BTHD, ks_BTKD, vs_BTKD, idx_BTKn, pos_BT, n.sel_block),
+            core.local_attend(q_BTHD, kw_BTKD, vw_BTKD, window=n.window))
+
+  def _selected_and_window_from_cache(self, q_BTHD, k_BSJKD, v_BSJKD, idx_BTKn, pos_BT):
+    """The same for new tokens at `pos_BT` over a cache of S positions, reading only the rows attended
+    to: the selected blocks are gathered and then rotated, and the window branch sees the last
+    `window + T - 1` positions (the cache keeps keys un-rotated, as phi wants them)."""
+    n = self.nsa
+    o_slc = gathered_selected_attention(q_BTHD, self._branch(k_BSJKD, 'slc'), self._branch(v_BSJKD, 'slc'),
+                                        idx_BTKn, pos_BT, n.sel_block, rope_theta=self.rope_theta)
+    B, T = pos_BT.shape
+    S = self._branch(k_BSJKD, 'win').shape[1]
+    span = min(S, n.window + T - 1)
+    lo = jnp.clip(pos_BT[0, -1] + 1 - span, 0, S - span)  # the new tokens share their positions per row
+    kpos_BL = jnp.broadcast_to(lo + jnp.arange(span), (B, span))
+    kw_BLKD, vw_BLKD = (jax.lax.dynamic_slice_in_dim(self._branch(x, 'win'), lo, span, 1)
+                        for x in (k_BSJKD, v_BSJKD))
+    kw_BLKD = rope(kw_BLKD, kpos_BL, self.rope_theta)
+    return o_slc, core.attend(q_BTHD, kw_BLKD, vw_BLKD, pos_BT, kpos_BL, window=n.window)
 
   def _extend_cache(self, k_BTJKD, v_BTJKD, start, cache: Cache) -> Cache:
     """Writes the new tokens' raw K/V, then (re)computes every compressed block that ends among them.
@@ -279,8 +313,10 @@ class Attention(nnx.Module):
     last token is in the future) and are recomputed when they complete.
     """
     l, stride = self.nsa.cmp_block, self.nsa.cmp_stride
-    k_BSJKD = jax.lax.dynamic_update_slice_in_dim(cache['k'], k_BTJKD.astype(self.dtype), start, 1)
-    v_BSJKD = jax.lax.dynamic_update_slice_in_dim(cache['v'], v_BTJKD.astype(self.dtype), start, 1)
+    def write(bufs, new_BTJKD):
+      return [jax.lax.dynamic_update_slice_in_dim(buf_BSKD, new_BTJKD[:, :, j].astype(self.dtype), start, 1)
+              for j, buf_BSKD in enumerate(bufs)]
+    k_BSJKD, v_BSJKD = write(cache['k'], k_BTJKD), write(cache['v'], v_BTJKD)
     C = cache['ck'].shape[1]
     if not C:
       return {'k': k_BSJKD, 'v': v_BSJKD, 'ck': cache['ck'], 'cv': cache['cv']}
