@@ -81,13 +81,16 @@ def test_pallas_kernel_path_equals_xla_path(attention, extra):
   models = [Transformer(tiny_config(attention=attention, kernel=kernel, **extra).model, rngs=nnx.Rngs(seed))
             for kernel in ('xla', 'pallas')]
   tokens_BT = jax.random.randint(jax.random.key(seed), (2, 20), 0, 259)
+  _assert_same_loss_and_grads(*models, tokens_BT, loss_rtol=1e-5, atol=1e-5, rtol=1e-4)
 
+
+def _assert_same_loss_and_grads(model_a, model_b, tokens_BT, *, loss_rtol, atol, rtol):
   def loss(model):
     return jnp.mean(model(tokens_BT)[0][..., :259] ** 2)
-  (loss_x, grads_x), (loss_p, grads_p) = (nnx.jit(nnx.value_and_grad(loss))(m) for m in models)
-  np.testing.assert_allclose(loss_p, loss_x, rtol=1e-5)
-  for gx, gp in zip(jax.tree.leaves(grads_x), jax.tree.leaves(grads_p), strict=True):
-    np.testing.assert_allclose(gp, gx, atol=1e-5, rtol=1e-4)
+  (loss_a, grads_a), (loss_b, grads_b) = (nnx.jit(nnx.value_and_grad(loss))(m) for m in (model_a, model_b))
+  np.testing.assert_allclose(loss_b, loss_a, rtol=loss_rtol)
+  for ga, gb in zip(jax.tree.leaves(grads_a), jax.tree.leaves(grads_b), strict=True):
+    np.testing.assert_allclose(gb, ga, atol=atol, rtol=rtol)
 
 
 @pytest.mark.parametrize('name', sorted(REGISTRY))
@@ -98,10 +101,4 @@ def test_recomputing_attention_in_the_backward_changes_no_number(name):
   configs = [tiny_config(attention=name, window=16, remat_attention=remat).model for remat in (False, True)]
   models = [Transformer(c, rngs=nnx.Rngs(seed)) for c in configs]
   tokens_BT = jax.random.randint(jax.random.key(seed), (2, 64), 0, 259)
-
-  def loss(model):
-    return jnp.mean(model(tokens_BT)[0][..., :259] ** 2)
-  (loss_a, grads_a), (loss_b, grads_b) = (nnx.jit(nnx.value_and_grad(loss))(m) for m in models)
-  np.testing.assert_allclose(loss_b, loss_a, rtol=1e-6)
-  for ga, gb in zip(jax.tree.leaves(grads_a), jax.tree.leaves(grads_b), strict=True):
-    np.testing.assert_allclose(gb, ga, atol=1e-6, rtol=1e-5)
+  _assert_same_loss_and_grads(*models, tokens_BT, loss_rtol=1e-6, atol=1e-6, rtol=1e-5)
