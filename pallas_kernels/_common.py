@@ -27,6 +27,10 @@ from jax.interpreters import ad, batching, mlir
 BACKENDS = ('gpu', 'tpu')
 IMPLEMENTATIONS = ('pallas', 'xla')
 _PLATFORM_BODY = {'cpu': 'gpu', 'cuda': 'gpu', 'rocm': 'gpu', 'tpu': 'tpu'}
+# The score of a masked key, in every kernel, reference and XLA path. Finite: a query row can meet a block
+# where all its keys are masked (before its window starts, or as a padded query), and an online softmax
+# would compute exp(-inf - -inf) = NaN there; a fully masked row gives a uniform, then ignored, softmax.
+MASK_VALUE = -1e30
 
 
 def check_implementation(implementation: str) -> None:

@@ -42,7 +42,14 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels._common import check_implementation, dispatch, in_shard_map, interpret_param, out_struct
+from pallas_kernels._common import (
+  MASK_VALUE,
+  check_implementation,
+  dispatch,
+  in_shard_map,
+  interpret_param,
+  out_struct,
+)
 
 # (block_q, block_k), used by the forward and both backward kernels. Not tuned for speed (no accelerator was
 # at hand); the GPU choice is the one that compiles without register spills. Deviceless compiles for H100
@@ -56,9 +63,6 @@ DEFAULT_BLOCKS = {'gpu': (64, 64), 'tpu': (256, 512)}
 GPU_NUM_WARPS, GPU_NUM_STAGES = 8, 2
 COMPILED_HEAD_DIMS = (64, 128)
 _LANES = 128
-# Finite: a query row can meet a block where all its keys are masked (before its window starts, or as a
-# padded query), and the online softmax would compute exp(-inf - -inf) = NaN there.
-_MASK_VALUE = -1e30
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -372,13 +376,13 @@ def _scores(x, y, i, j, cfg: _Config, *, transposed: bool = False):
   keep = _keep(qpos, kpos, causal=cfg.causal, window=cfg.window)
   if cfg.kv_mask_len is not None:
     keep = kidx < cfg.kv_mask_len if keep is None else keep & (kidx < cfg.kv_mask_len)
-  return s if keep is None else jnp.where(keep, s, _MASK_VALUE)
+  return s if keep is None else jnp.where(keep, s, MASK_VALUE)
 
 
 def _normalise(acc_QD, m_QL, l_QL):
   """Output and log-sum-exp of the online softmax; a row that saw no key (its max is still the mask
   value, or -inf when no block was visited) gives zeros and lse +inf, so exp(s - lse) = 0 there."""
-  seen_QL = m_QL > _MASK_VALUE
+  seen_QL = m_QL > MASK_VALUE
   o_QD = jnp.where(_lanes(seen_QL, acc_QD.shape[1]), acc_QD / _lanes(l_QL, acc_QD.shape[1]), 0.0)
   return o_QD, jnp.where(seen_QL, m_QL + jnp.log(l_QL), jnp.inf)
 

@@ -46,6 +46,7 @@ from jax.experimental.pallas import tpu as pltpu
 from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels._common import (
+  MASK_VALUE,
   check_implementation,
   dispatch,
   in_shard_map,
@@ -54,7 +55,6 @@ from pallas_kernels._common import (
   vary_alike,
 )
 
-_NEG = -1e30  # finite mask value: a row with no visible key never produces inf - inf
 _NONE = jnp.iinfo(jnp.int32).max  # sorts after every real block index
 _TRANS_B = (((1,), (1,)), ((), ()))
 
@@ -101,7 +101,7 @@ def selected_attention_reference(q_BTHD, k_BSKD, v_BSKD, block_indices_BTKn, *, 
   s_BKTGnL = jnp.einsum('bktgd,bktnld->bktgnl', q_BKTGD, k_BKTnLD,
                         preferred_element_type=jnp.float32) * scale
   visible_BKT1nL = visible_BTKnL.transpose(0, 2, 1, 3, 4)[:, :, :, None]
-  s_BKTGX = jnp.where(visible_BKT1nL, s_BKTGnL, _NEG).reshape(B, K, T, H // K, n * L)
+  s_BKTGX = jnp.where(visible_BKT1nL, s_BKTGnL, MASK_VALUE).reshape(B, K, T, H // K, n * L)
   # Multiplying by the mask zeroes rows that see nothing (their softmax would be uniform over junk).
   p_BKTGnL = jax.nn.softmax(s_BKTGX, axis=-1).reshape(s_BKTGnL.shape) * visible_BKT1nL
   o_BKTGD = jnp.einsum('bktgnl,bktnld->bktgd', p_BKTGnL.astype(v_BSKD.dtype), v_BKTnLD,
@@ -178,7 +178,7 @@ def _scores(q_MD, k_LD, scale):
 
 def _online_step(q_MD, k_LD, v_LD, visible_ML, m_M1, l_M1, acc_MD, scale):
   """One block of the streaming softmax (FlashAttention), with invisible keys contributing exactly 0."""
-  s_ML = jnp.where(visible_ML, _scores(q_MD, k_LD, scale), _NEG)
+  s_ML = jnp.where(visible_ML, _scores(q_MD, k_LD, scale), MASK_VALUE)
   m_new_M1 = jnp.maximum(m_M1, jnp.max(s_ML, axis=1)[:, None])
   p_ML = jnp.where(visible_ML, jnp.exp(s_ML - m_new_M1), 0.0)
   alpha_M1 = jnp.exp(m_M1 - m_new_M1)
@@ -227,7 +227,8 @@ def _fwd_gpu_kernel(union_ref, count_ref, q_ref, k_ref, v_ref, idx_ref, qpos_ref
     return _online_step(q_MD, k_ref[rows, :], v_ref[rows, :], _visible(idx_Mn, qpos_M1, j, L), *carry,
                         plan.sm_scale)
 
-  init = (jnp.full((M, 1), _NEG, jnp.float32), jnp.zeros((M, 1), jnp.float32), jnp.zeros((M, D), jnp.float32))
+  init = (jnp.full((M, 1), MASK_VALUE, jnp.float32), jnp.zeros((M, 1), jnp.float32),
+          jnp.zeros((M, D), jnp.float32))
   o_MD, lse_M1 = _finish(*jax.lax.fori_loop(0, count_ref[0], body, init))
   o_ref[...] = o_MD.astype(o_ref.dtype)
   lse_ref[...] = lse_M1
@@ -363,7 +364,7 @@ def _fwd_tpu_kernel(start_ref, fetch_ref, count_ref, q_ref, k_ref, v_ref, idx_re
 
   @pl.when(u == 0)
   def _():
-    m_scr[...] = jnp.full(m_scr.shape, _NEG, jnp.float32)
+    m_scr[...] = jnp.full(m_scr.shape, MASK_VALUE, jnp.float32)
     l_scr[...] = jnp.zeros(l_scr.shape, jnp.float32)
     acc_scr[...] = jnp.zeros(acc_scr.shape, jnp.float32)
 

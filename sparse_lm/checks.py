@@ -6,7 +6,7 @@ Each failure is one `ConfigError` line naming the key, the value and what is all
 import ml_collections
 
 from sparse_lm import attention, data, mlp, sharding, tokenizer
-from sparse_lm.config import ConfigError
+from sparse_lm.errors import ConfigError, require_choice, require_positive
 
 KERNELS = ('xla', 'pallas')
 DTYPES = ('float32', 'bfloat16')
@@ -14,24 +14,13 @@ SCHEDULES = ('cosine', 'wsd')
 NONFINITE = ('stop', 'skip')  # train.on_nonfinite
 
 
-def _choice(key: str, value, allowed) -> None:
-  if value not in allowed:
-    raise ConfigError(f'{key}={value!r} is not one of the allowed values {sorted(allowed)}')
-
-
-def _positive(cfg: ml_collections.ConfigDict, prefix: str, keys: tuple[str, ...]) -> None:
-  for key in keys:
-    if not isinstance(cfg[key], int) or cfg[key] < 1:
-      raise ConfigError(f'{prefix}.{key}={cfg[key]!r} must be a positive integer')
-
-
 def check_model(m: ml_collections.ConfigDict) -> None:
-  _choice('model.attention', m.attention, attention.REGISTRY)
-  _choice('model.mlp', m.mlp, mlp.REGISTRY)
-  _choice('model.kernel', m.kernel, KERNELS)
-  _choice('model.dtype', m.dtype, DTYPES)
-  _choice('model.param_dtype', m.param_dtype, DTYPES)
-  _positive(m, 'model', ('num_layers', 'd_model', 'num_heads', 'num_kv_heads', 'head_dim', 'mlp_dim',
+  require_choice('model.attention', m.attention, attention.REGISTRY)
+  require_choice('model.mlp', m.mlp, mlp.REGISTRY)
+  require_choice('model.kernel', m.kernel, KERNELS)
+  require_choice('model.dtype', m.dtype, DTYPES)
+  require_choice('model.param_dtype', m.param_dtype, DTYPES)
+  require_positive(m, 'model', ('num_layers', 'd_model', 'num_heads', 'num_kv_heads', 'head_dim', 'mlp_dim',
                          'vocab_multiple'))
   if m.num_heads % m.num_kv_heads:
     raise ConfigError(f'model.num_heads={m.num_heads} is not a multiple of '
@@ -47,12 +36,12 @@ def check_model(m: ml_collections.ConfigDict) -> None:
 
 def check_train(config: ml_collections.ConfigDict, num_devices: int, process_count: int) -> None:
   t = config.train
-  _choice('train.schedule', t.schedule, SCHEDULES)
-  _choice('train.on_nonfinite', t.on_nonfinite, NONFINITE)
-  _positive(t, 'train', ('batch_size', 'grad_accum_steps', 'steps', 'eval_every', 'eval_batches',
+  require_choice('train.schedule', t.schedule, SCHEDULES)
+  require_choice('train.on_nonfinite', t.on_nonfinite, NONFINITE)
+  require_positive(t, 'train', ('batch_size', 'grad_accum_steps', 'steps', 'eval_every', 'eval_batches',
                          'log_every', 'max_skipped_steps'))
-  _positive(config.checkpoint, 'checkpoint', ('every_steps', 'keep'))
-  _positive(config.data, 'data', ('seq_len',))
+  require_positive(config.checkpoint, 'checkpoint', ('every_steps', 'keep'))
+  require_positive(config.data, 'data', ('seq_len',))
   if not 0 <= t.warmup_steps < t.steps:
     raise ConfigError(f'train.warmup_steps={t.warmup_steps} must be in [0, train.steps={t.steps})')
   shape = dict(zip(sharding.MESH_AXES, sharding.mesh_shape(config.mesh, num_devices), strict=True))

@@ -35,7 +35,8 @@ from sparse_lm import (  # noqa: E402
   tokenizer,
   trainer,
 )
-from sparse_lm.config import ConfigError  # noqa: E402
+from sparse_lm.errors import ConfigError  # noqa: E402
+from sparse_lm.layers import AuxLoss  # noqa: E402
 
 STEPS = ('train', 'decode')
 
@@ -87,7 +88,8 @@ def lower_decode_step(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh
                                 if B % _batch_devices(mesh) == 0 else sharding.replicated(mesh))
 
   def decode(params, model_state, cache, tokens_B1):
-    out, _ = nnx.capture(nnx.merge(graphdef, params, model_state), nnx.Intermediate)(tokens_B1, cache)
+    model = nnx.merge(graphdef, params, model_state)
+    out, *_ = nnx.capture(model, nnx.Intermediate, AuxLoss)(tokens_B1, cache)
     return out
 
   step = jax.jit(decode, out_shardings=(None, cache_sh), donate_argnums=2)

@@ -1,14 +1,16 @@
 """The base config every experiment starts from, and the checks run on it before anything compiles.
 
-Every key a run can set lives here with its default; `configs/*.py` only override. `validate` turns a
+Every key a run can set lives here with its default, or in the variant that owns it (`defaults()`);
+`configs/*.py` only override. `validate` turns a
 bad value into one `ConfigError` line naming the key and what is allowed.
 """
 
 import ml_collections
 
+from sparse_lm import attention, mlp
+from sparse_lm.errors import ConfigError
 
-class ConfigError(ValueError):
-  """A config value that cannot run; the message is one line naming the key."""
+__all__ = ['ConfigError', 'base_config']
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -24,7 +26,6 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.num_kv_heads = 2
   c.model.head_dim = 32
   c.model.mlp_dim = 384  # SwiGLU hidden width
-  c.model.window = 0  # sliding_window attention: keys with t - window < s <= t
   c.model.vocab_size = 0  # 0: the tokenizer's
   c.model.tie_embeddings = True
   c.model.vocab_multiple = 64  # the embedding table is padded to a multiple of this
@@ -34,45 +35,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.param_dtype = 'float32'
   c.model.remat = False  # recompute each block in the backward pass to save memory
   c.model.remat_attention = False  # recompute only the attention sublayers (the block's MLP keeps its own)
-  # Native Sparse Attention (Yuan et al. 2025); defaults are the paper's (Sec. 4.1).
-  c.model.nsa = ml_collections.ConfigDict()
-  c.model.nsa.cmp_block = 32  # l: tokens per compressed block
-  c.model.nsa.cmp_stride = 16  # d: stride between compressed blocks
-  c.model.nsa.sel_block = 64  # l': tokens per selection block
-  c.model.nsa.num_selected = 16  # n: selected blocks per query, the first and two local ones included
-  c.model.nsa.window = 512  # w: the sliding-window branch
-  c.model.nsa.shared_kv = False  # one K/V projection for all three branches instead of one each
-  # Mixture of Sparse Attention (Piękos et al. 2025): MoSA heads beside model.num_heads dense heads.
-  c.model.mosa = ml_collections.ConfigDict()
-  c.model.mosa.num_heads = 8  # MoSA heads per layer (mosa.isoflop_heads gives the paper's isoFLOP count)
-  c.model.mosa.sparsity = 4  # rho: a MoSA head takes k = T / rho tokens (at least 2)
-  c.model.mosa.include_first = False  # every MoSA head always takes the first token
-  c.model.mosa.capacity_factor = 2.0  # mosa_causal: a head's slots, as a multiple of T / rho
-  c.model.mosa.threshold_rate = 0.01  # mosa_causal: step of the router threshold toward share 1 / rho
-  # Routing attention (Roy et al. 2021): routing heads beside model.num_heads local heads.
-  c.model.routing = ml_collections.ConfigDict()
-  c.model.routing.num_heads = 2  # routing heads per layer
-  c.model.routing.num_clusters = 4  # C: centroids per head; balanced clusters of T / C tokens
-  c.model.routing.window = 32  # the local heads' window; routing_causal: keys seen within a cluster
-  c.model.routing.decay = 0.999  # EMA rate of the centroids (the paper's lambda)
-  c.model.routing.commitment_weight = 1e-3  # commitment loss, added to the training loss
-  c.model.routing.capacity_factor = 2.0  # routing_causal: a cluster's slots, as a multiple of T / C
-  # Mixture of Experts (model.mlp='moe'; sparse_lm/mlp/moe.py says where each setting comes from).
-  c.model.moe = ml_collections.ConfigDict()
-  c.model.moe.num_experts = 8  # E routed experts per MoE layer
-  c.model.moe.top_k = 2  # k: experts per token (expert_choice: the average, sets the capacity)
-  c.model.moe.router = 'token_choice'  # 'token_choice' or 'expert_choice' (non-causal, Zhou et al. 2022)
-  c.model.moe.score = 'softmax'  # router scores: 'softmax' or 'sigmoid' of the logits
-  c.model.moe.normalize_top_k = True  # rescale the k chosen scores to sum to one
-  c.model.moe.granularity = 1.0  # expert width as a fraction of model.mlp_dim (0.25: fine-grained)
-  c.model.moe.num_shared_experts = 0  # experts every token uses (DeepSeekMoE), each as wide as one expert
-  c.model.moe.execution = 'dropless'  # 'dropless' (grouped matmul) or 'capacity' (drops overflow)
-  c.model.moe.capacity_factor = 1.25  # slots per expert = factor * tokens * k / E (capacity, expert_choice)
-  c.model.moe.load_balance_weight = 0.01  # Switch load-balancing loss (Fedus et al. 2021)
-  c.model.moe.z_loss_weight = 1e-3  # router z-loss (Zoph et al. 2022)
-  c.model.moe.bias_update_rate = 0.0  # aux-loss-free balancing bias step (Wang et al. 2024); 0: off
-  c.model.moe.every = 1  # MoE in every n-th layer from first_dense on, dense MLPs elsewhere
-  c.model.moe.first_dense = 0  # the first m layers keep the dense MLP
+  # Each registered attention and MLP variant adds its own keys (`defaults()`: model.window, model.nsa,
+  # model.mosa, model.routing, model.moe), documented in the variant's file.
+  for variant in (*attention.REGISTRY.values(), *mlp.REGISTRY.values()):
+    for key, value in variant.defaults().items():
+      c.model[key] = value
 
   c.data = ml_collections.ConfigDict()
   c.data.source = 'stdlib'  # stdlib | text:PATH_OR_GLOB | tfds:NAME[:CONFIG]

@@ -29,7 +29,7 @@ import grain
 import numpy as np
 
 from sparse_lm import distributed, synthetic
-from sparse_lm.config import ConfigError
+from sparse_lm.errors import ConfigError
 
 # Long text files are cut into documents of this many bytes so that a corpus of one big file still has
 # something to shuffle. The EOS that ends each piece is right, not an artefact: after shuffling, the

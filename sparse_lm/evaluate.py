@@ -9,11 +9,11 @@
 
 Every line carries `causality_leak`, the causality probe of the model (0 exactly for a causal model),
 because a model that looks ahead scores better than it should on every task here. It is the larger of
-two probes: the gradient leak (`leak` of the `causality` task, as INTERFACES.md defines it) and the
-perturbation leak, which replaces the inputs after `t` and measures how far the outputs up to `t` move:
-a look-ahead through a discrete choice (a top-k over the whole sequence, as in the papers' MoSA and
-routing attention) has zero gradient and shows only in the second. `passkey` and `niah`
-also write a heat map (context length x needle depth) beside `eval.jsonl`.
+two probes: the gradient leak (`gradient_leak` of the `causality` task, also written as `leak`, the name
+INTERFACES.md gives it) and the perturbation leak, which replaces the inputs after `t` and measures how
+far the outputs up to `t` move: a look-ahead through a discrete choice (a top-k over the whole sequence,
+as in the papers' MoSA and routing attention) has zero gradient and shows only in the second. `passkey`
+and `niah` also write a heat map (context length x needle depth) beside `eval.jsonl`.
 
 MQAR vocabulary: Zoology uses 8192 symbols; a model here can only be asked about ids it embeds as
 ordinary tokens, so the symbols are the ids [0, vocab) with vocab = min(8192, 256) for byte-level
@@ -35,7 +35,7 @@ from absl import app, flags, logging
 from flax import nnx
 
 from sparse_lm import data, sample, sharding, synthetic, trainer
-from sparse_lm.config import ConfigError
+from sparse_lm.errors import ConfigError
 from sparse_lm.model import is_causal
 
 
@@ -165,7 +165,8 @@ def _run_leaks(run: Run, opts: Options) -> dict[str, float]:
 
 
 def causality(run: Run, opts: Options, leaks: dict[str, float]) -> dict:
-  return {'leak': leaks['gradient'], 'perturbation_leak': leaks['perturbation'],
+  return {'gradient_leak': leaks['gradient'], 'leak': leaks['gradient'],
+          'perturbation_leak': leaks['perturbation'],
           'causal': max(leaks.values()) == 0.0, 'seq_len': run.config.data.seq_len,
           'positions': probe_positions(run.config.data.seq_len, opts.causality_positions)}
 
@@ -302,6 +303,16 @@ TASKS = {
     'niah': niah,
     'mqar': mqar,
 }
+# The `Options` each task reads, recorded as its result's `params`; the causality probe's settings go
+# into every result, since every result carries `causality_leak`.
+_PROBE_OPTIONS = ('causality_batch', 'causality_positions', 'seed')
+TASK_OPTIONS = {
+    'perplexity': ('seq_len', 'batch_size', 'eval_batches'),
+    'causality': (),
+    'passkey': ('lengths', 'depths', 'num_samples', 'digits', 'use_cache'),
+    'niah': ('lengths', 'depths', 'num_samples', 'digits', 'use_cache', 'filler_source'),
+    'mqar': ('mqar_shapes', 'mqar_vocab', 'mqar_examples'),
+}
 
 
 def run_task(workdir, task: str, opts: Options = Options()) -> dict:
@@ -311,7 +322,7 @@ def run_task(workdir, task: str, opts: Options = Options()) -> dict:
   run = load(workdir)
   leaks = _run_leaks(run, opts)
   num_params = sum(np.size(x) for x in jax.tree.leaves(run.variables[0]))
-  settings = dataclasses.asdict(opts)
+  settings = {name: getattr(opts, name) for name in (*TASK_OPTIONS[task], *_PROBE_OPTIONS)}
   result = {'task': task, 'workdir': str(run.workdir), 'step': run.step,
             'attention': run.config.model.attention, 'mlp': run.config.model.mlp,
             'num_params': int(num_params), 'causal_architecture': is_causal(run.config.model),

@@ -19,7 +19,7 @@ from flax import nnx
 from ml_collections import config_flags
 
 from sparse_lm import attention, checks, mlp, tokenizer
-from sparse_lm.config import ConfigError
+from sparse_lm.errors import ConfigError
 from sparse_lm.model import Transformer, mlp_name, padded_vocab
 
 

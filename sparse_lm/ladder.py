@@ -14,7 +14,8 @@ import ml_collections
 
 from sparse_lm import flops, tokenizer
 from sparse_lm.attention.mosa import isoflop_heads
-from sparse_lm.config import ConfigError, base_config
+from sparse_lm.config import base_config
+from sparse_lm.errors import ConfigError
 
 TOKENS_PER_PARAM = 20
 

@@ -1,4 +1,5 @@
-"""Small building blocks shared by every model variant: parameters with logical axes, RMSNorm, RoPE."""
+"""Small building blocks shared by every model variant: parameters with logical axes and their init scale,
+the auxiliary-loss channel, RMSNorm, RoPE."""
 
 from collections.abc import Sequence
 
@@ -12,6 +13,17 @@ def param(rngs: nnx.Rngs, shape: Sequence[int], axes: Sequence[str | None], *, s
   """A normal-initialised parameter tagged with logical axis names (see sharding.RULES)."""
   value = stddev * jax.random.normal(rngs.params(), tuple(shape), jnp.dtype(dtype))
   return nnx.Param(value, axes=tuple(axes))
+
+
+def output_stddev(fan_in: int, num_layers: int) -> float:
+  """Init scale of a projection back onto the residual stream: small, so each of the 2 x num_layers
+  residual branches adds little at init (GPT-2's scheme)."""
+  return fan_in**-0.5 / (2 * num_layers) ** 0.5
+
+
+class AuxLoss(nnx.Intermediate):
+  """A term a layer adds to the training loss, sown as `self.sow(AuxLoss, name, value)`: the trainer
+  captures this type apart from plain `nnx.Intermediate` sows (metrics) and sums it into `aux_loss`."""
 
 
 class RMSNorm(nnx.Module):

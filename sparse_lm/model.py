@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
+from pallas_kernels._common import MASK_VALUE
 from sparse_lm import attention, mlp, sharding
 from sparse_lm.layers import RMSNorm, param
 
@@ -43,17 +44,18 @@ class Block(nnx.Module):
     self.mlp = mlp.REGISTRY[mlp_name(cfg, layer)](cfg, rngs=rngs)
     self.remat_attention = cfg.remat_attention
 
-  def __call__(self, x_BTD, pos_BT, cache=None):
+  def __call__(self, x_BTD, pos_BT, cache=None, *, update_state: bool = False):
     if self.remat_attention and cache is None:
       # Only the sublayer's input is kept for the backward, which runs its forward again. What a sparse
       # attention saves for its backward (three branches' K/V and outputs for NSA) is several times its
       # input, while recomputing it costs one more forward of a sublayer whose FLOPs are small.
-      h_BTD, cache = nnx.remat(lambda attn, norm, x, p: attn(norm(x), p))(self.attn, self.attn_norm, x_BTD,
-                                                                         pos_BT)
+      def attend(attn, norm, x_BTD, pos_BT):
+        return attn(norm(x_BTD), pos_BT, update_state=update_state)
+      h_BTD, cache = nnx.remat(attend)(self.attn, self.attn_norm, x_BTD, pos_BT)
     else:
-      h_BTD, cache = self.attn(self.attn_norm(x_BTD), pos_BT, cache)
+      h_BTD, cache = self.attn(self.attn_norm(x_BTD), pos_BT, cache, update_state=update_state)
     x_BTD = x_BTD + h_BTD
-    return x_BTD + self.mlp(self.mlp_norm(x_BTD)), cache
+    return x_BTD + self.mlp(self.mlp_norm(x_BTD), update_state=update_state), cache
 
 
 class Transformer(nnx.Module):
@@ -75,17 +77,18 @@ class Transformer(nnx.Module):
     return {'end': jnp.zeros((), jnp.int32),
             'layers': [blk.attn.init_cache(batch, max_len) for blk in self.blocks]}
 
-  def __call__(self, tokens_BT: jax.Array, cache: Cache | None = None
+  def __call__(self, tokens_BT: jax.Array, cache: Cache | None = None, *, update_state: bool = False
                ) -> tuple[jax.Array, Cache | None]:
     """Float32 logits over the real vocabulary (padding entries masked); with a cache, the tokens
-    continue the cached sequence and the returned cache includes them."""
-    return self.from_embeddings(self.embed_tokens(tokens_BT), cache)
+    continue the cached sequence and the returned cache includes them. `update_state`: the train step's
+    pass, in which layers move their non-parameter state (router thresholds, centroids, biases)."""
+    return self.from_embeddings(self.embed_tokens(tokens_BT), cache, update_state=update_state)
 
   def embed_tokens(self, tokens_BT: jax.Array) -> jax.Array:
     x_BTD = jnp.take(self.embed[...], tokens_BT, axis=0).astype(self.dtype)
     return sharding.constrain(x_BTD, ('batch', 'length', 'act_embed'))
 
-  def from_embeddings(self, x_BTD: jax.Array, cache: Cache | None = None
+  def from_embeddings(self, x_BTD: jax.Array, cache: Cache | None = None, *, update_state: bool = False
                       ) -> tuple[jax.Array, Cache | None]:
     """The network above the embedding lookup; causality probes differentiate through this."""
     B, T, _ = x_BTD.shape
@@ -95,9 +98,10 @@ class Transformer(nnx.Module):
     for i, block in enumerate(self.blocks):
       layer_cache = None if cache is None else cache['layers'][i]
       if self.remat and cache is None:
-        x_BTD, layer_cache = nnx.remat(lambda b, x, p: b(x, p))(block, x_BTD, pos_BT)
+        x_BTD, layer_cache = nnx.remat(lambda b, x, p: b(x, p, update_state=update_state))(block, x_BTD,
+                                                                                            pos_BT)
       else:
-        x_BTD, layer_cache = block(x_BTD, pos_BT, layer_cache)
+        x_BTD, layer_cache = block(x_BTD, pos_BT, layer_cache, update_state=update_state)
       new_layers.append(layer_cache)
     x_BTD = self.final_norm(x_BTD)
     if self.unembed is None:
@@ -108,6 +112,6 @@ class Transformer(nnx.Module):
                               preferred_element_type=jnp.float32)
     logits_BTV = sharding.constrain(logits_BTV, ('batch', 'length', 'vocab'))
     real_V = jnp.arange(logits_BTV.shape[-1]) < self.vocab_size
-    logits_BTV = jnp.where(real_V[None, None, :], logits_BTV, -1e30)
+    logits_BTV = jnp.where(real_V[None, None, :], logits_BTV, MASK_VALUE)
     new_cache = None if cache is None else {'end': start + T, 'layers': new_layers}
     return logits_BTV, new_cache

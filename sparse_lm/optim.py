@@ -28,6 +28,12 @@ def _schedule_from_one(t: ml_collections.ConfigDict) -> optax.Schedule:
       boundaries=[t.warmup_steps, t.warmup_steps + max(stable_steps, 0)])
 
 
+def short_run_warmup(steps: int, warmup_steps: int) -> int:
+  """A warmup a run of `steps` steps can afford: at most a tenth of them (at least one, fewer than all),
+  so that a short run does not spend most of its steps warming up."""
+  return max(0, min(warmup_steps, steps - 1, max(1, steps // 10)))
+
+
 def decay_mask(params):
   """Decay weight matrices and embedding tables; skip vectors (norm scales, biases)."""
   return jax.tree.map(lambda p: p.ndim >= 2, params)

@@ -18,7 +18,8 @@ from flax import nnx
 
 from sparse_lm import optim, tokenizer, trainer
 from sparse_lm.checkpoint import Checkpointer
-from sparse_lm.config import ConfigError
+from sparse_lm.errors import ConfigError
+from sparse_lm.layers import AuxLoss
 from sparse_lm.model import is_causal
 
 
@@ -54,7 +55,7 @@ def _merged(graphdef, variables):
   of the loop body it runs in, because layers that sow training metrics write to their module; what
   they sow is dropped."""
   def call(tokens_BT, cache=None):
-    out, _ = nnx.capture(nnx.merge(graphdef, *variables), nnx.Intermediate)(tokens_BT, cache)
+    out, *_ = nnx.capture(nnx.merge(graphdef, *variables), nnx.Intermediate, AuxLoss)(tokens_BT, cache)
     return out
   return call
 

@@ -38,7 +38,7 @@ import scipy.special
 from matplotlib.figure import Figure
 
 from sparse_lm import sweep
-from sparse_lm.config import ConfigError
+from sparse_lm.errors import ConfigError
 
 HUBER_DELTA = 1e-3
 REFIT_MINIMA = 4  # the full fit's best distinct minima, where each bootstrap refit starts (with others)

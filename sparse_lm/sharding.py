@@ -26,7 +26,7 @@ from flax import nnx
 from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from sparse_lm.config import ConfigError
+from sparse_lm.errors import ConfigError
 
 MESH_AXES = ('data', 'fsdp', 'tensor', 'expert')
 

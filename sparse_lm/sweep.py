@@ -24,8 +24,8 @@ import sys
 import ml_collections
 import numpy as np
 
-from sparse_lm import attention, flops, ladder, mlp, tokenizer
-from sparse_lm.config import ConfigError
+from sparse_lm import attention, flops, ladder, mlp, optim, tokenizer
+from sparse_lm.errors import ConfigError
 from sparse_lm.model import is_causal
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -136,8 +136,7 @@ def _planned(variant, budget, template, num_layers, d_model, sets) -> Run:
   t = c.train
   fpt = flops.flops_per_token(with_vocab(c))['flops_per_token']['total']
   t.steps = max(1, round(budget / fpt / (t.batch_size * c.data.seq_len)))
-  # Short runs would otherwise spend most of their steps warming up.
-  t.warmup_steps = min(t.warmup_steps, max(1, t.steps // 10))
+  t.warmup_steps = optim.short_run_warmup(t.steps, t.warmup_steps)
   return Run(name=f'{variant}_C{budget:.3g}_L{num_layers}_d{d_model}', variant=variant, budget=budget,
              config=c, base_file=f'configs/dense_{template}.py',
              overrides=_diff(ladder.dense_config(template), c))

@@ -15,7 +15,7 @@ import numpy as np
 import sentencepiece as spm
 
 from sparse_lm import data, distributed
-from sparse_lm.config import ConfigError
+from sparse_lm.errors import ConfigError
 
 # SentencePiece trains on the first this-many characters of the train split: enough to learn a vocabulary of a
 # few tens of thousands, and training time stays in seconds.

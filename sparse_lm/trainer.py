@@ -11,11 +11,13 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+from absl import logging
 from flax import nnx
 from jax.experimental import multihost_utils
 
 from sparse_lm import checks, data, flops, optim, sharding, tokenizer
 from sparse_lm.checkpoint import Checkpointer
+from sparse_lm.layers import AuxLoss
 from sparse_lm.metrics import MetricsWriter
 from sparse_lm.model import Transformer, is_causal
 
@@ -61,23 +63,20 @@ def state_init_fn(config: ml_collections.ConfigDict, tx):
 
 def forward(graphdef, params, batch, model_state=None, *, update_state: bool = False
             ) -> tuple[jax.Array, jax.Array, dict[str, jax.Array], dict]:
-  """Per-token negative log-likelihood, plus what the layers sow (`Module.sow(nnx.Intermediate, ...)`):
-  values named `*aux_loss` add up to the auxiliary loss, the rest are metrics (averaged over repeated
-  sows), keyed by their path in the model, e.g. `blocks/2/mlp/expert_load`. Last, the model's
-  non-parameter state after the pass: with `update_state` (the train step), modules that keep such
-  state (they have an `update_state` attribute) update it; otherwise it comes back unchanged."""
+  """Per-token negative log-likelihood, plus what the layers sow: `layers.AuxLoss` values add up to the
+  auxiliary loss, other `nnx.Intermediate` ones are metrics (averaged over repeated sows), keyed by their
+  path in the model, e.g. `blocks/2/mlp/expert_load`. Last, the model's non-parameter state after the
+  pass: moved by the layers that keep such state with `update_state` (the train step), otherwise as it
+  was."""
   model = nnx.merge(graphdef, params, {} if model_state is None else model_state)
-  if update_state:
-    model.set_attributes(update_state=True, raise_if_not_found=False)
-  (logits_BTV, _), sown = nnx.capture(model, nnx.Intermediate)(batch['inputs'])
+  # AuxLoss is an nnx.Intermediate: asked for first, its values are not captured again as metrics.
+  (logits_BTV, _), losses, sown = nnx.capture(model, AuxLoss, nnx.Intermediate)(batch['inputs'],
+                                                                                  update_state=update_state)
   nll_BT = optax.softmax_cross_entropy_with_integer_labels(logits_BTV, batch['targets'])
-  aux_loss, metrics = jnp.zeros((), jnp.float32), {}
-  for path, variable in nnx.to_flat_state(sown):
-    value = jnp.mean(jnp.stack(variable.value), axis=0)
-    if str(path[-1]).endswith('aux_loss'):
-      aux_loss += value
-    else:
-      metrics['/'.join(map(str, path))] = value
+  def mean_of_sows(variable):
+    return jnp.mean(jnp.stack(variable.value), axis=0)
+  aux_loss = sum((mean_of_sows(v) for _, v in nnx.to_flat_state(losses)), jnp.zeros((), jnp.float32))
+  metrics = {'/'.join(map(str, path)): mean_of_sows(v) for path, v in nnx.to_flat_state(sown)}
   _, _, new_model_state = nnx.split(model, nnx.Param, ...)
   return nll_BT, aux_loss, metrics, nnx.to_pure_dict(new_model_state)
 
@@ -228,7 +227,14 @@ class NonFiniteGuard:
 # ----------------------------------------------------------------------------- the loop
 
 def prepare(config: ml_collections.ConfigDict, workdir: pathlib.Path):
-  """Checks the config, then builds the tokenizer and fixes the vocabulary size from it."""
+  """Checks the config, then builds the tokenizer and fixes the vocabulary size from it. A warmup longer
+  than the run (the default config's 50 steps in a 30-step smoke test) is shortened, in one line."""
+  t = config.train
+  if isinstance(t.steps, int) and isinstance(t.warmup_steps, int) and t.warmup_steps >= t.steps >= 1:
+    fitted = optim.short_run_warmup(t.steps, t.warmup_steps)
+    logging.warning('train.warmup_steps=%d does not fit in train.steps=%d: warming up over %d steps instead',
+                    t.warmup_steps, t.steps, fitted)
+    t.warmup_steps = fitted
   checks.check_config(config, num_devices=jax.device_count(), process_count=jax.process_count())
   tok = tokenizer.make_tokenizer(config, workdir)
   with config.unlocked():

@@ -51,7 +51,7 @@ def test_task_scores_in_range_and_is_logged(run_dir, task):
   result = evaluate.run_task(run_dir, task, FAST)
   assert result['causality_leak'] == 0.0 and _eval_lines(run_dir)[-1]['task'] == task
   if task == 'causality':
-    assert result['leak'] == 0.0 and result['causal']
+    assert result['gradient_leak'] == result['leak'] == 0.0 and result['causal']
     return
   assert 0.0 <= result['accuracy'] <= 1.0
   if task == 'mqar':

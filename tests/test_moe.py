@@ -12,6 +12,7 @@ from flax import nnx
 
 from sparse_lm import attention, checks, flops, trainer
 from sparse_lm.config import ConfigError
+from sparse_lm.layers import AuxLoss
 from sparse_lm.mlp import dense, moe
 from sparse_lm.model import Transformer, mlp_name
 from tests.conftest import run_train, tiny_config, train_losses
@@ -27,15 +28,15 @@ def inputs(B=2, T=16, D=64, seed=1):
   return jax.random.normal(jax.random.key(seed), (B, T, D), jnp.float32)
 
 
-@nnx.jit
-def _capture(layer, x_BTD):
-  return nnx.capture(layer, nnx.Intermediate)(x_BTD)
+@nnx.jit(static_argnames='update_state')
+def _capture(layer, x_BTD, update_state=False):
+  return nnx.capture(layer, nnx.Intermediate, AuxLoss)(x_BTD, update_state=update_state)
 
 
-def run(layer, x_BTD):
-  """The layer's output and what it sowed, each sown value by its name."""
-  y_BTD, sown = _capture(layer, x_BTD)
-  return y_BTD, {str(path[-1]): v.get_value()[0] for path, v in nnx.to_flat_state(sown)}
+def run(layer, x_BTD, update_state=False):
+  """The layer's output and what it sowed (metrics and auxiliary losses), each sown value by its name."""
+  y_BTD, *sown = _capture(layer, x_BTD, update_state)
+  return y_BTD, {str(path[-1]): v.get_value()[0] for state in sown for path, v in nnx.to_flat_state(state)}
 
 
 @nnx.jit
@@ -104,10 +105,9 @@ def test_balancing_bias_moves_toward_balance_on_skewed_input():
   _, layer = make_layer(score='sigmoid', top_k=1, bias_update_rate=0.02, load_balance_weight=0.0)
   x_BTD = inputs(B=4, T=32) + 1.0  # every token shares a direction the router favours expert 0 along
   layer.router[...] = layer.router[...].at[:, 0].add(0.2)
-  layer.update_state = True
-  first_load = run(layer, x_BTD)[1]['expert_load']
+  first_load = run(layer, x_BTD, update_state=True)[1]['expert_load']
   for _ in range(60):
-    load = run(layer, x_BTD)[1]['expert_load']
+    load = run(layer, x_BTD, update_state=True)[1]['expert_load']
   bias = layer.bias[...]
   assert float(first_load[0]) > 0.9, first_load
   assert float(jnp.max(load)) < 0.5 * float(first_load[0]), load

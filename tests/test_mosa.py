@@ -106,12 +106,11 @@ def test_sparse_heads_memory_grows_with_k_not_t():
 def test_threshold_moves_toward_the_target_share():
   layer = _layer('mosa_causal', sparsity=4, threshold_rate=0.2)
   layer.threshold[...] = jnp.full_like(layer.threshold[...], -2.0)  # far too many tokens taken
-  layer.update_state = True
   x_BTD = jax.random.normal(jax.random.key(0), (4, 64, 64))
   logits_BMT = layer._router_logits(x_BTD)
   pos_BT = jnp.broadcast_to(jnp.arange(64), (4, 64))
   for _ in range(60):
-    layer._taken(logits_BMT, pos_BT)
+    layer._taken(logits_BMT, pos_BT, update_state=True)
   share_M = np.mean(np.asarray(logits_BMT > layer.threshold[...][None, :, None]), axis=(0, 2))
   np.testing.assert_allclose(share_M, 0.25, atol=0.05)
 

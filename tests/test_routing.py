@@ -30,9 +30,9 @@ def _layer(attention, kernel='xla', seed=0, **routing_overrides):
   return cls(_config(attention, kernel, **routing_overrides).model, rngs=nnx.Rngs(seed))
 
 
-def _apply(layer, x_BTD):
+def _apply(layer, x_BTD, update_state=False):
   pos_BT = jnp.broadcast_to(jnp.arange(x_BTD.shape[1]), x_BTD.shape[:2])
-  return layer(x_BTD, pos_BT)[0]
+  return layer(x_BTD, pos_BT, update_state=update_state)[0]
 
 
 @pytest.mark.parametrize('attention', ['routing', 'routing_causal'])
@@ -87,12 +87,11 @@ def test_faithful_clusters_are_balanced():
 
 def test_centroids_move_by_ema_and_stay_unit():
   layer = _layer('routing', decay=0.9)
-  layer.update_state = True
   before_RCH = np.asarray(layer.centroids[...])
   x_BTD = jax.random.normal(jax.random.key(fresh_seed()), (2, 32, 64))
   qk_BTRH = np.asarray(routing._unit(jnp.einsum('btd,drh->btrh', x_BTD, layer.routing_wqk[...])))
   nearest_BTR = np.argmax(np.einsum('btrh,rch->btrc', qk_BTRH, before_RCH), axis=-1)
-  _apply(layer, x_BTD)
+  _apply(layer, x_BTD, update_state=True)
   after_RCH = np.asarray(layer.centroids[...])
   for r in range(2):
     for c in range(4):
@@ -103,7 +102,7 @@ def test_centroids_move_by_ema_and_stay_unit():
       else:
         np.testing.assert_array_equal(after_RCH[r, c], before_RCH[r, c])
   for _ in range(20):
-    _apply(layer, jax.random.normal(jax.random.key(fresh_seed()), (2, 32, 64)))
+    _apply(layer, jax.random.normal(jax.random.key(fresh_seed()), (2, 32, 64)), update_state=True)
   mu_RCH = np.asarray(layer.centroids[...])
   assert np.all(np.isfinite(mu_RCH)) and np.allclose(np.linalg.norm(mu_RCH, axis=-1), 1, atol=1e-5)
   assert not np.allclose(mu_RCH, before_RCH)

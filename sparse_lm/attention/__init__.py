@@ -1,12 +1,10 @@
-"""Attention variants, chosen by `model.attention`. A new variant is a new file plus one line here.
-
-Each variant is an `nnx.Module` built as `Attention(model_config, rngs=...)` and called as
-`(x_BTD, pos_BT, cache=None) -> (y_BTD, cache)`; `init_cache(batch, max_len)` makes its decoding cache.
+"""Attention variants, chosen by `model.attention`. A new variant is a new file plus one line here: a
+subclass of `base.Attention`, whose members (written once there) are all the rest of the project reads.
 """
 
-from sparse_lm.attention import dense, mosa, nsa, routing, sliding_window
+from sparse_lm.attention import base, dense, mosa, nsa, routing, sliding_window
 
-REGISTRY = {
+REGISTRY: dict[str, type[base.Attention]] = {
     'dense': dense.Attention,
     'sliding_window': sliding_window.Attention,
     'nsa': nsa.Attention,

@@ -4,7 +4,7 @@ decoding from a cache), and sliding-window attention in memory linear in the seq
 import jax
 import jax.numpy as jnp
 
-_NEG_INF = -1e30  # finite, so a fully masked row gives a uniform (then ignored) softmax, never NaN
+from pallas_kernels._common import MASK_VALUE
 
 
 def attend(q_BTHD: jax.Array, k_BSKD: jax.Array, v_BSKD: jax.Array, qpos_BT: jax.Array,
@@ -21,7 +21,7 @@ def attend(q_BTHD: jax.Array, k_BSKD: jax.Array, v_BSKD: jax.Array, qpos_BT: jax
   mask_BTS = kpos_BS[:, None, :] <= qpos_BT[:, :, None]
   if window:
     mask_BTS &= kpos_BS[:, None, :] > qpos_BT[:, :, None] - window
-  s_BKGTS = jnp.where(mask_BTS[:, None, None], s_BKGTS, _NEG_INF)
+  s_BKGTS = jnp.where(mask_BTS[:, None, None], s_BKGTS, MASK_VALUE)
   p_BKGTS = jax.nn.softmax(s_BKGTS, axis=-1).astype(v_BSKD.dtype)
   o_BTKGD = jnp.einsum('bkgts,bskd->btkgd', p_BKGTS, v_BSKD)
   return o_BTKGD.reshape(B, T, H, D)
@@ -49,7 +49,7 @@ def local_attend(q_BTHD: jax.Array, k_BTKD: jax.Array, v_BTKD: jax.Array, *, win
   qpos_NC1 = (jnp.arange(N)[:, None] * window + jnp.arange(window)[None, :])[:, :, None]
   kpos_N1S = (jnp.arange(N)[:, None] * window - window + jnp.arange(2 * window)[None, :])[:, None, :]
   mask_NCS = (kpos_N1S <= qpos_NC1) & (kpos_N1S > qpos_NC1 - window) & (kpos_N1S >= 0)
-  s_BNKGCS = jnp.where(mask_NCS[None, :, None, None], s_BNKGCS, _NEG_INF)
+  s_BNKGCS = jnp.where(mask_NCS[None, :, None, None], s_BNKGCS, MASK_VALUE)
   p_BNKGCS = jax.nn.softmax(s_BNKGCS, axis=-1).astype(v_BTKD.dtype)
   o_BNCKGD = jnp.einsum('bnkgcs,bnskd->bnckgd', p_BNKGCS, v_BNSKD)
   return o_BNCKGD.reshape(B, N * window, H, D)[:, :T]

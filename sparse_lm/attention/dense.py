@@ -9,18 +9,16 @@ from flax import nnx
 
 from pallas_kernels.flash_attention import flash_attention
 from sparse_lm import sharding
-from sparse_lm.attention import core
-from sparse_lm.layers import param, rope
+from sparse_lm.attention import base, core
+from sparse_lm.layers import output_stddev, param, rope
 
 Cache = dict[str, jax.Array]
 
 
-class Attention(nnx.Module):
+class Attention(base.Attention):
   """`num_heads` query heads share `num_kv_heads` key/value heads."""
 
-  causal = True  # the output at t never depends on inputs after t
-  # The config check requires num_heads * head_dim == d_model where the heads span the model width.
-  heads_span_width = True
+  decodes = True
 
   def __init__(self, cfg: ml_collections.ConfigDict, *, rngs: nnx.Rngs):
     d, hq, hkv, dh = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
@@ -28,9 +26,8 @@ class Attention(nnx.Module):
     self.wq = param(rngs, (d, hq, dh), ('embed', 'q_heads', 'head_dim'), stddev=d**-0.5, dtype=pd)
     self.wk = param(rngs, (d, hkv, dh), ('embed', 'kv_heads', 'head_dim'), stddev=d**-0.5, dtype=pd)
     self.wv = param(rngs, (d, hkv, dh), ('embed', 'kv_heads', 'head_dim'), stddev=d**-0.5, dtype=pd)
-    # Output projections start small so each residual branch adds little at init (GPT-2's scheme).
-    out_std = (hq * dh) ** -0.5 / (2 * cfg.num_layers) ** 0.5
-    self.wo = param(rngs, (hq, dh, d), ('q_heads', 'head_dim', 'embed'), stddev=out_std, dtype=pd)
+    self.wo = param(rngs, (hq, dh, d), ('q_heads', 'head_dim', 'embed'),
+                    stddev=output_stddev(hq * dh, cfg.num_layers), dtype=pd)
     self.window = self.attention_window(cfg)
     self.kernel = cfg.kernel
     self.rope_theta = cfg.rope_theta
@@ -38,32 +35,26 @@ class Attention(nnx.Module):
 
   @classmethod
   def check_config(cls, cfg: ml_collections.ConfigDict) -> None:
-    """Raises ConfigError for values this variant cannot run; called before anything compiles."""
     cls.attention_window(cfg)
 
   @staticmethod
   def attention_window(cfg: ml_collections.ConfigDict) -> int | None:
+    """The keys a query sees, `t - window < s <= t`; None: all earlier ones."""
     del cfg
     return None
 
   @classmethod
   def attended_keys(cls, cfg: ml_collections.ConfigDict, seq_len: int) -> float:
-    """Keys one query attends to, averaged over the positions of a causal sequence (FLOP count)."""
     span = cls.attention_window(cfg) or seq_len
     return sum(min(t + 1, span) for t in range(seq_len)) / seq_len
-
-  @staticmethod
-  def param_uses_per_token(cfg: ml_collections.ConfigDict) -> dict[str, float]:
-    """Parameters (by name) that a token does not use once in a matmul, with how often it does."""
-    del cfg
-    return {}
 
   def init_cache(self, batch: int, max_len: int) -> Cache:
     shape = (batch, max_len) + self.wk.shape[1:]
     return {'k': jnp.zeros(shape, self.dtype), 'v': jnp.zeros(shape, self.dtype)}
 
-  def __call__(self, x_BTD: jax.Array, pos_BT: jax.Array,
-               cache: Cache | None = None) -> tuple[jax.Array, Cache | None]:
+  def __call__(self, x_BTD: jax.Array, pos_BT: jax.Array, cache: Cache | None = None, *,
+               update_state: bool = False) -> tuple[jax.Array, Cache | None]:
+    del update_state  # no state besides the parameters
     x_BTD = x_BTD.astype(self.dtype)
     q_BTHD = jnp.einsum('btd,dhk->bthk', x_BTD, self.wq[...].astype(self.dtype))
     k_BTKD = jnp.einsum('btd,dhk->bthk', x_BTD, self.wk[...].astype(self.dtype))

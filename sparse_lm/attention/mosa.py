@@ -32,11 +32,12 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
+from pallas_kernels._common import MASK_VALUE
 from pallas_kernels.flash_attention import flash_attention
 from sparse_lm import sharding
 from sparse_lm.attention import core, dense
-from sparse_lm.config import ConfigError
-from sparse_lm.layers import param, rope
+from sparse_lm.errors import ConfigError, require_positive
+from sparse_lm.layers import output_stddev, param, rope
 
 Cache = dict
 
@@ -174,7 +175,7 @@ def cached_slot_attention(q_BTGD, k_BTGD, v_BTGD, rank_BTG, keep_BTG, cache: Cac
   mask_BGTS = slot_111S <= rank_BGT1
   if window:
     mask_BGTS &= slot_111S > rank_BGT1 - window
-  p_BGTS = jax.nn.softmax(jnp.where(mask_BGTS, s_BGTS, core._NEG_INF), axis=-1)
+  p_BGTS = jax.nn.softmax(jnp.where(mask_BGTS, s_BGTS, MASK_VALUE), axis=-1)
   o_BTGD = jnp.einsum('bgts,bsgd->btgd', p_BGTS.astype(v_BSGD.dtype), v_BSGD)
   o_BTGD = o_BTGD * keep_BTG[..., None].astype(o_BTGD.dtype)
   count_BG = cache['count'] + jnp.sum(keep_BTG, axis=1, dtype=jnp.int32)
@@ -194,6 +195,7 @@ class Attention(dense.Attention):
   # MoSA heads come beside the few dense heads kept, which need not span d_model (the paper's Tiny
   # model keeps 4 dense heads of 64 in a width of 512).
   heads_span_width = False
+  decodes = False
 
   def __init__(self, cfg: ml_collections.ConfigDict, *, rngs: nnx.Rngs):
     super().__init__(cfg, rngs=rngs)
@@ -203,21 +205,31 @@ class Attention(dense.Attention):
       setattr(self, name, param(rngs, (d, m, dh), ('embed', 'q_heads', 'head_dim'), stddev=d**-0.5,
                                 dtype=pd))
     # Each token meets few MoSA heads, so the output starts at the dense heads' scale per head.
-    out_std = (cfg.num_heads * dh) ** -0.5 / (2 * cfg.num_layers) ** 0.5
-    self.mosa_wo = param(rngs, (m, dh, d), ('q_heads', 'head_dim', 'embed'), stddev=out_std, dtype=pd)
+    self.mosa_wo = param(rngs, (m, dh, d), ('q_heads', 'head_dim', 'embed'),
+                         stddev=output_stddev(cfg.num_heads * dh, cfg.num_layers), dtype=pd)
     self.mosa = ml_collections.FrozenConfigDict(cfg.mosa)
+
+  @staticmethod
+  def defaults() -> dict:
+    m = ml_collections.ConfigDict()  # MoSA heads beside model.num_heads dense heads
+    m.num_heads = 8  # MoSA heads per layer (mosa.isoflop_heads gives the paper's isoFLOP count)
+    m.sparsity = 4  # rho: a MoSA head takes k = T / rho tokens (at least 2)
+    m.include_first = False  # every MoSA head always takes the first token
+    m.capacity_factor = 2.0  # mosa_causal: a head's slots, as a multiple of T / rho
+    m.threshold_rate = 0.01  # mosa_causal: step of the router threshold toward share 1 / rho
+    return {'mosa': m}
+
+  @staticmethod
+  def tiny_config() -> dict:
+    return {'mosa': {'num_heads': 6, 'sparsity': 4, 'include_first': True}}
 
   @classmethod
   def check_config(cls, cfg: ml_collections.ConfigDict) -> None:
     m = cfg.mosa
-    if not isinstance(m.num_heads, int) or m.num_heads < 1:
-      raise ConfigError(f'model.mosa.num_heads={m.num_heads!r} must be a positive integer')
-    if not isinstance(m.sparsity, int) or m.sparsity < 1:
-      raise ConfigError(f'model.mosa.sparsity={m.sparsity!r} must be a positive integer (rho: k = T / rho)')
+    require_positive(m, 'model.mosa', ('num_heads',))
+    require_positive(m, 'model.mosa', ('sparsity',), ' (rho: k = T / rho)')
     if not m.capacity_factor >= 1:
       raise ConfigError(f'model.mosa.capacity_factor={m.capacity_factor} must be at least 1')
-    if cfg.head_dim % 2:
-      raise ConfigError(f'model.head_dim={cfg.head_dim} must be even (rotary embeddings)')
 
   @staticmethod
   def capacity_factor(cfg: ml_collections.ConfigDict) -> float | None:
@@ -244,8 +256,9 @@ class Attention(dense.Attention):
     raise ValueError('model.attention=mosa chooses tokens by a top-k over the whole sequence and cannot '
                      'decode token by token; use mosa_causal')
 
-  def __call__(self, x_BTD: jax.Array, pos_BT: jax.Array,
-               cache: Cache | None = None) -> tuple[jax.Array, Cache | None]:
+  def __call__(self, x_BTD: jax.Array, pos_BT: jax.Array, cache: Cache | None = None, *,
+               update_state: bool = False) -> tuple[jax.Array, Cache | None]:
+    del update_state  # the paper's top-k keeps no state
     if cache is not None:
       raise ValueError('model.attention=mosa cannot decode with a cache; use mosa_causal')
     y_BTD, _ = super().__call__(x_BTD, pos_BT)
@@ -297,6 +310,7 @@ class CausalAttention(Attention):
   share 1 / rho, so the choice of t never looks past t; decodes with a cache."""
 
   causal = True
+  decodes = True
 
   def __init__(self, cfg: ml_collections.ConfigDict, *, rngs: nnx.Rngs):
     super().__init__(cfg, rngs=rngs)
@@ -305,7 +319,6 @@ class CausalAttention(Attention):
     share = 1 / cfg.mosa.sparsity
     start = statistics.NormalDist().inv_cdf(1 - share) if share < 1 else -10.0
     self.threshold = Threshold(jnp.full((cfg.mosa.num_heads,), start, jnp.float32))
-    self.update_state = False  # the train step sets it (trainer.forward) so the threshold moves
 
   @staticmethod
   def capacity_factor(cfg: ml_collections.ConfigDict) -> float:
@@ -315,21 +328,22 @@ class CausalAttention(Attention):
   def _slots(self, seq_len: int) -> int:
     return head_slots(seq_len, self.mosa.sparsity, self.mosa.capacity_factor)
 
-  def _taken(self, logits_BMT, pos_BT) -> jax.Array:
+  def _taken(self, logits_BMT, pos_BT, update_state: bool) -> jax.Array:
+    """Which tokens each head takes; `update_state` (the train step) moves the thresholds."""
     tau_1M1 = jax.lax.stop_gradient(self.threshold[...])[None, :, None]
     taken_BMT = logits_BMT > tau_1M1
     if self.mosa.include_first:
       taken_BMT |= (pos_BT == 0)[:, None, :]
     self.sow(nnx.Intermediate, 'mosa_taken_share', jnp.mean(taken_BMT.astype(jnp.float32)))
-    if self.update_state:
+    if update_state:
       share_M = jnp.mean(taken_BMT.astype(jnp.float32), axis=(0, 2))
       self.threshold[...] = self.threshold[...] + self.mosa.threshold_rate * (
           share_M - 1 / self.mosa.sparsity) * self.mosa.sparsity
     return taken_BMT
 
-  def _select(self, logits_BMT, pos_BT) -> jax.Array:
+  def _select(self, logits_BMT, pos_BT, update_state: bool = False) -> jax.Array:
     m = self.mosa
-    idx_BMS, _ = causal_slots(self._taken(logits_BMT, pos_BT), pos_BT,
+    idx_BMS, _ = causal_slots(self._taken(logits_BMT, pos_BT, update_state), pos_BT,
                                  per_token=m.capacity_factor / m.sparsity,
                                  num_slots=self._slots(logits_BMT.shape[-1]))
     return idx_BMS
@@ -340,18 +354,19 @@ class CausalAttention(Attention):
             'k': jnp.zeros((batch, S, M, H), self.dtype), 'v': jnp.zeros((batch, S, M, H), self.dtype),
             'count': jnp.zeros((batch, M), jnp.int32)}
 
-  def __call__(self, x_BTD: jax.Array, pos_BT: jax.Array,
-               cache: Cache | None = None) -> tuple[jax.Array, Cache | None]:
+  def __call__(self, x_BTD: jax.Array, pos_BT: jax.Array, cache: Cache | None = None, *,
+               update_state: bool = False) -> tuple[jax.Array, Cache | None]:
     if cache is None:
       y_BTD, _ = dense.Attention.__call__(self, x_BTD, pos_BT)
       x_BTD = x_BTD.astype(self.dtype)
       logits_BMT = self._router_logits(x_BTD)
-      return y_BTD + self._sparse_heads(x_BTD, pos_BT, logits_BMT, self._select(logits_BMT, pos_BT)), None
+      idx_BMS = self._select(logits_BMT, pos_BT, update_state)
+      return y_BTD + self._sparse_heads(x_BTD, pos_BT, logits_BMT, idx_BMS), None
     y_BTD, dense_cache = dense.Attention.__call__(self, x_BTD, pos_BT, cache['dense'])
     x_BTD = x_BTD.astype(self.dtype)
     logits_BMT = self._router_logits(x_BTD)
     m, S = self.mosa, cache['k'].shape[1]
-    taken_BMT = self._taken(logits_BMT, pos_BT)
+    taken_BMT = self._taken(logits_BMT, pos_BT, update_state)
     rank_BMT, keep_BMT = causal_ranks(taken_BMT, pos_BT, cache['count'],
                                       per_token=m.capacity_factor / m.sparsity, num_slots=S)
     pos_BTM = jnp.broadcast_to(pos_BT[..., None], pos_BT.shape + (m.num_heads,))

@@ -38,7 +38,7 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
-from pallas_kernels._common import map_query_chunks
+from pallas_kernels._common import MASK_VALUE, map_query_chunks
 from pallas_kernels.block_selection import block_selection, block_selection_reference
 from pallas_kernels.compressed_attention import (
   XLA_CHUNK,
@@ -49,12 +49,11 @@ from pallas_kernels.compressed_attention import (
 from pallas_kernels.flash_attention import flash_attention
 from pallas_kernels.selected_attention import selected_attention
 from sparse_lm import sharding
-from sparse_lm.attention import core
-from sparse_lm.config import ConfigError
-from sparse_lm.layers import param, rope
+from sparse_lm.attention import base, core
+from sparse_lm.errors import ConfigError, require_positive
+from sparse_lm.layers import output_stddev, param, rope
 
 Cache = dict[str, jax.Array]
-_NEG_INF = -1e30
 
 
 def gathered_selected_attention(q_BTHD, k_BSKD, v_BSKD, idx_BTKn, pos_BT, sel_block, *,
@@ -86,7 +85,7 @@ def gathered_selected_attention(q_BTHD, k_BSKD, v_BSKD, idx_BTKn, pos_BT, sel_bl
   s_BKTGnL = jnp.einsum('bktgd,bktnld->bktgnl', q_BKTGD, k_BKTnLD,
                         preferred_element_type=jnp.float32) * D**-0.5
   visible_BKT1nL = visible_BTKnL.transpose(0, 2, 1, 3, 4)[:, :, :, None]
-  s_BKTGnL = jnp.where(visible_BKT1nL, s_BKTGnL, _NEG_INF)
+  s_BKTGnL = jnp.where(visible_BKT1nL, s_BKTGnL, MASK_VALUE)
   p_BKTGX = jax.nn.softmax(s_BKTGnL.reshape(B, K, T, H // K, -1), axis=-1)
   p_BKTGnL = (p_BKTGX.reshape(s_BKTGnL.shape) * visible_BKT1nL).astype(v_BSKD.dtype)
   o_BKTGD = jnp.einsum('bktgnl,bktnld->bktgd', p_BKTGnL, v_BKTnLD)
@@ -103,11 +102,10 @@ def chunked_selected_attention(q_BTHD, k_BSKD, v_BSKD, idx_BTKn, pos_BT, sel_blo
   return map_query_chunks(one_chunk, (q_BTHD, idx_BTKn, pos_BT), (0, -1, -1), chunk=chunk)
 
 
-class Attention(nnx.Module):
+class Attention(base.Attention):
   """NSA with grouped-query heads; `model.nsa` holds l, d, l', n, w and whether K/V are shared."""
 
-  causal = True
-  heads_span_width = True
+  decodes = True
 
   def __init__(self, cfg: ml_collections.ConfigDict, *, rngs: nnx.Rngs):
     n = cfg.nsa
@@ -128,8 +126,8 @@ class Attention(nnx.Module):
                                             dtype=pd))
     self.w_gate = param(rngs, (d, hq, 3), ('embed', 'q_heads', None), stddev=d**-0.5, dtype=pd)
     self.b_gate = nnx.Param(jnp.zeros((hq * 3,), jnp.dtype(pd)), axes=(None,))
-    out_std = (hq * dh) ** -0.5 / (2 * cfg.num_layers) ** 0.5
-    self.wo = param(rngs, (hq, dh, d), ('q_heads', 'head_dim', 'embed'), stddev=out_std, dtype=pd)
+    self.wo = param(rngs, (hq, dh, d), ('q_heads', 'head_dim', 'embed'),
+                    stddev=output_stddev(hq * dh, cfg.num_layers), dtype=pd)
     self.nsa = ml_collections.FrozenConfigDict(n)
     self.kernel = cfg.kernel
     self.rope_theta = cfg.rope_theta
@@ -138,11 +136,24 @@ class Attention(nnx.Module):
   # ------------------------------------------------------------------------- config and FLOPs
 
   @staticmethod
+  def defaults() -> dict:
+    n = ml_collections.ConfigDict()  # the paper's settings (Sec. 4.1)
+    n.cmp_block = 32  # l: tokens per compressed block
+    n.cmp_stride = 16  # d: stride between compressed blocks
+    n.sel_block = 64  # l': tokens per selection block
+    n.num_selected = 16  # n: selected blocks per query, the first and two local ones included
+    n.window = 512  # w: the sliding-window branch
+    n.shared_kv = False  # one K/V projection for all three branches instead of one each
+    return {'nsa': n}
+
+  @staticmethod
+  def tiny_config() -> dict:
+    return {'nsa': {'cmp_block': 4, 'cmp_stride': 2, 'sel_block': 4, 'num_selected': 3, 'window': 5}}
+
+  @staticmethod
   def check_config(cfg: ml_collections.ConfigDict) -> None:
     n = cfg.nsa
-    for key in ('cmp_block', 'cmp_stride', 'sel_block', 'num_selected', 'window'):
-      if not isinstance(n[key], int) or n[key] < 1:
-        raise ConfigError(f'model.nsa.{key}={n[key]!r} must be a positive integer')
+    require_positive(n, 'model.nsa', ('cmp_block', 'cmp_stride', 'sel_block', 'num_selected', 'window'))
     if n.num_selected < 3:
       raise ConfigError(f'model.nsa.num_selected={n.num_selected} must be at least 3: the first block and '
                         'the two local blocks are always selected (NSA Sec. 4.1)')
@@ -249,8 +260,9 @@ class Attention(nnx.Module):
             'v': [jnp.zeros((batch, max_len, K, D), self.dtype) for _ in range(J)],
             'ck': jnp.zeros((batch, C, K, D), self.dtype), 'cv': jnp.zeros((batch, C, K, D), self.dtype)}
 
-  def __call__(self, x_BTD: jax.Array, pos_BT: jax.Array,
-               cache: Cache | None = None) -> tuple[jax.Array, Cache | None]:
+  def __call__(self, x_BTD: jax.Array, pos_BT: jax.Array, cache: Cache | None = None, *,
+               update_state: bool = False) -> tuple[jax.Array, Cache | None]:
+    del update_state  # no state besides the parameters
     x_BTD = x_BTD.astype(self.dtype)
     q_BTHD, k_BTJKD, v_BTJKD = self._project(x_BTD, pos_BT)
     if cache is None:

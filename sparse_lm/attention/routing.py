@@ -7,7 +7,7 @@ A layer is `model.num_heads` local heads (sliding window `model.routing.window`)
   value, and normalises the query/key to the unit sphere;
 - keeps `C` centroids on that sphere, updated by an exponential moving average of the vectors nearest
   to each (mini-batch k-means), never by gradient; a commitment loss pulls the vectors toward their
-  centroid (`*_aux_loss`, added to the training loss);
+  centroid (sown as an `AuxLoss`, added to the training loss);
 - forms balanced clusters: each centroid takes its `T / C` nearest tokens (top-k), sorted by position;
 - attends within each cluster under the original-position causal mask (sorted, the ordinary causal
   mask over the cluster's slots, so `pallas_kernels.flash_attention` serves); a token in several
@@ -37,8 +37,8 @@ from flax import nnx
 
 from sparse_lm.attention import dense
 from sparse_lm.attention.mosa import cached_slot_attention, causal_ranks, causal_slots, slot_attention
-from sparse_lm.config import ConfigError
-from sparse_lm.layers import param, rope
+from sparse_lm.errors import ConfigError, require_positive
+from sparse_lm.layers import AuxLoss, output_stddev, param, rope
 
 Cache = dict
 
@@ -57,6 +57,7 @@ class Attention(dense.Attention):
 
   causal = False
   heads_span_width = False  # routing heads come beside the model.num_heads local heads
+  decodes = False
 
   def __init__(self, cfg: ml_collections.ConfigDict, *, rngs: nnx.Rngs):
     super().__init__(cfg, rngs=rngs)
@@ -64,10 +65,9 @@ class Attention(dense.Attention):
     d, R, dh, pd = cfg.d_model, rt.num_heads, cfg.head_dim, cfg.param_dtype
     self.routing_wqk = param(rngs, (d, R, dh), ('embed', 'q_heads', 'head_dim'), stddev=d**-0.5, dtype=pd)
     self.routing_wv = param(rngs, (d, R, dh), ('embed', 'q_heads', 'head_dim'), stddev=d**-0.5, dtype=pd)
-    out_std = ((cfg.num_heads + R) * dh) ** -0.5 / (2 * cfg.num_layers) ** 0.5
-    self.routing_wo = param(rngs, (R, dh, d), ('q_heads', 'head_dim', 'embed'), stddev=out_std, dtype=pd)
+    self.routing_wo = param(rngs, (R, dh, d), ('q_heads', 'head_dim', 'embed'),
+                            stddev=output_stddev((cfg.num_heads + R) * dh, cfg.num_layers), dtype=pd)
     self.centroids = Centroids(_unit(jax.random.normal(rngs.params(), (R, rt.num_clusters, dh))))
-    self.update_state = False  # the train step sets it (trainer.forward) so the centroids move
     self.routing = ml_collections.FrozenConfigDict(rt)
 
   # ------------------------------------------------------------------------- config and FLOPs
@@ -78,19 +78,30 @@ class Attention(dense.Attention):
       raise ConfigError(f'model.routing.window={cfg.routing.window!r}: the local heads need a window >= 1')
     return cfg.routing.window
 
+  @staticmethod
+  def defaults() -> dict:
+    rt = ml_collections.ConfigDict()  # routing heads beside model.num_heads local heads
+    rt.num_heads = 2  # routing heads per layer
+    rt.num_clusters = 4  # C: centroids per head; balanced clusters of T / C tokens
+    rt.window = 32  # the local heads' window; routing_causal: keys seen within a cluster
+    rt.decay = 0.999  # EMA rate of the centroids (the paper's lambda)
+    rt.commitment_weight = 1e-3  # commitment loss, added to the training loss
+    rt.capacity_factor = 2.0  # routing_causal: a cluster's slots, as a multiple of T / C
+    return {'routing': rt}
+
+  @staticmethod
+  def tiny_config() -> dict:
+    return {'routing': {'num_heads': 2, 'num_clusters': 4, 'window': 6}}
+
   @classmethod
   def check_config(cls, cfg: ml_collections.ConfigDict) -> None:
     rt = cfg.routing
     cls.attention_window(cfg)
-    for key in ('num_heads', 'num_clusters'):
-      if not isinstance(rt[key], int) or rt[key] < 1:
-        raise ConfigError(f'model.routing.{key}={rt[key]!r} must be a positive integer')
+    require_positive(rt, 'model.routing', ('num_heads', 'num_clusters'))
     if not 0 <= rt.decay < 1:
       raise ConfigError(f'model.routing.decay={rt.decay} must be in [0, 1) (EMA of the centroids)')
     if not rt.capacity_factor >= 1:
       raise ConfigError(f'model.routing.capacity_factor={rt.capacity_factor} must be at least 1')
-    if cfg.head_dim % 2:
-      raise ConfigError(f'model.head_dim={cfg.head_dim} must be even (rotary embeddings)')
 
   @staticmethod
   def cluster_slots(cfg: ml_collections.ConfigDict, seq_len: int) -> tuple[int, int]:
@@ -119,18 +130,18 @@ class Attention(dense.Attention):
 
   # ------------------------------------------------------------------------- forward
 
-  def __call__(self, x_BTD: jax.Array, pos_BT: jax.Array,
-               cache: Cache | None = None) -> tuple[jax.Array, Cache | None]:
+  def __call__(self, x_BTD: jax.Array, pos_BT: jax.Array, cache: Cache | None = None, *,
+               update_state: bool = False) -> tuple[jax.Array, Cache | None]:
     if cache is not None:
       raise ValueError('model.attention=routing cannot decode with a cache; use routing_causal')
     y_BTD, _ = dense.Attention.__call__(self, x_BTD, pos_BT)
-    qk_BTRH, v_BTRH, score_BRCT = self._route_inputs(x_BTD)
+    qk_BTRH, v_BTRH, score_BRCT = self._route_inputs(x_BTD, update_state)
     idx_BGS = self._clusters(score_BRCT, pos_BT)
     return y_BTD + self._routed(qk_BTRH, v_BTRH, pos_BT, idx_BGS), None
 
-  def _route_inputs(self, x_BTD):
-    """Unit query/keys, values and the scores against the centroids; sows the commitment loss and, in
-    the train step, moves the centroids."""
+  def _route_inputs(self, x_BTD, update_state: bool = False):
+    """Unit query/keys, values and the scores against the centroids; sows the commitment loss and, with
+    `update_state` (the train step), moves the centroids."""
     x_BTD = x_BTD.astype(self.dtype)
     qk_BTRH = _unit(jnp.einsum('btd,drh->btrh', x_BTD, self.routing_wqk[...].astype(self.dtype)))
     v_BTRH = jnp.einsum('btd,drh->btrh', x_BTD, self.routing_wv[...].astype(self.dtype))
@@ -142,8 +153,8 @@ class Attention(dense.Attention):
     # Commitment loss (as in VQ-VAE, van den Oord et al. 2017): the distance to the nearest centroid.
     near_BTRH = jnp.einsum('btrc,rch->btrh', nearest_BTRC, mu_RCH)
     commit = jnp.mean(jnp.sum((qk_BTRH.astype(jnp.float32) - near_BTRH) ** 2, axis=-1))
-    self.sow(nnx.Intermediate, 'routing_commitment_aux_loss', self.routing.commitment_weight * commit)
-    if self.update_state:
+    self.sow(AuxLoss, 'routing_commitment_aux_loss', self.routing.commitment_weight * commit)
+    if update_state:
       self._ema_step(jax.lax.stop_gradient(qk_BTRH.astype(jnp.float32)), nearest_BTRC)
     return qk_BTRH, v_BTRH, score_BRCT
 
@@ -193,6 +204,7 @@ class CausalAttention(Attention):
   """routing_causal: nearest-centroid clusters, each laid out in position order, causal windows in them."""
 
   causal = True
+  decodes = True
 
   def _window(self) -> int:
     return self.routing.window
@@ -227,15 +239,15 @@ class CausalAttention(Attention):
             'k': jnp.zeros((batch, S, G, H), self.dtype), 'v': jnp.zeros((batch, S, G, H), self.dtype),
             'count': jnp.zeros((batch, G), jnp.int32)}
 
-  def __call__(self, x_BTD: jax.Array, pos_BT: jax.Array,
-               cache: Cache | None = None) -> tuple[jax.Array, Cache | None]:
+  def __call__(self, x_BTD: jax.Array, pos_BT: jax.Array, cache: Cache | None = None, *,
+               update_state: bool = False) -> tuple[jax.Array, Cache | None]:
     if cache is None:
       y_BTD, _ = dense.Attention.__call__(self, x_BTD, pos_BT)
-      qk_BTRH, v_BTRH, score_BRCT = self._route_inputs(x_BTD)
+      qk_BTRH, v_BTRH, score_BRCT = self._route_inputs(x_BTD, update_state)
       return y_BTD + self._routed(qk_BTRH, v_BTRH, pos_BT, self._clusters(score_BRCT, pos_BT)), None
     rt = self.routing
     y_BTD, dense_cache = dense.Attention.__call__(self, x_BTD, pos_BT, cache['dense'])
-    qk_BTRH, v_BTRH, score_BRCT = self._route_inputs(x_BTD)
+    qk_BTRH, v_BTRH, score_BRCT = self._route_inputs(x_BTD, update_state)
     B, T, R, H = qk_BTRH.shape
     C = rt.num_clusters
     taken_BGT = self._taken(score_BRCT)

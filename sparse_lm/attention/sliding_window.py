@@ -3,10 +3,18 @@
 import ml_collections
 
 from sparse_lm.attention import dense
-from sparse_lm.config import ConfigError
+from sparse_lm.errors import ConfigError
 
 
 class Attention(dense.Attention):
+
+  @staticmethod
+  def defaults() -> dict:
+    return {'window': 0}  # keys with t - window < s <= t; sliding_window needs it >= 1
+
+  @staticmethod
+  def tiny_config() -> dict:
+    return {'window': 5}
 
   @staticmethod
   def attention_window(cfg: ml_collections.ConfigDict) -> int:

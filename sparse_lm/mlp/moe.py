@@ -24,7 +24,7 @@ Routing (`moe.router`):
 Losses and metrics, sown per layer: the Switch load-balancing loss E * sum_e f_e P_e (Fedus et al.
 2021, Eq. 4; f_e the fraction of assignments to e, P_e the mean routing probability) and the router
 z-loss mean(logsumexp(logits)^2) (Zoph et al. 2022, ST-MoE, Eq. 5), each times its weight, as
-`*aux_loss`; `expert_load` (f_e, one value per expert, 1/E when balanced), `dropped_fraction` and
+`AuxLoss`es; `expert_load` (f_e, one value per expert, 1/E when balanced), `dropped_fraction` and
 `router_entropy` as metrics.
 
 Execution (`moe.execution`):
@@ -55,9 +55,9 @@ from jax.sharding import PartitionSpec
 
 from pallas_kernels.grouped_matmul import grouped_matmul
 from sparse_lm import sharding
-from sparse_lm.config import ConfigError
-from sparse_lm.layers import param
-from sparse_lm.mlp import dense
+from sparse_lm.errors import ConfigError, require_choice, require_positive
+from sparse_lm.layers import AuxLoss, output_stddev, param
+from sparse_lm.mlp import base, dense
 
 ROUTERS = ('token_choice', 'expert_choice')
 SCORES = ('softmax', 'sigmoid')
@@ -78,7 +78,7 @@ def capacity(num_tokens: int, cfg: ml_collections.ConfigDict) -> int:
   return max(1, min(num_tokens, -(-int(m.capacity_factor * num_tokens * m.top_k) // m.num_experts)))
 
 
-class Mlp(nnx.Module):
+class Mlp(base.Mlp):
 
   def __init__(self, cfg: ml_collections.ConfigDict, *, rngs: nnx.Rngs):
     m = cfg.moe
@@ -86,12 +86,11 @@ class Mlp(nnx.Module):
     self.router = param(rngs, (d, e), ('embed', None), stddev=d**-0.5, dtype='float32')
     self.expert_gate = param(rngs, (e, d, f), ('expert', 'embed', 'mlp'), stddev=d**-0.5, dtype=pd)
     self.expert_up = param(rngs, (e, d, f), ('expert', 'embed', 'mlp'), stddev=d**-0.5, dtype=pd)
-    out_std = f**-0.5 / (2 * cfg.num_layers) ** 0.5
-    self.expert_down = param(rngs, (e, f, d), ('expert', 'mlp', 'embed'), stddev=out_std, dtype=pd)
+    self.expert_down = param(rngs, (e, f, d), ('expert', 'mlp', 'embed'),
+                             stddev=output_stddev(f, cfg.num_layers), dtype=pd)
     shared_cfg = ml_collections.ConfigDict({**cfg.to_dict(), 'mlp_dim': m.num_shared_experts * f})
     self.shared = dense.Mlp(shared_cfg, rngs=rngs) if m.num_shared_experts else None
     self.bias = RoutingBias(jnp.zeros((e,), jnp.float32)) if m.bias_update_rate else None
-    self.update_state = False  # the train step sets it (trainer.forward) so the bias moves
     self.model_cfg = ml_collections.FrozenConfigDict(cfg)  # static and hashable, part of the graphdef
     self.cfg = self.model_cfg.moe
     self.kernel = cfg.kernel
@@ -104,15 +103,35 @@ class Mlp(nnx.Module):
     return cfg.moe.router == 'token_choice' and cfg.moe.execution == 'dropless'
 
   @staticmethod
+  def defaults() -> dict:
+    m = ml_collections.ConfigDict()  # the module docstring says where each setting comes from
+    m.num_experts = 8  # E routed experts per MoE layer
+    m.top_k = 2  # k: experts per token (expert_choice: the average, sets the capacity)
+    m.router = 'token_choice'  # 'token_choice' or 'expert_choice' (non-causal, Zhou et al. 2022)
+    m.score = 'softmax'  # router scores: 'softmax' or 'sigmoid' of the logits
+    m.normalize_top_k = True  # rescale the k chosen scores to sum to one
+    m.granularity = 1.0  # expert width as a fraction of model.mlp_dim (0.25: fine-grained)
+    m.num_shared_experts = 0  # experts every token uses (DeepSeekMoE), each as wide as one expert
+    m.execution = 'dropless'  # 'dropless' (grouped matmul) or 'capacity' (drops overflow)
+    m.capacity_factor = 1.25  # slots per expert = factor * tokens * k / E (capacity, expert_choice)
+    m.load_balance_weight = 0.01  # Switch load-balancing loss (Fedus et al. 2021)
+    m.z_loss_weight = 1e-3  # router z-loss (Zoph et al. 2022)
+    m.bias_update_rate = 0.0  # aux-loss-free balancing bias step (Wang et al. 2024); 0: off
+    m.every = 1  # MoE in every n-th layer from first_dense on, dense MLPs elsewhere
+    m.first_dense = 0  # the first m layers keep the dense MLP
+    return {'moe': m}
+
+  @staticmethod
+  def tiny_config() -> dict:
+    return {'moe': {'num_experts': 4, 'top_k': 2}}
+
+  @staticmethod
   def check_config(cfg: ml_collections.ConfigDict) -> None:
     """One ConfigError line for MoE settings that cannot run (the mesh is checked in checks.py)."""
     m = cfg.moe
     for key, allowed in (('router', ROUTERS), ('score', SCORES), ('execution', EXECUTIONS)):
-      if m[key] not in allowed:
-        raise ConfigError(f'model.moe.{key}={m[key]!r} is not one of the allowed values {list(allowed)}')
-    for key in ('num_experts', 'top_k', 'every'):
-      if not isinstance(m[key], int) or m[key] < 1:
-        raise ConfigError(f'model.moe.{key}={m[key]!r} must be a positive integer')
+      require_choice(f'model.moe.{key}', m[key], allowed)
+    require_positive(m, 'model.moe', ('num_experts', 'top_k', 'every'))
     if m.top_k > m.num_experts:
       raise ConfigError(f'model.moe.top_k={m.top_k} exceeds model.moe.num_experts={m.num_experts}')
     if not isinstance(m.num_shared_experts, int) or m.num_shared_experts < 0:
@@ -145,7 +164,7 @@ class Mlp(nnx.Module):
       share *= m.capacity_factor
     return {'expert_gate': share, 'expert_up': share, 'expert_down': share}
 
-  def __call__(self, x_BTD: jax.Array) -> jax.Array:
+  def __call__(self, x_BTD: jax.Array, *, update_state: bool = False) -> jax.Array:
     x_BTD = x_BTD.astype(self.dtype)
     logits_BTE = jnp.einsum('btd,de->bte', x_BTD.astype(jnp.float32), self.router[...])
     if self.cfg.score == 'softmax':
@@ -156,7 +175,7 @@ class Mlp(nnx.Module):
     if self.cfg.router == 'expert_choice':
       y_BTD, dropped = self._expert_choice(x_BTD, scores_BTE)
     else:
-      y_BTD, dropped = self._token_choice(x_BTD, scores_BTE)
+      y_BTD, dropped = self._token_choice(x_BTD, scores_BTE, update_state)
     self.sow(nnx.Intermediate, 'dropped_fraction', dropped)
     if self.shared is not None:
       y_BTD = y_BTD + self.shared(x_BTD)
@@ -166,7 +185,7 @@ class Mlp(nnx.Module):
     z = jnp.mean(jnp.square(jax.nn.logsumexp(logits_BTE, axis=-1)))
     self.sow(nnx.Intermediate, 'router_z_loss', z)  # unweighted, a metric whatever its weight
     if self.cfg.z_loss_weight:
-      self.sow(nnx.Intermediate, 'router_z_aux_loss', self.cfg.z_loss_weight * z)
+      self.sow(AuxLoss, 'router_z_aux_loss', self.cfg.z_loss_weight * z)
     probs_BTE = _as_distribution(scores_BTE)
     entropy_BT = -jnp.sum(probs_BTE * jnp.log(jnp.maximum(probs_BTE, 1e-30)), axis=-1)
     self.sow(nnx.Intermediate, 'router_entropy', jnp.mean(entropy_BT))
@@ -174,7 +193,7 @@ class Mlp(nnx.Module):
   def _experts(self):
     return tuple(w[...].astype(self.dtype) for w in (self.expert_gate, self.expert_up, self.expert_down))
 
-  def _token_choice(self, x_BTD, scores_BTE):
+  def _token_choice(self, x_BTD, scores_BTE, update_state: bool):
     m, E = self.cfg, self.cfg.num_experts
     select_BTE = scores_BTE
     if self.bias is not None:
@@ -189,8 +208,8 @@ class Mlp(nnx.Module):
     balance = E * jnp.sum(load_E * prob_E)  # Switch Eq. 4; 1 when perfectly balanced
     self.sow(nnx.Intermediate, 'load_balance_loss', balance)  # unweighted, a metric whatever its weight
     if m.load_balance_weight:
-      self.sow(nnx.Intermediate, 'load_balance_aux_loss', m.load_balance_weight * balance)
-    if self.bias is not None and self.update_state:
+      self.sow(AuxLoss, 'load_balance_aux_loss', m.load_balance_weight * balance)
+    if self.bias is not None and update_state:
       # Wang et al. 2024, Alg. 1: raise the bias of under-loaded experts, lower it for over-loaded ones.
       self.bias[...] = self.bias[...] + m.bias_update_rate * jnp.sign(jnp.mean(load_E) - load_E)
     return self._dispatch(x_BTD, idx_BTK, w_BTK.astype(self.dtype))

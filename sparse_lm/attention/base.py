@@ -1,0 +1,64 @@
+"""The contract of an attention variant, written once: subclass `Attention`, override what differs and
+add one line to `sparse_lm.attention.REGISTRY`. The config (its defaults), the checks, the FLOP count,
+the model, the samplers and the contract tests (`tests/test_variants.py`) read only these members.
+
+A variant is built as `Variant(model_config, rngs=...)` and called as
+`(x_BTD, pos_BT, cache=None, *, update_state=False) -> (y_BTD, cache)`.
+"""
+
+from typing import Any, ClassVar
+
+import jax
+import ml_collections
+from flax import nnx
+
+
+class Attention(nnx.Module):
+  """Defaults that fit a causal variant with no settings of its own and no decoding cache."""
+
+  # The output at t never depends on inputs after t. A variant that says False is still trained and
+  # scored, flagged as not causal, and its leak is measured by the perturbation probe (sparse_lm.evaluate).
+  causal: ClassVar[bool] = True
+  # The config check requires model.num_heads * model.head_dim == model.d_model.
+  heads_span_width: ClassVar[bool] = True
+  # `init_cache` and calls with a cache work (incremental decoding equals the parallel pass).
+  decodes: ClassVar[bool] = False
+
+  @staticmethod
+  def defaults() -> dict[str, Any]:
+    """The `model.*` keys this variant adds to the base config, with their defaults (a sub-config under
+    the variant's name, say); `sparse_lm.config.base_config` merges those of every registered variant."""
+    return {}
+
+  @staticmethod
+  def tiny_config() -> dict[str, Any]:
+    """`model.*` overrides under which the variant does real work on a test model (two layers, width 64,
+    four heads of 16, at most 64 tokens): windows, blocks and slots smaller than the sequence."""
+    return {}
+
+  @classmethod
+  def check_config(cls, cfg: ml_collections.ConfigDict) -> None:
+    """Raises one `ConfigError` line for a value this variant cannot run; called before anything compiles."""
+    del cfg
+
+  @classmethod
+  def attended_keys(cls, cfg: ml_collections.ConfigDict, seq_len: int) -> float:
+    """Keys one query head attends to, averaged over the positions of a sequence (the FLOP count's
+    attention term: 4 head_dim FLOPs a key, forward)."""
+    raise NotImplementedError(f'{cls.__name__} must say how many keys a query attends to')
+
+  @classmethod
+  def param_uses_per_token(cls, cfg: ml_collections.ConfigDict) -> dict[str, float]:
+    """Parameters (by name) that a token does not use exactly once in a matmul, with how often it does."""
+    del cfg
+    return {}
+
+  def init_cache(self, batch: int, max_len: int) -> Any:
+    """The decoding cache for `batch` rows of up to `max_len` positions."""
+    raise ValueError(f'model.attention={type(self).__name__} cannot decode with a cache')
+
+  def __call__(self, x_BTD: jax.Array, pos_BT: jax.Array, cache: Any = None, *,
+               update_state: bool = False) -> tuple[jax.Array, Any]:
+    """The layer's output and the updated cache (None without one). `update_state`: the train step's
+    call, where a layer with non-parameter state (router thresholds, centroids) moves it."""
+    raise NotImplementedError
