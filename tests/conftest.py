@@ -66,6 +66,15 @@ def assert_decoding_equals_parallel(model, T: int, P: int, B: int = 2) -> dict:
   return cache
 
 
+def assert_same_loss_and_grads(model_a, model_b, tokens_BT, *, loss_rtol, atol, rtol) -> None:
+  def loss(model):
+    return jnp.mean(model(tokens_BT)[0][..., :259] ** 2)
+  (loss_a, grads_a), (loss_b, grads_b) = (nnx.jit(nnx.value_and_grad(loss))(m) for m in (model_a, model_b))
+  np.testing.assert_allclose(loss_b, loss_a, rtol=loss_rtol)
+  for ga, gb in zip(jax.tree.leaves(grads_a), jax.tree.leaves(grads_b), strict=True):
+    np.testing.assert_allclose(gb, ga, atol=atol, rtol=rtol)
+
+
 @pytest.fixture
 def tiny():
   return tiny_config()

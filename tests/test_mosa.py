@@ -9,9 +9,7 @@ from flax import nnx
 
 from sparse_lm import flops, ladder, sweep
 from sparse_lm.attention import mosa
-from sparse_lm.model import Transformer
 from tests.conftest import (
-  assert_decoding_equals_parallel,
   eval_lines,
   fresh_seed,
   run_train,
@@ -113,11 +111,6 @@ def test_threshold_moves_toward_the_target_share():
     layer._taken(logits_BMT, pos_BT, update_state=True)
   share_M = np.mean(np.asarray(logits_BMT > layer.threshold[...][None, :, None]), axis=(0, 2))
   np.testing.assert_allclose(share_M, 0.25, atol=0.05)
-
-
-def test_mosa_causal_decoding_equals_parallel_forward():
-  model = Transformer(_config('mosa_causal', include_first=True).model, rngs=nnx.Rngs(fresh_seed()))
-  assert_decoding_equals_parallel(model, T=11, P=6, B=2)
 
 
 @pytest.mark.parametrize('rung', ['100k', '1m', '10m', '100m'])

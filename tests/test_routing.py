@@ -8,9 +8,7 @@ import pytest
 from flax import nnx
 
 from sparse_lm.attention import routing
-from sparse_lm.model import Transformer
 from tests.conftest import (
-  assert_decoding_equals_parallel,
   eval_lines,
   fresh_seed,
   run_train,
@@ -112,11 +110,6 @@ def test_centroids_are_state_not_parameters():
   layer = _layer('routing')
   assert 'centroids' not in nnx.to_pure_dict(nnx.state(layer, nnx.Param))
   assert not routing.Attention.causal and routing.CausalAttention.causal
-
-
-def test_routing_causal_decoding_equals_parallel_forward():
-  model = Transformer(_config('routing_causal', window=4).model, rngs=nnx.Rngs(fresh_seed()))
-  assert_decoding_equals_parallel(model, T=11, P=6, B=2)
 
 
 @pytest.mark.parametrize('attention', ['routing', 'routing_causal'])

@@ -230,6 +230,8 @@ class Attention(dense.Attention):
     require_positive(m, 'model.mosa', ('sparsity',), ' (rho: k = T / rho)')
     if not m.capacity_factor >= 1:
       raise ConfigError(f'model.mosa.capacity_factor={m.capacity_factor} must be at least 1')
+    if not m.threshold_rate >= 0:
+      raise ConfigError(f'model.mosa.threshold_rate={m.threshold_rate} must be >= 0 (0: fixed thresholds)')
 
   @staticmethod
   def capacity_factor(cfg: ml_collections.ConfigDict) -> float | None:

@@ -102,6 +102,8 @@ class Attention(dense.Attention):
       raise ConfigError(f'model.routing.decay={rt.decay} must be in [0, 1) (EMA of the centroids)')
     if not rt.capacity_factor >= 1:
       raise ConfigError(f'model.routing.capacity_factor={rt.capacity_factor} must be at least 1')
+    if not rt.commitment_weight >= 0:
+      raise ConfigError(f'model.routing.commitment_weight={rt.commitment_weight} must be >= 0')
 
   @staticmethod
   def cluster_slots(cfg: ml_collections.ConfigDict, seq_len: int) -> tuple[int, int]:

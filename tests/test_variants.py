@@ -1,0 +1,225 @@
+"""The variant contract (`sparse_lm/attention/base.py`, `sparse_lm/mlp/base.py`), checked for every
+registered variant: a variant is tested by being registered. Each runs in a tiny model under its own
+`tiny_config()`: causality (an exact zero through gradients, or flagged and measured by the perturbation
+probe), cached decoding equal to the parallel pass where it decodes, the `pallas` path equal to the
+`xla` path, FLOP hooks that name real parameters, and config errors in one line naming the key. A
+throwaway variant, registered by one line, goes through the same checks and a training step."""
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+from flax import nnx
+
+from sparse_lm import attention, checks, config, evaluate, flops, mlp, trainer
+from sparse_lm.attention import base
+from sparse_lm.errors import ConfigError
+from sparse_lm.layers import param
+from sparse_lm.model import Transformer, is_causal
+from tests.conftest import (
+  assert_decoding_equals_parallel,
+  assert_same_loss_and_grads,
+  fresh_seed,
+  tiny_config,
+)
+
+ATTENTION = sorted(attention.REGISTRY)
+MLP = sorted(mlp.REGISTRY)
+
+
+def variant_config(name: str, kind: str = 'attention', **model):
+  variant = (attention if kind == 'attention' else mlp).REGISTRY[name]
+  return tiny_config(**{kind: name}, **variant.tiny_config(), **model)
+
+
+def _model(c, seed=None):
+  return Transformer(c.model, rngs=nnx.Rngs(fresh_seed() if seed is None else seed))
+
+
+def _future_gradients(model, T: int = 24):
+  """For a few positions t: |d out_t / d x_s| summed over the sequence after t, and at t itself."""
+  x_BTD = jax.random.normal(jax.random.key(fresh_seed()), (2, T, model.embed.shape[1]))
+  grad_at = nnx.jit(nnx.grad(lambda m, x, t: jnp.sum(m.from_embeddings(x)[0][:, t, :259] ** 2), argnums=1))
+  for t in (0, T // 3, T - 2):
+    g_BTD = np.abs(np.asarray(grad_at(model, x_BTD, t)))
+    yield t, float(g_BTD[:, t + 1:].sum()), float(g_BTD[:, t].sum(-1).min())
+
+
+def _check_causality(c) -> None:
+  model = _model(c)
+  if is_causal(c.model):
+    for t, future, itself in _future_gradients(model):
+      assert future == 0.0, f'position {t} sees the future'
+      assert itself > 0, f'position {t} does not see itself'
+    return
+  # Flagged as not causal: the probe the evaluation reports must see the look-ahead, which a discrete
+  # choice hides from gradients.
+  graphdef, *variables = nnx.split(model, nnx.Param, ...)
+  leaks = evaluate.model_leaks(graphdef, variables, 32, seed=fresh_seed())
+  assert leaks['perturbation'] > 1e-4, leaks
+
+
+def _check_decoding(name: str, c) -> None:
+  model = _model(c)
+  if attention.REGISTRY[name].decodes:
+    cache = assert_decoding_equals_parallel(model, T=14, P=5)
+    assert int(cache['end']) == 14
+  else:
+    with pytest.raises(ValueError, match='cannot decode'):
+      model.init_cache(2, 16)
+
+
+def _check_pallas_equals_xla(make_config) -> None:
+  seed = fresh_seed()
+  models = [_model(make_config(kernel=kernel), seed) for kernel in ('xla', 'pallas')]
+  tokens_BT = jax.random.randint(jax.random.key(seed), (2, 20), 0, 259)
+  assert_same_loss_and_grads(*models, tokens_BT, loss_rtol=1e-5, atol=1e-5, rtol=1e-4)
+
+
+def _check_flop_hooks(name: str, c) -> None:
+  variant = attention.REGISTRY[name]
+  names = {path[-1] for path in flops.param_sizes(c.model) if path[0] == 'blocks' and path[2] == 'attn'}
+  unknown = set(variant.param_uses_per_token(c.model)) - names
+  assert not unknown, f'{name}.param_uses_per_token names no parameter of the layer: {unknown}'
+  T = c.data.seq_len
+  keys = variant.attended_keys(c.model, T)
+  # At least the query itself; at most every earlier key once per branch (3, NSA's) for every head the
+  # layer runs, counted in units of its model.num_heads query heads.
+  assert 1 <= keys <= 3 * (T + 1) / 2 * (1 + 16 / c.model.num_heads), keys
+  counted = flops.flops_per_token(c)['flops_per_token']['attention']
+  assert counted == 12 * c.model.num_layers * c.model.num_heads * c.model.head_dim * keys
+
+
+def _bad_values(defaults: dict, prefix: str = 'model'):
+  """(key path, a value no variant allows): -1 for every number among the variant's own defaults."""
+  for key, value in defaults.items():
+    if isinstance(value, (dict, ml_collections.ConfigDict)):
+      yield from _bad_values(dict(value), f'{prefix}.{key}')
+    elif isinstance(value, (int, float)) and not isinstance(value, bool):
+      yield f'{prefix}.{key}', -1
+
+
+def _check_config_errors(c, defaults: dict) -> None:
+  checks.check_model(c.model)  # the tiny settings run
+  for key, bad in _bad_values(defaults):
+    broken = c.copy_and_resolve_references()
+    section, leaf = key.removeprefix('model.').rpartition('.')[::2]
+    (broken.model[section] if section else broken.model)[leaf] = bad
+    try:
+      checks.check_model(broken.model)
+    except ConfigError as error:
+      message = str(error)
+      assert f'{key}=' in message and '\n' not in message, message
+    else:
+      pytest.fail(f'{key}={bad} was accepted')
+
+
+# ----------------------------------------------------------------------------- every registered variant
+
+@pytest.mark.parametrize('name', ATTENTION)
+def test_attention_is_causal_or_flagged_and_measured(name):
+  _check_causality(variant_config(name))
+
+
+@pytest.mark.parametrize('name', ATTENTION)
+def test_attention_decodes_from_its_cache_as_in_the_parallel_pass(name):
+  _check_decoding(name, variant_config(name))
+
+
+@pytest.mark.parametrize('name', ATTENTION)
+def test_attention_pallas_path_equals_xla_path(name):
+  _check_pallas_equals_xla(lambda **kw: variant_config(name, **kw))
+
+
+@pytest.mark.parametrize('name', ATTENTION)
+def test_attention_flop_hooks_count_real_parameters(name):
+  _check_flop_hooks(name, variant_config(name))
+
+
+@pytest.mark.parametrize('name', ATTENTION)
+def test_attention_config_errors_are_one_line_naming_the_key(name):
+  _check_config_errors(variant_config(name), attention.REGISTRY[name].defaults())
+
+
+@pytest.mark.parametrize('name', MLP)
+def test_mlp_is_causal_where_it_says_so(name):
+  c = variant_config(name, 'mlp')
+  assert is_causal(c.model) == mlp.REGISTRY[name].is_causal(c.model)
+  _check_causality(c)
+
+
+@pytest.mark.parametrize('name', MLP)
+def test_mlp_flop_hooks_count_real_parameters(name):
+  c = variant_config(name, 'mlp')
+  names = {path[-1] for path in flops.param_sizes(c.model) if path[0] == 'blocks' and path[2] == 'mlp'}
+  for computed in (True, False):
+    assert set(mlp.REGISTRY[name].param_uses_per_token(c.model, computed=computed)) <= names
+
+
+@pytest.mark.parametrize('name', MLP)
+def test_mlp_config_errors_are_one_line_naming_the_key(name):
+  _check_config_errors(variant_config(name, 'mlp'), mlp.REGISTRY[name].defaults())
+
+
+def test_every_variant_setting_has_its_default_in_the_base_config():
+  c = config.base_config()
+  for variant in (*attention.REGISTRY.values(), *mlp.REGISTRY.values()):
+    for key, value in variant.defaults().items():
+      assert c.model[key] == value, key
+
+
+# ----------------------------------------------------------------------------- a throwaway variant
+
+class CumulativeMean(base.Attention):
+  """Each position takes the mean of the value projections at and before it: one file and one registry
+  line, checked by the same contract as the real variants."""
+
+  @staticmethod
+  def defaults() -> dict:
+    return {'cumulative_mean': ml_collections.ConfigDict({'gain': 1.0})}
+
+  @classmethod
+  def check_config(cls, cfg) -> None:
+    if not cfg.cumulative_mean.gain > 0:
+      raise ConfigError(f'model.cumulative_mean.gain={cfg.cumulative_mean.gain!r} must be > 0')
+
+  @classmethod
+  def attended_keys(cls, cfg, seq_len: int) -> float:
+    return (seq_len + 1) / 2
+
+  def __init__(self, cfg, *, rngs):
+    self.wv = param(rngs, (cfg.d_model, cfg.d_model), ('embed', None), stddev=cfg.d_model**-0.5)
+    self.gain = cfg.cumulative_mean.gain
+
+  def __call__(self, x_BTD, pos_BT, cache=None, *, update_state=False):
+    v_BTD = x_BTD @ self.wv[...]
+    return self.gain * jnp.cumsum(v_BTD, axis=1) / (1 + pos_BT)[..., None], cache
+
+
+@pytest.fixture
+def registered(monkeypatch):
+  monkeypatch.setitem(attention.REGISTRY, 'cumulative_mean', CumulativeMean)  # the one registry line
+  return 'cumulative_mean'
+
+
+def test_a_new_variant_is_one_class_and_one_registry_line(registered):
+  c = variant_config(registered)
+  assert c.model.cumulative_mean.gain == 1.0  # its default reached the base config
+  _check_config_errors(c, CumulativeMean.defaults())
+  _check_flop_hooks(registered, c)
+  _check_causality(c)
+  _check_decoding(registered, c)
+  _check_pallas_equals_xla(lambda **kw: variant_config(registered, **kw))
+  # And it trains: one step moves the loss.
+  tx, schedule = trainer.optim.make_optimizer(c.train)
+  graphdef, params, model_state = nnx.split(_model(c), nnx.Param, ...)
+  state = {'params': nnx.to_pure_dict(params), 'model_state': nnx.to_pure_dict(model_state), 'step': 0}
+  state['opt_state'] = tx.init(state['params'])
+  step = jax.jit(trainer.make_train_step(graphdef, tx, schedule, 1))
+  tokens_BT = jax.random.randint(jax.random.key(0), (4, 33), 0, 259)
+  batch = {'inputs': tokens_BT[:, :-1], 'targets': tokens_BT[:, 1:]}
+  state, first = step(state, batch)
+  for _ in range(5):
+    state, last = step(state, batch)
+  assert float(last['loss']) < float(first['loss'])
