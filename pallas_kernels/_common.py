@@ -178,6 +178,10 @@ def _refusal(reason: str, out) -> Callable:
 
 # ----------------------------------------------------------------------------- XLA references in chunks
 
+# Queries per chunk of the XLA paths: 256 x (keys) float32 scores per head at a time.
+XLA_CHUNK = 256
+
+
 def map_query_chunks(fn: Callable, per_query: tuple, fills: tuple, *, chunk: int):
   """`fn(*per_query)` computed `chunk` queries at a time, so an XLA reference's `[queries, keys]`
   intermediates exist for one chunk only, in the forward pass and (each chunk rematerialised with

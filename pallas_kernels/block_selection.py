@@ -60,6 +60,7 @@ from jax.experimental.pallas import tpu as pltpu
 from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels._common import (
+  XLA_CHUNK,
   check_implementation,
   dispatch,
   in_shard_map,
@@ -80,7 +81,6 @@ from pallas_kernels.compressed_attention import block_ends
 # float32 [Ct, Q] probabilities take 512 KiB of VMEM.
 DEFAULT_BLOCKS = {'gpu': (64, 16), 'tpu': (256, 128)}
 GPU_NUM_WARPS, GPU_NUM_STAGES = 8, 2
-XLA_CHUNK = 256  # queries per chunk of the reference: [256, C] float32 probabilities per head at a time
 _LANES = 128
 _INVALID = -1e30  # a block starting after the token: below every score, above an empty slot
 _NO_BLOCK = float(2**30)  # index of an empty slot, above every real block in the min-index reductions

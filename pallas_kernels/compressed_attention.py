@@ -14,25 +14,21 @@ online softmax over compressed blocks, the key loop stopped at the last visible 
 recomputed from the log-sum-exp (whose own cotangent is taken too, so `lse` is differentiable).
 Temporary memory per query block is O(block_q * D); nothing grows with `T * C`.
 
-XLA reference: `compressed_attention_reference` holds the `[T, C]` scores (for tests, and short
-sequences); `chunked_compressed_attention` computes the same over chunks of queries with
-`map_query_chunks`, so the `model.kernel=xla` path and decoding (queries at arbitrary positions) stay
-linear in memory too.
+XLA reference: `compressed_attention_reference` holds the `[Q, C]` scores of one chunk of queries at a
+time (`map_query_chunks`), so the `model.kernel=xla` path and decoding (queries at arbitrary positions)
+stay linear in memory too.
 """
 
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels._common import check_implementation, map_query_chunks
+from pallas_kernels._common import XLA_CHUNK, check_implementation
 from pallas_kernels.flash_attention import (
   GPU_NUM_STAGES,
   GPU_NUM_WARPS,
   attention_with_lse_reference,
   flash_attention_with_lse,
 )
-
-# Queries per chunk of the XLA path: 256 x C float32 scores per head at a time.
-XLA_CHUNK = 256
 
 
 def block_ends(num_blocks: int, *, cmp_block: int, cmp_stride: int) -> jax.Array:
@@ -42,30 +38,13 @@ def block_ends(num_blocks: int, *, cmp_block: int, cmp_stride: int) -> jax.Array
 
 def compressed_attention_reference(q_BTHD: jax.Array, ck_BCKD: jax.Array, cv_BCKD: jax.Array, *,
                                    cmp_block: int, cmp_stride: int, sm_scale: float | None = None,
-                                   pos_BT: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
-  """Eq. 8 over the visible compressed blocks, whole: output `[B, T, H, D]` and lse `[B, H, T]`.
-  `pos_BT` are the queries' positions (default `0..T-1`)."""
+                                   pos_BT: jax.Array | None = None,
+                                   chunk: int = XLA_CHUNK) -> tuple[jax.Array, jax.Array]:
+  """Eq. 8 over the visible compressed blocks: output `[B, T, H, D]` and lse `[B, H, T]`, `chunk`
+  queries at a time. `pos_BT` are the queries' positions (default `0..T-1`; decoding asks at others)."""
   return attention_with_lse_reference(q_BTHD, ck_BCKD, cv_BCKD, causal=True,
                                       key_positions=(cmp_stride, cmp_block - 1), sm_scale=sm_scale,
-                                      qpos_BT=pos_BT)
-
-
-def chunked_compressed_attention(q_BTHD: jax.Array, ck_BCKD: jax.Array, cv_BCKD: jax.Array, *,
-                                 cmp_block: int, cmp_stride: int, sm_scale: float | None = None,
-                                 pos_BT: jax.Array | None = None,
-                                 chunk: int = XLA_CHUNK) -> tuple[jax.Array, jax.Array]:
-  """`compressed_attention_reference`, `chunk` queries at a time (padded queries sit at position -1 and
-  see nothing)."""
-  B, T = q_BTHD.shape[:2]
-  if pos_BT is None:
-    pos_BT = jnp.broadcast_to(jnp.arange(T), (B, T))
-
-  def one_chunk(q_BQHD, pos_BQ):
-    o_BQHD, lse_BHQ = compressed_attention_reference(q_BQHD, ck_BCKD, cv_BCKD, cmp_block=cmp_block,
-                                                     cmp_stride=cmp_stride, sm_scale=sm_scale, pos_BT=pos_BQ)
-    return o_BQHD, lse_BHQ.transpose(0, 2, 1)
-  o_BTHD, lse_BTH = map_query_chunks(one_chunk, (q_BTHD, pos_BT), (0, -1), chunk=chunk)
-  return o_BTHD, lse_BTH.transpose(0, 2, 1)
+                                      qpos_BT=pos_BT, chunk=chunk)
 
 
 def compressed_attention(q_BTHD: jax.Array, ck_BCKD: jax.Array, cv_BCKD: jax.Array, *, cmp_block: int,
@@ -84,8 +63,8 @@ def compressed_attention(q_BTHD: jax.Array, ck_BCKD: jax.Array, cv_BCKD: jax.Arr
     B, T, H, _ = q_BTHD.shape
     return jnp.zeros_like(q_BTHD), jnp.full((B, H, T), -jnp.inf, jnp.float32)
   if implementation == 'xla':
-    return chunked_compressed_attention(q_BTHD, ck_BCKD, cv_BCKD, cmp_block=cmp_block,
-                                        cmp_stride=cmp_stride, sm_scale=sm_scale)
+    return compressed_attention_reference(q_BTHD, ck_BCKD, cv_BCKD, cmp_block=cmp_block,
+                                          cmp_stride=cmp_stride, sm_scale=sm_scale)
   return flash_attention_with_lse(
       q_BTHD, ck_BCKD, cv_BCKD, causal=True, key_positions=(cmp_stride, cmp_block - 1), sm_scale=sm_scale,
       block_q=block_q, block_k=block_k, interpret=interpret, backend=backend, num_warps=num_warps,

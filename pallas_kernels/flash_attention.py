@@ -44,10 +44,12 @@ from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels._common import (
   MASK_VALUE,
+  XLA_CHUNK,
   check_implementation,
   dispatch,
   in_shard_map,
   interpret_param,
+  map_query_chunks,
   out_struct,
 )
 
@@ -80,33 +82,57 @@ def _keep(qpos, kpos, *, causal: bool, window: int | None):
 
 
 def flash_attention_reference(q_BTHD: jax.Array, k_BSKD: jax.Array, v_BSKD: jax.Array, *,
-                              causal: bool = True, window: int | None = None,
-                              sm_scale: float | None = None) -> jax.Array:
-  """Plain XLA attention with the same semantics as `flash_attention` (float32 softmax and products)."""
-  return attention_with_lse_reference(q_BTHD, k_BSKD, v_BSKD, causal=causal, window=window,
-                                      sm_scale=sm_scale)[0]
+                              causal: bool = True, window: int | None = None, sm_scale: float | None = None,
+                              qpos_BT: jax.Array | None = None,
+                              kpos_BS: jax.Array | None = None) -> jax.Array:
+  """`flash_attention` in XLA, the `implementation='xla'` path (see `attention_with_lse_reference`)."""
+  return attention_with_lse_reference(q_BTHD, k_BSKD, v_BSKD, causal=causal, window=window, sm_scale=sm_scale,
+                                      qpos_BT=qpos_BT, kpos_BS=kpos_BS)[0]
 
 
 def attention_with_lse_reference(q_BTHD: jax.Array, k_BSKD: jax.Array, v_BSKD: jax.Array, *,
                                  causal: bool = True, window: int | None = None,
                                  key_positions: tuple[int, int] | None = None, sm_scale: float | None = None,
-                                 qpos_BT: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
-  """`flash_attention_with_lse` in plain XLA: the output and the float32 log-sum-exp `[B, H, T]`.
-  `qpos_BT` overrides the queries' positions (decoding with strided keys asks at arbitrary ones)."""
-  _check_args(q_BTHD, k_BSKD, v_BSKD, causal, window, key_positions)
+                                 qpos_BT: jax.Array | None = None, kpos_BS: jax.Array | None = None,
+                                 chunk: int = XLA_CHUNK) -> tuple[jax.Array, jax.Array]:
+  """`flash_attention_with_lse` in XLA: the output and the float32 log-sum-exp `[B, H, T]`, float32
+  softmax and products, in memory linear in T. A window over a whole sequence runs in chunks of
+  `window` queries, each against its own chunk and the one before (which hold all its keys); other
+  calls run `chunk` queries at a time (`map_query_chunks`, rematerialised in the backward).
+  `qpos_BT` / `kpos_BS` place queries and keys explicitly (decoding: new tokens against a cache, or a
+  slice of one), overriding the positions of the module docstring."""
+  _check_args(q_BTHD, k_BSKD, v_BSKD, causal, window, key_positions, explicit=kpos_BS is not None)
   B, T, H, D = q_BTHD.shape
-  S, K = k_BSKD.shape[1:3]
+  S = k_BSKD.shape[1]
   scale = D**-0.5 if sm_scale is None else sm_scale
+  if window is not None and window < S == T and qpos_BT is None and kpos_BS is None:
+    return _local_reference(q_BTHD, k_BSKD, v_BSKD, window, scale)
+  if kpos_BS is None:
+    stride, first = key_positions or (1, 0)
+    kpos_BS = jnp.broadcast_to(jnp.arange(S) * stride + first, (B, S))
+  if qpos_BT is None:
+    qpos_BT = jnp.arange(T) + (S - T if causal and key_positions is None else 0)
+  qpos_BT = jnp.broadcast_to(qpos_BT, (B, T))
+
+  def one_chunk(q_BQHD, qpos_BQ):
+    keep_BQS = _keep(qpos_BQ[:, :, None], kpos_BS[:, None, :], causal=causal, window=window)
+    if keep_BQS is None:
+      keep_BQS = jnp.ones((B, q_BQHD.shape[1], S), bool)
+    o_BQHD, lse_BHQ = _masked_softmax_attention(q_BQHD, k_BSKD, v_BSKD, keep_BQS, scale)
+    return o_BQHD, lse_BHQ.transpose(0, 2, 1)
+  # Padded queries sit at position -1, before every key (a causal mask hides all of them).
+  o_BTHD, lse_BTH = map_query_chunks(one_chunk, (q_BTHD, qpos_BT), (0, -1), chunk=chunk)
+  return o_BTHD, lse_BTH.transpose(0, 2, 1)
+
+
+def _masked_softmax_attention(q_BTHD, k_BSKD, v_BSKD, keep_BTS, scale: float):
+  """Softmax attention where `keep_BTS` allows; a query with no key kept gets zeros and lse -inf, its
+  log-sum-exp taken over zeros instead, so neither value nor gradient is ever NaN."""
+  B, T, H, D = q_BTHD.shape
+  K = k_BSKD.shape[2]
   q_BTKGD = q_BTHD.reshape(B, T, K, H // K, D)
   s_BKGTS = jnp.einsum('btkgd,bskd->bkgts', q_BTKGD, k_BSKD, preferred_element_type=jnp.float32) * scale
-  stride, first = key_positions or (1, 0)
-  if qpos_BT is None:
-    qpos_BT = jnp.arange(T)[None] + (S - T if causal and key_positions is None else 0)
-  keep_BTS = _keep(qpos_BT[:, :, None], (jnp.arange(S) * stride + first)[None, None], causal=causal,
-                   window=window)
-  keep_B11TS = (jnp.ones((1, T, S), bool) if keep_BTS is None else keep_BTS)[:, None, None]
-  # A query with no visible key gets zeros and lse -inf; its row of the log-sum-exp is taken over zeros
-  # instead, so neither value nor gradient is ever NaN.
+  keep_B11TS = keep_BTS[:, None, None]
   seen_B11T1 = keep_B11TS.any(axis=-1, keepdims=True)
   s_BKGTS = jnp.where(keep_B11TS, s_BKGTS, -jnp.inf)
   lse_BKGT = jax.nn.logsumexp(jnp.where(seen_B11T1, s_BKGTS, 0.0), axis=-1)
@@ -114,6 +140,31 @@ def attention_with_lse_reference(q_BTHD: jax.Array, k_BSKD: jax.Array, v_BSKD: j
   o_BTKGD = jnp.einsum('bkgts,bskd->btkgd', p_BKGTS, v_BSKD.astype(jnp.float32))
   lse_BKGT = jnp.where(seen_B11T1[..., 0], lse_BKGT, -jnp.inf)
   return o_BTKGD.reshape(B, T, H, D).astype(q_BTHD.dtype), lse_BKGT.reshape(B, H, T)
+
+
+def _local_reference(q_BTHD, k_BTKD, v_BTKD, window: int, scale: float):
+  """Causal sliding-window attention in chunks of `window` queries (N of them), each seeing its own
+  chunk and the one before: `[N, window, 2 window]` scores instead of `[T, T]`."""
+  B, T, H, D = q_BTHD.shape
+  K = k_BTKD.shape[2]
+  N = -(-T // window)
+  pad = ((0, 0), (0, N * window - T), (0, 0), (0, 0))
+
+  def with_previous_chunk(x_BTKD):  # [B, N, 2 window, K, D]
+    x_BNQKD = jnp.pad(x_BTKD, pad).reshape(B, N, window, K, D)
+    prev_BNQKD = jnp.pad(x_BNQKD, ((0, 0), (1, 0), (0, 0), (0, 0), (0, 0)))[:, :-1]
+    return jnp.concatenate([prev_BNQKD, x_BNQKD], axis=2)
+  q_XQHD = jnp.pad(q_BTHD, pad).reshape(B * N, window, H, D)
+  k_XLKD, v_XLKD = (with_previous_chunk(x).reshape(B * N, 2 * window, K, D) for x in (k_BTKD, v_BTKD))
+  qpos_NQ = jnp.arange(N)[:, None] * window + jnp.arange(window)[None, :]
+  kpos_NL = jnp.arange(N)[:, None] * window - window + jnp.arange(2 * window)[None, :]
+  keep_NQL = _keep(qpos_NQ[:, :, None], kpos_NL[:, None, :], causal=True, window=window)
+  keep_NQL &= (kpos_NL >= 0)[:, None]
+  keep_XQL = jnp.broadcast_to(keep_NQL[None], (B, N, window, 2 * window)).reshape(B * N, window, 2 * window)
+  o_XQHD, lse_XHQ = _masked_softmax_attention(q_XQHD, k_XLKD, v_XLKD, keep_XQL, scale)
+  o_BTHD = o_XQHD.reshape(B, N * window, H, D)[:, :T]
+  lse_BHT = lse_XHQ.reshape(B, N, H, window).transpose(0, 2, 1, 3).reshape(B, H, N * window)[..., :T]
+  return o_BTHD, lse_BHT
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -215,7 +266,8 @@ class _Config:
 
 
 def _check_args(q, k, v, causal: bool, window: int | None,
-                key_positions: tuple[int, int] | None = None) -> None:
+                key_positions: tuple[int, int] | None = None, *, explicit: bool = False) -> None:
+  """`explicit`: the keys' positions are given one by one (the XLA path only), so T may exceed S."""
   if q.ndim != 4 or k.ndim != 4 or k.shape != v.shape:
     raise ValueError(f'want q [B, T, H, D] and k, v [B, S, K, D]; got {q.shape}, {k.shape}, {v.shape}')
   (B, T, H, D), (Bk, S, K, Dk) = q.shape, k.shape
@@ -229,7 +281,7 @@ def _check_args(q, k, v, causal: bool, window: int | None,
       raise ValueError(f'key_positions={key_positions} must be (stride >= 1, first >= 0) integers')
     if not causal or window is not None:
       raise ValueError(f'key_positions={key_positions} needs causal=True and no window')
-  elif causal and T > S:
+  elif causal and T > S and not explicit:
     raise ValueError(f'causal attention aligns queries to the end of the keys and needs T <= S; '
                      f'got T={T}, S={S}')
   if window is not None and (not causal or window < 1):

@@ -47,10 +47,12 @@ from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels._common import (
   MASK_VALUE,
+  XLA_CHUNK,
   check_implementation,
   dispatch,
   in_shard_map,
   interpret_param,
+  map_query_chunks,
   out_struct,
   vary_alike,
 )
@@ -81,22 +83,42 @@ class _Plan:
 
 
 def selected_attention_reference(q_BTHD, k_BSKD, v_BSKD, block_indices_BTKn, *, block_size: int,
-                                 sm_scale: float | None = None) -> jax.Array:
-  """Gathers each (token, kv group)'s selected K/V blocks: memory O(T * n * block_size), no [T, T] mask."""
+                                 sm_scale: float | None = None, qpos_BT: jax.Array | None = None,
+                                 key_transform=None, chunk: int | None = XLA_CHUNK) -> jax.Array:
+  """The same rule in XLA, gathering each (token, kv group)'s selected K/V rows: memory
+  O(chunk * n * block_size) a call, no `[T, S]` mask, `chunk` queries at a time (`map_query_chunks`;
+  None: all at once). `qpos_BT` places the queries (default `0..T-1`; decoding asks at the end of a
+  cache of S positions); `key_transform(k_BKXD, kpos_BKX)` is applied to the gathered key rows and
+  their positions (NSA decoding rotates them, its cache keeping keys un-rotated)."""
+  B, T = q_BTHD.shape[:2]
+  if qpos_BT is None:
+    qpos_BT = jnp.broadcast_to(jnp.arange(T), (B, T))
+  def one_chunk(q_BQHD, idx_BQKn, pos_BQ):
+    return _gathered_attention(q_BQHD, k_BSKD, v_BSKD, idx_BQKn, pos_BQ, block_size, sm_scale, key_transform)
+  if chunk is None:
+    return one_chunk(q_BTHD, block_indices_BTKn, qpos_BT)
+  # Padded queries sit at position -1 and select nothing, so they see no key.
+  return map_query_chunks(one_chunk, (q_BTHD, block_indices_BTKn, qpos_BT), (0, -1, -1), chunk=chunk)
+
+
+def _gathered_attention(q_BTHD, k_BSKD, v_BSKD, j_BTKn, qpos_BT, L: int, sm_scale, key_transform):
   B, T, H, D = q_BTHD.shape
-  S, K = k_BSKD.shape[1], k_BSKD.shape[2]
-  n, L = block_indices_BTKn.shape[-1], block_size
+  K, n = k_BSKD.shape[2], j_BTKn.shape[-1]
   scale = D**-0.5 if sm_scale is None else sm_scale
-  j_BTKn = block_indices_BTKn
+  kpos_BTKnL = jnp.maximum(j_BTKn, 0)[..., None] * L + jnp.arange(L)[None, None, None, None]
+  kpos_BKX = kpos_BTKnL.transpose(0, 2, 1, 3, 4).reshape(B, K, -1)
+
+  def take(x_BSKD):  # rows of each kv head along S, without laying K/V out head-major first
+    rows_BXKD = jnp.take_along_axis(x_BSKD, kpos_BKX.transpose(0, 2, 1)[..., None], axis=1, mode='clip')
+    return rows_BXKD.transpose(0, 2, 1, 3)
+  k_BKXD = take(k_BSKD)
+  if key_transform is not None:
+    k_BKXD = key_transform(k_BKXD, kpos_BKX)
+  k_BKTnLD, v_BKTnLD = k_BKXD.reshape(B, K, T, n, L, D), take(v_BSKD).reshape(B, K, T, n, L, D)
   earlier_111nn = jnp.tril(jnp.ones((n, n), bool), -1)[None, None, None]
   repeat_BTKn = jnp.any((j_BTKn[..., :, None] == j_BTKn[..., None, :]) & earlier_111nn, axis=-1)
-  kpos_BTKnL = jnp.maximum(j_BTKn, 0)[..., None] * L + jnp.arange(L)[None, None, None, None]
   visible_BTKnL = (((j_BTKn >= 0) & ~repeat_BTKn)[..., None]
-                   & (kpos_BTKnL <= jnp.arange(T)[None, :, None, None, None]))
-  kpos_BKX = jnp.minimum(kpos_BTKnL, S - 1).transpose(0, 2, 1, 3, 4).reshape(B, K, T * n * L)
-  gather = jax.vmap(jax.vmap(lambda x_SD, i_X: x_SD[i_X], in_axes=(1, 0)))
-  k_BKTnLD = gather(k_BSKD, kpos_BKX).reshape(B, K, T, n, L, D)
-  v_BKTnLD = gather(v_BSKD, kpos_BKX).reshape(B, K, T, n, L, D)
+                   & (kpos_BTKnL <= qpos_BT[:, :, None, None, None]))
   q_BKTGD = q_BTHD.reshape(B, T, K, H // K, D).transpose(0, 2, 1, 3, 4)
   s_BKTGnL = jnp.einsum('bktgd,bktnld->bktgnl', q_BKTGD, k_BKTnLD,
                         preferred_element_type=jnp.float32) * scale

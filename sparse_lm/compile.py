@@ -54,16 +54,12 @@ def prepare(config: ml_collections.ConfigDict, target: aot.Target) -> jax.shardi
   return aot.make_mesh(target, shape, sharding.MESH_AXES)
 
 
-def _abstract(tree, shardings):
-  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
-
-
 def lower_train_step(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh):
-  """The train step exactly as `trainer.train_and_evaluate` jits it, lowered on abstract inputs."""
+  """The train step exactly as `trainer.set_up` jits it, lowered on abstract inputs."""
   tx, schedule = optim.make_optimizer(config.train)
   graphdef, abstract_params, abstract_model_state = trainer.split_model(config.model)
   shardings = trainer.state_shardings(abstract_params, tx, mesh, abstract_model_state)
-  state = _abstract(jax.eval_shape(trainer.state_init_fn(config, tx), jax.random.key(0)), shardings)
+  state = trainer.abstract_state(config, tx, shardings)
   batch_sh = sharding.batch_sharding(mesh)
   rows = jax.ShapeDtypeStruct((config.train.batch_size, config.data.seq_len), jnp.int32, sharding=batch_sh)
   step = jax.jit(trainer.make_train_step(graphdef, tx, schedule, config.train.grad_accum_steps),
@@ -77,8 +73,8 @@ def lower_decode_step(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh
   graphdef, abstract_params, abstract_model_state = trainer.split_model(config.model)
   params_sh = sharding.param_shardings(abstract_params, mesh)
   state_sh = sharding.param_shardings(abstract_model_state, mesh)
-  params = _abstract(nnx.to_pure_dict(abstract_params), params_sh)
-  model_state = _abstract(nnx.to_pure_dict(abstract_model_state), state_sh)
+  params = trainer.placed(nnx.to_pure_dict(abstract_params), params_sh)
+  model_state = trainer.placed(nnx.to_pure_dict(abstract_model_state), state_sh)
   B, S = config.train.batch_size, config.data.seq_len
   model = nnx.eval_shape(lambda: trainer.Transformer(config.model, rngs=nnx.Rngs(0)))
   cache = jax.eval_shape(lambda: model.init_cache(B, S))
@@ -94,7 +90,7 @@ def lower_decode_step(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh
 
   step = jax.jit(decode, out_shardings=(None, cache_sh), donate_argnums=2)
   with sharding.activate(mesh):
-    return step.trace(params, model_state, _abstract(cache, cache_sh), tokens).lower()
+    return step.trace(params, model_state, trainer.placed(cache, cache_sh), tokens).lower()
 
 
 def _batch_devices(mesh: jax.sharding.Mesh) -> int:

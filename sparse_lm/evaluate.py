@@ -60,18 +60,7 @@ class Options:
   use_cache: bool = True
 
 
-@dataclasses.dataclass(frozen=True)
-class Run:
-  workdir: pathlib.Path
-  config: object
-  tok: object
-  graphdef: object
-  variables: tuple
-  step: int
-
-
-def load(workdir) -> Run:
-  return Run(pathlib.Path(workdir), *sample.load_run(workdir))
+Run = trainer.Run
 
 
 def _default_lengths(run: Run, lengths) -> tuple[int, ...]:
@@ -319,7 +308,7 @@ def run_task(workdir, task: str, opts: Options = Options()) -> dict:
   """Evaluates the newest checkpoint in `workdir` on `task`; appends the result to `eval.jsonl`."""
   if task not in TASKS:
     raise ValueError(f'--task={task!r} is not one of {", ".join(TASKS)}')
-  run = load(workdir)
+  run = trainer.load_run(workdir)
   leaks = _run_leaks(run, opts)
   num_params = sum(np.size(x) for x in jax.tree.leaves(run.variables[0]))
   settings = {name: getattr(opts, name) for name in (*TASK_OPTIONS[task], *_PROBE_OPTIONS)}

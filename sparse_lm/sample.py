@@ -6,18 +6,14 @@
 `--nouse_cache` re-runs the full forward pass for every new token instead; both give the same tokens.
 """
 
-import json
-import pathlib
 import sys
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 from absl import app, flags, logging
 from flax import nnx
 
-from sparse_lm import optim, tokenizer, trainer
-from sparse_lm.checkpoint import Checkpointer
+from sparse_lm import trainer
 from sparse_lm.errors import ConfigError
 from sparse_lm.layers import AuxLoss
 from sparse_lm.model import is_causal
@@ -100,30 +96,6 @@ def _generate_exact(graphdef, variables, prompt_BP, num_new, key, temperature, t
   return tokens_BL[:, prompt_BP.shape[1]:]
 
 
-def load_run(workdir: str | pathlib.Path):
-  """The run's config, tokenizer, model structure, newest variables (parameters and non-parameter
-  state, on the default device) and step."""
-  workdir = pathlib.Path(workdir)
-  if not (workdir / 'config.json').is_file():
-    raise ConfigError(f'--workdir={workdir}: no run there (no config.json); train one with '
-                      f'python train.py --workdir={workdir}')
-  config = ml_collections.ConfigDict(json.loads((workdir / 'config.json').read_text()))
-  tok = tokenizer.make_tokenizer(config, workdir)
-  config.model.vocab_size = tok.vocab_size
-  tx, _ = optim.make_optimizer(config.train)
-  graphdef, _, _ = trainer.split_model(config.model)
-  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  abstract_state = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
-                                jax.eval_shape(trainer.state_init_fn(config, tx), jax.random.key(0)))
-  checkpointer = Checkpointer(workdir / 'checkpoints', every_steps=1, keep=config.checkpoint.keep)
-  restored = checkpointer.restore(abstract_state)
-  checkpointer.close()
-  if restored is None:
-    raise ConfigError(f'--workdir={workdir}: no complete checkpoint under {workdir / "checkpoints"} yet')
-  step, state, _ = restored
-  return config, tok, graphdef, (state['params'], state['model_state']), step
-
-
 def main(argv) -> None:
   del argv
   logging.set_verbosity(logging.WARNING)
@@ -132,19 +104,20 @@ def main(argv) -> None:
     if value < low:
       sys.exit(f'sample: --{name}={value} must be at least {low}')
   try:
-    config, tok, graphdef, variables, step = load_run(_WORKDIR.value)
+    run = trainer.load_run(_WORKDIR.value)
   except ConfigError as e:
     sys.exit(f'sample: {e}')
   # Documents start after an end-of-document token in training, so prompts do too.
+  tok, causal = run.tok, is_causal(run.config.model)
   prompt_1P = jnp.asarray([[tok.eos_id, *tok.encode(_PROMPT.value)]], jnp.int32)
-  new_1N = generate(graphdef, variables, prompt_1P, _NUM_NEW.value, jax.random.key(_SEED.value),
+  new_1N = generate(run.graphdef, run.variables, prompt_1P, _NUM_NEW.value, jax.random.key(_SEED.value),
                     temperature=_TEMPERATURE.value, top_k=_TOP_K.value, use_cache=_USE_CACHE.value,
-                    causal=is_causal(config.model))
+                    causal=causal)
   ids = [int(i) for i in new_1N[0]]
   if tok.eos_id in ids:
     ids = ids[:ids.index(tok.eos_id)]
-  note = '' if is_causal(config.model) else ', NOT causal: each token re-runs the model on the text so far'
-  print(f'[{config.model.attention} model, step {step}{note}]')
+  note = '' if causal else ', NOT causal: each token re-runs the model on the text so far'
+  print(f'[{run.config.model.attention} model, step {run.step}{note}]')
   print(_PROMPT.value + tok.decode(ids))
 
 

@@ -1,6 +1,8 @@
 """The training loop: one jitted, sharded, donated train step; evaluation; checkpoints that resume
 exactly; metrics. `train.py` is its command line."""
 
+import dataclasses
+import json
 import math
 import pathlib
 import signal
@@ -17,6 +19,7 @@ from jax.experimental import multihost_utils
 
 from sparse_lm import checks, data, flops, optim, sharding, tokenizer
 from sparse_lm.checkpoint import Checkpointer
+from sparse_lm.errors import ConfigError
 from sparse_lm.layers import AuxLoss
 from sparse_lm.metrics import MetricsWriter
 from sparse_lm.model import Transformer, is_causal
@@ -47,6 +50,16 @@ def state_shardings(abstract_params, tx: optax.GradientTransformation, mesh,
                     else sharding.param_shardings(abstract_model_state, mesh))
   return {'params': params_sh, 'model_state': model_state_sh, 'opt_state': opt_sh,
           'step': sharding.replicated(mesh)}
+
+
+def placed(tree, shardings):
+  """Abstract arrays of `tree`'s shapes and dtypes placed by `shardings` (a tree of the same structure):
+  what a checkpoint restore fills and a compile-only lowering takes."""
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+
+
+def abstract_state(config: ml_collections.ConfigDict, tx, shardings: State) -> State:
+  return placed(jax.eval_shape(state_init_fn(config, tx), jax.random.key(0)), shardings)
 
 
 def state_init_fn(config: ml_collections.ConfigDict, tx):
@@ -262,42 +275,50 @@ class Throughput:
             'tflops_per_second_per_device': tflops / jax.device_count()}
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict:
-  """Trains (or resumes) the run in `workdir`; returns the last evaluation's metrics."""
-  workdir = pathlib.Path(workdir)
-  workdir.mkdir(parents=True, exist_ok=True)
-  is_primary = jax.process_index() == 0
-  t = config.train
+@dataclasses.dataclass
+class Session:
+  """Everything a run needs before its first step; built by `set_up`, run by `run`."""
 
-  # --- set-up: everything that can fail on a bad config fails here, before compilation.
+  config: ml_collections.ConfigDict
+  mesh: jax.sharding.Mesh
+  eval_data: list
+  train_iter: object
+  checkpointer: Checkpointer
+  state: State
+  start_step: int
+  train_step: object
+  eval_step: object
+  writer: MetricsWriter
+  throughput: 'Throughput'
+
+
+def set_up(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> Session:
+  """Everything that can fail on a bad config fails here, before compilation; the state is restored
+  from the newest complete checkpoint, else freshly initialised; the steps are jitted once, the state
+  donated so parameters update in place."""
+  t, is_primary = config.train, jax.process_index() == 0
   tok = prepare(config, workdir)
   eval_data = data.eval_batches(config, tok, process_index=jax.process_index(),
                                 process_count=jax.process_count())
   mesh = sharding.make_mesh(config.mesh)
   if is_primary:
     (workdir / 'config.json').write_text(config.to_json_best_effort(indent=2) + '\n')
-  flops_per_token = flops.flops_per_token(config)['flops_per_token']['total']
 
-  # --- state: restored from the newest complete checkpoint, else freshly initialised.
   tx, schedule = optim.make_optimizer(t)
   graphdef, abstract_params, abstract_model_state = split_model(config.model)
   shardings = state_shardings(abstract_params, tx, mesh, abstract_model_state)
   init_fn = state_init_fn(config, tx)
-  abstract_state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                                jax.eval_shape(init_fn, jax.random.key(0)), shardings)
   checkpointer = Checkpointer(workdir / 'checkpoints', every_steps=config.checkpoint.every_steps,
                               keep=config.checkpoint.keep, async_save=config.checkpoint.async_save)
   train_iter = data.make_train_iterator(config, tok, process_index=jax.process_index(),
                                         process_count=jax.process_count())
-  restored = checkpointer.restore(abstract_state)
+  restored = checkpointer.restore(abstract_state(config, tx, shardings))
   if restored is None:
-    start_step = 0
-    state = jax.jit(init_fn, out_shardings=shardings)(jax.random.key(t.seed))
+    start_step, state = 0, jax.jit(init_fn, out_shardings=shardings)(jax.random.key(t.seed))
   else:
     start_step, state, data_state = restored
     train_iter.set_state(data_state)
 
-  # --- steps: jitted once, the state donated so parameters update in place.
   batch_sh = sharding.batch_sharding(mesh)
   train_step = jax.jit(make_train_step(graphdef, tx, schedule, t.grad_accum_steps,
                                        skip_nonfinite=t.on_nonfinite == 'skip'),
@@ -305,61 +326,121 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
                        donate_argnums=0)
   eval_step = jax.jit(make_eval_step(graphdef, tok.token_bytes),
                       in_shardings=(shardings['params'], shardings['model_state'], batch_sh))
-
   writer = MetricsWriter(workdir, total_steps=t.steps, start_step=start_step, is_primary=is_primary,
                          causal=is_causal(config.model))
+  flops_per_token = flops.flops_per_token(config)['flops_per_token']['total']
   throughput = Throughput(t.batch_size * config.data.seq_len, flops_per_token, start_step)
+  return Session(config, mesh, eval_data, train_iter, checkpointer, state, start_step, train_step,
+                 eval_step, writer, throughput)
+
+
+class TrainLog:
+  """Writes a logged step's metrics one step late, once the next step is dispatched, so the device
+  never waits for the host."""
+
+  def __init__(self, writer: MetricsWriter, throughput: Throughput, guard: NonFiniteGuard):
+    self.writer, self.throughput, self.guard = writer, throughput, guard
+    self._pending = None  # (step, metrics)
+
+  def hold(self, step: int, metrics) -> None:
+    self._pending = (step, metrics)
+
+  def flush(self) -> None:
+    if self._pending is None:
+      return
+    (step, metrics), self._pending = self._pending, None
+    values = {'skipped_steps': float(self.guard.skipped)} if self.guard.mode == 'skip' else {}
+    for key, value in jax.device_get(metrics).items():
+      if np.ndim(value) == 0:
+        values[key] = float(value)
+      else:  # a vector metric (say, the load of each expert) becomes one scalar per entry
+        values.update({f'{key}_{i}': float(v) for i, v in enumerate(np.ravel(value))})
+    self.writer.write(step, {**values, **self.throughput.measure(step)})
+
+
+def run(session: Session) -> dict:
+  """The steps from `session.start_step` on, with evaluation, logging and checkpoints; returns the last
+  evaluation's metrics. A preemption saves and stops at a step every host agrees on; a non-finite step
+  raises `Diverged` once the last good checkpoint is committed."""
+  s, t = session, session.config.train
   preemption = Preemption()
   guard = NonFiniteGuard(t.on_nonfinite, t.max_skipped_steps)
-  evaluated = {}
-  pending = None  # (step, metrics) of a logged step, read one step late so the device never idles
+  log = TrainLog(s.writer, s.throughput, guard)
+  state, evaluated = s.state, {}
   try:
-    with sharding.activate(mesh):
-      for step in range(start_step + 1, t.steps + 1):
-        state, metrics = train_step(state, sharding.global_batch(next(train_iter), mesh))
+    with sharding.activate(s.mesh):
+      for step in range(s.start_step + 1, t.steps + 1):
+        state, metrics = s.train_step(state, sharding.global_batch(next(s.train_iter), s.mesh))
         guard.dispatched(step, metrics)
-        if pending is not None:
-          _log_train(writer, throughput, *pending, guard)
-          pending = None
+        log.flush()
         if step % t.log_every == 0 or step == t.steps:
-          pending = (step, metrics)
+          log.hold(step, metrics)
         if step % t.eval_every == 0 or step == t.steps:
-          if pending is not None:
-            _log_train(writer, throughput, *pending, guard)
-            pending = None
-          evaluated = evaluate(eval_step, state['params'], state['model_state'], eval_data, mesh)
-          writer.write(step, evaluated)
-          throughput.restart(step)
+          log.flush()
+          evaluated = evaluate(s.eval_step, state['params'], state['model_state'], s.eval_data, s.mesh)
+          s.writer.write(step, evaluated)
+          s.throughput.restart(step)
         final = preemption.reached(step) or step == t.steps
-        if final or checkpointer.should_save(step):
+        if final or s.checkpointer.should_save(step):
           guard.read_all()
-          checkpointer.save(step, state, data.gather_state(train_iter), force=final)
-        writer.advance(step)
+          s.checkpointer.save(step, state, data.gather_state(s.train_iter), force=final)
+        s.writer.advance(step)
         if preemption.requested:
           break
     guard.read_all()
-    if pending is not None:
-      _log_train(writer, throughput, *pending, guard)
+    log.flush()
   except Diverged as error:
-    checkpointer.wait()  # the last good save in flight is committed before the run stops
-    newest = checkpointer.latest_step()
+    s.checkpointer.wait()  # the last good save in flight is committed before the run stops
+    newest = s.checkpointer.latest_step()
     resume = (f'rerunning resumes from its newest checkpoint, step {newest}' if newest is not None else
               'no checkpoint was saved, so rerunning starts from step 0')
     raise Diverged(f'{error}; {resume}.') from None
   finally:
-    checkpointer.wait()
-    checkpointer.close()
-    writer.close()
+    s.checkpointer.wait()
+    s.checkpointer.close()
+    s.writer.close()
     preemption.restore()
   return evaluated
 
 
-def _log_train(writer: MetricsWriter, throughput: Throughput, step: int, metrics,
-               guard: NonFiniteGuard) -> None:
-  values = {'skipped_steps': float(guard.skipped)} if guard.mode == 'skip' else {}
-  for key, value in jax.device_get(metrics).items():
-    if np.ndim(value) == 0:
-      values[key] = float(value)
-    else:  # a vector metric (say, the load of each expert) becomes one scalar per entry
-      values.update({f'{key}_{i}': float(v) for i, v in enumerate(np.ravel(value))})
-  writer.write(step, {**values, **throughput.measure(step)})
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict:
+  """Trains (or resumes) the run in `workdir`; returns the last evaluation's metrics."""
+  workdir = pathlib.Path(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  return run(set_up(config, workdir))
+
+
+# ----------------------------------------------------------------------------- a finished run
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+  """A run as evaluation and sampling read it: its config (with the vocabulary size), tokenizer, model
+  structure, newest variables (parameters and non-parameter state, on the default device) and step."""
+
+  workdir: pathlib.Path
+  config: ml_collections.ConfigDict
+  tok: object
+  graphdef: object
+  variables: tuple
+  step: int
+
+
+def load_run(workdir: str | pathlib.Path) -> Run:
+  workdir = pathlib.Path(workdir)
+  if not (workdir / 'config.json').is_file():
+    raise ConfigError(f'--workdir={workdir}: no run there (no config.json); train one with '
+                      f'python train.py --workdir={workdir}')
+  config = ml_collections.ConfigDict(json.loads((workdir / 'config.json').read_text()))
+  tok = tokenizer.make_tokenizer(config, workdir)
+  config.model.vocab_size = tok.vocab_size
+  tx, _ = optim.make_optimizer(config.train)
+  graphdef, _, _ = split_model(config.model)
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  shapes = jax.eval_shape(state_init_fn(config, tx), jax.random.key(0))
+  checkpointer = Checkpointer(workdir / 'checkpoints', every_steps=1, keep=config.checkpoint.keep)
+  restored = checkpointer.restore(abstract_state(config, tx, jax.tree.map(lambda _: device, shapes)))
+  checkpointer.close()
+  if restored is None:
+    raise ConfigError(f'--workdir={workdir}: no complete checkpoint under {workdir / "checkpoints"} yet')
+  step, state, _ = restored
+  return Run(workdir, config, tok, graphdef, (state['params'], state['model_state']), step)

@@ -1,4 +1,5 @@
-"""The XLA attention paths against a naive reference, and recomputation in the backward for every
+"""The XLA attention path (`flash_attention_reference`: explicit positions, and windows in chunks)
+against a naive reference, and recomputation in the backward for every
 variant. Causality, decoding and pallas-against-xla for every variant are in tests/test_variants.py."""
 
 import jax
@@ -7,7 +8,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from sparse_lm.attention import REGISTRY, core
+from pallas_kernels.flash_attention import attention_with_lse_reference, flash_attention_reference
+from sparse_lm.attention import REGISTRY
 from sparse_lm.model import Transformer
 from tests.conftest import assert_same_loss_and_grads, fresh_seed, tiny_config
 
@@ -29,24 +31,49 @@ def naive_attention(q_BTHD, k_BSKD, v_BSKD, window):
 
 @pytest.mark.parametrize('heads,kv_heads', [(4, 4), (4, 2), (8, 1)])
 @pytest.mark.parametrize('window', [None, 3])
-def test_attend_matches_naive_reference(heads, kv_heads, window):
+def test_xla_path_at_explicit_positions_matches_naive_reference(heads, kv_heads, window):
   rng = np.random.default_rng()
   B, T, D = 2, 11, 8
   q = rng.standard_normal((B, T, heads, D))
   k, v = rng.standard_normal((2, B, T, kv_heads, D))
   pos_BT = np.broadcast_to(np.arange(T), (B, T))
-  got = core.attend(jnp.asarray(q, jnp.float32), jnp.asarray(k, jnp.float32),
-                    jnp.asarray(v, jnp.float32), pos_BT, pos_BT, window=window)
+  # Explicit positions (the decoding path): every key at its own position.
+  got = flash_attention_reference(jnp.asarray(q, jnp.float32), jnp.asarray(k, jnp.float32),
+                                  jnp.asarray(v, jnp.float32), window=window, qpos_BT=pos_BT, kpos_BS=pos_BT)
   np.testing.assert_allclose(got, naive_attention(q, k, v, window), atol=2e-5, rtol=2e-5)
 
 
 @pytest.mark.parametrize('T,window', [(17, 4), (16, 4), (9, 20), (33, 7)])
-def test_local_attend_matches_naive_reference(T, window):
+def test_xla_window_in_chunks_matches_naive_reference(T, window):
   rng = np.random.default_rng()
   q = rng.standard_normal((2, T, 4, 8))
   k, v = rng.standard_normal((2, 2, T, 2, 8))
-  got = core.local_attend(*(jnp.asarray(x, jnp.float32) for x in (q, k, v)), window=window)
+  got = flash_attention_reference(*(jnp.asarray(x, jnp.float32) for x in (q, k, v)), window=window)
   np.testing.assert_allclose(got, naive_attention(q, k, v, window), atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.parametrize('window', [None, 5])
+def test_xla_path_in_query_chunks_equals_the_whole_with_gradients(window):
+  """Output, log-sum-exp and gradients are the same whether the queries run in chunks of 8 (or, with a
+  window, chunk by chunk of the window) or all at once against every key at explicit positions."""
+  rng = np.random.default_rng(fresh_seed())
+  B, T = 2, 37
+  q, k, v = (jnp.asarray(rng.standard_normal((B, T, h, 8)), jnp.float32) for h in (4, 2, 2))
+  pos_BT = jnp.broadcast_to(jnp.arange(T), (B, T))
+
+  def chunked(q, k, v):
+    return attention_with_lse_reference(q, k, v, window=window, chunk=8)
+
+  def whole(q, k, v):
+    return attention_with_lse_reference(q, k, v, window=window, qpos_BT=pos_BT, kpos_BS=pos_BT, chunk=T)
+
+  def loss_and_grads(f):
+    def loss(q, k, v):
+      o, lse = f(q, k, v)
+      return jnp.sum(o * o) + jnp.sum(lse)
+    return (*f(q, k, v), *jax.grad(loss, argnums=(0, 1, 2))(q, k, v))
+  for got, want in zip(loss_and_grads(chunked), loss_and_grads(whole), strict=True):
+    np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize('name', sorted(REGISTRY))

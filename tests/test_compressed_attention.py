@@ -10,11 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels.compressed_attention import (
-  chunked_compressed_attention,
-  compressed_attention,
-  compressed_attention_reference,
-)
+from pallas_kernels.compressed_attention import compressed_attention, compressed_attention_reference
 
 jax.config.update('jax_numpy_rank_promotion', 'raise')
 
@@ -91,8 +87,9 @@ def test_chunked_reference_equals_whole_at_any_positions():
   l, d, T = 16, 8, 90
   q, k, v, do, dlse = _inputs(_seed(), 2, T, 4, 2, 16, l, d)
   pos_BT = jnp.asarray(np.sort(np.random.default_rng(_seed()).integers(0, 3 * T, (2, T)), axis=1))
-  whole = functools.partial(compressed_attention_reference, cmp_block=l, cmp_stride=d, pos_BT=pos_BT)
-  chunked = functools.partial(chunked_compressed_attention, cmp_block=l, cmp_stride=d, pos_BT=pos_BT,
+  whole = functools.partial(compressed_attention_reference, cmp_block=l, cmp_stride=d, pos_BT=pos_BT,
+                            chunk=T)
+  chunked = functools.partial(compressed_attention_reference, cmp_block=l, cmp_stride=d, pos_BT=pos_BT,
                               chunk=16)
   for g, w in zip(_value_and_grads(chunked, q, k, v, do, dlse), _value_and_grads(whole, q, k, v, do, dlse),
                   strict=True):
@@ -125,7 +122,7 @@ def _compiled_temp_bytes(T: int) -> int:
   args = [jax.ShapeDtypeStruct(s, jnp.float32) for s in ((1, T, H, D), (1, C, 1, D), (1, C, 1, D))]
 
   def loss(q, k, v):
-    o, lse = chunked_compressed_attention(q, k, v, cmp_block=l, cmp_stride=d)
+    o, lse = compressed_attention_reference(q, k, v, cmp_block=l, cmp_stride=d)
     return jnp.sum(o) + jnp.sum(jnp.where(lse > -jnp.inf, lse, 0.0))
   compiled = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(*args).compile()
   return compiled.memory_analysis().temp_size_in_bytes

@@ -7,9 +7,9 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
-from pallas_kernels.flash_attention import flash_attention
+from pallas_kernels.flash_attention import flash_attention, flash_attention_reference
 from sparse_lm import sharding
-from sparse_lm.attention import base, core
+from sparse_lm.attention import base
 from sparse_lm.layers import output_stddev, param, rope
 
 Cache = dict[str, jax.Array]
@@ -62,13 +62,9 @@ class Attention(base.Attention):
     q_BTHD = sharding.constrain(rope(q_BTHD, pos_BT, self.rope_theta),
                                 ('batch', 'length', 'q_heads', 'head_dim'))
     k_BTKD = rope(k_BTKD, pos_BT, self.rope_theta)
-    if cache is None and self.kernel == 'pallas':
-      kernel = functools.partial(flash_attention, causal=True, window=self.window)
-      o_BTHD = sharding.attention_per_device(kernel, q_BTHD, k_BTKD, v_BTKD).astype(self.dtype)
-    elif cache is None and self.window:
-      o_BTHD = core.local_attend(q_BTHD, k_BTKD, v_BTKD, window=self.window)
-    elif cache is None:
-      o_BTHD = core.attend(q_BTHD, k_BTKD, v_BTKD, pos_BT, pos_BT)
+    if cache is None:
+      attend = functools.partial(flash_attention, causal=True, window=self.window, implementation=self.kernel)
+      o_BTHD = sharding.attention_per_device(attend, q_BTHD, k_BTKD, v_BTKD)
     else:
       o_BTHD, cache = self._attend_cached(q_BTHD, k_BTKD, v_BTKD, pos_BT, cache)
     y_BTD = jnp.einsum('bthk,hkd->btd', o_BTHD, self.wo[...].astype(self.dtype))
@@ -79,7 +75,6 @@ class Attention(base.Attention):
     start = pos_BT[0, 0]
     k_BSKD = jax.lax.dynamic_update_slice_in_dim(cache['k'], k_BTKD.astype(cache['k'].dtype), start, 1)
     v_BSKD = jax.lax.dynamic_update_slice_in_dim(cache['v'], v_BTKD.astype(cache['v'].dtype), start, 1)
-    # Slots not yet written sit at positions beyond every query, so the causal mask hides them.
-    kpos_BS = jnp.broadcast_to(jnp.arange(k_BSKD.shape[1]), k_BSKD.shape[:2])
-    o_BTHD = core.attend(q_BTHD, k_BSKD, v_BSKD, pos_BT, kpos_BS, window=self.window)
+    # Slot s holds position s; slots not yet written sit beyond every query, so the causal mask hides them.
+    o_BTHD = flash_attention_reference(q_BTHD, k_BSKD, v_BSKD, window=self.window, qpos_BT=pos_BT)
     return o_BTHD, {'k': k_BSKD, 'v': v_BSKD}

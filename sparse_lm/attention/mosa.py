@@ -35,7 +35,7 @@ from flax import nnx
 from pallas_kernels._common import MASK_VALUE
 from pallas_kernels.flash_attention import flash_attention
 from sparse_lm import sharding
-from sparse_lm.attention import core, dense
+from sparse_lm.attention import dense
 from sparse_lm.errors import ConfigError, require_positive
 from sparse_lm.layers import output_stddev, param, rope
 
@@ -149,13 +149,8 @@ def slot_attention(q_BSGD: jax.Array, k_BSGD: jax.Array, v_BSGD: jax.Array, *, k
                    window: int | None = None) -> jax.Array:
   """Causal attention over each group's slots; slots are in position order, so slot order is position
   order, and empty slots come last, where no filled slot sees them."""
-  if kernel == 'pallas':
-    kernel = functools.partial(flash_attention, causal=True, window=window)
-    return sharding.attention_per_device(kernel, q_BSGD, k_BSGD, v_BSGD).astype(q_BSGD.dtype)
-  if window:
-    return core.local_attend(q_BSGD, k_BSGD, v_BSGD, window=window)
-  slot_BS = jnp.broadcast_to(jnp.arange(q_BSGD.shape[1]), q_BSGD.shape[:2])
-  return core.attend(q_BSGD, k_BSGD, v_BSGD, slot_BS, slot_BS)
+  attend = functools.partial(flash_attention, causal=True, window=window, implementation=kernel)
+  return sharding.attention_per_device(attend, q_BSGD, k_BSGD, v_BSGD)
 
 
 def cached_slot_attention(q_BTGD, k_BTGD, v_BTGD, rank_BTG, keep_BTG, cache: Cache, *,

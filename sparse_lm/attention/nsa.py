@@ -38,68 +38,20 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
-from pallas_kernels._common import MASK_VALUE, map_query_chunks
 from pallas_kernels.block_selection import block_selection, block_selection_reference
 from pallas_kernels.compressed_attention import (
-  XLA_CHUNK,
   block_ends,
-  chunked_compressed_attention,
   compressed_attention,
+  compressed_attention_reference,
 )
-from pallas_kernels.flash_attention import flash_attention
-from pallas_kernels.selected_attention import selected_attention
+from pallas_kernels.flash_attention import flash_attention, flash_attention_reference
+from pallas_kernels.selected_attention import selected_attention, selected_attention_reference
 from sparse_lm import sharding
-from sparse_lm.attention import base, core
+from sparse_lm.attention import base
 from sparse_lm.errors import ConfigError, require_positive
 from sparse_lm.layers import output_stddev, param, rope
 
 Cache = dict[str, jax.Array]
-
-
-def gathered_selected_attention(q_BTHD, k_BSKD, v_BSKD, idx_BTKn, pos_BT, sel_block, *,
-                                rope_theta: float | None = None) -> jax.Array:
-  """Selected-block attention at arbitrary query positions (decoding): gathers each token's blocks.
-
-  Same rule as `pallas_kernels.selected_attention`: keys of the listed blocks at positions <= the
-  query's, repeats counted once, -1 ignored, zero output when nothing is visible. With `rope_theta` the
-  keys are un-rotated and only the gathered rows are rotated (decoding from a long cache).
-  """
-  B, T, H, D = q_BTHD.shape
-  K, n = k_BSKD.shape[2], idx_BTKn.shape[-1]
-  kpos_BTKnL = jnp.maximum(idx_BTKn, 0)[..., None] * sel_block + jnp.arange(sel_block)[None, None, None, None]
-  flat_BKX = kpos_BTKnL.transpose(0, 2, 1, 3, 4).reshape(B, K, -1)
-
-  def take(x_BSKD, flat_BKX):  # rows of each kv head along S, without laying the cache out K-major first
-    rows_BXKD = jnp.take_along_axis(x_BSKD, flat_BKX.transpose(0, 2, 1)[..., None], axis=1, mode='clip')
-    return rows_BXKD.transpose(0, 2, 1, 3)
-  k_BKXD = take(k_BSKD, flat_BKX)
-  if rope_theta is not None:  # rope's "heads" axis of 1: each gathered row has its own position
-    k_BKXD = rope(k_BKXD.reshape(B, -1, 1, D), flat_BKX.reshape(B, -1), rope_theta).reshape(k_BKXD.shape)
-  k_BKTnLD = k_BKXD.reshape(B, K, T, n, sel_block, D)
-  v_BKTnLD = take(v_BSKD, flat_BKX).reshape(B, K, T, n, sel_block, D)
-  earlier_111nn = jnp.tril(jnp.ones((n, n), bool), -1)[None, None, None]
-  repeat_BTKn = jnp.any((idx_BTKn[..., :, None] == idx_BTKn[..., None, :]) & earlier_111nn, axis=-1)
-  slot_BTKn = (idx_BTKn >= 0) & ~repeat_BTKn
-  visible_BTKnL = slot_BTKn[..., None] & (kpos_BTKnL <= pos_BT[:, :, None, None, None])
-  q_BKTGD = q_BTHD.reshape(B, T, K, H // K, D).transpose(0, 2, 1, 3, 4)
-  s_BKTGnL = jnp.einsum('bktgd,bktnld->bktgnl', q_BKTGD, k_BKTnLD,
-                        preferred_element_type=jnp.float32) * D**-0.5
-  visible_BKT1nL = visible_BTKnL.transpose(0, 2, 1, 3, 4)[:, :, :, None]
-  s_BKTGnL = jnp.where(visible_BKT1nL, s_BKTGnL, MASK_VALUE)
-  p_BKTGX = jax.nn.softmax(s_BKTGnL.reshape(B, K, T, H // K, -1), axis=-1)
-  p_BKTGnL = (p_BKTGX.reshape(s_BKTGnL.shape) * visible_BKT1nL).astype(v_BSKD.dtype)
-  o_BKTGD = jnp.einsum('bktgnl,bktnld->bktgd', p_BKTGnL, v_BKTnLD)
-  return o_BKTGD.transpose(0, 2, 1, 3, 4).reshape(B, T, H, D)
-
-
-def chunked_selected_attention(q_BTHD, k_BSKD, v_BSKD, idx_BTKn, pos_BT, sel_block, *,
-                               chunk: int = XLA_CHUNK) -> jax.Array:
-  """`gathered_selected_attention` over query chunks one at a time (`map_query_chunks`), so the gathered
-  keys take `chunk * n * l'` rows at once instead of `T * n * l'`, in the backward pass too. Padded
-  queries sit at position -1 and select nothing, so they see no key."""
-  def one_chunk(q_BCHD, idx_BCKn, pos_BC):
-    return gathered_selected_attention(q_BCHD, k_BSKD, v_BSKD, idx_BCKn, pos_BC, sel_block)
-  return map_query_chunks(one_chunk, (q_BTHD, idx_BTKn, pos_BT), (0, -1, -1), chunk=chunk)
 
 
 class Attention(base.Attention):
@@ -217,7 +169,7 @@ class Attention(base.Attention):
     if fused:
       attend = functools.partial(compressed_attention, cmp_block=n.cmp_block, cmp_stride=n.cmp_stride)
       return sharding.attention_per_device(attend, q_BTHD, ck_BCKD, cv_BCKD)
-    return chunked_compressed_attention(q_BTHD, ck_BCKD, cv_BCKD, cmp_block=n.cmp_block,
+    return compressed_attention_reference(q_BTHD, ck_BCKD, cv_BCKD, cmp_block=n.cmp_block,
                                         cmp_stride=n.cmp_stride, pos_BT=pos_BT)
 
   def _block_indices(self, q_BTHD, ck_BCKD, lse_BHT, pos_BT, num_keys: int, fused: bool) -> jax.Array:
@@ -292,22 +244,25 @@ class Attention(base.Attention):
     ks_BTKD = rope(self._branch(k_BTJKD, 'slc'), pos_BT, self.rope_theta)
     kw_BTKD = rope(self._branch(k_BTJKD, 'win'), pos_BT, self.rope_theta)
     vs_BTKD, vw_BTKD = self._branch(v_BTJKD, 'slc'), self._branch(v_BTJKD, 'win')
-    if fused:
-      selected = functools.partial(selected_attention, block_size=n.sel_block)
-      window = functools.partial(flash_attention, causal=True, window=n.window)
-      return (sharding.attention_per_device(selected, q_BTHD, ks_BTKD, vs_BTKD, idx_BTKn),
-              sharding.attention_per_device(window, q_BTHD, kw_BTKD, vw_BTKD))
-    return (chunked_selected_attention(q_BTHD, ks_BTKD, vs_BTKD, idx_BTKn, pos_BT, n.sel_block),
-            core.local_attend(q_BTHD, kw_BTKD, vw_BTKD, window=n.window))
+    implementation = 'pallas' if fused else 'xla'
+    selected = functools.partial(selected_attention, block_size=n.sel_block, implementation=implementation)
+    window = functools.partial(flash_attention, causal=True, window=n.window, implementation=implementation)
+    return (sharding.attention_per_device(selected, q_BTHD, ks_BTKD, vs_BTKD, idx_BTKn),
+            sharding.attention_per_device(window, q_BTHD, kw_BTKD, vw_BTKD))
 
   def _selected_and_window_from_cache(self, q_BTHD, k_BSJKD, v_BSJKD, idx_BTKn, pos_BT):
     """The same for new tokens at `pos_BT` over a cache of S positions, reading only the rows attended
     to: the selected blocks are gathered and then rotated, and the window branch sees the last
     `window + T - 1` positions (the cache keeps keys un-rotated, as phi wants them)."""
     n = self.nsa
-    o_slc = gathered_selected_attention(q_BTHD, self._branch(k_BSJKD, 'slc'), self._branch(v_BSJKD, 'slc'),
-                                        idx_BTKn, pos_BT, n.sel_block, rope_theta=self.rope_theta)
     B, T = pos_BT.shape
+
+    def rotate(k_BKXD, kpos_BKX):  # rope's "heads" axis of 1: each gathered row has its own position
+      D = k_BKXD.shape[-1]
+      return rope(k_BKXD.reshape(B, -1, 1, D), kpos_BKX.reshape(B, -1), self.rope_theta).reshape(k_BKXD.shape)
+    o_slc = selected_attention_reference(q_BTHD, self._branch(k_BSJKD, 'slc'), self._branch(v_BSJKD, 'slc'),
+                                         idx_BTKn, block_size=n.sel_block, qpos_BT=pos_BT,
+                                         key_transform=rotate)
     S = self._branch(k_BSJKD, 'win').shape[1]
     span = min(S, n.window + T - 1)
     lo = jnp.clip(pos_BT[0, -1] + 1 - span, 0, S - span)  # the new tokens share their positions per row
@@ -315,7 +270,8 @@ class Attention(base.Attention):
     kw_BLKD, vw_BLKD = (jax.lax.dynamic_slice_in_dim(self._branch(x, 'win'), lo, span, 1)
                         for x in (k_BSJKD, v_BSJKD))
     kw_BLKD = rope(kw_BLKD, kpos_BL, self.rope_theta)
-    return o_slc, core.attend(q_BTHD, kw_BLKD, vw_BLKD, pos_BT, kpos_BL, window=n.window)
+    return o_slc, flash_attention_reference(q_BTHD, kw_BLKD, vw_BLKD, window=n.window, qpos_BT=pos_BT,
+                                            kpos_BS=kpos_BL)
 
   def _extend_cache(self, k_BTJKD, v_BTJKD, start, cache: Cache) -> Cache:
     """Writes the new tokens' raw K/V, then (re)computes every compressed block that ends among them.
@@ -345,6 +301,6 @@ class Attention(base.Attention):
   def _mix(self, x_BTD, o_cmp, o_slc, o_win) -> jax.Array:
     """Eq. 5: per head, a sigmoid gate for each branch."""
     H = o_cmp.shape[2]
-    logits_BTHC = jnp.einsum('btd,dhc->bthc', x_BTD, self.w_gate[...].astype(self.dtype))
-    g_BTHC = jax.nn.sigmoid(logits_BTHC + self.b_gate[...].astype(self.dtype).reshape(H, 3)[None, None])
-    return g_BTHC[..., 0:1] * o_cmp + g_BTHC[..., 1:2] * o_slc + g_BTHC[..., 2:3] * o_win
+    logits_BTHJ = jnp.einsum('btd,dhj->bthj', x_BTD, self.w_gate[...].astype(self.dtype))
+    g_BTHJ = jax.nn.sigmoid(logits_BTHJ + self.b_gate[...].astype(self.dtype).reshape(H, 3)[None, None])
+    return g_BTHJ[..., 0:1] * o_cmp + g_BTHJ[..., 1:2] * o_slc + g_BTHJ[..., 2:3] * o_win
