@@ -371,37 +371,48 @@ _flash.defvjp(_flash_fwd, _flash_bwd)
 # Which blocks are visible, and the block math both bodies share.
 
 
-def _kv_blocks(i, cfg: _Config):
+class _Traced:
+  """The block math on traced indices (inside a kernel)."""
+  maximum, minimum, div = staticmethod(jnp.maximum), staticmethod(jnp.minimum), staticmethod(lax.div)
+
+
+class _Static:
+  """The same on Python ints, for grid sizes: no JAX op runs, so none lands on a context mesh's
+  devices (compile-only ones when compiling for a target)."""
+  maximum, minimum = staticmethod(max), staticmethod(min)
+  div = staticmethod(lambda a, b: a // b)  # lax.div truncates; every operand here is >= 0
+
+
+def _kv_blocks(i, cfg: _Config, ops=_Traced):
   """Key blocks [lo, hi) holding a key that some query of query block `i` keeps."""
   first_q = cfg.offset + i * cfg.block_q
   hi = cfg.num_kv_blocks
   if cfg.causal:  # stop at the diagonal: the keys at positions <= the block's last query
     last_q = first_q + cfg.block_q - 1
-    seen = lax.div(jnp.maximum(last_q - cfg.key_first + cfg.key_stride, 0), cfg.key_stride)
-    hi = jnp.minimum(hi, lax.div(seen + cfg.block_k - 1, cfg.block_k))
+    seen = ops.div(ops.maximum(last_q - cfg.key_first + cfg.key_stride, 0), cfg.key_stride)
+    hi = ops.minimum(hi, ops.div(seen + cfg.block_k - 1, cfg.block_k))
   lo = 0
   if cfg.window is not None:  # start at the first block inside the window
-    lo = lax.div(jnp.maximum(first_q - cfg.window + 1, 0), cfg.block_k)
+    lo = ops.div(ops.maximum(first_q - cfg.window + 1, 0), cfg.block_k)
   return lo, hi
 
 
-def _q_blocks(j, cfg: _Config):
+def _q_blocks(j, cfg: _Config, ops=_Traced):
   """Query blocks [lo, hi) holding a query that keeps some key of key block `j`."""
   first_k = j * cfg.block_k
   lo = 0
   if cfg.causal:  # from the query at the block's first key position
-    lo = lax.div(jnp.maximum(first_k * cfg.key_stride + cfg.key_first - cfg.offset, 0), cfg.block_q)
+    lo = ops.div(ops.maximum(first_k * cfg.key_stride + cfg.key_first - cfg.offset, 0), cfg.block_q)
   hi = cfg.num_q_blocks
   if cfg.window is not None:  # queries t with t + offset - window < last key of the block
-    bound = jnp.maximum(first_k + cfg.block_k - 1 + cfg.window - cfg.offset, 0)
-    hi = jnp.minimum(hi, lax.div(bound + cfg.block_q - 1, cfg.block_q))
+    bound = ops.maximum(first_k + cfg.block_k - 1 + cfg.window - cfg.offset, 0)
+    hi = ops.minimum(hi, ops.div(bound + cfg.block_q - 1, cfg.block_q))
   return lo, hi
 
 
 def _max_span(blocks, n: int) -> int:
-  """The most blocks any of `n` outer blocks visits: the length of a shrunk grid axis."""
-  with jax.ensure_compile_time_eval():  # static ints even when called under jit
-    return max(1, max(int(hi) - int(lo) for lo, hi in map(blocks, range(n))))
+  """The most blocks any of `n` outer blocks visits, `blocks(i, ops)` on ints: a shrunk grid axis."""
+  return max(1, max(hi - lo for lo, hi in (blocks(i, _Static) for i in range(n))))
 
 
 def _clamped(lo, hi, step):
@@ -633,7 +644,7 @@ def _tpu_forward(q_BTHD, k_BSKD, v_BSKD, cfg: _Config):
       functools.partial(_tpu_fwd_kernel, cfg=cfg),
       grid_spec=pltpu.PrefetchScalarGridSpec(
           num_scalar_prefetch=0,
-          grid=(B, H, T // Q, _max_span(lambda i: _kv_blocks(i, cfg), T // Q)),
+          grid=(B, H, T // Q, _max_span(lambda i, ops: _kv_blocks(i, cfg, ops), T // Q)),
           in_specs=[q_spec, kv_spec, kv_spec],
           out_specs=[q_spec, pl.BlockSpec((None, None, 1, Q), lambda b, h, i, step: (b, h, 0, i))],
           scratch_shapes=[pltpu.VMEM((Q, D), jnp.float32), pltpu.VMEM((Q, _LANES), jnp.float32),
@@ -706,7 +717,7 @@ def _tpu_backward(q_BTHD, k_BSKD, v_BSKD, do_BTHD, lse_BHT, delta_BHT, cfg: _Con
       functools.partial(_tpu_dq_kernel, cfg=cfg),
       grid_spec=pltpu.PrefetchScalarGridSpec(
           num_scalar_prefetch=0,
-          grid=(B, H, T // Q, _max_span(lambda i: _kv_blocks(i, cfg), T // Q)),
+          grid=(B, H, T // Q, _max_span(lambda i, ops: _kv_blocks(i, cfg, ops), T // Q)),
           in_specs=[q_spec, kv_spec, kv_spec, q_spec, row_spec, row_spec],
           out_specs=q_spec,
           scratch_shapes=[pltpu.VMEM((Q, D), jnp.float32)]),
@@ -730,7 +741,7 @@ def _tpu_backward(q_BTHD, k_BSKD, v_BSKD, do_BTHD, lse_BHT, delta_BHT, cfg: _Con
       functools.partial(_tpu_dkv_kernel, cfg=cfg),
       grid_spec=pltpu.PrefetchScalarGridSpec(
           num_scalar_prefetch=0,
-          grid=(B, K, S // C, G, _max_span(lambda j: _q_blocks(j, cfg), S // C)),
+          grid=(B, K, S // C, G, _max_span(lambda j, ops: _q_blocks(j, cfg, ops), S // C)),
           in_specs=[group_spec, kv_block_spec, kv_block_spec, group_spec, group_row_spec, group_row_spec],
           out_specs=[kv_block_spec, kv_block_spec],
           scratch_shapes=[pltpu.VMEM((C, D), jnp.float32), pltpu.VMEM((C, D), jnp.float32)]),

@@ -64,7 +64,7 @@ def lower_train_step(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh)
   rows = jax.ShapeDtypeStruct((config.train.batch_size, config.data.seq_len), jnp.int32, sharding=batch_sh)
   step = jax.jit(trainer.make_train_step(graphdef, tx, schedule, config.train.grad_accum_steps),
                  in_shardings=(shardings, batch_sh), out_shardings=(shardings, None), donate_argnums=0)
-  with sharding.activate(mesh):
+  with jax.set_mesh(mesh):  # as sharding.on_mesh runs the step in training
     return step.trace(state, {'inputs': rows, 'targets': rows}).lower()
 
 
@@ -89,7 +89,7 @@ def lower_decode_step(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh
     return out
 
   step = jax.jit(decode, out_shardings=(None, cache_sh), donate_argnums=2)
-  with sharding.activate(mesh):
+  with jax.set_mesh(mesh):  # as sharding.on_mesh runs the step in training
     return step.trace(params, model_state, trainer.placed(cache, cache_sh), tokens).lower()
 
 

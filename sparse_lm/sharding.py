@@ -15,7 +15,6 @@ A dimension whose size the mesh axes do not divide is replicated instead of spli
 and small test models (2 kv heads on a 4-way tensor axis) still run.
 """
 
-import contextlib
 import math
 from collections.abc import Sequence
 
@@ -40,7 +39,6 @@ RULES: dict[str, tuple[str, ...]] = {
     'expert': ('expert',),
 }
 
-_active_mesh: list[Mesh] = []
 
 
 def mesh_shape(mesh_config: ml_collections.ConfigDict, num_devices: int) -> tuple[int, ...]:
@@ -121,29 +119,29 @@ def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, PartitionSpec())
 
 
-@contextlib.contextmanager
-def activate(mesh: Mesh):
-  """Makes `constrain` place activations on `mesh` while a step is traced."""
-  _active_mesh.append(mesh)
-  try:
-    yield mesh
-  finally:
-    _active_mesh.pop()
+def on_mesh(step, mesh: Mesh):
+  """`step` (a jitted function) called, and so traced, with `mesh` as JAX's context mesh
+  (`jax.set_mesh`): the layers read it to pin activations and to place kernels with `shard_map`, and
+  jit's cache sees it, so one function traced for two meshes is two programs."""
+  def call(*args, **kwargs):
+    with jax.set_mesh(mesh):
+      return step(*args, **kwargs)
+  return call
 
 
-def active_mesh() -> Mesh | None:
-  """The mesh a step is being traced for (inside `activate`), for layers that place work explicitly
-  with `shard_map`; None outside (tests, sampling)."""
-  return _active_mesh[-1] if _active_mesh else None
+def active_mesh():
+  """The context mesh a step is traced under (`on_mesh`), for layers that place work explicitly with
+  `shard_map`; None outside one (tests, sampling, evaluation on one device)."""
+  mesh = jax.sharding.get_abstract_mesh()
+  return None if mesh.empty else mesh
 
 
 def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
-  """Pins an activation's layout by logical names; a no-op outside `activate` (tests, sampling)."""
-  if not _active_mesh:
+  """Pins an activation's layout by logical names on the context mesh; a no-op outside one."""
+  mesh = active_mesh()
+  if mesh is None:
     return x
-  mesh = _active_mesh[-1]
-  return jax.lax.with_sharding_constraint(
-      x, NamedSharding(mesh, logical_to_spec(names, x.shape, mesh)))
+  return jax.lax.with_sharding_constraint(x, logical_to_spec(names, x.shape, mesh))
 
 
 def attention_per_device(kernel, q_BTHD: jax.Array, k_BSKD: jax.Array, *more):
@@ -154,7 +152,7 @@ def attention_per_device(kernel, q_BTHD: jax.Array, k_BSKD: jax.Array, *more):
   `[B, heads, T]` (log-sum-exps). A Pallas
   kernel is a custom call that XLA's partitioner cannot split (Mosaic refuses to compile; a Triton call
   would gather its operands and run whole on every device), so it is placed by hand with `shard_map`.
-  A plain call outside `activate`."""
+  A plain call outside a context mesh."""
   mesh = active_mesh()
   if mesh is None:
     return kernel(q_BTHD, k_BSKD, *more)
@@ -167,7 +165,7 @@ def attention_per_device(kernel, q_BTHD: jax.Array, k_BSKD: jax.Array, *more):
     return PartitionSpec(batch, heads, None) if x.ndim == 3 else PartitionSpec(batch, None, heads, None)
   args = (q_BTHD, k_BSKD, *more)
   out_specs = jax.tree.map(spec, jax.eval_shape(kernel, *args))
-  return jax.shard_map(kernel, mesh=mesh, in_specs=tuple(map(spec, args)), out_specs=out_specs)(*args)
+  return jax.shard_map(kernel, in_specs=tuple(map(spec, args)), out_specs=out_specs)(*args)
 
 
 def global_batch(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:

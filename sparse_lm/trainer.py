@@ -326,6 +326,7 @@ def set_up(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> Session:
                        donate_argnums=0)
   eval_step = jax.jit(make_eval_step(graphdef, tok.token_bytes),
                       in_shardings=(shardings['params'], shardings['model_state'], batch_sh))
+  train_step, eval_step = sharding.on_mesh(train_step, mesh), sharding.on_mesh(eval_step, mesh)
   writer = MetricsWriter(workdir, total_steps=t.steps, start_step=start_step, is_primary=is_primary,
                          causal=is_causal(config.model))
   flops_per_token = flops.flops_per_token(config)['flops_per_token']['total']
@@ -368,25 +369,24 @@ def run(session: Session) -> dict:
   log = TrainLog(s.writer, s.throughput, guard)
   state, evaluated = s.state, {}
   try:
-    with sharding.activate(s.mesh):
-      for step in range(s.start_step + 1, t.steps + 1):
-        state, metrics = s.train_step(state, sharding.global_batch(next(s.train_iter), s.mesh))
-        guard.dispatched(step, metrics)
+    for step in range(s.start_step + 1, t.steps + 1):
+      state, metrics = s.train_step(state, sharding.global_batch(next(s.train_iter), s.mesh))
+      guard.dispatched(step, metrics)
+      log.flush()
+      if step % t.log_every == 0 or step == t.steps:
+        log.hold(step, metrics)
+      if step % t.eval_every == 0 or step == t.steps:
         log.flush()
-        if step % t.log_every == 0 or step == t.steps:
-          log.hold(step, metrics)
-        if step % t.eval_every == 0 or step == t.steps:
-          log.flush()
-          evaluated = evaluate(s.eval_step, state['params'], state['model_state'], s.eval_data, s.mesh)
-          s.writer.write(step, evaluated)
-          s.throughput.restart(step)
-        final = preemption.reached(step) or step == t.steps
-        if final or s.checkpointer.should_save(step):
-          guard.read_all()
-          s.checkpointer.save(step, state, data.gather_state(s.train_iter), force=final)
-        s.writer.advance(step)
-        if preemption.requested:
-          break
+        evaluated = evaluate(s.eval_step, state['params'], state['model_state'], s.eval_data, s.mesh)
+        s.writer.write(step, evaluated)
+        s.throughput.restart(step)
+      final = preemption.reached(step) or step == t.steps
+      if final or s.checkpointer.should_save(step):
+        guard.read_all()
+        s.checkpointer.save(step, state, data.gather_state(s.train_iter), force=final)
+      s.writer.advance(step)
+      if preemption.requested:
+        break
     guard.read_all()
     log.flush()
   except Diverged as error:

@@ -253,7 +253,7 @@ class Mlp(base.Mlp):
       if token_axes:
         dropped = jax.lax.pmean(dropped, token_axes)
       return y_BTD, dropped
-    return jax.shard_map(body, mesh=mesh, in_specs=(x_spec, route_spec, route_spec) + (w_spec,) * 3,
+    return jax.shard_map(body, in_specs=(x_spec, route_spec, route_spec) + (w_spec,) * 3,
                          out_specs=(x_spec, PartitionSpec()))(x_BTD, idx_BTK, w_BTK, *experts)
 
   def _run_rows(self, x_ND, idx_NK, w_NK, experts, P):
