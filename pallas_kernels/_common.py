@@ -27,10 +27,6 @@ from jax.interpreters import ad, batching, mlir
 BACKENDS = ('gpu', 'tpu')
 IMPLEMENTATIONS = ('pallas', 'xla')
 _PLATFORM_BODY = {'cpu': 'gpu', 'cuda': 'gpu', 'rocm': 'gpu', 'tpu': 'tpu'}
-# The score of a masked key, in every kernel, reference and XLA path. Finite: a query row can meet a block
-# where all its keys are masked (before its window starts, or as a padded query), and an online softmax
-# would compute exp(-inf - -inf) = NaN there; a fully masked row gives a uniform, then ignored, softmax.
-MASK_VALUE = -1e30
 
 
 def check_implementation(implementation: str) -> None:
@@ -174,28 +170,3 @@ def _refusal(reason: str, out) -> Callable:
     return jax.tree.unflatten(tree, [jax.lax.pcast(o, tuple(sorted(_varying(*args))), to='varying')
                                      for o in outs])
   return refused
-
-
-# ----------------------------------------------------------------------------- XLA references in chunks
-
-# Queries per chunk of the XLA paths: 256 x (keys) float32 scores per head at a time.
-XLA_CHUNK = 256
-
-
-def map_query_chunks(fn: Callable, per_query: tuple, fills: tuple, *, chunk: int):
-  """`fn(*per_query)` computed `chunk` queries at a time, so an XLA reference's `[queries, keys]`
-  intermediates exist for one chunk only, in the forward pass and (each chunk rematerialised with
-  `jax.checkpoint`) in the backward pass too. `per_query` arrays have queries on axis 1 and are padded
-  with their `fills` to whole chunks; `fn` returns a pytree of arrays with queries on axis 1."""
-  B, T = per_query[0].shape[:2]
-  if T <= chunk:
-    return fn(*per_query)
-  N = -(-T // chunk)
-
-  def chunks(x, fill):
-    x = jnp.pad(x, ((0, 0), (0, N * chunk - T)) + ((0, 0),) * (x.ndim - 2), constant_values=fill)
-    return jnp.moveaxis(x.reshape(B, N, chunk, *x.shape[2:]), 1, 0)
-
-  out = jax.lax.map(jax.checkpoint(lambda args: fn(*args), prevent_cse=False),
-                    tuple(map(chunks, per_query, fills)))
-  return jax.tree.map(lambda y: jnp.moveaxis(y, 0, 1).reshape(B, N * chunk, *y.shape[3:])[:, :T], out)

@@ -59,15 +59,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels._common import (
-  XLA_CHUNK,
-  check_implementation,
-  dispatch,
-  in_shard_map,
-  interpret_param,
-  map_query_chunks,
-  out_struct,
-)
+from pallas_kernels._common import check_implementation, dispatch, in_shard_map, interpret_param, out_struct
+from pallas_kernels._reference import MASK_VALUE, XLA_CHUNK, map_query_chunks
 from pallas_kernels.compressed_attention import block_ends
 
 # (block_q, block_s): query tokens and selection blocks per program step. Not tuned for speed (no accelerator
@@ -82,7 +75,7 @@ from pallas_kernels.compressed_attention import block_ends
 DEFAULT_BLOCKS = {'gpu': (64, 16), 'tpu': (256, 128)}
 GPU_NUM_WARPS, GPU_NUM_STAGES = 8, 2
 _LANES = 128
-_INVALID = -1e30  # a block starting after the token: below every score, above an empty slot
+_INVALID = MASK_VALUE  # a block starting after the token: below every score, above an empty slot
 _NO_BLOCK = float(2**30)  # index of an empty slot, above every real block in the min-index reductions
 
 

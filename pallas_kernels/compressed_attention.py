@@ -22,7 +22,8 @@ stay linear in memory too.
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels._common import XLA_CHUNK, check_implementation
+from pallas_kernels._common import check_implementation
+from pallas_kernels._reference import XLA_CHUNK
 from pallas_kernels.flash_attention import (
   GPU_NUM_STAGES,
   GPU_NUM_WARPS,

@@ -42,16 +42,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels._common import (
-  MASK_VALUE,
-  XLA_CHUNK,
-  check_implementation,
-  dispatch,
-  in_shard_map,
-  interpret_param,
-  map_query_chunks,
-  out_struct,
-)
+from pallas_kernels._common import check_implementation, dispatch, in_shard_map, interpret_param, out_struct
+from pallas_kernels._reference import MASK_VALUE, XLA_CHUNK, map_query_chunks
 
 # (block_q, block_k), used by the forward and both backward kernels. Not tuned for speed (no accelerator was
 # at hand); the GPU choice is the one that compiles without register spills. Deviceless compiles for H100
@@ -210,17 +202,17 @@ def flash_attention_with_lse(q_BTHD: jax.Array, k_BSKD: jax.Array, v_BSKD: jax.A
     if interpreted and in_shard_map(q_BTHD, k_BSKD, v_BSKD):  # JAX's interpreter cannot run in shard_map
       return functools.partial(attention_with_lse_reference, causal=causal, window=window,
                                key_positions=key_positions, sm_scale=sm_scale)
-    cfg = _make_config(q_BTHD.shape, k_BSKD.shape, causal=causal, window=window,
+    plan = _make_plan(q_BTHD.shape, k_BSKD.shape, causal=causal, window=window,
                        key_positions=key_positions, sm_scale=sm_scale, block_q=block_q, block_k=block_k,
                        interpret=interpreted, backend=body, num_warps=num_warps, num_stages=num_stages)
-    return lambda q, k, v: _flash(q, k, v, cfg)
+    return lambda q, k, v: _flash(q, k, v, plan)
   B, T, H, _ = q_BTHD.shape
   out = (jax.ShapeDtypeStruct(q_BTHD.shape, q_BTHD.dtype), jax.ShapeDtypeStruct((B, H, T), jnp.float32))
   return dispatch(build, (q_BTHD, k_BSKD, v_BSKD), out, backend=backend, interpret=interpret)
 
 
 @dataclasses.dataclass(frozen=True)
-class _Config:
+class _Plan:
   """Everything static about one call; hashable, so it can be a non-differentiable custom_vjp argument."""
   causal: bool
   window: int | None
@@ -305,9 +297,9 @@ def _clip_block(block: int, length: int, backend: str) -> int:
   return min(block, cover)
 
 
-def _make_config(q_shape, k_shape, *, causal, window, sm_scale, block_q, block_k, interpret,
+def _make_plan(q_shape, k_shape, *, causal, window, sm_scale, block_q, block_k, interpret,
                  backend, num_warps=GPU_NUM_WARPS, num_stages=GPU_NUM_STAGES,
-                 key_positions=None) -> _Config:
+                 key_positions=None) -> _Plan:
   _, T, H, D = q_shape
   S, K = k_shape[1:3]
   stride, first = key_positions or (1, 0)
@@ -320,7 +312,7 @@ def _make_config(q_shape, k_shape, *, causal, window, sm_scale, block_q, block_k
   block_k = _clip_block(block_k or default_k, S, backend)
   _check_block('block_q', block_q, backend, interpret)
   _check_block('block_k', block_k, backend, interpret)
-  return _Config(causal=causal, window=window, sm_scale=float(D**-0.5 if sm_scale is None else sm_scale),
+  return _Plan(causal=causal, window=window, sm_scale=float(D**-0.5 if sm_scale is None else sm_scale),
                  block_q=block_q, block_k=block_k, q_len=T, kv_len=S, group=H // K, backend=backend,
                  interpret=interpret, num_warps=num_warps, num_stages=num_stages, key_stride=stride,
                  key_first=first)
@@ -332,36 +324,36 @@ def _pad_seq(x_BLHD: jax.Array, block: int) -> jax.Array:
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _flash(q_BTHD, k_BSKD, v_BSKD, cfg: _Config):
-  return _flash_fwd(q_BTHD, k_BSKD, v_BSKD, cfg)[0]
+def _flash(q_BTHD, k_BSKD, v_BSKD, plan: _Plan):
+  return _flash_fwd(q_BTHD, k_BSKD, v_BSKD, plan)[0]
 
 
-def _flash_fwd(q_BTHD, k_BSKD, v_BSKD, cfg: _Config):
-  forward, _ = _BODIES[cfg.backend]
-  o_BTHD, lse_BHT = forward(_pad_seq(q_BTHD, cfg.block_q), _pad_seq(k_BSKD, cfg.block_k),
-                            _pad_seq(v_BSKD, cfg.block_k), cfg)
-  o_BTHD = o_BTHD[:, :cfg.q_len]
+def _flash_fwd(q_BTHD, k_BSKD, v_BSKD, plan: _Plan):
+  forward, _ = _BODIES[plan.backend]
+  o_BTHD, lse_BHT = forward(_pad_seq(q_BTHD, plan.block_q), _pad_seq(k_BSKD, plan.block_k),
+                            _pad_seq(v_BSKD, plan.block_k), plan)
+  o_BTHD = o_BTHD[:, :plan.q_len]
   # The bodies give a query that sees no key lse = +inf, so its recomputed probabilities exp(s - lse)
   # are zeros in the backward kernels; the caller sees the log-sum-exp of nothing, -inf.
-  out_lse_BHT = jnp.where(lse_BHT[:, :, :cfg.q_len] == jnp.inf, -jnp.inf, lse_BHT[:, :, :cfg.q_len])
+  out_lse_BHT = jnp.where(lse_BHT[:, :, :plan.q_len] == jnp.inf, -jnp.inf, lse_BHT[:, :, :plan.q_len])
   return (o_BTHD, out_lse_BHT), (q_BTHD, k_BSKD, v_BSKD, o_BTHD, lse_BHT)
 
 
-def _flash_bwd(cfg: _Config, res, cts):
+def _flash_bwd(plan: _Plan, res, cts):
   # The barrier keeps XLA from sharing the forward's relaid copies of q, k and v (the TPU body's
   # [B, H, T, D]) with the backward, which would keep them alive between the passes beside the originals.
   q_BTHD, k_BSKD, v_BSKD, o_BTHD, lse_BHT = jax.lax.optimization_barrier(res)
   do_BTHD, dlse_BHT = cts
-  _, backward = _BODIES[cfg.backend]
+  _, backward = _BODIES[plan.backend]
   # FlashAttention-2 Alg. 2: D = rowsum(dO * O), the softmax-Jacobian correction per query. A cotangent of
   # the log-sum-exp adds p * dlse to the logits' gradient, the same as lowering D by dlse.
   delta_BTH = jnp.einsum('bthd,bthd->bth', o_BTHD.astype(jnp.float32), do_BTHD.astype(jnp.float32))
   delta_BTH -= dlse_BHT.transpose(0, 2, 1)
-  delta_BHT = jnp.pad(delta_BTH, ((0, 0), (0, lse_BHT.shape[2] - cfg.q_len), (0, 0))).transpose(0, 2, 1)
+  delta_BHT = jnp.pad(delta_BTH, ((0, 0), (0, lse_BHT.shape[2] - plan.q_len), (0, 0))).transpose(0, 2, 1)
   dq_BTHD, dk_BSKD, dv_BSKD = backward(
-      _pad_seq(q_BTHD, cfg.block_q), _pad_seq(k_BSKD, cfg.block_k), _pad_seq(v_BSKD, cfg.block_k),
-      _pad_seq(do_BTHD, cfg.block_q), lse_BHT, delta_BHT, cfg)
-  return dq_BTHD[:, :cfg.q_len], dk_BSKD[:, :cfg.kv_len], dv_BSKD[:, :cfg.kv_len]
+      _pad_seq(q_BTHD, plan.block_q), _pad_seq(k_BSKD, plan.block_k), _pad_seq(v_BSKD, plan.block_k),
+      _pad_seq(do_BTHD, plan.block_q), lse_BHT, delta_BHT, plan)
+  return dq_BTHD[:, :plan.q_len], dk_BSKD[:, :plan.kv_len], dv_BSKD[:, :plan.kv_len]
 
 
 _flash.defvjp(_flash_fwd, _flash_bwd)
@@ -383,30 +375,30 @@ class _Static:
   div = staticmethod(lambda a, b: a // b)  # lax.div truncates; every operand here is >= 0
 
 
-def _kv_blocks(i, cfg: _Config, ops=_Traced):
+def _kv_blocks(i, plan: _Plan, ops=_Traced):
   """Key blocks [lo, hi) holding a key that some query of query block `i` keeps."""
-  first_q = cfg.offset + i * cfg.block_q
-  hi = cfg.num_kv_blocks
-  if cfg.causal:  # stop at the diagonal: the keys at positions <= the block's last query
-    last_q = first_q + cfg.block_q - 1
-    seen = ops.div(ops.maximum(last_q - cfg.key_first + cfg.key_stride, 0), cfg.key_stride)
-    hi = ops.minimum(hi, ops.div(seen + cfg.block_k - 1, cfg.block_k))
+  first_q = plan.offset + i * plan.block_q
+  hi = plan.num_kv_blocks
+  if plan.causal:  # stop at the diagonal: the keys at positions <= the block's last query
+    last_q = first_q + plan.block_q - 1
+    seen = ops.div(ops.maximum(last_q - plan.key_first + plan.key_stride, 0), plan.key_stride)
+    hi = ops.minimum(hi, ops.div(seen + plan.block_k - 1, plan.block_k))
   lo = 0
-  if cfg.window is not None:  # start at the first block inside the window
-    lo = ops.div(ops.maximum(first_q - cfg.window + 1, 0), cfg.block_k)
+  if plan.window is not None:  # start at the first block inside the window
+    lo = ops.div(ops.maximum(first_q - plan.window + 1, 0), plan.block_k)
   return lo, hi
 
 
-def _q_blocks(j, cfg: _Config, ops=_Traced):
+def _q_blocks(j, plan: _Plan, ops=_Traced):
   """Query blocks [lo, hi) holding a query that keeps some key of key block `j`."""
-  first_k = j * cfg.block_k
+  first_k = j * plan.block_k
   lo = 0
-  if cfg.causal:  # from the query at the block's first key position
-    lo = ops.div(ops.maximum(first_k * cfg.key_stride + cfg.key_first - cfg.offset, 0), cfg.block_q)
-  hi = cfg.num_q_blocks
-  if cfg.window is not None:  # queries t with t + offset - window < last key of the block
-    bound = ops.maximum(first_k + cfg.block_k - 1 + cfg.window - cfg.offset, 0)
-    hi = ops.minimum(hi, ops.div(bound + cfg.block_q - 1, cfg.block_q))
+  if plan.causal:  # from the query at the block's first key position
+    lo = ops.div(ops.maximum(first_k * plan.key_stride + plan.key_first - plan.offset, 0), plan.block_q)
+  hi = plan.num_q_blocks
+  if plan.window is not None:  # queries t with t + offset - window < last key of the block
+    bound = ops.maximum(first_k + plan.block_k - 1 + plan.window - plan.offset, 0)
+    hi = ops.minimum(hi, ops.div(bound + plan.block_q - 1, plan.block_q))
   return lo, hi
 
 
@@ -428,17 +420,17 @@ def _nn(a, b):
   return lax.dot_general(a, b, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
 
 
-def _scores(x, y, i, j, cfg: _Config, *, transposed: bool = False):
+def _scores(x, y, i, j, plan: _Plan, *, transposed: bool = False):
   """Scaled, masked logits of query block `i` and key block `j`: q k^T [Q, C], or k q^T [C, Q] when
   `transposed` (x, y are then k, q)."""
-  s = _nt(x, y) * cfg.sm_scale
+  s = _nt(x, y) * plan.sm_scale
   q_axis, k_axis = (1, 0) if transposed else (0, 1)
-  qpos = cfg.offset + i * cfg.block_q + lax.broadcasted_iota(jnp.int32, s.shape, q_axis)
-  kidx = j * cfg.block_k + lax.broadcasted_iota(jnp.int32, s.shape, k_axis)
-  kpos = kidx * cfg.key_stride + cfg.key_first if cfg.strided else kidx
-  keep = _keep(qpos, kpos, causal=cfg.causal, window=cfg.window)
-  if cfg.kv_mask_len is not None:
-    keep = kidx < cfg.kv_mask_len if keep is None else keep & (kidx < cfg.kv_mask_len)
+  qpos = plan.offset + i * plan.block_q + lax.broadcasted_iota(jnp.int32, s.shape, q_axis)
+  kidx = j * plan.block_k + lax.broadcasted_iota(jnp.int32, s.shape, k_axis)
+  kpos = kidx * plan.key_stride + plan.key_first if plan.strided else kidx
+  keep = _keep(qpos, kpos, causal=plan.causal, window=plan.window)
+  if plan.kv_mask_len is not None:
+    keep = kidx < plan.kv_mask_len if keep is None else keep & (kidx < plan.kv_mask_len)
   return s if keep is None else jnp.where(keep, s, MASK_VALUE)
 
 
@@ -469,17 +461,17 @@ def _softmax_step(s_QC, v_CD, acc_QD, m_QL, l_QL):
   return acc_QD, m_next, l_next
 
 
-def _dq_step(q_QD, k_CD, v_CD, do_QD, lse_Q1, delta_Q1, i, j, cfg: _Config):
+def _dq_step(q_QD, k_CD, v_CD, do_QD, lse_Q1, delta_Q1, i, j, plan: _Plan):
   """Contribution of key block `j` to dq / sm_scale (FlashAttention-2 Alg. 2)."""
-  p_QC = jnp.exp(_scores(q_QD, k_CD, i, j, cfg) - lse_Q1)
+  p_QC = jnp.exp(_scores(q_QD, k_CD, i, j, plan) - lse_Q1)
   ds_QC = p_QC * (_nt(do_QD, v_CD) - delta_Q1)
   return _nn(ds_QC.astype(k_CD.dtype), k_CD)
 
 
-def _dkv_step(q_QD, k_CD, v_CD, do_QD, lse_1Q, delta_1Q, i, j, cfg: _Config):
+def _dkv_step(q_QD, k_CD, v_CD, do_QD, lse_1Q, delta_1Q, i, j, plan: _Plan):
   """Contributions of query block `i` to dk / sm_scale and dv, computed key-major ([C, Q] tiles) so every
   product is a plain or right-transposed matmul."""
-  p_CQ = jnp.exp(_scores(k_CD, q_QD, i, j, cfg, transposed=True) - lse_1Q)
+  p_CQ = jnp.exp(_scores(k_CD, q_QD, i, j, plan, transposed=True) - lse_1Q)
   dv_CD = _nn(p_CQ.astype(do_QD.dtype), do_QD)
   ds_CQ = p_CQ * (_nt(v_CD, do_QD) - delta_1Q)
   return _nn(ds_CQ.astype(q_QD.dtype), q_QD), dv_CD
@@ -489,94 +481,94 @@ def _dkv_step(q_QD, k_CD, v_CD, do_QD, lse_1Q, delta_1Q, i, j, cfg: _Config):
 # GPU body (Triton): [B, T, H, D] layout, key/query loops inside the kernel.
 
 
-def _gpu_params(cfg: _Config):
-  return plgpu.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+def _gpu_params(plan: _Plan):
+  return plgpu.CompilerParams(num_warps=plan.num_warps, num_stages=plan.num_stages)
 
 
-def _gpu_fwd_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, *, cfg: _Config):
+def _gpu_fwd_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, *, plan: _Plan):
   i = pl.program_id(0)
   q_QD = q_ref[...]
 
   def body(j, carry):
-    kv = pl.ds(j * cfg.block_k, cfg.block_k)
-    return _softmax_step(_scores(q_QD, k_ref[kv, :], i, j, cfg), v_ref[kv, :], *carry)
+    kv = pl.ds(j * plan.block_k, plan.block_k)
+    return _softmax_step(_scores(q_QD, k_ref[kv, :], i, j, plan), v_ref[kv, :], *carry)
 
   Q, D = q_QD.shape
   init = (jnp.zeros((Q, D), jnp.float32), jnp.full((Q, 1), -jnp.inf, jnp.float32),
           jnp.zeros((Q, 1), jnp.float32))
-  o_QD, lse_Q1 = _normalise(*lax.fori_loop(*_kv_blocks(i, cfg), body, init))
+  o_QD, lse_Q1 = _normalise(*lax.fori_loop(*_kv_blocks(i, plan), body, init))
   o_ref[...] = o_QD.astype(o_ref.dtype)
   lse_ref[...] = lse_Q1[:, 0]
 
 
-def _gpu_forward(q_BTHD, k_BSKD, v_BSKD, cfg: _Config):
+def _gpu_forward(q_BTHD, k_BSKD, v_BSKD, plan: _Plan):
   B, T, H, D = q_BTHD.shape
-  S, G, Q = k_BSKD.shape[1], cfg.group, cfg.block_q
+  S, G, Q = k_BSKD.shape[1], plan.group, plan.block_q
   q_spec = pl.BlockSpec((None, Q, None, D), lambda i, b, h: (b, i, h, 0))
   kv_spec = pl.BlockSpec((None, S, None, D), lambda i, b, h: (b, 0, h // G, 0))
   return pl.pallas_call(
-      functools.partial(_gpu_fwd_kernel, cfg=cfg),
+      functools.partial(_gpu_fwd_kernel, plan=plan),
       grid=(T // Q, B, H),
       in_specs=[q_spec, kv_spec, kv_spec],
       out_specs=[q_spec, pl.BlockSpec((None, None, Q), lambda i, b, h: (b, h, i))],
       out_shape=[out_struct(q_BTHD.shape, q_BTHD.dtype, q_BTHD, k_BSKD, v_BSKD),
                  out_struct((B, H, T), jnp.float32, q_BTHD, k_BSKD, v_BSKD)],
-      compiler_params=_gpu_params(cfg),
-      interpret=interpret_param(cfg.interpret, 'gpu'),
-      name=f'{cfg.kernel_name}_fwd',
+      compiler_params=_gpu_params(plan),
+      interpret=interpret_param(plan.interpret, 'gpu'),
+      name=f'{plan.kernel_name}_fwd',
   )(q_BTHD, k_BSKD, v_BSKD)
 
 
-def _gpu_dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, *, cfg: _Config):
+def _gpu_dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, *, plan: _Plan):
   i = pl.program_id(0)
   q_QD, do_QD = q_ref[...], do_ref[...]
   lse_Q1, delta_Q1 = lse_ref[...][:, None], delta_ref[...][:, None]
 
   def body(j, acc_QD):
-    kv = pl.ds(j * cfg.block_k, cfg.block_k)
-    return acc_QD + _dq_step(q_QD, k_ref[kv, :], v_ref[kv, :], do_QD, lse_Q1, delta_Q1, i, j, cfg)
+    kv = pl.ds(j * plan.block_k, plan.block_k)
+    return acc_QD + _dq_step(q_QD, k_ref[kv, :], v_ref[kv, :], do_QD, lse_Q1, delta_Q1, i, j, plan)
 
-  acc_QD = lax.fori_loop(*_kv_blocks(i, cfg), body, jnp.zeros(q_QD.shape, jnp.float32))
-  dq_ref[...] = (acc_QD * cfg.sm_scale).astype(dq_ref.dtype)
+  acc_QD = lax.fori_loop(*_kv_blocks(i, plan), body, jnp.zeros(q_QD.shape, jnp.float32))
+  dq_ref[...] = (acc_QD * plan.sm_scale).astype(dq_ref.dtype)
 
 
-def _gpu_dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref, *, cfg: _Config):
+def _gpu_dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref, *, plan: _Plan):
   j = pl.program_id(0)
   k_CD, v_CD = k_ref[...], v_ref[...]
-  lo, hi = _q_blocks(j, cfg)
+  lo, hi = _q_blocks(j, plan)
 
   def head(g, carry):  # the query heads of this kv group, summed here rather than per head in HBM
     def body(i, carry):
-      rows = pl.ds(i * cfg.block_q, cfg.block_q)
+      rows = pl.ds(i * plan.block_q, plan.block_q)
       dk_CD, dv_CD = _dkv_step(q_ref[rows, g, :], k_CD, v_CD, do_ref[rows, g, :], lse_ref[g, rows][None, :],
-                               delta_ref[g, rows][None, :], i, j, cfg)
+                               delta_ref[g, rows][None, :], i, j, plan)
       return carry[0] + dk_CD, carry[1] + dv_CD
 
     return lax.fori_loop(lo, hi, body, carry)
 
   zeros = jnp.zeros(k_CD.shape, jnp.float32)
-  dk_CD, dv_CD = lax.fori_loop(0, cfg.group, head, (zeros, zeros))
-  dk_ref[...] = (dk_CD * cfg.sm_scale).astype(dk_ref.dtype)
+  dk_CD, dv_CD = lax.fori_loop(0, plan.group, head, (zeros, zeros))
+  dk_ref[...] = (dk_CD * plan.sm_scale).astype(dk_ref.dtype)
   dv_ref[...] = dv_CD.astype(dv_ref.dtype)
 
 
-def _gpu_backward(q_BTHD, k_BSKD, v_BSKD, do_BTHD, lse_BHT, delta_BHT, cfg: _Config):
+def _gpu_backward(q_BTHD, k_BSKD, v_BSKD, do_BTHD, lse_BHT, delta_BHT, plan: _Plan):
   B, T, H, D = q_BTHD.shape
   S, K = k_BSKD.shape[1:3]
-  G, Q, C = cfg.group, cfg.block_q, cfg.block_k
-  interpret = interpret_param(cfg.interpret, 'gpu')
+  G, Q, C = plan.group, plan.block_q, plan.block_k
+  interpret = interpret_param(plan.interpret, 'gpu')
   q_spec = pl.BlockSpec((None, Q, None, D), lambda i, b, h: (b, i, h, 0))
   kv_spec = pl.BlockSpec((None, S, None, D), lambda i, b, h: (b, 0, h // G, 0))
   row_spec = pl.BlockSpec((None, None, Q), lambda i, b, h: (b, h, i))
   dq_BTHD = pl.pallas_call(
-      functools.partial(_gpu_dq_kernel, cfg=cfg),
+      functools.partial(_gpu_dq_kernel, plan=plan),
       grid=(T // Q, B, H),
       in_specs=[q_spec, kv_spec, kv_spec, q_spec, row_spec, row_spec],
       out_specs=q_spec,
       out_shape=out_struct(q_BTHD.shape, q_BTHD.dtype, q_BTHD, k_BSKD, do_BTHD),
-      compiler_params=_gpu_params(cfg),
+      compiler_params=_gpu_params(plan),
       interpret=interpret,
-      name=f'{cfg.kernel_name}_dq',
+      name=f'{plan.kernel_name}_dq',
   )(q_BTHD, k_BSKD, v_BSKD, do_BTHD, lse_BHT, delta_BHT)
 
   # Grid over (key block, batch, kv head); the block of a kv head's G query heads is block `k` of size G.
@@ -584,14 +576,14 @@ def _gpu_backward(q_BTHD, k_BSKD, v_BSKD, do_BTHD, lse_BHT, delta_BHT, cfg: _Con
   group_rows_spec = pl.BlockSpec((None, G, T), lambda j, b, k: (b, k, 0))
   kv_block_spec = pl.BlockSpec((None, C, None, D), lambda j, b, k: (b, j, k, 0))
   dk_BSKD, dv_BSKD = pl.pallas_call(
-      functools.partial(_gpu_dkv_kernel, cfg=cfg),
+      functools.partial(_gpu_dkv_kernel, plan=plan),
       grid=(S // C, B, K),
       in_specs=[group_spec, kv_block_spec, kv_block_spec, group_spec, group_rows_spec, group_rows_spec],
       out_specs=[kv_block_spec, kv_block_spec],
       out_shape=[out_struct(k_BSKD.shape, k_BSKD.dtype, q_BTHD, k_BSKD, do_BTHD)] * 2,
-      compiler_params=_gpu_params(cfg),
+      compiler_params=_gpu_params(plan),
       interpret=interpret,
-      name=f'{cfg.kernel_name}_dkv',
+      name=f'{plan.kernel_name}_dkv',
   )(q_BTHD, k_BSKD, v_BSKD, do_BTHD, lse_BHT, delta_BHT)
   return dq_BTHD, dk_BSKD, dv_BSKD
 
@@ -604,9 +596,9 @@ def _to_bhtd(x_BTHD):
   return x_BTHD.transpose(0, 2, 1, 3)
 
 
-def _tpu_fwd_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, acc_ref, m_ref, l_ref, *, cfg: _Config):
+def _tpu_fwd_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, acc_ref, m_ref, l_ref, *, plan: _Plan):
   i, step = pl.program_id(2), pl.program_id(3)
-  lo, hi = _kv_blocks(i, cfg)
+  lo, hi = _kv_blocks(i, plan)
 
   @pl.when(step == 0)
   def _init():
@@ -616,7 +608,7 @@ def _tpu_fwd_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, acc_ref, m_ref, l_ref, 
 
   @pl.when(lo + step < hi)
   def _compute():
-    s_QC = _scores(q_ref[...], k_ref[...], i, lo + step, cfg)
+    s_QC = _scores(q_ref[...], k_ref[...], i, lo + step, plan)
     acc_ref[...], m_ref[...], l_ref[...] = _softmax_step(s_QC, v_ref[...], acc_ref[...], m_ref[...],
                                                          l_ref[...])
 
@@ -627,24 +619,24 @@ def _tpu_fwd_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, acc_ref, m_ref, l_ref, 
     lse_ref[...] = lse_QL.T[:1]  # a lane-dense row: a [Q, 128] block would store each value 128 times
 
 
-def _tpu_kv_map(cfg: _Config):
+def _tpu_kv_map(plan: _Plan):
   """Index map of K/V blocks for a (batch, head, query block, step) grid: kv head h // G, and the
   clamped key block, so skipped steps re-use the block already in VMEM."""
   def index_map(b, h, i, step):  # lax.div: Mosaic cannot lower the sign test inside `//`
-    return b, lax.div(h, cfg.group), _clamped(*_kv_blocks(i, cfg), step), 0
+    return b, lax.div(h, plan.group), _clamped(*_kv_blocks(i, plan), step), 0
   return index_map
 
 
-def _tpu_forward(q_BTHD, k_BSKD, v_BSKD, cfg: _Config):
+def _tpu_forward(q_BTHD, k_BSKD, v_BSKD, plan: _Plan):
   B, T, H, D = q_BTHD.shape
-  Q, C = cfg.block_q, cfg.block_k
+  Q, C = plan.block_q, plan.block_k
   q_spec = pl.BlockSpec((None, None, Q, D), lambda b, h, i, step: (b, h, i, 0))
-  kv_spec = pl.BlockSpec((None, None, C, D), _tpu_kv_map(cfg))
+  kv_spec = pl.BlockSpec((None, None, C, D), _tpu_kv_map(plan))
   o_BHTD, lse_BH1T = pl.pallas_call(
-      functools.partial(_tpu_fwd_kernel, cfg=cfg),
+      functools.partial(_tpu_fwd_kernel, plan=plan),
       grid_spec=pltpu.PrefetchScalarGridSpec(
           num_scalar_prefetch=0,
-          grid=(B, H, T // Q, _max_span(lambda i, ops: _kv_blocks(i, cfg, ops), T // Q)),
+          grid=(B, H, T // Q, _max_span(lambda i, ops: _kv_blocks(i, plan, ops), T // Q)),
           in_specs=[q_spec, kv_spec, kv_spec],
           out_specs=[q_spec, pl.BlockSpec((None, None, 1, Q), lambda b, h, i, step: (b, h, 0, i))],
           scratch_shapes=[pltpu.VMEM((Q, D), jnp.float32), pltpu.VMEM((Q, _LANES), jnp.float32),
@@ -653,15 +645,15 @@ def _tpu_forward(q_BTHD, k_BSKD, v_BSKD, cfg: _Config):
                  out_struct((B, H, 1, T), jnp.float32, q_BTHD, k_BSKD, v_BSKD)],
       compiler_params=pltpu.CompilerParams(
           dimension_semantics=('parallel', 'parallel', 'parallel', 'arbitrary')),
-      interpret=interpret_param(cfg.interpret, 'tpu'),
-      name=f'{cfg.kernel_name}_fwd',
+      interpret=interpret_param(plan.interpret, 'tpu'),
+      name=f'{plan.kernel_name}_fwd',
   )(_to_bhtd(q_BTHD), _to_bhtd(k_BSKD), _to_bhtd(v_BSKD))
   return _to_bhtd(o_BHTD), lse_BH1T[:, :, 0]
 
 
-def _tpu_dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, acc_ref, *, cfg: _Config):
+def _tpu_dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, acc_ref, *, plan: _Plan):
   i, step = pl.program_id(2), pl.program_id(3)
-  lo, hi = _kv_blocks(i, cfg)
+  lo, hi = _kv_blocks(i, plan)
 
   @pl.when(step == 0)
   def _init():
@@ -670,17 +662,17 @@ def _tpu_dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, acc_
   @pl.when(lo + step < hi)
   def _compute():
     acc_ref[...] += _dq_step(q_ref[...], k_ref[...], v_ref[...], do_ref[...], lse_ref[0][:, None],
-                             delta_ref[0][:, None], i, lo + step, cfg)
+                             delta_ref[0][:, None], i, lo + step, plan)
 
   @pl.when(step == pl.num_programs(3) - 1)
   def _finish():
-    dq_ref[...] = (acc_ref[...] * cfg.sm_scale).astype(dq_ref.dtype)
+    dq_ref[...] = (acc_ref[...] * plan.sm_scale).astype(dq_ref.dtype)
 
 
 def _tpu_dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref, dk_acc, dv_acc, *,
-                    cfg: _Config):
+                    plan: _Plan):
   j, g, step = pl.program_id(2), pl.program_id(3), pl.program_id(4)
-  lo, hi = _q_blocks(j, cfg)
+  lo, hi = _q_blocks(j, plan)
 
   @pl.when((g == 0) & (step == 0))
   def _init():
@@ -690,34 +682,34 @@ def _tpu_dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_
   @pl.when(lo + step < hi)
   def _compute():
     dk_CD, dv_CD = _dkv_step(q_ref[...], k_ref[...], v_ref[...], do_ref[...], lse_ref[...], delta_ref[...],
-                             lo + step, j, cfg)
+                             lo + step, j, plan)
     dk_acc[...] += dk_CD
     dv_acc[...] += dv_CD
 
-  @pl.when((g == cfg.group - 1) & (step == pl.num_programs(4) - 1))
+  @pl.when((g == plan.group - 1) & (step == pl.num_programs(4) - 1))
   def _finish():
-    dk_ref[...] = (dk_acc[...] * cfg.sm_scale).astype(dk_ref.dtype)
+    dk_ref[...] = (dk_acc[...] * plan.sm_scale).astype(dk_ref.dtype)
     dv_ref[...] = dv_acc[...].astype(dv_ref.dtype)
 
 
-def _tpu_backward(q_BTHD, k_BSKD, v_BSKD, do_BTHD, lse_BHT, delta_BHT, cfg: _Config):
+def _tpu_backward(q_BTHD, k_BSKD, v_BSKD, do_BTHD, lse_BHT, delta_BHT, plan: _Plan):
   B, T, H, D = q_BTHD.shape
   S, K = k_BSKD.shape[1:3]
-  G, Q, C = cfg.group, cfg.block_q, cfg.block_k
-  interpret = interpret_param(cfg.interpret, 'tpu')
+  G, Q, C = plan.group, plan.block_q, plan.block_k
+  interpret = interpret_param(plan.interpret, 'tpu')
   q_BHTD, k_BKSD, v_BKSD, do_BHTD = map(_to_bhtd, (q_BTHD, k_BSKD, v_BSKD, do_BTHD))
   # Per-query rows as [B, H, 1, T]: a (1, Q) block is legal on TPU and reads as a row for the key-major
   # dk/dv tiles.
   lse_BH1T, delta_BH1T = lse_BHT[:, :, None], delta_BHT[:, :, None]
 
   q_spec = pl.BlockSpec((None, None, Q, D), lambda b, h, i, step: (b, h, i, 0))
-  kv_spec = pl.BlockSpec((None, None, C, D), _tpu_kv_map(cfg))
+  kv_spec = pl.BlockSpec((None, None, C, D), _tpu_kv_map(plan))
   row_spec = pl.BlockSpec((None, None, 1, Q), lambda b, h, i, step: (b, h, 0, i))
   dq_BHTD = pl.pallas_call(
-      functools.partial(_tpu_dq_kernel, cfg=cfg),
+      functools.partial(_tpu_dq_kernel, plan=plan),
       grid_spec=pltpu.PrefetchScalarGridSpec(
           num_scalar_prefetch=0,
-          grid=(B, H, T // Q, _max_span(lambda i, ops: _kv_blocks(i, cfg, ops), T // Q)),
+          grid=(B, H, T // Q, _max_span(lambda i, ops: _kv_blocks(i, plan, ops), T // Q)),
           in_specs=[q_spec, kv_spec, kv_spec, q_spec, row_spec, row_spec],
           out_specs=q_spec,
           scratch_shapes=[pltpu.VMEM((Q, D), jnp.float32)]),
@@ -725,23 +717,23 @@ def _tpu_backward(q_BTHD, k_BSKD, v_BSKD, do_BTHD, lse_BHT, delta_BHT, cfg: _Con
       compiler_params=pltpu.CompilerParams(
           dimension_semantics=('parallel', 'parallel', 'parallel', 'arbitrary')),
       interpret=interpret,
-      name=f'{cfg.kernel_name}_dq',
+      name=f'{plan.kernel_name}_dq',
   )(q_BHTD, k_BKSD, v_BKSD, do_BHTD, lse_BH1T, delta_BH1T)
 
   # Grid (batch, kv head, key block, query head in group, step); the query block is clamped like the
   # key block of the forward pass.
   def q_block(j, step):
-    return _clamped(*_q_blocks(j, cfg), step)
+    return _clamped(*_q_blocks(j, plan), step)
 
   group_spec = pl.BlockSpec((None, None, Q, D), lambda b, k, j, g, step: (b, k * G + g, q_block(j, step), 0))
   group_row_spec = pl.BlockSpec((None, None, 1, Q),
                                 lambda b, k, j, g, step: (b, k * G + g, 0, q_block(j, step)))
   kv_block_spec = pl.BlockSpec((None, None, C, D), lambda b, k, j, g, step: (b, k, j, 0))
   dk_BKSD, dv_BKSD = pl.pallas_call(
-      functools.partial(_tpu_dkv_kernel, cfg=cfg),
+      functools.partial(_tpu_dkv_kernel, plan=plan),
       grid_spec=pltpu.PrefetchScalarGridSpec(
           num_scalar_prefetch=0,
-          grid=(B, K, S // C, G, _max_span(lambda j, ops: _q_blocks(j, cfg, ops), S // C)),
+          grid=(B, K, S // C, G, _max_span(lambda j, ops: _q_blocks(j, plan, ops), S // C)),
           in_specs=[group_spec, kv_block_spec, kv_block_spec, group_spec, group_row_spec, group_row_spec],
           out_specs=[kv_block_spec, kv_block_spec],
           scratch_shapes=[pltpu.VMEM((C, D), jnp.float32), pltpu.VMEM((C, D), jnp.float32)]),
@@ -749,7 +741,7 @@ def _tpu_backward(q_BTHD, k_BSKD, v_BSKD, do_BTHD, lse_BHT, delta_BHT, cfg: _Con
       compiler_params=pltpu.CompilerParams(
           dimension_semantics=('parallel', 'parallel', 'parallel', 'arbitrary', 'arbitrary')),
       interpret=interpret,
-      name=f'{cfg.kernel_name}_dkv',
+      name=f'{plan.kernel_name}_dkv',
   )(q_BHTD, k_BKSD, v_BKSD, do_BHTD, lse_BH1T, delta_BH1T)
   return _to_bhtd(dq_BHTD), _to_bhtd(dk_BKSD), _to_bhtd(dv_BKSD)
 

@@ -52,7 +52,7 @@ _TPU_LANES = 128
 
 
 @dataclasses.dataclass(frozen=True)
-class _Kernel:
+class _Plan:
   """Which body runs, how, and the requested block sizes (fitted to each call's shapes)."""
   backend: str
   interpret: bool
@@ -71,7 +71,7 @@ def _fit(block: int, dim: int, backend: str) -> int:
   return max(t for t in range(_TPU_LANES, min(block, aligned) + 1, _TPU_LANES) if aligned % t == 0)
 
 
-def _make_kernel(backend, interpret, block_m, block_k, block_n) -> _Kernel:
+def _make_plan(backend, interpret, block_m, block_k, block_n) -> _Plan:
   check_backend(backend)
   defaults = TPU_BLOCKS if backend == 'tpu' else GPU_BLOCKS
   blocks = tuple(d if b is None else b for b, d in zip((block_m, block_k, block_n), defaults, strict=True))
@@ -80,7 +80,7 @@ def _make_kernel(backend, interpret, block_m, block_k, block_n) -> _Kernel:
       raise ValueError(f'{name}={b}: the GPU body needs a power of two >= 16 (Triton dot tiles)')
     if backend == 'tpu' and (b <= 0 or b % _TPU_LANES):
       raise ValueError(f'{name}={b}: the TPU body needs a positive multiple of {_TPU_LANES}')
-  return _Kernel(backend, interpret, blocks)
+  return _Plan(backend, interpret, blocks)
 
 
 def _check_operands(lhs_MK, other, group_sizes_G, *, transposed: bool) -> None:
@@ -355,45 +355,45 @@ def _tgmm_tpu(lhs_MK, dout_MN, group_sizes_G, tiles, *, out_dtype, interpret):
 # Wrappers: pad to the tiles, pick the body, slice back.
 
 
-def _gmm(lhs_MK, rhs, group_sizes_G, kern: _Kernel, out_dtype, *, transpose_rhs: bool):
+def _gmm(lhs_MK, rhs, group_sizes_G, plan: _Plan, out_dtype, *, transpose_rhs: bool):
   """lhs_MK @ rhs[g] per group, or @ rhs[g].T when `transpose_rhs` (rhs is then [G, N, K])."""
   (m, k), n = lhs_MK.shape, rhs.shape[1 if transpose_rhs else 2]
-  tm, tk, tn = kern.tiles(m, k, n)
+  tm, tk, tn = plan.tiles(m, k, n)
   dtype = jnp.result_type(lhs_MK, rhs)
   lhs_MK = _pad_to(lhs_MK.astype(dtype), (tm, tk))
   rhs = _pad_to(rhs.astype(dtype), (1, tn, tk) if transpose_rhs else (1, tk, tn))
-  body = _gmm_tpu if kern.backend == 'tpu' else _gmm_gpu
+  body = _gmm_tpu if plan.backend == 'tpu' else _gmm_gpu
   out_MN = body(lhs_MK, rhs, group_sizes_G, (tm, tk, tn), transpose_rhs=transpose_rhs, out_dtype=out_dtype,
-                interpret=interpret_param(kern.interpret, kern.backend))
+                interpret=interpret_param(plan.interpret, plan.backend))
   return out_MN[:m, :n]
 
 
-def _tgmm(lhs_MK, dout_MN, group_sizes_G, kern: _Kernel, out_dtype):
+def _tgmm(lhs_MK, dout_MN, group_sizes_G, plan: _Plan, out_dtype):
   (m, k), n = lhs_MK.shape, dout_MN.shape[1]
-  tm, tk, tn = kern.tiles(m, k, n)
+  tm, tk, tn = plan.tiles(m, k, n)
   dtype = jnp.result_type(lhs_MK, dout_MN)
   lhs_MK = _pad_to(lhs_MK.astype(dtype), (tm, tk))
   dout_MN = _pad_to(dout_MN.astype(dtype), (tm, tn))
-  body = _tgmm_tpu if kern.backend == 'tpu' else _tgmm_gpu
+  body = _tgmm_tpu if plan.backend == 'tpu' else _tgmm_gpu
   out_GKN = body(lhs_MK, dout_MN, group_sizes_G, (tm, tk, tn), out_dtype=out_dtype,
-                 interpret=interpret_param(kern.interpret, kern.backend))
+                 interpret=interpret_param(plan.interpret, plan.backend))
   return out_GKN[:, :k, :n]
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def _grouped_matmul(lhs_MK, rhs_GKN, group_sizes_G, kern: _Kernel, out_dtype):
-  return _gmm(lhs_MK, rhs_GKN, group_sizes_G, kern, out_dtype, transpose_rhs=False)
+def _grouped_matmul(lhs_MK, rhs_GKN, group_sizes_G, plan: _Plan, out_dtype):
+  return _gmm(lhs_MK, rhs_GKN, group_sizes_G, plan, out_dtype, transpose_rhs=False)
 
 
-def _grouped_matmul_fwd(lhs_MK, rhs_GKN, group_sizes_G, kern, out_dtype):
-  out_MN = _gmm(lhs_MK, rhs_GKN, group_sizes_G, kern, out_dtype, transpose_rhs=False)
+def _grouped_matmul_fwd(lhs_MK, rhs_GKN, group_sizes_G, plan, out_dtype):
+  out_MN = _gmm(lhs_MK, rhs_GKN, group_sizes_G, plan, out_dtype, transpose_rhs=False)
   return out_MN, (lhs_MK, rhs_GKN, group_sizes_G)
 
 
-def _grouped_matmul_bwd(kern, out_dtype, residuals, dout_MN):
+def _grouped_matmul_bwd(plan, out_dtype, residuals, dout_MN):
   lhs_MK, rhs_GKN, group_sizes_G = residuals
-  dlhs_MK = _gmm(dout_MN, rhs_GKN, group_sizes_G, kern, lhs_MK.dtype, transpose_rhs=True)
-  drhs_GKN = _tgmm(lhs_MK, dout_MN, group_sizes_G, kern, rhs_GKN.dtype)
+  dlhs_MK = _gmm(dout_MN, rhs_GKN, group_sizes_G, plan, lhs_MK.dtype, transpose_rhs=True)
+  drhs_GKN = _tgmm(lhs_MK, dout_MN, group_sizes_G, plan, rhs_GKN.dtype)
   return dlhs_MK, drhs_GKN, None  # group_sizes is integer: no cotangent.
 
 
@@ -433,10 +433,10 @@ def grouped_matmul(lhs_MK, rhs_GKN, group_sizes_G, *, block_m=None, block_k=None
   if implementation == 'xla':
     return grouped_matmul_reference(lhs_MK, rhs_GKN, group_sizes_G, preferred_element_type=out_dtype)
   def build(body: str, interpreted: bool):
-    kern = _make_kernel(body, interpreted, block_m, block_k, block_n)
+    plan = _make_plan(body, interpreted, block_m, block_k, block_n)
     if interpreted and in_shard_map(lhs_MK, rhs_GKN):  # JAX's interpreter cannot run under shard_map
       return functools.partial(grouped_matmul_reference, preferred_element_type=out_dtype)
-    return lambda lhs, rhs, sizes: _grouped_matmul(*vary_alike(lhs, rhs), sizes, kern, out_dtype)
+    return lambda lhs, rhs, sizes: _grouped_matmul(*vary_alike(lhs, rhs), sizes, plan, out_dtype)
   out = jax.ShapeDtypeStruct((lhs_MK.shape[0], rhs_GKN.shape[2]), out_dtype)
   return dispatch(build, (lhs_MK, rhs_GKN, group_sizes_G.astype(jnp.int32)), out, backend=backend,
                   interpret=interpret)
@@ -459,10 +459,10 @@ def transposed_grouped_matmul(lhs_MK, dout_MN, group_sizes_G, *, block_m=None, b
     return transposed_grouped_matmul_reference(lhs_MK, dout_MN, group_sizes_G,
                                                preferred_element_type=out_dtype)
   def build(body: str, interpreted: bool):
-    kern = _make_kernel(body, interpreted, block_m, block_k, block_n)
+    plan = _make_plan(body, interpreted, block_m, block_k, block_n)
     if interpreted and in_shard_map(lhs_MK, dout_MN):  # as in `grouped_matmul`
       return functools.partial(transposed_grouped_matmul_reference, preferred_element_type=out_dtype)
-    return lambda lhs, dout, sizes: _tgmm(*vary_alike(lhs, dout), sizes, kern, out_dtype)
+    return lambda lhs, dout, sizes: _tgmm(*vary_alike(lhs, dout), sizes, plan, out_dtype)
   out = jax.ShapeDtypeStruct((group_sizes_G.shape[0], lhs_MK.shape[1], dout_MN.shape[1]), out_dtype)
   return dispatch(build, (lhs_MK, dout_MN, group_sizes_G.astype(jnp.int32)), out, backend=backend,
                   interpret=interpret)

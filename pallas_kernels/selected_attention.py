@@ -46,16 +46,14 @@ from jax.experimental.pallas import tpu as pltpu
 from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels._common import (
-  MASK_VALUE,
-  XLA_CHUNK,
   check_implementation,
   dispatch,
   in_shard_map,
   interpret_param,
-  map_query_chunks,
   out_struct,
   vary_alike,
 )
+from pallas_kernels._reference import MASK_VALUE, XLA_CHUNK, map_query_chunks
 
 _NONE = jnp.iinfo(jnp.int32).max  # sorts after every real block index
 _TRANS_B = (((1,), (1,)), ((), ()))

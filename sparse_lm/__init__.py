@@ -17,6 +17,7 @@ for literal sizes (`_11D`: broadcast axes). These letters mean the same in every
 Other letters are a file's own and its docstring or the tensor's first line says what they are: C
 (compressed blocks in NSA, clusters in routing), M (MoSA heads, a kernel's rows), R (routing heads), N
 (a count of blocks, chunks or tokens), Q and L (the queries and keys of one kernel block), P (prompt
-positions). Known exceptions, to be renamed: MoSA and routing name their head dimension H beside their
-heads M and R, and block_selection.py names NSA's selection blocks S.
+positions). Einsum strings use the suffix letters in lower case where a string can; where the model
+width and the head dimension meet in one einsum the head dimension is written `k` or `h` there. A known
+exception, to be renamed: block_selection.py names NSA's selection blocks S.
 """

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
-from pallas_kernels._common import MASK_VALUE
+from pallas_kernels._reference import MASK_VALUE
 from sparse_lm import attention, mlp, sharding
 from sparse_lm.layers import RMSNorm, param
 

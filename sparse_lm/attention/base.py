@@ -9,6 +9,7 @@ A variant is built as `Variant(model_config, rngs=...)` and called as
 from typing import Any, ClassVar
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
@@ -52,6 +53,11 @@ class Attention(nnx.Module):
     """Parameters (by name) that a token does not use exactly once in a matmul, with how often it does."""
     del cfg
     return {}
+
+  def keep_settings(self, cfg: ml_collections.ConfigDict) -> None:
+    """Keeps the model settings a variant's call reads: the kernel path (`model.kernel`, passed on as
+    the kernels' `implementation`), RoPE's base and the compute dtype."""
+    self.kernel, self.rope_theta, self.dtype = cfg.kernel, cfg.rope_theta, jnp.dtype(cfg.dtype)
 
   def init_cache(self, batch: int, max_len: int) -> Any:
     """The decoding cache for `batch` rows of up to `max_len` positions."""

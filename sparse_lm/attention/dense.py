@@ -29,9 +29,7 @@ class Attention(base.Attention):
     self.wo = param(rngs, (hq, dh, d), ('q_heads', 'head_dim', 'embed'),
                     stddev=output_stddev(hq * dh, cfg.num_layers), dtype=pd)
     self.window = self.attention_window(cfg)
-    self.kernel = cfg.kernel
-    self.rope_theta = cfg.rope_theta
-    self.dtype = jnp.dtype(cfg.dtype)
+    self.keep_settings(cfg)
 
   @classmethod
   def check_config(cls, cfg: ml_collections.ConfigDict) -> None:

@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
-from pallas_kernels._common import MASK_VALUE
+from pallas_kernels._reference import MASK_VALUE
 from pallas_kernels.flash_attention import flash_attention
 from sparse_lm import sharding
 from sparse_lm.attention import dense
@@ -143,6 +143,15 @@ def scatter_slots(y_BGSX: jax.Array, idx_BGS: jax.Array, seq_len: int) -> jax.Ar
   B = y_BGSX.shape[0]
   out_BTX = jnp.zeros((B, seq_len) + y_BGSX.shape[3:], y_BGSX.dtype)
   return out_BTX.at[jnp.arange(B)[:, None, None], idx_BGS].add(y_BGSX, mode='drop')
+
+
+def slot_cache(layer: dense.Attention, batch: int, max_len: int, slots: int, groups: int,
+               head_dim: int) -> Cache:
+  """The decoding cache of a layer of dense heads beside slot-attention groups (mosa_causal's heads,
+  routing_causal's clusters): the dense heads' K/V, each group's slot K/V and its count of kept tokens."""
+  shape = (batch, slots, groups, head_dim)
+  return {'dense': dense.Attention.init_cache(layer, batch, max_len), 'k': jnp.zeros(shape, layer.dtype),
+          'v': jnp.zeros(shape, layer.dtype), 'count': jnp.zeros((batch, groups), jnp.int32)}
 
 
 def slot_attention(q_BSGD: jax.Array, k_BSGD: jax.Array, v_BSGD: jax.Array, *, kernel: str,
@@ -295,10 +304,10 @@ class Attention(dense.Attention):
     B, T, _ = x_BTD.shape
     x_BMSD = gather_slots(x_BTD, idx_BMS)
     pos_BSM = gather_slots(pos_BT[..., None], idx_BMS)[..., 0].transpose(0, 2, 1)
-    q_BSMH, k_BSMH, v_BSMH = self._project(x_BMSD, pos_BSM, 'bmsd,dmh->bsmh')
-    o_BSMH = slot_attention(q_BSMH, k_BSMH, v_BSMH, kernel=self.kernel)
+    q_BSMD, k_BSMD, v_BSMD = self._project(x_BMSD, pos_BSM, 'bmsd,dmh->bsmh')
+    o_BSMD = slot_attention(q_BSMD, k_BSMD, v_BSMD, kernel=self.kernel)
     r_BMS = jax.nn.sigmoid(jnp.take_along_axis(logits_BMT, jnp.minimum(idx_BMS, T - 1), axis=-1))
-    y_BMSD = jnp.einsum('bsmh,mhd->bmsd', o_BSMH, self.mosa_wo[...].astype(self.dtype))
+    y_BMSD = jnp.einsum('bsmh,mhd->bmsd', o_BSMD, self.mosa_wo[...].astype(self.dtype))
     return scatter_slots(y_BMSD * r_BMS[..., None].astype(self.dtype), idx_BMS, T)
 
 
@@ -346,10 +355,7 @@ class CausalAttention(Attention):
     return idx_BMS
 
   def init_cache(self, batch: int, max_len: int) -> Cache:
-    S, M, H = self._slots(max_len), self.mosa.num_heads, self.mosa_wk.shape[-1]
-    return {'dense': dense.Attention.init_cache(self, batch, max_len),
-            'k': jnp.zeros((batch, S, M, H), self.dtype), 'v': jnp.zeros((batch, S, M, H), self.dtype),
-            'count': jnp.zeros((batch, M), jnp.int32)}
+    return slot_cache(self, batch, max_len, self._slots(max_len), self.mosa.num_heads, self.mosa_wk.shape[-1])
 
   def __call__(self, x_BTD: jax.Array, pos_BT: jax.Array, cache: Cache | None = None, *,
                update_state: bool = False) -> tuple[jax.Array, Cache | None]:
@@ -367,10 +373,10 @@ class CausalAttention(Attention):
     rank_BMT, keep_BMT = causal_ranks(taken_BMT, pos_BT, cache['count'],
                                       per_token=m.capacity_factor / m.sparsity, num_slots=S)
     pos_BTM = jnp.broadcast_to(pos_BT[..., None], pos_BT.shape + (m.num_heads,))
-    q_BTMH, k_BTMH, v_BTMH = self._project(x_BTD, pos_BTM)
-    o_BTMH, sparse_cache = cached_slot_attention(
-        q_BTMH, k_BTMH, v_BTMH, rank_BMT.transpose(0, 2, 1), keep_BMT.transpose(0, 2, 1),
+    q_BTMD, k_BTMD, v_BTMD = self._project(x_BTD, pos_BTM)
+    o_BTMD, sparse_cache = cached_slot_attention(
+        q_BTMD, k_BTMD, v_BTMD, rank_BMT.transpose(0, 2, 1), keep_BMT.transpose(0, 2, 1),
         {'k': cache['k'], 'v': cache['v'], 'count': cache['count']})
     r_BTM = jax.nn.sigmoid(logits_BMT).transpose(0, 2, 1).astype(self.dtype)
-    y_BTD += jnp.einsum('btmh,mhd->btd', o_BTMH * r_BTM[..., None], self.mosa_wo[...].astype(self.dtype))
+    y_BTD += jnp.einsum('btmh,mhd->btd', o_BTMD * r_BTM[..., None], self.mosa_wo[...].astype(self.dtype))
     return y_BTD, {'dense': dense_cache, **sparse_cache}

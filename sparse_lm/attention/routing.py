@@ -36,7 +36,13 @@ import ml_collections
 from flax import nnx
 
 from sparse_lm.attention import dense
-from sparse_lm.attention.mosa import cached_slot_attention, causal_ranks, causal_slots, slot_attention
+from sparse_lm.attention.mosa import (
+  cached_slot_attention,
+  causal_ranks,
+  causal_slots,
+  slot_attention,
+  slot_cache,
+)
 from sparse_lm.errors import ConfigError, require_positive
 from sparse_lm.layers import AuxLoss, output_stddev, param, rope
 
@@ -137,38 +143,38 @@ class Attention(dense.Attention):
     if cache is not None:
       raise ValueError('model.attention=routing cannot decode with a cache; use routing_causal')
     y_BTD, _ = dense.Attention.__call__(self, x_BTD, pos_BT)
-    qk_BTRH, v_BTRH, score_BRCT = self._route_inputs(x_BTD, update_state)
+    qk_BTRD, v_BTRD, score_BRCT = self._route_inputs(x_BTD, update_state)
     idx_BGS = self._clusters(score_BRCT, pos_BT)
-    return y_BTD + self._routed(qk_BTRH, v_BTRH, pos_BT, idx_BGS), None
+    return y_BTD + self._routed(qk_BTRD, v_BTRD, pos_BT, idx_BGS), None
 
   def _route_inputs(self, x_BTD, update_state: bool = False):
     """Unit query/keys, values and the scores against the centroids; sows the commitment loss and, with
     `update_state` (the train step), moves the centroids."""
     x_BTD = x_BTD.astype(self.dtype)
-    qk_BTRH = _unit(jnp.einsum('btd,drh->btrh', x_BTD, self.routing_wqk[...].astype(self.dtype)))
-    v_BTRH = jnp.einsum('btd,drh->btrh', x_BTD, self.routing_wv[...].astype(self.dtype))
-    mu_RCH = jax.lax.stop_gradient(self.centroids[...])
-    score_BRCT = jnp.einsum('btrh,rch->brct', qk_BTRH, mu_RCH.astype(self.dtype),
+    qk_BTRD = _unit(jnp.einsum('btd,drh->btrh', x_BTD, self.routing_wqk[...].astype(self.dtype)))
+    v_BTRD = jnp.einsum('btd,drh->btrh', x_BTD, self.routing_wv[...].astype(self.dtype))
+    mu_RCD = jax.lax.stop_gradient(self.centroids[...])
+    score_BRCT = jnp.einsum('btrh,rch->brct', qk_BTRD, mu_RCD.astype(self.dtype),
                             preferred_element_type=jnp.float32)
     nearest_BTRC = jax.nn.one_hot(jnp.argmax(score_BRCT, axis=2).transpose(0, 2, 1),
-                                  mu_RCH.shape[1], dtype=jnp.float32)
+                                  mu_RCD.shape[1], dtype=jnp.float32)
     # Commitment loss (as in VQ-VAE, van den Oord et al. 2017): the distance to the nearest centroid.
-    near_BTRH = jnp.einsum('btrc,rch->btrh', nearest_BTRC, mu_RCH)
-    commit = jnp.mean(jnp.sum((qk_BTRH.astype(jnp.float32) - near_BTRH) ** 2, axis=-1))
+    near_BTRD = jnp.einsum('btrc,rch->btrh', nearest_BTRC, mu_RCD)
+    commit = jnp.mean(jnp.sum((qk_BTRD.astype(jnp.float32) - near_BTRD) ** 2, axis=-1))
     self.sow(AuxLoss, 'routing_commitment_aux_loss', self.routing.commitment_weight * commit)
     if update_state:
-      self._ema_step(jax.lax.stop_gradient(qk_BTRH.astype(jnp.float32)), nearest_BTRC)
-    return qk_BTRH, v_BTRH, score_BRCT
+      self._ema_step(jax.lax.stop_gradient(qk_BTRD.astype(jnp.float32)), nearest_BTRC)
+    return qk_BTRD, v_BTRD, score_BRCT
 
-  def _ema_step(self, qk_BTRH, nearest_BTRC) -> None:
+  def _ema_step(self, qk_BTRD, nearest_BTRC) -> None:
     """Mini-batch k-means by EMA (Roy et al. Sec. 4.1): each centroid moves toward the mean of the
     vectors nearest to it, then back onto the sphere; a centroid nothing chose stays."""
-    sum_RCH = jnp.einsum('btrc,btrh->rch', nearest_BTRC, qk_BTRH)
+    sum_RCD = jnp.einsum('btrc,btrh->rch', nearest_BTRC, qk_BTRD)
     count_RC1 = jnp.sum(nearest_BTRC, axis=(0, 1))[..., None]
-    mu_RCH = self.centroids[...]
+    mu_RCD = self.centroids[...]
     decay = self.routing.decay
-    moved_RCH = _unit(decay * mu_RCH + (1 - decay) * sum_RCH / jnp.maximum(count_RC1, 1.0))
-    self.centroids[...] = jnp.where(count_RC1 > 0, moved_RCH, mu_RCH)
+    moved_RCD = _unit(decay * mu_RCD + (1 - decay) * sum_RCD / jnp.maximum(count_RC1, 1.0))
+    self.centroids[...] = jnp.where(count_RC1 > 0, moved_RCD, mu_RCD)
 
   def _clusters(self, score_BRCT, pos_BT) -> jax.Array:
     """Balanced clusters: each centroid's T / C best tokens, sorted by position; `[B, R*C, w]`."""
@@ -179,27 +185,27 @@ class Attention(dense.Attention):
   def _window(self) -> int | None:
     return None
 
-  def _routed(self, qk_BTRH, v_BTRH, pos_BT, idx_BGS) -> jax.Array:
+  def _routed(self, qk_BTRD, v_BTRD, pos_BT, idx_BGS) -> jax.Array:
     """Attention within each group's slots (group g = head g // C, cluster g % C), outputs averaged over
     the groups that took a token."""
-    B, T, R, H = qk_BTRH.shape
+    B, T, R, D = qk_BTRD.shape
     G, S = idx_BGS.shape[1:]
     b_B11, r_1G1 = jnp.arange(B)[:, None, None], (jnp.arange(G) // (G // R))[None, :, None]
     tok_BGS = jnp.minimum(idx_BGS, T - 1)
-    qk_BSGH = self._rope(qk_BTRH[b_B11, tok_BGS, r_1G1] * H**0.5, pos_BT[b_B11, tok_BGS])
-    v_BSGH = v_BTRH[b_B11, tok_BGS, r_1G1].transpose(0, 2, 1, 3)
-    o_BGSH = slot_attention(qk_BSGH, qk_BSGH, v_BSGH, kernel=self.kernel,
+    qk_BSGD = self._rope(qk_BTRD[b_B11, tok_BGS, r_1G1] * D**0.5, pos_BT[b_B11, tok_BGS])
+    v_BSGD = v_BTRD[b_B11, tok_BGS, r_1G1].transpose(0, 2, 1, 3)
+    o_BGSD = slot_attention(qk_BSGD, qk_BSGD, v_BSGD, kernel=self.kernel,
                             window=self._window()).transpose(0, 2, 1, 3)
-    sum_BTRH = jnp.zeros((B, T, R, H), o_BGSH.dtype).at[b_B11, idx_BGS, r_1G1].add(o_BGSH, mode='drop')
-    count_BTR = jnp.zeros((B, T, R), o_BGSH.dtype).at[b_B11, idx_BGS, r_1G1].add(1.0, mode='drop')
-    o_BTRH = sum_BTRH / jnp.maximum(count_BTR, 1.0)[..., None]
-    return jnp.einsum('btrh,rhd->btd', o_BTRH, self.routing_wo[...].astype(self.dtype))
+    sum_BTRD = jnp.zeros((B, T, R, D), o_BGSD.dtype).at[b_B11, idx_BGS, r_1G1].add(o_BGSD, mode='drop')
+    count_BTR = jnp.zeros((B, T, R), o_BGSD.dtype).at[b_B11, idx_BGS, r_1G1].add(1.0, mode='drop')
+    o_BTRD = sum_BTRD / jnp.maximum(count_BTR, 1.0)[..., None]
+    return jnp.einsum('btrh,rhd->btd', o_BTRD, self.routing_wo[...].astype(self.dtype))
 
-  def _rope(self, x_BGSH, pos_BGS):
-    """RoPE with a position per (group, slot), groups folded into the batch; back as `[B, S, G, H]`."""
-    B, G, S, H = x_BGSH.shape
-    x_XS1H = x_BGSH.reshape(B * G, S, 1, H)
-    return rope(x_XS1H, pos_BGS.reshape(B * G, S), self.rope_theta).reshape(B, G, S, H).transpose(0, 2, 1, 3)
+  def _rope(self, x_BGSD, pos_BGS):
+    """RoPE with a position per (group, slot), groups folded into the batch; back as `[B, S, G, D]`."""
+    B, G, S, D = x_BGSD.shape
+    x_XS1D = x_BGSD.reshape(B * G, S, 1, D)
+    return rope(x_XS1D, pos_BGS.reshape(B * G, S), self.rope_theta).reshape(B, G, S, D).transpose(0, 2, 1, 3)
 
 
 class CausalAttention(Attention):
@@ -235,35 +241,32 @@ class CausalAttention(Attention):
     return idx_BGS
 
   def init_cache(self, batch: int, max_len: int) -> Cache:
-    G, H = self.routing.num_heads * self.routing.num_clusters, self.routing_wqk.shape[-1]
-    S = self._slots(max_len)
-    return {'dense': dense.Attention.init_cache(self, batch, max_len),
-            'k': jnp.zeros((batch, S, G, H), self.dtype), 'v': jnp.zeros((batch, S, G, H), self.dtype),
-            'count': jnp.zeros((batch, G), jnp.int32)}
+    groups = self.routing.num_heads * self.routing.num_clusters
+    return slot_cache(self, batch, max_len, self._slots(max_len), groups, self.routing_wqk.shape[-1])
 
   def __call__(self, x_BTD: jax.Array, pos_BT: jax.Array, cache: Cache | None = None, *,
                update_state: bool = False) -> tuple[jax.Array, Cache | None]:
     if cache is None:
       y_BTD, _ = dense.Attention.__call__(self, x_BTD, pos_BT)
-      qk_BTRH, v_BTRH, score_BRCT = self._route_inputs(x_BTD, update_state)
-      return y_BTD + self._routed(qk_BTRH, v_BTRH, pos_BT, self._clusters(score_BRCT, pos_BT)), None
+      qk_BTRD, v_BTRD, score_BRCT = self._route_inputs(x_BTD, update_state)
+      return y_BTD + self._routed(qk_BTRD, v_BTRD, pos_BT, self._clusters(score_BRCT, pos_BT)), None
     rt = self.routing
     y_BTD, dense_cache = dense.Attention.__call__(self, x_BTD, pos_BT, cache['dense'])
-    qk_BTRH, v_BTRH, score_BRCT = self._route_inputs(x_BTD, update_state)
-    B, T, R, H = qk_BTRH.shape
+    qk_BTRD, v_BTRD, score_BRCT = self._route_inputs(x_BTD, update_state)
+    B, T, R, D = qk_BTRD.shape
     C = rt.num_clusters
     taken_BGT = self._taken(score_BRCT)
     rank_BGT, keep_BGT = causal_ranks(taken_BGT, pos_BT, cache['count'], per_token=rt.capacity_factor / C,
                                       num_slots=cache['k'].shape[1])
-    qk_BTRH = rope(qk_BTRH * H**0.5, pos_BT, self.rope_theta)
-    def per_group(x_BTRH):
-      return jnp.broadcast_to(x_BTRH[:, :, :, None], (B, T, R, C, H)).reshape(B, T, R * C, H)
-    qk_BTGH, v_BTGH = per_group(qk_BTRH), per_group(v_BTRH)
-    o_BTGH, routed_cache = cached_slot_attention(
-        qk_BTGH, qk_BTGH, v_BTGH, rank_BGT.transpose(0, 2, 1), keep_BGT.transpose(0, 2, 1),
+    qk_BTRD = rope(qk_BTRD * D**0.5, pos_BT, self.rope_theta)
+    def per_group(x_BTRD):
+      return jnp.broadcast_to(x_BTRD[:, :, :, None], (B, T, R, C, D)).reshape(B, T, R * C, D)
+    qk_BTGD, v_BTGD = per_group(qk_BTRD), per_group(v_BTRD)
+    o_BTGD, routed_cache = cached_slot_attention(
+        qk_BTGD, qk_BTGD, v_BTGD, rank_BGT.transpose(0, 2, 1), keep_BGT.transpose(0, 2, 1),
         {'k': cache['k'], 'v': cache['v'], 'count': cache['count']}, window=rt.window)
-    o_BTRH = o_BTGH.reshape(B, T, R, C, H).sum(axis=3)  # a token sits in one cluster at most
-    y_BTD += jnp.einsum('btrh,rhd->btd', o_BTRH, self.routing_wo[...].astype(self.dtype))
+    o_BTRD = o_BTGD.reshape(B, T, R, C, D).sum(axis=3)  # a token sits in one cluster at most
+    y_BTD += jnp.einsum('btrh,rhd->btd', o_BTRD, self.routing_wo[...].astype(self.dtype))
     return y_BTD, {'dense': dense_cache, **routed_cache}
 
 
