@@ -1,7 +1,8 @@
 """Pallas kernels, each beside its XLA reference in the same file (`implementation='pallas'|'xla'`):
 `flash_attention`, NSA's `compressed_attention`, `block_selection` and `selected_attention`, and the MoE
 `grouped_matmul` (with its transpose for the weight gradient). Interpret mode on CPU, real lowering for GPU
-(Triton) and TPU (Mosaic)."""
+(Triton) and TPU (Mosaic). `block_choice.select_blocks` is the top-n block rule with configurable forced
+blocks that NSA's selection and any other block-sparse variant share."""
 
 from pallas_kernels.block_selection import block_selection, block_selection_reference
 from pallas_kernels.compressed_attention import compressed_attention, compressed_attention_reference

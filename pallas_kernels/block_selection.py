@@ -12,7 +12,8 @@ probabilities are recomputed, `p[t, h, i] = exp(q_t . ck_i * sm_scale - lse[h, t
   units. This is the paper's weighting written in this project's indexing, as in `sparse_lm.attention.nsa`;
 - Eq. 11: token `t` keeps the top `n = min(num_selected, S)` of the `S = ceil(T / l')` blocks among those
   starting at or before `t`, the first block and the two local ones (`t // l'` and the one before) always
-  kept (Sec. 4.1). Output `idx_BTKn` int32 in `jax.lax.top_k`'s order: forced blocks first, then by
+  kept (Sec. 4.1); the reference applies the rule through `block_choice.select_blocks`, the kernels
+  inline. Output `idx_BTKn` int32 in `jax.lax.top_k`'s order: forced blocks first, then by
   descending score, ties to the lower index; slots past the token's valid blocks are -1.
 The indices carry no gradient (as in the paper): the inputs are `stop_gradient`ed.
 
@@ -61,6 +62,7 @@ from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels._common import check_implementation, dispatch, in_shard_map, interpret_param, out_struct
 from pallas_kernels._reference import MASK_VALUE, XLA_CHUNK, map_query_chunks
+from pallas_kernels.block_choice import select_blocks
 from pallas_kernels.compressed_attention import block_ends
 
 # (block_q, block_s): query tokens and selection blocks per program step. Not tuned for speed (no accelerator
@@ -94,22 +96,6 @@ def selection_scores(p_BKTC: jax.Array, num_sel: int, *, cmp_block: int, cmp_str
   padded_BKTX = jnp.pad(p_BKTC, ((0, 0), (0, 0), (0, 0), (cover - 1, max(0, U - C))))
   units_BKTU = sum(padded_BKTX[..., cover - 1 - m:cover - 1 - m + U] for m in range(cover))
   return units_BKTU.reshape(*units_BKTU.shape[:-1], num_sel, units_per_block).sum(-1)
-
-
-def select_blocks(score_BTKS: jax.Array, pos_BT: jax.Array, *, num_selected: int,
-                  sel_block: int) -> jax.Array:
-  """Eq. 11: the top-n selection blocks per token and kv head, the first and two local blocks forced;
-  blocks starting after the token are never chosen; unused slots are -1. Ties go to the lower index."""
-  S = score_BTKS.shape[-1]
-  j_S = jnp.arange(S)
-  valid_BTS = j_S[None, None, :] * sel_block <= pos_BT[:, :, None]
-  current_BT1 = (pos_BT // sel_block)[:, :, None]
-  forced_BTS = valid_BTS & ((j_S[None, None, :] == 0) | (j_S[None, None, :] == current_BT1)
-                            | (j_S[None, None, :] == current_BT1 - 1))
-  score_BTKS = jnp.where(valid_BTS[:, :, None, :], score_BTKS, -jnp.inf)
-  score_BTKS = jnp.where(forced_BTS[:, :, None, :], jnp.inf, score_BTKS)
-  top_BTKn, idx_BTKn = jax.lax.top_k(score_BTKS, min(num_selected, S))
-  return jnp.where(top_BTKn == -jnp.inf, -1, idx_BTKn).astype(jnp.int32)
 
 
 def _precision(dtype):
@@ -156,8 +142,9 @@ def _select_chunk(ck_BCKD, q_BTHD, lse_BTH, pos_BT, *, cmp_block, cmp_stride, se
   # NSA Eq. 10: the heads of a group share one selection, so their probabilities add up.
   score_BKTS = selection_scores(p_BKGTC.sum(axis=2), num_blocks, cmp_block=cmp_block, cmp_stride=cmp_stride,
                                 sel_block=sel_block)
+  # Eq. 11 with the first and the two local blocks forced (Sec. 4.1).
   return select_blocks(score_BKTS.transpose(0, 2, 1, 3), pos_BT, num_selected=num_selected,
-                       sel_block=sel_block)
+                       block_size=sel_block, force_first=True, force_local=2)
 
 
 # ----------------------------------------------------------------------------- public function

@@ -9,12 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels.block_selection import (
-  block_selection,
-  block_selection_reference,
-  select_blocks,
-  selection_scores,
-)
+from pallas_kernels.block_choice import select_blocks
+from pallas_kernels.block_selection import block_selection, block_selection_reference, selection_scores
 
 jax.config.update('jax_numpy_rank_promotion', 'raise')
 
@@ -75,7 +71,7 @@ def _dense(q, ck, lse, blocks, n, pos_BT=None, num_blocks=None):
   p_BKGTC = jnp.where(visible, jnp.exp(_logits(q, ck, D) - lse_BKGT1), 0.0)
   score_BKTS = selection_scores(p_BKGTC.sum(2), S, cmp_block=l, cmp_stride=d, sel_block=ls)
   score_BTKS = score_BKTS.transpose(0, 2, 1, 3)
-  return score_BTKS, select_blocks(score_BTKS, pos_BT, num_selected=n, sel_block=ls)
+  return score_BTKS, select_blocks(score_BTKS, pos_BT, num_selected=n, block_size=ls)
 
 
 def _ranked(score_BTKS, pos_BT, sel_block):
