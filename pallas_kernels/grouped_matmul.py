@@ -9,7 +9,8 @@ Both kernel bodies walk "visits": (group, row tile) pairs in row order, built in
 `group_sizes`. A row tile that straddles a group boundary is visited once per group it overlaps, each
 visit counting only that group's rows (the megablox scheme); empty groups get no visit, so they cost
 nothing (the transposed matmul only writes their zero blocks). Shapes are zero-padded to the tiles and
-the result is sliced back, so any M, K, N works.
+the result is sliced back, so any M, K, N works. Shape letters here are a matrix's, not the attention
+legend's (`sparse_lm/__init__.py`): M rows, K the contraction, N columns, G groups (experts).
 
 - GPU (Triton): one program per (row tile, column tile); it loops over the visits of its row tile and,
   inside, over K, with the lhs rows of other groups zeroed, so one register accumulator serves them all.

@@ -18,6 +18,8 @@ Other letters are a file's own and its docstring or the tensor's first line says
 (compressed blocks in NSA, clusters in routing), M (MoSA heads, a kernel's rows), R (routing heads), N
 (a count of blocks, chunks or tokens), Q and L (the queries and keys of one kernel block), P (prompt
 positions). Einsum strings use the suffix letters in lower case where a string can; where the model
-width and the head dimension meet in one einsum the head dimension is written `k` or `h` there. A known
-exception, to be renamed: block_selection.py names NSA's selection blocks S.
+width and the head dimension meet in one einsum the head dimension is written `k` or `h` there.
+Exceptions, each said in its file's docstring: `grouped_matmul.py` is a matrix kernel and uses the
+matrix letters (`lhs_MK`, `rhs_GKN`: rows, contraction, columns and expert groups), and
+`block_selection.py` names NSA's selection blocks S (to be renamed).
 """
