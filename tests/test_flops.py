@@ -62,6 +62,16 @@ def test_nsa_counts_its_three_branches():
   assert flops.flops_per_token(c)['attended_keys_per_query'] == pytest.approx((49 + 78 + 42 + 31) / 16)
 
 
+def test_moba_counts_its_chosen_blocks_and_the_gate():
+  """T=16, block 4, top_k 2, by hand per position t: the own block's t % 4 + 1 keys (4 x 10 = 40 over
+  all t), one other whole block once a second block has begun (12 queries x 4 = 48), and the gate's one
+  dot product with each begun block's mean, a sixth of a key (4 x (1 + 2 + 3 + 4) / 6)."""
+  c = tiny_config(attention='moba')
+  c.model.moba.update(block_size=4, top_k=2)
+  c.data.seq_len = 16
+  assert flops.flops_per_token(c)['attended_keys_per_query'] == pytest.approx((40 + 48 + 40 / 6) / 16)
+
+
 @pytest.mark.parametrize('attention,slots', [('mosa', 2), ('mosa_causal', 4)])
 def test_mosa_counts_the_slots_its_heads_run(attention, slots):
   """T=8, rho=4: the paper's head runs k=2 tokens, mosa_causal's its capacity of 2 k = 4 slots (filled

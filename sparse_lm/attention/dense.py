@@ -61,18 +61,25 @@ class Attention(base.Attention):
                                 ('batch', 'length', 'q_heads', 'head_dim'))
     k_BTKD = rope(k_BTKD, pos_BT, self.rope_theta)
     if cache is None:
-      attend = functools.partial(flash_attention, causal=True, window=self.window, implementation=self.kernel)
-      o_BTHD = sharding.attention_per_device(attend, q_BTHD, k_BTKD, v_BTKD)
+      o_BTHD = self._attend(q_BTHD, k_BTKD, v_BTKD)
     else:
       o_BTHD, cache = self._attend_cached(q_BTHD, k_BTKD, v_BTKD, pos_BT, cache)
     y_BTD = jnp.einsum('bthk,hkd->btd', o_BTHD, self.wo[...].astype(self.dtype))
     return sharding.constrain(y_BTD, ('batch', 'length', 'act_embed')), cache
+
+  def _attend(self, q_BTHD, k_BTKD, v_BTKD) -> jax.Array:
+    """Attention over a whole sequence (training, or a prompt without a cache)."""
+    attend = functools.partial(flash_attention, causal=True, window=self.window, implementation=self.kernel)
+    return sharding.attention_per_device(attend, q_BTHD, k_BTKD, v_BTKD)
+
+  def _attend_from_cache(self, q_BTHD, k_BSKD, v_BSKD, pos_BT) -> jax.Array:
+    """New tokens at `pos_BT` against a cache whose slot s holds position s; slots not yet written sit
+    beyond every query, so the causal mask hides them."""
+    return flash_attention_reference(q_BTHD, k_BSKD, v_BSKD, window=self.window, qpos_BT=pos_BT)
 
   def _attend_cached(self, q_BTHD, k_BTKD, v_BTKD, pos_BT, cache: Cache):
     # All rows decode in step, so the first new token's position is the write offset.
     start = pos_BT[0, 0]
     k_BSKD = jax.lax.dynamic_update_slice_in_dim(cache['k'], k_BTKD.astype(cache['k'].dtype), start, 1)
     v_BSKD = jax.lax.dynamic_update_slice_in_dim(cache['v'], v_BTKD.astype(cache['v'].dtype), start, 1)
-    # Slot s holds position s; slots not yet written sit beyond every query, so the causal mask hides them.
-    o_BTHD = flash_attention_reference(q_BTHD, k_BSKD, v_BSKD, window=self.window, qpos_BT=pos_BT)
-    return o_BTHD, {'k': k_BSKD, 'v': v_BSKD}
+    return self._attend_from_cache(q_BTHD, k_BSKD, v_BSKD, pos_BT), {'k': k_BSKD, 'v': v_BSKD}

@@ -1,0 +1,100 @@
+"""Mixture of Block Attention (Lu et al. 2025, "MoBA: Mixture of Block Attention for Long-Context LLMs",
+arXiv:2502.13189).
+
+The keys are cut into blocks of `moba.block_size`. A query's gate score for a block is its dot product
+with the block's mean key (no parameters); the query attends, with one softmax, to the keys of its top
+`moba.top_k` blocks, its own block always among them (causal inside it). As in the paper, the own block
+counts toward `top_k` and is chosen whatever its score, and a block that starts after the query (not yet
+begun) is never chosen; every other candidate lies wholly before the query, so its mean key is of keys
+the query may see. Projections and RoPE are dense attention's; the gate scores rotated queries against
+means of rotated keys.
+
+Where this departs from the paper, and why: the paper gates per query head. Here the heads of a kv group
+share one choice, their scores summed (as NSA's Eq. 10 does), so that `pallas_kernels.selected_attention`
+serves both paths: its group-centric kernel loads each chosen K/V block once for the group. Per-head
+choice would need G = H / K times the block lists and either K/V repeated per query head (G times the
+K/V reads) or a kernel keyed by query head; with one kv head per query head (`num_kv_heads = num_heads`)
+the two are the same. The paper's hybrid (the last layers dense) is not offered yet: a layer does not
+know its index under the variant contract.
+
+Memory is linear in T: the block means are `[B, T / block_size, K, D]` and the gate scores are taken
+`XLA_CHUNK` queries at a time (`map_query_chunks`), then only the `[B, T, K, top_k]` indices are kept.
+The gate's FLOPs are T x (T / block_size) dot products a head, a 1 / block_size share of dense
+attention's score products, forward only.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from pallas_kernels._reference import XLA_CHUNK, map_query_chunks
+from pallas_kernels.block_choice import select_blocks
+from pallas_kernels.selected_attention import selected_attention, selected_attention_reference
+from sparse_lm import sharding
+from sparse_lm.attention import dense
+from sparse_lm.errors import require_positive
+
+
+class Attention(dense.Attention):
+  """MoBA over dense attention's grouped-query projections; `model.moba` holds the block size and k."""
+
+  @staticmethod
+  def defaults() -> dict:
+    m = ml_collections.ConfigDict()
+    # The paper's are 512 and 3 at 8K tokens (its scaling-law runs); these do sparse work on the default
+    # config's 256 tokens (4 blocks, 3 chosen).
+    m.block_size = 64  # keys per block
+    m.top_k = 3  # blocks a query attends to, its own included
+    return {'moba': m}
+
+  @staticmethod
+  def tiny_config() -> dict:
+    return {'moba': {'block_size': 4, 'top_k': 2}}
+
+  @classmethod
+  def check_config(cls, cfg: ml_collections.ConfigDict) -> None:
+    require_positive(cfg.moba, 'model.moba', ('block_size', 'top_k'))
+
+  @staticmethod
+  def attended_keys(cfg: ml_collections.ConfigDict, seq_len: int) -> float:
+    """The own block's keys up to the query, the other chosen blocks whole, and the gate: one dot
+    product with each begun block's mean key, 2 D FLOPs forward only, a sixth of a key's 3 x 4 D."""
+    m, total = cfg.moba, 0.0
+    for t in range(seq_len):
+      begun = t // m.block_size + 1
+      total += t % m.block_size + 1 + (min(m.top_k, begun) - 1) * m.block_size + begun / 6
+    return total / seq_len
+
+  def __init__(self, cfg: ml_collections.ConfigDict, *, rngs):
+    super().__init__(cfg, rngs=rngs)
+    self.block_size, self.top_k = cfg.moba.block_size, cfg.moba.top_k
+
+  def _choose(self, q_BTHD, k_BSKD, qpos_BT) -> jax.Array:
+    """`[B, T, K, top_k]` blocks per query and kv group: the gate scores, summed over the group's heads."""
+    B, T, H, D = q_BTHD.shape
+    S, K = k_BSKD.shape[1:3]
+    N = -(-S // self.block_size)
+    k_BNLKD = jnp.pad(k_BSKD, ((0, 0), (0, N * self.block_size - S), (0, 0), (0, 0)))
+    mean_BNKD = jnp.mean(k_BNLKD.reshape(B, N, self.block_size, K, D).astype(jnp.float32), axis=2)
+
+    def one_chunk(q_BQHD, pos_BQ):
+      q_BQKGD = q_BQHD.reshape(*q_BQHD.shape[:2], K, H // K, D).astype(jnp.float32)
+      score_BQKN = jnp.einsum('bqkgd,bnkd->bqkn', q_BQKGD, mean_BNKD)
+      return select_blocks(score_BQKN, pos_BQ, num_selected=self.top_k, block_size=self.block_size,
+                           force_first=False, force_local=1)
+    # Padded queries sit at position -1 and choose nothing.
+    return map_query_chunks(one_chunk, (jax.lax.stop_gradient(q_BTHD), qpos_BT), (0, -1), chunk=XLA_CHUNK)
+
+  def _attend(self, q_BTHD, k_BTKD, v_BTKD) -> jax.Array:
+    B, T = q_BTHD.shape[:2]
+    idx_BTKn = self._choose(q_BTHD, jax.lax.stop_gradient(k_BTKD), jnp.broadcast_to(jnp.arange(T), (B, T)))
+    attend = functools.partial(selected_attention, block_size=self.block_size, implementation=self.kernel)
+    return sharding.attention_per_device(attend, q_BTHD, k_BTKD, v_BTKD, idx_BTKn)
+
+  def _attend_from_cache(self, q_BTHD, k_BSKD, v_BSKD, pos_BT) -> jax.Array:
+    # Blocks of slots not yet written start after every query: never chosen, so their zeros are unread.
+    idx_BTKn = self._choose(q_BTHD, k_BSKD, pos_BT)
+    return selected_attention_reference(q_BTHD, k_BSKD, v_BSKD, idx_BTKn, block_size=self.block_size,
+                                        qpos_BT=pos_BT)
