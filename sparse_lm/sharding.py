@@ -40,7 +40,6 @@ RULES: dict[str, tuple[str, ...]] = {
 }
 
 
-
 def mesh_shape(mesh_config: ml_collections.ConfigDict, num_devices: int) -> tuple[int, ...]:
   """Resolves `-1` ("the rest") and checks that the axis sizes multiply to the device count."""
   sizes = {name: int(mesh_config[name]) for name in MESH_AXES}

@@ -438,7 +438,7 @@ def load_run(workdir: str | pathlib.Path) -> Run:
   device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   shapes = jax.eval_shape(state_init_fn(config, tx), jax.random.key(0))
   checkpointer = Checkpointer(workdir / 'checkpoints', every_steps=1, keep=config.checkpoint.keep)
-  restored = checkpointer.restore(abstract_state(config, tx, jax.tree.map(lambda _: device, shapes)))
+  restored = checkpointer.restore(placed(shapes, jax.tree.map(lambda _: device, shapes)))
   checkpointer.close()
   if restored is None:
     raise ConfigError(f'--workdir={workdir}: no complete checkpoint under {workdir / "checkpoints"} yet')

@@ -84,12 +84,13 @@ class Attention(dense.Attention):
       score_BQKN = jnp.einsum('bqkgd,bnkd->bqkn', q_BQKGD, mean_BNKD)
       return select_blocks(score_BQKN, pos_BQ, num_selected=self.top_k, block_size=self.block_size,
                            force_first=False, force_local=1)
-    # Padded queries sit at position -1 and choose nothing.
-    return map_query_chunks(one_chunk, (jax.lax.stop_gradient(q_BTHD), qpos_BT), (0, -1), chunk=XLA_CHUNK)
+    # Padded queries sit at position -1 and choose nothing. The choice is discrete (select_blocks stops
+    # the scores' gradient): the gate learns nothing, as in the paper.
+    return map_query_chunks(one_chunk, (q_BTHD, qpos_BT), (0, -1), chunk=XLA_CHUNK)
 
   def _attend(self, q_BTHD, k_BTKD, v_BTKD) -> jax.Array:
     B, T = q_BTHD.shape[:2]
-    idx_BTKn = self._choose(q_BTHD, jax.lax.stop_gradient(k_BTKD), jnp.broadcast_to(jnp.arange(T), (B, T)))
+    idx_BTKn = self._choose(q_BTHD, k_BTKD, jnp.broadcast_to(jnp.arange(T), (B, T)))
     attend = functools.partial(selected_attention, block_size=self.block_size, implementation=self.kernel)
     return sharding.attention_per_device(attend, q_BTHD, k_BTKD, v_BTKD, idx_BTKn)
 
