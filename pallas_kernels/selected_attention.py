@@ -54,8 +54,8 @@ from pallas_kernels._common import (
   vary_alike,
 )
 from pallas_kernels._reference import MASK_VALUE, XLA_CHUNK, map_query_chunks
+from pallas_kernels._sparse_common import canonical_lists, finish, online_step, probs_and_dscores
 
-_NONE = jnp.iinfo(jnp.int32).max  # sorts after every real block index
 _TRANS_B = (((1,), (1,)), ((), ()))
 
 
@@ -132,27 +132,18 @@ def _gathered_attention(q_BTHD, k_BSKD, v_BSKD, j_BTKn, qpos_BT, L: int, sm_scal
 # ----------------------------------------------------------------------------- block-list bookkeeping
 
 
-def _canonical(j_Xn: jax.Array) -> jax.Array:
-  """Each list sorted ascending, repeats dropped, unused slots (-1) moved to the end."""
-  key_Xn = jnp.sort(jnp.where(j_Xn < 0, _NONE, j_Xn), axis=-1)
-  repeat_Xn = jnp.concatenate([jnp.zeros_like(key_Xn[..., :1], bool), key_Xn[..., 1:] == key_Xn[..., :-1]],
-                              axis=-1)
-  key_Xn = jnp.sort(jnp.where(repeat_Xn, _NONE, key_Xn), axis=-1)
-  return jnp.where(key_Xn == _NONE, -1, key_Xn)
-
-
 def _token_lists(j_BTKn: jax.Array, block_size: int) -> jax.Array:
   """`[B, K, T, n]` canonical lists without the blocks that start after the token (they show it nothing)."""
   t_1T11 = jnp.arange(j_BTKn.shape[1])[None, :, None, None]
   j_BTKn = jnp.where((j_BTKn >= 0) & (j_BTKn * block_size <= t_1T11), j_BTKn, -1)
-  return _canonical(j_BTKn.transpose(0, 2, 1, 3))
+  return canonical_lists(j_BTKn.transpose(0, 2, 1, 3))
 
 
 def _tile_unions(j_BKTn: jax.Array, block_q: int, num_blocks: int) -> tuple[jax.Array, jax.Array]:
   """The blocks any token of a `block_q`-token tile selected: `[B, K, NT, U]` (-1 padded) and counts."""
   B, K, T, n = j_BKTn.shape
   U = min(block_q * n, num_blocks)
-  union_BKNU = _canonical(j_BKTn.reshape(B, K, T // block_q, block_q * n))[..., :U]
+  union_BKNU = canonical_lists(j_BKTn.reshape(B, K, T // block_q, block_q * n))[..., :U]
   return union_BKNU, jnp.sum(union_BKNU >= 0, axis=-1, dtype=jnp.int32)
 
 
@@ -182,43 +173,11 @@ def _inverse_map(union_BKNU: jax.Array, num_blocks: int):
   return tile_BKP, start_BKJ.astype(jnp.int32)
 
 
-# ----------------------------------------------------------------------------- shared kernel math
-
-
 def _visible(idx_Mn, qpos_M1, j, L):
   """[M, L]: row r sees key j*L + c when its token listed block j and j*L + c <= its position."""
   member_M1 = jnp.max(jnp.where(idx_Mn == j, 1.0, 0.0), axis=1)[:, None] > 0
   kpos_ML = j * L + jax.lax.broadcasted_iota(jnp.int32, (idx_Mn.shape[0], L), 1)
   return member_M1 & (kpos_ML <= qpos_M1)
-
-
-def _scores(q_MD, k_LD, scale):
-  return jax.lax.dot_general(q_MD, k_LD, _TRANS_B, preferred_element_type=jnp.float32) * scale
-
-
-def _online_step(q_MD, k_LD, v_LD, visible_ML, m_M1, l_M1, acc_MD, scale):
-  """One block of the streaming softmax (FlashAttention), with invisible keys contributing exactly 0."""
-  s_ML = jnp.where(visible_ML, _scores(q_MD, k_LD, scale), MASK_VALUE)
-  m_new_M1 = jnp.maximum(m_M1, jnp.max(s_ML, axis=1)[:, None])
-  p_ML = jnp.where(visible_ML, jnp.exp(s_ML - m_new_M1), 0.0)
-  alpha_M1 = jnp.exp(m_M1 - m_new_M1)
-  l_M1 = alpha_M1 * l_M1 + jnp.sum(p_ML, axis=1)[:, None]
-  acc_MD = alpha_M1 * acc_MD + jnp.dot(p_ML.astype(v_LD.dtype), v_LD, preferred_element_type=jnp.float32)
-  return m_new_M1, l_M1, acc_MD
-
-
-def _finish(m_M1, l_M1, acc_MD):
-  """Output and log-sum-exp; a row that saw nothing gets output 0 and lse +inf (so exp(s - lse) = 0)."""
-  seen_M1 = l_M1 > 0
-  o_MD = jnp.where(seen_M1, acc_MD / jnp.where(seen_M1, l_M1, 1.0), 0.0)
-  return o_MD, jnp.where(seen_M1, m_M1 + jnp.log(jnp.where(seen_M1, l_M1, 1.0)), jnp.inf)
-
-
-def _probs_and_dscores(q_MD, k_LD, v_LD, do_MD, lse_M1, delta_M1, visible_ML, scale):
-  """Recomputed probabilities and d(scores) (scaled, so dq = ds @ k and dk = ds^T @ q)."""
-  p_ML = jnp.where(visible_ML, jnp.exp(_scores(q_MD, k_LD, scale) - lse_M1), 0.0)
-  dp_ML = jax.lax.dot_general(do_MD, v_LD, _TRANS_B, preferred_element_type=jnp.float32)
-  return p_ML, p_ML * (dp_ML - delta_M1) * scale
 
 
 # ----------------------------------------------------------------------------- GPU (Triton) bodies
@@ -244,12 +203,12 @@ def _fwd_gpu_kernel(union_ref, count_ref, q_ref, k_ref, v_ref, idx_ref, qpos_ref
   def body(u, carry):
     j = union_ref[u]
     rows = pl.ds(pl.multiple_of(j * L, L), L)
-    return _online_step(q_MD, k_ref[rows, :], v_ref[rows, :], _visible(idx_Mn, qpos_M1, j, L), *carry,
+    return online_step(q_MD, k_ref[rows, :], v_ref[rows, :], _visible(idx_Mn, qpos_M1, j, L), *carry,
                         plan.sm_scale)
 
   init = (jnp.full((M, 1), MASK_VALUE, jnp.float32), jnp.zeros((M, 1), jnp.float32),
           jnp.zeros((M, D), jnp.float32))
-  o_MD, lse_M1 = _finish(*jax.lax.fori_loop(0, count_ref[0], body, init))
+  o_MD, lse_M1 = finish(*jax.lax.fori_loop(0, count_ref[0], body, init))
   o_ref[...] = o_MD.astype(o_ref.dtype)
   lse_ref[...] = lse_M1
 
@@ -264,7 +223,7 @@ def _dq_gpu_kernel(union_ref, count_ref, q_ref, k_ref, v_ref, idx_ref, qpos_ref,
     j = union_ref[u]
     rows = pl.ds(pl.multiple_of(j * L, L), L)
     k_LD = k_ref[rows, :]
-    _, ds_ML = _probs_and_dscores(q_MD, k_LD, v_ref[rows, :], do_MD, lse_M1, delta_M1,
+    _, ds_ML = probs_and_dscores(q_MD, k_LD, v_ref[rows, :], do_MD, lse_M1, delta_M1,
                                   _visible(idx_Mn, qpos_M1, j, L), plan.sm_scale)
     return dq_MD + jnp.dot(ds_ML.astype(k_LD.dtype), k_LD, preferred_element_type=jnp.float32)
 
@@ -283,7 +242,7 @@ def _dkdv_gpu_kernel(start_ref, tile_ref, q_ref, k_ref, v_ref, idx_ref, qpos_ref
     rows = pl.ds(pl.multiple_of(tile_ref[c] * M, M), M)
     q_MD, do_MD = q_ref[rows, :], do_ref[rows, :]
     visible_ML = _visible(idx_ref[rows, :], qpos_ref[rows, :], j, L)
-    p_ML, ds_ML = _probs_and_dscores(q_MD, k_LD, v_LD, do_MD, lse_ref[rows, :], delta_ref[rows, :],
+    p_ML, ds_ML = probs_and_dscores(q_MD, k_LD, v_LD, do_MD, lse_ref[rows, :], delta_ref[rows, :],
                                      visible_ML, plan.sm_scale)
     dv_LD += jax.lax.dot_general(p_ML.astype(do_MD.dtype), do_MD, (((0,), (0,)), ((), ())),
                                  preferred_element_type=jnp.float32)
@@ -392,12 +351,12 @@ def _fwd_tpu_kernel(start_ref, fetch_ref, count_ref, q_ref, k_ref, v_ref, idx_re
   def _():
     j = fetch_ref[w * U + u]
     visible_ML = _visible(idx_ref[...], qpos_ref[...], j, plan.block_size)
-    m_scr[...], l_scr[...], acc_scr[...] = _online_step(q_ref[...], k_ref[...], v_ref[...], visible_ML,
+    m_scr[...], l_scr[...], acc_scr[...] = online_step(q_ref[...], k_ref[...], v_ref[...], visible_ML,
                                                         m_scr[...], l_scr[...], acc_scr[...], plan.sm_scale)
 
   @pl.when(u == U - 1)
   def _():
-    o_MD, lse_M1 = _finish(m_scr[...], l_scr[...], acc_scr[...])
+    o_MD, lse_M1 = finish(m_scr[...], l_scr[...], acc_scr[...])
     o_ref[...] = o_MD.astype(o_ref.dtype)
     lse_ref[...] = lse_M1
 
@@ -415,7 +374,7 @@ def _dq_tpu_kernel(start_ref, fetch_ref, count_ref, q_ref, k_ref, v_ref, idx_ref
   def _():
     j = fetch_ref[w * U + u]
     k_LD = k_ref[...]
-    _, ds_ML = _probs_and_dscores(q_ref[...], k_LD, v_ref[...], do_ref[...], lse_ref[...], delta_ref[...],
+    _, ds_ML = probs_and_dscores(q_ref[...], k_LD, v_ref[...], do_ref[...], lse_ref[...], delta_ref[...],
                                   _visible(idx_ref[...], qpos_ref[...], j, plan.block_size), plan.sm_scale)
     dq_scr[...] += jnp.dot(ds_ML.astype(k_LD.dtype), k_LD, preferred_element_type=jnp.float32)
 
@@ -503,7 +462,7 @@ def _dkdv_tpu_kernel(scalars_ref, key_ref, item_ref, q_ref, k_ref, v_ref, idx_re
   def _():
     q_MD, do_MD = q_ref[...], do_ref[...]
     visible_ML = _visible(idx_ref[...], qpos_ref[...], jax.lax.rem(key, num_blocks), plan.block_size)
-    p_ML, ds_ML = _probs_and_dscores(q_MD, k_ref[...], v_ref[...], do_MD, lse_ref[...], delta_ref[...],
+    p_ML, ds_ML = probs_and_dscores(q_MD, k_ref[...], v_ref[...], do_MD, lse_ref[...], delta_ref[...],
                                      visible_ML, plan.sm_scale)
     dv_scr[...] += jnp.dot(p_ML.T.astype(do_MD.dtype), do_MD, preferred_element_type=jnp.float32)
     dk_scr[...] += jnp.dot(ds_ML.T.astype(q_MD.dtype), q_MD, preferred_element_type=jnp.float32)

@@ -43,6 +43,7 @@ from pallas_kernels import (  # noqa: E402
   flash_attention,
   grouped_matmul,
   selected_attention,
+  token_attention,
 )
 
 GIB = 2**30
@@ -304,16 +305,17 @@ def tpu_kernels(hlo_text: str) -> list[dict]:
 # ----------------------------------------------------------------------------- one kernel at a time
 
 KERNELS = ('flash_attention', 'compressed_attention', 'block_selection', 'selected_attention',
-           'grouped_matmul')
+           'token_attention', 'grouped_matmul')
 
 
 def lower_kernel(kernel: str, target: Target, *, batch: int = 1, seq_len: int = 4096, q_heads: int = 8,
                  kv_heads: int = 2, head_dim: int = 128, dtype: str = 'bfloat16', selected: int = 16,
                  block_size: int = 64, cmp_block: int = 32, cmp_stride: int = 16, experts: int = 8,
-                 **options):
+                 tokens: int = 2048, **options):
   """Forward and backward of one kernel (its inputs' gradients, as training needs them; block selection
   has none) lowered for one device of `target`, with the kernel body of that platform. Attention:
   q [B, T, Hq, D], k/v [B, T, Hkv, D] (NSA's selection: `selected` blocks of `block_size` per token;
+  DSA's token attention: `tokens` positions per token, the paper's top-k 2048 by default;
   compressed attention and block selection: the compressed keys of blocks of `cmp_block` at stride
   `cmp_stride`); grouped matmul: [B*T, Hq*D] rows over `experts` groups of [Hq*D, Hkv*D] weights.
   `options` go to the kernel."""
@@ -344,6 +346,9 @@ def lower_kernel(kernel: str, target: Target, *, batch: int = 1, seq_len: int = 
   elif kernel == 'flash_attention':
     args = (q, kv, kv)
     fn = functools.partial(flash_attention, **options)
+  elif kernel == 'token_attention':
+    args = (q, kv, kv, arg((batch, seq_len, kv_heads, tokens), jnp.int32))
+    fn = functools.partial(token_attention, **options)
   else:
     args = (q, kv, kv, arg((batch, seq_len, kv_heads, selected), jnp.int32))
     fn = functools.partial(selected_attention, block_size=block_size, **options)

@@ -31,6 +31,7 @@ KERNEL_NAMES = {
     'compressed_attention': {f'compressed_attention_{k}' for k in ('fwd', 'dq', 'dkv')},
     'block_selection': {'block_selection'},
     'selected_attention': {'selected_attention_fwd', 'selected_attention_dq', 'selected_attention_dkdv'},
+    'token_attention': {'token_attention_fwd', 'token_attention_dq', 'token_attention_dkdv'},
     'grouped_matmul': {'grouped_matmul', 'transposed_grouped_matmul'},
 }
 # (head_dim, group size Hq / Hkv, sequence length): head_dim 64 and 128, groups 1, 3, 4 and 16, and one
@@ -44,6 +45,9 @@ NSA_CASES = [(64, 4, 65536), (128, 3, 4096)]
 CASES = ([(k, *c) for k in ('flash_attention', 'selected_attention') for c in ATTENTION_CASES]
          + [(k, *c) for k in ('compressed_attention', 'block_selection') for c in NSA_CASES]
          + [('grouped_matmul', *c) for c in GMM_CASES])
+# DSA's token attention (2,048 listed tokens a query, the paper's top-k) has a GPU body only: on TPU
+# token-level selection runs as blocks, through selected_attention.
+GPU_CASES = CASES + [('token_attention', *c) for c in ATTENTION_CASES]
 # A TPU compile takes 5 to 40 s here, so each chip compiles every kernel at its long case and the
 # attention kernels at one more case; the chips between them cover every head_dim and group.
 TPU_EXTRA = {'v5e:2x2': (128, 3, 4096), 'v5p:2x2x1': (64, 1, 4096), 'v6e:2x2': (128, 16, 4096)}
@@ -78,7 +82,7 @@ def compiled_kernels(kernel, target_name, head_dim, group, seq_len) -> dict[str,
   return by_name
 
 
-@pytest.mark.parametrize('kernel,head_dim,group,seq_len', CASES)
+@pytest.mark.parametrize('kernel,head_dim,group,seq_len', GPU_CASES)
 @pytest.mark.parametrize('target_name', GPU_TARGETS)
 def test_gpu_kernels_compile_without_spills(target_name, kernel, head_dim, group, seq_len):
   by_name = compiled_kernels(kernel, target_name, head_dim, group, seq_len)

@@ -1,0 +1,49 @@
+"""What the kernels that attend to listed keys share (`selected_attention`: blocks of keys;
+`token_attention`: single keys): the canonical form of the lists and the streaming-softmax steps of the
+forward and backward bodies."""
+
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels._reference import MASK_VALUE
+
+_NONE = jnp.iinfo(jnp.int32).max  # sorts after every real index
+_TRANS_B = (((1,), (1,)), ((), ()))
+
+
+def canonical_lists(j_Xn: jax.Array) -> jax.Array:
+  """Each list sorted ascending, repeats dropped, unused slots (-1) moved to the end."""
+  key_Xn = jnp.sort(jnp.where(j_Xn < 0, _NONE, j_Xn), axis=-1)
+  repeat_Xn = jnp.concatenate([jnp.zeros_like(key_Xn[..., :1], bool), key_Xn[..., 1:] == key_Xn[..., :-1]],
+                              axis=-1)
+  key_Xn = jnp.sort(jnp.where(repeat_Xn, _NONE, key_Xn), axis=-1)
+  return jnp.where(key_Xn == _NONE, -1, key_Xn)
+
+
+def scores(q_MD, k_LD, scale):
+  return jax.lax.dot_general(q_MD, k_LD, _TRANS_B, preferred_element_type=jnp.float32) * scale
+
+
+def online_step(q_MD, k_LD, v_LD, visible_ML, m_M1, l_M1, acc_MD, scale):
+  """One block of the streaming softmax (FlashAttention), with invisible keys contributing exactly 0."""
+  s_ML = jnp.where(visible_ML, scores(q_MD, k_LD, scale), MASK_VALUE)
+  m_new_M1 = jnp.maximum(m_M1, jnp.max(s_ML, axis=1)[:, None])
+  p_ML = jnp.where(visible_ML, jnp.exp(s_ML - m_new_M1), 0.0)
+  alpha_M1 = jnp.exp(m_M1 - m_new_M1)
+  l_M1 = alpha_M1 * l_M1 + jnp.sum(p_ML, axis=1)[:, None]
+  acc_MD = alpha_M1 * acc_MD + jnp.dot(p_ML.astype(v_LD.dtype), v_LD, preferred_element_type=jnp.float32)
+  return m_new_M1, l_M1, acc_MD
+
+
+def finish(m_M1, l_M1, acc_MD):
+  """Output and log-sum-exp; a row that saw nothing gets output 0 and lse +inf (so exp(s - lse) = 0)."""
+  seen_M1 = l_M1 > 0
+  o_MD = jnp.where(seen_M1, acc_MD / jnp.where(seen_M1, l_M1, 1.0), 0.0)
+  return o_MD, jnp.where(seen_M1, m_M1 + jnp.log(jnp.where(seen_M1, l_M1, 1.0)), jnp.inf)
+
+
+def probs_and_dscores(q_MD, k_LD, v_LD, do_MD, lse_M1, delta_M1, visible_ML, scale):
+  """Recomputed probabilities and d(scores) (scaled, so dq = ds @ k and dk = ds^T @ q)."""
+  p_ML = jnp.where(visible_ML, jnp.exp(scores(q_MD, k_LD, scale) - lse_M1), 0.0)
+  dp_ML = jax.lax.dot_general(do_MD, v_LD, _TRANS_B, preferred_element_type=jnp.float32)
+  return p_ML, p_ML * (dp_ML - delta_M1) * scale
