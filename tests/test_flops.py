@@ -116,3 +116,30 @@ def test_moe_counts_active_experts_and_the_router(execution, share):
   router = 2 * 64 * 4
   assert flops.flops_per_token(c)['flops_per_token']['params'] == pytest.approx(
       dense - 6 * 2 * 3 * 64 * 128 + 6 * (experts + router))
+
+
+def test_dsa_counts_its_tokens_the_indexer_and_its_loss():
+  """T=16, top_k 4 tokens, 2 index heads of 8, recall on 4 queries; 4 heads of 16 (768 FLOPs a key over
+  all heads, forward and backward). By hand: chosen keys 1 + 2 + 3 + 4 + 12 x 4 = 58; the indexer
+  scores 1 + ... + 16 = 136 (query, token) pairs at 2 x 2 x 9 = 36 FLOPs; the KL scores the 58 chosen
+  keys with the main heads (2 x 4 x 16 = 128) and the indexer forward and backward (3 x 36); the recall
+  4 queries x 16 keys a row with both, per position 4 x (128 + 36)."""
+  c = tiny_config(attention='dsa')
+  c.model.dsa.update(top_k=4, index_heads=2, index_head_dim=8, recall_queries=4, block_size=1)
+  c.data.seq_len = 16
+  got, dense = flops.flops_per_token(c), flops.flops_per_token(tiny_config())
+  want = (58 + (136 * 36 + 58 * (128 + 3 * 36)) / 768) / 16 + 4 * (128 + 36) / 768
+  assert got['attended_keys_per_query'] == pytest.approx(want)
+  indexer = 64 * 2 * 8 + 64 * 8 + 64 * 2  # index queries, keys and weights, per layer
+  assert got['flops_per_token']['params'] == pytest.approx(dense['flops_per_token']['params']
+                                                           + 2 * 6 * indexer * 2 / 3)
+
+
+def test_dsa_blocks_count_the_own_block_and_the_chosen_ones():
+  """T=16, blocks of 4, top_k 8 (2 blocks): per t the own block's t % 4 + 1 keys (40 in all) and one
+  other whole block once a second has begun (12 x 4 = 48): 88 chosen keys for the KL too."""
+  c = tiny_config(attention='dsa')
+  c.model.dsa.update(top_k=8, block_size=4, index_heads=2, index_head_dim=8, recall_queries=4)
+  c.data.seq_len = 16
+  want = (88 + (136 * 36 + 88 * (128 + 3 * 36)) / 768) / 16 + 4 * (128 + 36) / 768
+  assert flops.flops_per_token(c)['attended_keys_per_query'] == pytest.approx(want)

@@ -2,7 +2,7 @@
 subclass of `base.Attention`, whose members (written once there) are all the rest of the project reads.
 """
 
-from sparse_lm.attention import base, dense, moba, mosa, nsa, routing, sliding_window
+from sparse_lm.attention import base, dense, dsa, moba, mosa, nsa, routing, sliding_window
 
 REGISTRY: dict[str, type[base.Attention]] = {
     'dense': dense.Attention,
@@ -13,4 +13,5 @@ REGISTRY: dict[str, type[base.Attention]] = {
     'routing': routing.Attention,
     'routing_causal': routing.CausalAttention,
     'moba': moba.Attention,
+    'dsa': dsa.Attention,
 }

@@ -53,19 +53,26 @@ class Attention(base.Attention):
   def __call__(self, x_BTD: jax.Array, pos_BT: jax.Array, cache: Cache | None = None, *,
                update_state: bool = False) -> tuple[jax.Array, Cache | None]:
     del update_state  # no state besides the parameters
+    q_BTHD, k_BTKD, v_BTKD = self._qkv(x_BTD, pos_BT)
+    if cache is None:
+      o_BTHD = self._attend(q_BTHD, k_BTKD, v_BTKD)
+    else:
+      o_BTHD, cache = self._attend_cached(q_BTHD, k_BTKD, v_BTKD, pos_BT, cache)
+    return self._output(o_BTHD), cache
+
+  def _qkv(self, x_BTD, pos_BT) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Queries, keys (both rotated) and values in the compute dtype."""
     x_BTD = x_BTD.astype(self.dtype)
     q_BTHD = jnp.einsum('btd,dhk->bthk', x_BTD, self.wq[...].astype(self.dtype))
     k_BTKD = jnp.einsum('btd,dhk->bthk', x_BTD, self.wk[...].astype(self.dtype))
     v_BTKD = jnp.einsum('btd,dhk->bthk', x_BTD, self.wv[...].astype(self.dtype))
     q_BTHD = sharding.constrain(rope(q_BTHD, pos_BT, self.rope_theta),
                                 ('batch', 'length', 'q_heads', 'head_dim'))
-    k_BTKD = rope(k_BTKD, pos_BT, self.rope_theta)
-    if cache is None:
-      o_BTHD = self._attend(q_BTHD, k_BTKD, v_BTKD)
-    else:
-      o_BTHD, cache = self._attend_cached(q_BTHD, k_BTKD, v_BTKD, pos_BT, cache)
+    return q_BTHD, rope(k_BTKD, pos_BT, self.rope_theta), v_BTKD
+
+  def _output(self, o_BTHD) -> jax.Array:
     y_BTD = jnp.einsum('bthk,hkd->btd', o_BTHD, self.wo[...].astype(self.dtype))
-    return sharding.constrain(y_BTD, ('batch', 'length', 'act_embed')), cache
+    return sharding.constrain(y_BTD, ('batch', 'length', 'act_embed'))
 
   def _attend(self, q_BTHD, k_BTKD, v_BTKD) -> jax.Array:
     """Attention over a whole sequence (training, or a prompt without a cache)."""

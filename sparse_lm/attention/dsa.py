@@ -1,0 +1,333 @@
+"""DeepSeek Sparse Attention (DeepSeek-AI 2025, "DeepSeek-V3.2: Pushing the Frontier of Open Large Language
+Models", Sec. 2.1): a lightning indexer scores every earlier token cheaply, and each query attends to its
+top `dsa.top_k` tokens with dense attention's grouped-query projections.
+
+The indexer (Eq. 1): `dsa.index_heads` small query heads of `dsa.index_head_dim` features, per-head
+weights from the token, and keys of one shared head; `I[t, s] = sum_j w[t, j] * relu(q_I[t, j] . k_I[s])`
+over `s <= t`. Letters of this file: I the indexer's heads (their features D, like any head's).
+
+- **Selection is shared by all heads**: the paper's indexer serves MLA in its MQA mode, one key/value
+  head for all query heads; here one indexer per layer chooses for every kv group (the `[B, T, K, n]`
+  lists repeat it over K), so per-group indexers would be K times the indexer for a choice the paper
+  does not make. While `t < top_k` a query sees all its tokens.
+- **Training** (Sec. 2.1.1): the indexer learns only from a KL loss toward the main attention's
+  distribution, summed over heads and L1-normalised (here: the mean of the heads' softmaxes, the same
+  thing), detached; its input is detached, so the language-model loss never reaches it and the KL
+  reaches nothing else. Dense warm-up (`dsa.dense_warmup_steps` > 0): dense attention while the KL is
+  taken over all earlier tokens; then sparse, the KL taken over the selected tokens only. The paper
+  warms up from a trained dense checkpoint with the rest of the model frozen; training from scratch,
+  this trains the whole model during the warm-up. The step count is the layer's `WarmupClock` (model
+  state, checkpointed, so a resumed run stays in the stage it was in); it counts the steps applied, so
+  a step skipped as non-finite does not count. With no warm-up the model is sparse from step 0.
+  Indexer scale (untuned; the paper's is not given in the text): the dot products by
+  `index_head_dim ** -0.5`, the weights by `index_heads ** -0.5`.
+- **Metrics** (train steps): `indexer_kl` (the loss term before `dsa.kl_weight`) and `indexer_recall`,
+  the share of the dense attention's top-k tokens (mean over heads) that the indexer's selection covers,
+  measured on the last `dsa.recall_queries` queries of each row (the ones with the most candidates).
+- **Granularity**: `dsa.block_size` = 1 is the paper's (tokens, `pallas_kernels.token_attention`);
+  L > 1 scores a block by its best token (the max of `I` over the block's visible tokens) and chooses
+  `top_k / L` blocks with `block_choice.select_blocks` (the query's own block forced, causal inside it),
+  attended by `selected_attention`: what a TPU wants, which has no token-gather body.
+
+Costs. The indexer is quadratic in FLOPs, as in the paper: `2 * index_heads * (index_head_dim + 1)`
+FLOPs per (query, earlier token), forward only (the top-k is discrete), against `4 * num_heads *
+head_dim` for dense attention's two matmuls forward; the paper's 64 x 128 indexer in FP8 is cheap per
+entry, this one runs in the compute dtype. Memory is linear in T: the scores exist for `_ELEMENTS /
+(index_heads * T)` queries at a time (`map_query_chunks`), then only the `[B, T, top_k]` lists are kept;
+no `[T, T]` matrix on any path. The KL of the sparse stage recomputes the main attention's scores
+on the selected tokens (forward, detached) and the indexer's on them (forward and backward).
+`attended_keys` counts all of that for the sparse stage; the dense warm-up costs dense attention plus a
+dense KL.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from flax import nnx
+
+from pallas_kernels._reference import MASK_VALUE, map_query_chunks
+from pallas_kernels.block_choice import select_blocks
+from pallas_kernels.flash_attention import flash_attention_reference
+from pallas_kernels.selected_attention import selected_attention, selected_attention_reference
+from pallas_kernels.token_attention import token_attention, token_attention_reference
+from sparse_lm import sharding
+from sparse_lm.attention import dense
+from sparse_lm.errors import ConfigError, require_positive
+from sparse_lm.layers import AuxLoss, param, rope
+
+# Elements of the score (and gathered key) arrays that the indexer and its loss hold at once per batch
+# row, float32: 64 MiB.
+_ELEMENTS = 2**24
+
+
+class WarmupClock(nnx.Variable):
+  """Train steps a DSA layer has taken (float32: microbatch means keep it whole); never a gradient."""
+
+
+class Attention(dense.Attention):
+  """Dense attention's projections, a lightning indexer and top-k token (or block) selection."""
+
+  @staticmethod
+  def defaults() -> dict:
+    d = ml_collections.ConfigDict()
+    # The paper's are 64 heads of 128 and top-k 2048 at 128K tokens; these do sparse work on the
+    # default config's 256 tokens (64 of them chosen).
+    d.index_heads = 4
+    d.index_head_dim = 32
+    d.top_k = 64  # tokens a query attends to (a multiple of block_size)
+    d.block_size = 1  # 1: tokens, as the paper; L > 1: blocks of L tokens
+    d.dense_warmup_steps = 0  # train steps of dense attention while the indexer fits
+    d.kl_weight = 1.0  # the indexer's KL in the loss (it reaches only the indexer)
+    d.recall_queries = 32  # queries per row on which indexer_recall is measured
+    return {'dsa': d}
+
+  @staticmethod
+  def tiny_config() -> dict:
+    return {'dsa': {'index_heads': 2, 'index_head_dim': 8, 'top_k': 8, 'recall_queries': 8}}
+
+  @classmethod
+  def check_config(cls, cfg: ml_collections.ConfigDict) -> None:
+    d = cfg.dsa
+    require_positive(d, 'model.dsa', ('index_heads', 'index_head_dim', 'top_k', 'block_size',
+                                      'recall_queries'))
+    if d.top_k % d.block_size:
+      raise ConfigError(f'model.dsa.top_k={d.top_k} must be a multiple of model.dsa.block_size='
+                        f'{d.block_size} (top_k / block_size blocks are chosen)')
+    if not isinstance(d.dense_warmup_steps, int) or d.dense_warmup_steps < 0:
+      raise ConfigError(f'model.dsa.dense_warmup_steps={d.dense_warmup_steps!r} must be an integer >= 0')
+    if not isinstance(d.kl_weight, (int, float)) or d.kl_weight < 0:
+      raise ConfigError(f'model.dsa.kl_weight={d.kl_weight!r} must be a number >= 0')
+
+  @staticmethod
+  def attended_keys(cfg: ml_collections.ConfigDict, seq_len: int) -> float:
+    """The sparse stage's train step, in keys of one query head (12 head_dim FLOPs each, forward and
+    backward): the chosen keys; the indexer on every earlier token (forward); the KL's main scores
+    (forward, all heads, 2 head_dim FLOPs a key) and indexer scores (forward and backward) on the chosen
+    keys; and the recall's dense scores and index scores of `recall_queries` queries a row."""
+    d, H, D = cfg.dsa, cfg.num_heads, cfg.head_dim
+    per_key = 12 * H * D  # FLOPs of one attended key, over all query heads
+    index = 2 * d.index_heads * (d.index_head_dim + 1)  # FLOPs of one index score, forward
+    L, total = d.block_size, 0.0
+    for t in range(seq_len):
+      if L == 1:
+        chosen = min(t + 1, d.top_k)
+      else:
+        begun = t // L + 1
+        chosen = t % L + 1 + (min(d.top_k // L, begun) - 1) * L
+      kl = chosen * (2 * H * D + 3 * index)
+      total += chosen + ((t + 1) * index + kl) / per_key
+    # recall_queries x seq_len (query, key) pairs a row: per position, recall_queries pairs.
+    recall = min(d.recall_queries, seq_len) * (2 * H * D + index)
+    return total / seq_len + recall / per_key
+
+  @staticmethod
+  def param_uses_per_token(cfg: ml_collections.ConfigDict) -> dict[str, float]:
+    # The indexer's input is detached: its backward computes weight gradients only (4 of the 6 FLOPs).
+    del cfg
+    return dict.fromkeys(('index_wq', 'index_wk', 'index_ww'), 2 / 3)
+
+  def __init__(self, cfg: ml_collections.ConfigDict, *, rngs: nnx.Rngs):
+    super().__init__(cfg, rngs=rngs)
+    d, i, e, pd = cfg.d_model, cfg.dsa.index_heads, cfg.dsa.index_head_dim, cfg.param_dtype
+    # Replicated: the indexer is small, and its heads need not divide the tensor axis.
+    self.index_wq = param(rngs, (d, i, e), ('embed', None, None), stddev=d**-0.5, dtype=pd)
+    self.index_wk = param(rngs, (d, e), ('embed', None), stddev=d**-0.5, dtype=pd)
+    self.index_ww = param(rngs, (d, i), ('embed', None), stddev=d**-0.5, dtype=pd)
+    self.clock = WarmupClock(jnp.zeros((), jnp.float32))
+    self.dsa = ml_collections.FrozenConfigDict(cfg.dsa)
+
+  # ----------------------------------------------------------------------------- the indexer
+
+  def _indexer(self, x_BTD, pos_BT):
+    """Index queries `[B, T, I, D]`, weights `[B, T, I]` and keys `[B, T, D]`, from the detached input."""
+    x_BTD = jax.lax.stop_gradient(x_BTD.astype(self.dtype))
+    qi_BTID = jnp.einsum('btd,dih->btih', x_BTD, self.index_wq[...].astype(self.dtype))
+    ki_BTD = jnp.einsum('btd,dh->bth', x_BTD, self.index_wk[...].astype(self.dtype))
+    w_BTI = jnp.einsum('btd,di->bti', x_BTD, self.index_ww[...].astype(self.dtype),
+                       preferred_element_type=jnp.float32) * self.dsa.index_heads**-0.5
+    qi_BTID = rope(qi_BTID, pos_BT, self.rope_theta)
+    return qi_BTID, w_BTI, rope(ki_BTD[:, :, None], pos_BT, self.rope_theta)[:, :, 0]
+
+  @staticmethod
+  def _chunk(per_query: int) -> int:
+    """Queries per chunk when each holds `per_query` elements."""
+    return max(1, _ELEMENTS // per_query)
+
+  def _index_scores(self, qi_BQID, w_BQI, ki_BXD):
+    """`I[t, s]` (Eq. 1) of the chunk's queries against keys `[B, X, D]` (or `[B, Q, X, D]`, per query)."""
+    spec = 'bqid,bxd->bqix' if ki_BXD.ndim == 3 else 'bqid,bqxd->bqix'
+    dots_BQIX = jnp.einsum(spec, qi_BQID, ki_BXD, preferred_element_type=jnp.float32)
+    relu_BQIX = jax.nn.relu(dots_BQIX * self.dsa.index_head_dim**-0.5)
+    return jnp.einsum('bqix,bqi->bqx', relu_BQIX, w_BQI)
+
+  def _select(self, qi_BTID, w_BTI, ki_BSD, qpos_BT, num_kv_heads: int) -> jax.Array:
+    """`[B, T, K, n]` chosen tokens (L = 1) or blocks, the same for every kv group; -1: unused."""
+    S, L, top_k = ki_BSD.shape[1], self.dsa.block_size, self.dsa.top_k
+
+    def one_chunk(qi_BQID, w_BQI, pos_BQ):
+      visible_BQS = jnp.arange(S)[None, None, :] <= pos_BQ[:, :, None]
+      score_BQS = jnp.where(visible_BQS, self._index_scores(qi_BQID, w_BQI, ki_BSD), -jnp.inf)
+      score_BQS = jax.lax.stop_gradient(score_BQS)  # the choice is discrete
+      if L == 1:
+        top_BQn, idx_BQn = jax.lax.top_k(score_BQS, min(top_k, S))
+        return jnp.where(top_BQn == -jnp.inf, -1, idx_BQn).astype(jnp.int32)[:, :, None]
+      N = -(-S // L)
+      score_BQNL = jnp.pad(score_BQS, ((0, 0), (0, 0), (0, N * L - S)), constant_values=-jnp.inf)
+      block_BQN = jnp.max(score_BQNL.reshape(*score_BQS.shape[:2], N, L), axis=-1)
+      return select_blocks(block_BQN[:, :, None], pos_BQ, num_selected=top_k // L, block_size=L,
+                           force_first=False, force_local=1)
+    # Padded queries sit at position -1: they see no token and choose nothing.
+    idx_BT1n = map_query_chunks(one_chunk, (qi_BTID, w_BTI, qpos_BT), (0, 0, -1),
+                                chunk=self._chunk(self.dsa.index_heads * S))
+    return jnp.broadcast_to(idx_BT1n, (*idx_BT1n.shape[:2], num_kv_heads, idx_BT1n.shape[-1]))
+
+  # ----------------------------------------------------------------------------- the indexer's loss
+
+  def _target(self, q_BQHD, k_BXKD, visible_BQX):
+    """The main attention's distribution over keys, the mean of the heads' softmaxes, detached: keys
+    `[B, X, K, D]` shared by the chunk or `[B, Q, X, K, D]` per query."""
+    B, Q, H, D = q_BQHD.shape
+    K = k_BXKD.shape[-2]
+    q_BQKGD = jax.lax.stop_gradient(q_BQHD).reshape(B, Q, K, H // K, D)
+    spec = 'bqkgd,bxkd->bqkgx' if k_BXKD.ndim == 4 else 'bqkgd,bqxkd->bqkgx'
+    s_BQKGX = jnp.einsum(spec, q_BQKGD, jax.lax.stop_gradient(k_BXKD),
+                         preferred_element_type=jnp.float32) * D**-0.5
+    s_BQKGX = jnp.where(visible_BQX[:, :, None, None], s_BQKGX, MASK_VALUE)
+    return jnp.mean(jax.nn.softmax(s_BQKGX, axis=-1), axis=(2, 3)) * visible_BQX
+
+  @staticmethod
+  def _kl(p_BQX, index_BQX, visible_BQX):
+    """Per query KL(p || softmax of the index scores over the visible keys), and which queries count."""
+    log_q_BQX = jax.nn.log_softmax(jnp.where(visible_BQX, index_BQX, MASK_VALUE), axis=-1)
+    safe_BQX = jnp.where(p_BQX > 0, p_BQX, 1.0)
+    kl_BQ = jnp.sum(jnp.where(p_BQX > 0, p_BQX * (jnp.log(safe_BQX) - log_q_BQX), 0.0), axis=-1)
+    return kl_BQ, jnp.any(visible_BQX, axis=-1)
+
+  def _dense_kl(self, q_BTHD, k_BTKD, qi_BTID, w_BTI, ki_BTD, pos_BT):
+    """The warm-up's loss: over every earlier token."""
+    S = k_BTKD.shape[1]
+    def one_chunk(q_BQHD, qi_BQID, w_BQI, pos_BQ):
+      visible_BQS = jnp.arange(S)[None, None, :] <= pos_BQ[:, :, None]
+      return self._kl(self._target(q_BQHD, k_BTKD, visible_BQS), self._index_scores(qi_BQID, w_BQI, ki_BTD),
+                      visible_BQS)
+    chunk = self._chunk(max(q_BTHD.shape[2], self.dsa.index_heads) * S)
+    return _mean_over_queries(*map_query_chunks(one_chunk, (q_BTHD, qi_BTID, w_BTI, pos_BT), (0, 0, 0, -1),
+                                                chunk=chunk))
+
+  def _sparse_kl(self, q_BTHD, k_BTKD, qi_BTID, w_BTI, ki_BTD, idx_BTKn, pos_BT):
+    """The sparse stage's loss: over the selected tokens only (Sec. 2.1.1, the second stage)."""
+    L = self.dsa.block_size
+
+    def one_chunk(q_BQHD, qi_BQID, w_BQI, idx_BQn, pos_BQ):
+      kpos_BQnL = jnp.maximum(idx_BQn, 0)[..., None] * L + jnp.arange(L)[None, None, None]
+      visible_BQnL = (idx_BQn >= 0)[..., None] & (kpos_BQnL <= pos_BQ[:, :, None, None])
+      kpos_BQX = kpos_BQnL.reshape(*idx_BQn.shape[:2], -1)
+      visible_BQX = visible_BQnL.reshape(kpos_BQX.shape)
+      k_BQXKD = jnp.take_along_axis(k_BTKD[:, None], kpos_BQX[..., None, None], axis=2, mode='clip')
+      ki_BQXD = jnp.take_along_axis(ki_BTD[:, None], kpos_BQX[..., None], axis=2, mode='clip')
+      return self._kl(self._target(q_BQHD, k_BQXKD, visible_BQX), self._index_scores(qi_BQID, w_BQI, ki_BQXD),
+                      visible_BQX)
+    X, K, D = idx_BTKn.shape[-1] * L, k_BTKD.shape[2], k_BTKD.shape[3]
+    chunk = self._chunk(X * (max(q_BTHD.shape[2], self.dsa.index_heads) + K * D + ki_BTD.shape[-1]))
+    return _mean_over_queries(*map_query_chunks(
+        one_chunk, (q_BTHD, qi_BTID, w_BTI, idx_BTKn[:, :, 0], pos_BT), (0, 0, 0, -1, -1), chunk=chunk))
+
+  def _recall(self, q_BTHD, k_BTKD, qi_BTID, w_BTI, ki_BTD, pos_BT) -> jax.Array:
+    """The share of the dense attention's top-k tokens that the selection covers, over the last
+    `recall_queries` queries of each row."""
+    B, T = pos_BT.shape
+    S, L, R = k_BTKD.shape[1], self.dsa.block_size, min(self.dsa.recall_queries, T)
+    qpos_BR = pos_BT[:, -R:]
+    idx_BRn = self._select(qi_BTID[:, -R:], w_BTI[:, -R:], ki_BTD, qpos_BR, 1)[:, :, 0]
+    visible_BRS = jnp.arange(S)[None, None, :] <= qpos_BR[:, :, None]
+    p_BRS = self._target(q_BTHD[:, -R:], k_BTKD, visible_BRS)
+    _, top_BRk = jax.lax.top_k(p_BRS, min(self.dsa.top_k, S))
+    wanted_BRk = top_BRk <= qpos_BR[:, :, None]  # fewer earlier tokens than top_k: only those count
+    N = -(-S // L)
+    b_B11, r_1R1 = jnp.arange(B)[:, None, None], jnp.arange(R)[None, :, None]
+    slot_BRn = jnp.where(idx_BRn >= 0, idx_BRn, N)
+    chosen_BRN = jnp.zeros((B, R, N + 1), bool).at[b_B11, r_1R1, slot_BRn].set(True)
+    covered_BRk = jnp.take_along_axis(chosen_BRN, top_BRk // L, axis=-1)
+    return jnp.sum(covered_BRk & wanted_BRk) / jnp.maximum(jnp.sum(wanted_BRk), 1)
+
+  # ----------------------------------------------------------------------------- the layer
+
+  def _sparse_attend(self, q_BTHD, k_BTKD, v_BTKD, idx_BTKn):
+    if self.dsa.block_size == 1:
+      attend = functools.partial(token_attention, implementation=self.kernel)
+    else:
+      attend = functools.partial(selected_attention, block_size=self.dsa.block_size,
+                                 implementation=self.kernel)
+    return sharding.attention_per_device(attend, q_BTHD, k_BTKD, v_BTKD, idx_BTKn)
+
+  def _in_warmup(self) -> jax.Array:
+    return jax.lax.stop_gradient(self.clock[...]) < self.dsa.dense_warmup_steps
+
+  def _staged(self, dense_fn, sparse_fn, *args):
+    """`sparse_fn(*args)`, or `dense_fn(*args)` while the warm-up lasts."""
+    if self.dsa.dense_warmup_steps == 0:
+      return sparse_fn(*args)
+    return jax.lax.cond(self._in_warmup(), dense_fn, sparse_fn, *args)
+
+  def __call__(self, x_BTD: jax.Array, pos_BT: jax.Array, cache: dict | None = None, *,
+               update_state: bool = False) -> tuple[jax.Array, dict | None]:
+    q_BTHD, k_BTKD, v_BTKD = self._qkv(x_BTD, pos_BT)
+    qi_BTID, w_BTI, ki_BTD = self._indexer(x_BTD, pos_BT)
+    if cache is not None:
+      o_BTHD, cache = self._decode(q_BTHD, k_BTKD, v_BTKD, qi_BTID, w_BTI, ki_BTD, pos_BT, cache)
+      return self._output(o_BTHD), cache
+    K = k_BTKD.shape[2]
+
+    def dense_stage(q_BTHD, k_BTKD, v_BTKD, qi_BTID, w_BTI, ki_BTD):
+      o_BTHD = self._attend(q_BTHD, k_BTKD, v_BTKD)  # dense attention's
+      kl = self._dense_kl(q_BTHD, k_BTKD, qi_BTID, w_BTI, ki_BTD, pos_BT) if update_state else 0.0
+      return o_BTHD, jnp.asarray(kl, jnp.float32)
+
+    def sparse_stage(q_BTHD, k_BTKD, v_BTKD, qi_BTID, w_BTI, ki_BTD):
+      idx_BTKn = self._select(qi_BTID, w_BTI, ki_BTD, pos_BT, K)
+      o_BTHD = self._sparse_attend(q_BTHD, k_BTKD, v_BTKD, idx_BTKn)
+      kl = (self._sparse_kl(q_BTHD, k_BTKD, qi_BTID, w_BTI, ki_BTD, idx_BTKn, pos_BT) if update_state
+            else 0.0)
+      return o_BTHD, jnp.asarray(kl, jnp.float32)
+
+    o_BTHD, kl = self._staged(dense_stage, sparse_stage, q_BTHD, k_BTKD, v_BTKD, qi_BTID, w_BTI, ki_BTD)
+    if update_state:  # the train step: the indexer's loss, its metrics, and the warm-up's clock
+      self.sow(AuxLoss, 'indexer_kl_aux_loss', self.dsa.kl_weight * kl)
+      self.sow(nnx.Intermediate, 'indexer_kl', kl)
+      self.sow(nnx.Intermediate, 'indexer_recall',
+               self._recall(q_BTHD, k_BTKD, qi_BTID, w_BTI, ki_BTD, pos_BT))
+      self.sow(nnx.Intermediate, 'dense_warmup', self._in_warmup().astype(jnp.float32))
+      self.clock[...] = self.clock[...] + 1
+    return self._output(o_BTHD), cache
+
+  # ----------------------------------------------------------------------------- decoding
+
+  def init_cache(self, batch: int, max_len: int) -> dict:
+    return {**super().init_cache(batch, max_len),
+            'ki': jnp.zeros((batch, max_len, self.dsa.index_head_dim), self.dtype)}
+
+  def _decode(self, q_BTHD, k_BTKD, v_BTKD, qi_BTID, w_BTI, ki_BTD, pos_BT, cache):
+    """New tokens against the cache: slots not yet written hold positions after every query, so neither
+    the selection nor the attention sees them."""
+    start = pos_BT[0, 0]
+    new = {'k': k_BTKD, 'v': v_BTKD, 'ki': ki_BTD}
+    cache = {name: jax.lax.dynamic_update_slice_in_dim(cache[name], x.astype(cache[name].dtype), start, 1)
+             for name, x in new.items()}
+
+    def dense_stage(q_BTHD, qi_BTID, w_BTI):
+      del qi_BTID, w_BTI
+      return flash_attention_reference(q_BTHD, cache['k'], cache['v'], qpos_BT=pos_BT)
+
+    def sparse_stage(q_BTHD, qi_BTID, w_BTI):
+      idx_BTKn = self._select(qi_BTID, w_BTI, cache['ki'], pos_BT, k_BTKD.shape[2])
+      if self.dsa.block_size == 1:
+        return token_attention_reference(q_BTHD, cache['k'], cache['v'], idx_BTKn, qpos_BT=pos_BT)
+      return selected_attention_reference(q_BTHD, cache['k'], cache['v'], idx_BTKn,
+                                          block_size=self.dsa.block_size, qpos_BT=pos_BT)
+    return self._staged(dense_stage, sparse_stage, q_BTHD, qi_BTID, w_BTI), cache
+
+
+def _mean_over_queries(kl_BT, counts_BT):
+  return jnp.sum(kl_BT * counts_BT) / jnp.maximum(jnp.sum(counts_BT), 1)
