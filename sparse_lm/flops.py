@@ -18,9 +18,9 @@ from absl import app, flags
 from flax import nnx
 from ml_collections import config_flags
 
-from sparse_lm import attention, checks, mlp, tokenizer
+from sparse_lm import checks, mlp, tokenizer
 from sparse_lm.errors import ConfigError
-from sparse_lm.model import Transformer, mlp_name, padded_vocab
+from sparse_lm.model import Transformer, attention_class, mlp_name, padded_vocab
 
 
 def param_sizes(model_cfg: ml_collections.ConfigDict) -> dict[tuple[str, ...], int]:
@@ -56,16 +56,20 @@ def flops_per_token(config: ml_collections.ConfigDict) -> dict:
   """Training FLOPs per token at `data.seq_len`, split into parameter and attention parts."""
   m = config.model
   counts = param_counts(m)
-  variant = attention.REGISTRY[m.attention]
+  layers = [attention_class(m, layer) for layer in range(m.num_layers)]
   # Norm scales are elementwise, not matmuls; the output layer is a (d_model x vocab) matmul even when
   # it shares its table with the (free) input lookup. Some attention parameters serve many tokens at
-  # once (NSA's block compression runs once per block), and count by how often a token uses them.
-  uses = variant.param_uses_per_token(m)
-  # MLP parameters count the same way by their variant's hook (MoE experts by k / E; the router in full).
+  # once (NSA's block compression runs once per block), and count by how often a token uses them, by
+  # their layer's class; MLP parameters count the same way by their variant's hook (MoE experts by
+  # k / E; the router in full).
+  uses = [variant.param_uses_per_token(m) for variant in layers]
+  def attention_uses(path):
+    return uses[int(path[1])].get(path[-1], 1.0) if path[0] == 'blocks' and path[2] == 'attn' else 1.0
   matmul_params = m.d_model * padded_vocab(m) + sum(
-      size * mlp_uses(m, path) * uses.get(path[-1], 1.0) for path, size in param_sizes(m).items()
+      size * mlp_uses(m, path) * attention_uses(path) for path, size in param_sizes(m).items()
       if path[0] not in ('embed', 'unembed') and path[-1] != 'scale')
-  keys = variant.attended_keys(m, config.data.seq_len)
+  # A hybrid's layers attend differently: the mean over layers.
+  keys = sum(variant.attended_keys(m, config.data.seq_len) for variant in layers) / m.num_layers
   attention_flops = 3 * 4 * m.num_layers * m.num_heads * m.head_dim * keys
   param_flops = 6 * matmul_params
   return {**counts, 'seq_len': config.data.seq_len, 'attended_keys_per_query': keys,

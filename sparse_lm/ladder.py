@@ -102,6 +102,20 @@ def mosa_config(name: str, *, causal: bool = False, sparsity: int | None = None)
   return c
 
 
+def moba_config(name: str) -> ml_collections.ConfigDict:
+  """The rung with MoBA (`to_moba`): same parameters, data and steps."""
+  c = dense_config(name)
+  to_moba(c, small=name in CPU_RUNGS)
+  return c
+
+
+def dsa_config(name: str) -> ml_collections.ConfigDict:
+  """The rung with DSA at the same parameter count (`to_dsa`), data and steps."""
+  c = dense_config(name)
+  to_dsa(c, small=name in CPU_RUNGS)
+  return c
+
+
 def routing_config(name: str, *, causal: bool = False) -> ml_collections.ConfigDict:
   """The rung with half its heads routing heads (`to_routing`); `causal`: routing_causal."""
   c = dense_config(name)
@@ -126,14 +140,58 @@ def to_nsa(c: ml_collections.ConfigDict, *, small: bool) -> None:
   c.model.attention = 'nsa'
   if small:
     c.model.nsa.update(cmp_block=16, cmp_stride=8, sel_block=16, num_selected=4, window=32)
-  nsa_params = flops.param_counts(_sized(c))['total_params']
+  _pay_with_mlp(c, dense_params, 'NSA', 'its branches')
+
+
+def _pay_with_mlp(c: ml_collections.ConfigDict, dense_params: int, variant: str, what: str) -> None:
+  """Narrows the MLP by the parameters a variant added to the dense config (whole multiples of 8)."""
+  added = flops.param_counts(_sized(c))['total_params'] - dense_params
   per_unit = 3 * c.model.num_layers * c.model.d_model  # parameters per unit of SwiGLU width
-  mlp_dim = c.model.mlp_dim - round((nsa_params - dense_params) / per_unit / 8) * 8
+  mlp_dim = c.model.mlp_dim - round(added / per_unit / 8) * 8
   if mlp_dim < 8:
-    raise ConfigError(f'NSA at num_layers={c.model.num_layers}, d_model={c.model.d_model}: its branches '
-                     f'add {nsa_params - dense_params:,} parameters, more than the dense MLP holds; '
-                     'equal parameters need a larger model')
+    raise ConfigError(f'{variant} at num_layers={c.model.num_layers}, d_model={c.model.d_model}: {what} '
+                      f'add {added:,} parameters, more than the dense MLP holds; equal parameters need a '
+                      'larger model')
   c.model.mlp_dim = mlp_dim
+
+
+def _long_context(c: ml_collections.ConfigDict, seq_len: int) -> None:
+  """Sequences of `seq_len` at the same tokens per step (fewer rows), so data and steps stay the rung's."""
+  rows = c.train.batch_size * c.data.seq_len // seq_len
+  if rows < 1:
+    raise ConfigError(f'data.seq_len={seq_len} holds more than a step of train.batch_size='
+                      f'{c.train.batch_size} x {c.data.seq_len} tokens')
+  c.data.seq_len, c.train.batch_size = seq_len, rows
+
+
+def to_moba(c: ml_collections.ConfigDict, *, small: bool) -> None:
+  """MoBA at the dense config's parameters (the gate has none). Accelerator sizes use the paper's
+  scaling-law setting (Lu et al. 2025, Sec. 3.1: 8K tokens, blocks of 512, top-3, the last layers
+  dense not used there), at the rung's tokens per step; CPU sizes (256 tokens) blocks of 32, top-3
+  (of 8 blocks: the paper's 3 of 16 would leave blocks of 16)."""
+  c.model.attention = 'moba'
+  if small:
+    c.model.moba.update(block_size=32, top_k=3)
+  else:
+    _long_context(c, 8192)
+    c.model.moba.update(block_size=512, top_k=3)
+
+
+def to_dsa(c: ml_collections.ConfigDict, *, small: bool) -> None:
+  """DSA at the dense config's parameter count, the indexer paid for by a narrower MLP. Accelerator
+  sizes: the paper's top-k of 2,048 tokens (DeepSeek-AI 2025, Sec. 2.1) at 8K tokens (the rung's tokens
+  per step), an indexer of 8 heads of 64 (the paper's 64 x 128 is sized for a width of 7,168), token
+  granularity (on TPU set `model.dsa.block_size=64`: no token-gather body there); CPU sizes: 64 of
+  256 tokens, 4 index heads of 16. Sparse from step 0 (no dense warm-up) so the comparison is of
+  training sparse from scratch."""
+  dense_params = flops.param_counts(_sized(c))['total_params']
+  c.model.attention = 'dsa'
+  if small:
+    c.model.dsa.update(top_k=64, index_heads=4, index_head_dim=16, block_size=1)
+  else:
+    _long_context(c, 8192)
+    c.model.dsa.update(top_k=2048, index_heads=8, index_head_dim=64, block_size=1)
+  _pay_with_mlp(c, dense_params, 'DSA', 'its indexer')
 
 
 def to_moe(c: ml_collections.ConfigDict, *, small: bool) -> None:
@@ -207,4 +265,6 @@ VARIANTS = {
     'routing': functools.partial(to_routing, causal=False),
     'routing_causal': functools.partial(to_routing, causal=True),
     'moe': to_moe,
+    'moba': to_moba,
+    'dsa': to_dsa,
 }

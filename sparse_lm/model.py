@@ -28,18 +28,23 @@ def mlp_name(cfg: ml_collections.ConfigDict, layer: int) -> str:
   return 'moe' if after >= 0 and after % cfg.moe.every == 0 else 'dense'
 
 
+def attention_class(cfg: ml_collections.ConfigDict, layer: int) -> type[attention.base.Attention]:
+  """The attention of block `layer`: `model.attention`'s class, or the one its hybrid puts there."""
+  return attention.REGISTRY[cfg.attention].at_layer(cfg, layer)
+
+
 def is_causal(cfg: ml_collections.ConfigDict) -> bool:
   """Whether the architecture guarantees that the output at t never depends on inputs after t: not so
   for the papers' MoSA and routing attention, nor for expert-choice or capacity-limited MoE."""
-  return attention.REGISTRY[cfg.attention].causal and all(
-      mlp.REGISTRY[mlp_name(cfg, layer)].is_causal(cfg) for layer in range(cfg.num_layers))
+  return all(attention_class(cfg, layer).causal and mlp.REGISTRY[mlp_name(cfg, layer)].is_causal(cfg)
+             for layer in range(cfg.num_layers))
 
 
 class Block(nnx.Module):
 
   def __init__(self, cfg: ml_collections.ConfigDict, *, rngs: nnx.Rngs, layer: int = 0):
     self.attn_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, param_dtype=cfg.param_dtype)
-    self.attn = attention.REGISTRY[cfg.attention](cfg, rngs=rngs)
+    self.attn = attention_class(cfg, layer)(cfg, rngs=rngs)
     self.mlp_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, param_dtype=cfg.param_dtype)
     self.mlp = mlp.REGISTRY[mlp_name(cfg, layer)](cfg, rngs=rngs)
     self.remat_attention = cfg.remat_attention

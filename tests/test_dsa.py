@@ -55,7 +55,8 @@ def _naive(layer, x, pos, block_size, top_k):
       own = t // block_size
       best = {j: score[b, t, j * block_size:min((j + 1) * block_size, t + 1)].max() for j in range(own)}
       others = sorted(best, key=lambda j: (-best[j], j))[:top_k // block_size - 1]
-      keys = [s for j in sorted([own, *others]) for s in range(j * block_size, (j + 1) * block_size) if s <= t]
+      keys = [s for j in sorted([own, *others]) for s in range(j * block_size, (j + 1) * block_size)
+              if s <= t]
     for h in range(H):
       s = k[b, keys, h // G] @ q[b, t, h] / np.sqrt(D)
       p = np.exp(s - s.max())

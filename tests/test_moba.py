@@ -1,6 +1,6 @@
-"""MoBA: the layer's attention against a per-query loop of the paper's rule (per kv group), and a short
-training run. Causality, decoding, the kernel path and config errors are checked with every variant in
-tests/test_variants.py."""
+"""MoBA: the layer's attention against a per-query loop of the paper's rule (per kv group), a short
+training run, and the hybrid with its last layers dense. Causality, decoding, the kernel path and config
+errors are checked with every variant in tests/test_variants.py."""
 
 import jax
 import jax.numpy as jnp
@@ -8,7 +8,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from sparse_lm.attention import moba
+from sparse_lm import checks, flops
+from sparse_lm.attention import dense, moba
+from sparse_lm.errors import ConfigError
+from sparse_lm.model import Transformer
 from tests.conftest import fresh_seed, run_train, tiny_config, train_losses
 
 
@@ -52,3 +55,15 @@ def test_moba_model_trains_on_the_embedded_corpus(tmp_path):
             '--config.model.moba.block_size=16', '--config.model.moba.top_k=2', '--config.train.steps=25')
   losses = train_losses(tmp_path)
   assert np.mean([losses[s] for s in range(21, 26)]) < np.mean([losses[s] for s in range(1, 6)]) - 0.8
+
+
+def test_hybrid_runs_its_last_layers_dense_and_counts_them_so():
+  c = tiny_config(attention='moba', moba={'block_size': 4, 'top_k': 2, 'dense_last_layers': 1})
+  model = Transformer(c.model, rngs=nnx.Rngs(0))
+  assert type(model.blocks[0].attn) is moba.Attention and type(model.blocks[1].attn) is dense.Attention
+  T = c.data.seq_len
+  want = (moba.Attention.attended_keys(c.model, T) + dense.Attention.attended_keys(c.model, T)) / 2
+  assert flops.flops_per_token(c)['attended_keys_per_query'] == pytest.approx(want)
+  c.model.moba.dense_last_layers = 3
+  with pytest.raises(ConfigError, match=r'model.moba.dense_last_layers=3 must be an integer in 0..'):
+    checks.check_model(c.model)

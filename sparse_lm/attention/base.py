@@ -43,6 +43,14 @@ class Attention(nnx.Module):
     del cfg
 
   @classmethod
+  def at_layer(cls, cfg: ml_collections.ConfigDict, layer: int) -> type['Attention']:
+    """The class that runs in block `layer` (0-based, of `cfg.num_layers`): this one, unless the variant
+    is a hybrid that keeps some layers another kind (MoBA's last layers dense). The model builds, and
+    the FLOP count counts, each layer by it."""
+    del cfg, layer
+    return cls
+
+  @classmethod
   def attended_keys(cls, cfg: ml_collections.ConfigDict, seq_len: int) -> float:
     """Keys one query head attends to, averaged over the positions of a sequence (the FLOP count's
     attention term: 4 head_dim FLOPs a key, forward)."""

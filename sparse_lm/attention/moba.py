@@ -14,8 +14,9 @@ share one choice, their scores summed (as NSA's Eq. 10 does), so that `pallas_ke
 serves both paths: its group-centric kernel loads each chosen K/V block once for the group. Per-head
 choice would need G = H / K times the block lists and either K/V repeated per query head (G times the
 K/V reads) or a kernel keyed by query head; with one kv head per query head (`num_kv_heads = num_heads`)
-the two are the same. The paper's hybrid (the last layers dense) is not offered yet: a layer does not
-know its index under the variant contract.
+the two are the same. The paper's hybrid (Sec. 2.3, 3.2: the last few layers dense, which it finds
+closes the gap on long-context fine-tuning): `moba.dense_last_layers` blocks at the top of the model
+run dense attention (`at_layer`).
 
 Memory is linear in T: the block means are `[B, T / block_size, K, D]` and the gate scores are taken
 `XLA_CHUNK` queries at a time (`map_query_chunks`), then only the `[B, T, K, top_k]` indices are kept.
@@ -34,7 +35,7 @@ from pallas_kernels.block_choice import select_blocks
 from pallas_kernels.selected_attention import selected_attention, selected_attention_reference
 from sparse_lm import sharding
 from sparse_lm.attention import dense
-from sparse_lm.errors import require_positive
+from sparse_lm.errors import ConfigError, require_positive
 
 
 class Attention(dense.Attention):
@@ -47,6 +48,7 @@ class Attention(dense.Attention):
     # config's 256 tokens (4 blocks, 3 chosen).
     m.block_size = 64  # keys per block
     m.top_k = 3  # blocks a query attends to, its own included
+    m.dense_last_layers = 0  # the hybrid: this many top blocks run dense attention
     return {'moba': m}
 
   @staticmethod
@@ -56,6 +58,14 @@ class Attention(dense.Attention):
   @classmethod
   def check_config(cls, cfg: ml_collections.ConfigDict) -> None:
     require_positive(cfg.moba, 'model.moba', ('block_size', 'top_k'))
+    last = cfg.moba.dense_last_layers
+    if not isinstance(last, int) or not 0 <= last <= cfg.num_layers:
+      raise ConfigError(f'model.moba.dense_last_layers={last!r} must be an integer in 0..model.num_layers='
+                        f'{cfg.num_layers}')
+
+  @classmethod
+  def at_layer(cls, cfg: ml_collections.ConfigDict, layer: int) -> type[dense.Attention]:
+    return dense.Attention if layer >= cfg.num_layers - cfg.moba.dense_last_layers else cls
 
   @staticmethod
   def attended_keys(cfg: ml_collections.ConfigDict, seq_len: int) -> float:

@@ -1,0 +1,13 @@
+"""DeepSeek Sparse Attention (DSA) at the dense ladder's rung '100k'.
+
+Same parameter count as configs/dense_100k.py (a narrower MLP pays for the indexer),
+the same data and steps; `sparse_lm.ladder.to_dsa` gives its settings at this size.
+
+    python train.py --config=configs/dsa_100k.py --workdir=runs/dsa_100k
+"""
+
+from sparse_lm import ladder
+
+
+def get_config():
+  return ladder.dsa_config('100k')

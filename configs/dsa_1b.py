@@ -1,0 +1,13 @@
+"""DeepSeek Sparse Attention (DSA) at the dense ladder's rung '1b'.
+
+Same parameter count as configs/dense_1b.py (a narrower MLP pays for the indexer),
+the same data and steps; `sparse_lm.ladder.to_dsa` gives its settings at this size.
+
+    python train.py --config=configs/dsa_1b.py --workdir=runs/dsa_1b
+"""
+
+from sparse_lm import ladder
+
+
+def get_config():
+  return ladder.dsa_config('1b')

@@ -1,0 +1,13 @@
+"""Mixture of Block Attention (MoBA) at the dense ladder's rung '3m'.
+
+Same parameters as configs/dense_3m.py (the gate has none),
+the same data and steps; `sparse_lm.ladder.to_moba` gives its settings at this size.
+
+    python train.py --config=configs/moba_3m.py --workdir=runs/moba_3m
+"""
+
+from sparse_lm import ladder
+
+
+def get_config():
+  return ladder.moba_config('3m')
