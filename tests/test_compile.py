@@ -144,21 +144,41 @@ STEP_CONFIGS = {
     'routing_causal': lambda: _small(ladder.routing_config('100m', causal=True), fsdp=4, tensor=2, expert=1,
                                      seq_len=512),
     'moe': lambda: _small(ladder.moe_config('100m'), fsdp=2, tensor=2, expert=2, seq_len=512),
+    'moba': lambda: _small(ladder.moba_config('100m'), fsdp=4, tensor=2, expert=1, seq_len=2048),
+    'dsa': lambda: _small(ladder.dsa_config('100m'), fsdp=4, tensor=2, expert=1, seq_len=4096),
 }
 STEP_KERNELS = {'dense': {'flash_attention_fwd'},
                 'nsa': {'compressed_attention_fwd', 'block_selection', 'selected_attention_fwd',
                         'flash_attention_fwd'},
-                'routing_causal': {'flash_attention_fwd'}, 'moe': {'grouped_matmul'}}
+                'routing_causal': {'flash_attention_fwd'}, 'moe': {'grouped_matmul'},
+                'moba': {'selected_attention_fwd', 'selected_attention_dkdv'},
+                # On GPU with a dense warm-up: both stages' kernels, under the stage's lax.cond.
+                'dsa': {'token_attention_fwd', 'token_attention_dkdv', 'flash_attention_fwd'}}
+
+
+def _step_config(variant: str, target_name: str):
+  config = STEP_CONFIGS[variant]()
+  if variant == 'dsa' and target_name == TPU_SLICE:  # no token-gather body on TPU: blocks of 64
+    config.model.dsa.block_size = 64
+  elif variant == 'dsa':
+    config.model.dsa.dense_warmup_steps = 100
+  return config
+
+
+def _step_kernels(variant: str, target_name: str) -> set[str]:
+  if variant == 'dsa' and target_name == TPU_SLICE:
+    return {'selected_attention_fwd', 'selected_attention_dkdv'}
+  return STEP_KERNELS[variant]
 
 
 @pytest.mark.parametrize('variant', sorted(STEP_CONFIGS))
 @pytest.mark.parametrize('target_name', ['h100x8', TPU_SLICE])
 def test_train_step_compiles_on_eight_devices(target_name, variant):
   from sparse_lm import compile as aot_compile  # noqa: PLC0415
-  report = aot_compile.compile_config(STEP_CONFIGS[variant](), target_name)
+  report = aot_compile.compile_config(_step_config(variant, target_name), target_name)
   assert report['compiled'] and report['fits'], report['error'] or report['memory_per_device']
   assert report['num_devices'] == 8 and report['mesh']['tensor'] == 2
-  assert STEP_KERNELS[variant] <= {k['name'] for k in report['kernels']}, report['kernels']
+  assert _step_kernels(variant, target_name) <= {k['name'] for k in report['kernels']}, report['kernels']
 
 
 def test_decode_step_compiles():
