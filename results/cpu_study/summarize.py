@@ -9,6 +9,9 @@ import json
 import pathlib
 import statistics
 
+import numpy as np
+from scipy import stats
+
 from sparse_lm import scaling
 
 
@@ -96,6 +99,42 @@ def seed_table(runs: list[dict], seeds: list[dict]) -> list[str]:
   return out
 
 
+def seed_study_table(seed_runs: list[dict], dense_fit: dict) -> list[str]:
+  """Each variant over its seeds against dense over its seeds at the same budget and size: the mean
+  difference with a Welch 95% interval (law-free; "resolved" when the interval excludes 0), and the
+  compute multiplier against the dense-only law, at each seed's loss (median, and the 2.5-97.5
+  percentiles of the median over 2,000 resamplings of the seeds: seed noise, not the law's)."""
+  by_variant = collections.defaultdict(list)
+  for r in seed_runs:
+    by_variant[r['variant']].append(r)
+  dense = [r['loss'] for r in by_variant.get('dense', [])]
+  law = scaling.Law(**{k: dense_fit[k] for k in ('E', 'A', 'B', 'alpha', 'beta')})
+  fpt = scaling.FlopsModel(**dense_fit['flops_per_token'])
+  rng = np.random.default_rng(0)
+  out = ['| variant | causal | seeds | eval loss mean | std | minus dense [Welch 95%] | resolved? | '
+         'multiplier (median) | 95% over seeds |', '|---|---|---|---|---|---|---|---|---|']
+  for name in sorted(by_variant, key=lambda v: (v != 'dense', v)):
+    rows = by_variant[name]
+    losses = [r['loss'] for r in rows]
+    mults = [scaling.compute_multiplier(law, r['C'], r['loss'], fpt) for r in rows]
+    mults = [m if isinstance(m, float) else float('nan') for m in mults]
+    boot = [np.median(rng.choice(mults, len(mults))) for _ in range(2000)]
+    spread = f'{statistics.stdev(losses):.4f}' if len(losses) > 1 else 'n/a'
+    if name == 'dense' or len(losses) < 2 or len(dense) < 2:
+      diff, verdict = ('0' if name == 'dense' else 'n/a'), ''
+    else:
+      t = stats.ttest_ind(losses, dense, equal_var=False)
+      ci = t.confidence_interval(0.95)
+      delta = statistics.mean(losses) - statistics.mean(dense)
+      diff = f'{delta:+.4f} [{ci.low:+.4f}, {ci.high:+.4f}]'
+      verdict = ('worse' if ci.low > 0 else 'better') if ci.low > 0 or ci.high < 0 else 'not resolved'
+    causal = 'yes' if rows[0].get('causal') else 'NO'
+    out.append(f'| {name} | {causal} | {len(rows)} | {statistics.mean(losses):.4f} | {spread} | {diff} | '
+               f'{verdict} | {np.median(mults):.3g} | [{np.percentile(boot, 2.5):.3g}, '
+               f'{np.percentile(boot, 97.5):.3g}] |')
+  return out
+
+
 def _multiplier(m) -> str:
   return f'{m:.3g}' if isinstance(m, float) else str(m)
 
@@ -116,6 +155,10 @@ def main() -> None:
   ]
   if seeds:
     sections.append(('Seed noise of the dense twin', seed_table(runs, seeds)))
+  if (d / 'seed_runs.jsonl').exists():
+    dense_fit = json.loads((d / 'dense_fit.json').read_text())
+    sections.append(('Seeds per variant at 4e12 FLOPs (seeds.sh)',
+                     seed_study_table(_lines(d / 'seed_runs.jsonl'), dense_fit)))
   for title, lines in sections:
     print(f'### {title}\n')
     print('\n'.join(lines))
