@@ -166,8 +166,8 @@ def _long_context(c: ml_collections.ConfigDict, seq_len: int) -> None:
 
 def to_moba(c: ml_collections.ConfigDict, *, small: bool) -> None:
   """MoBA at the dense config's parameters (the gate has none). Accelerator sizes use the paper's
-  scaling-law setting (Lu et al. 2025, Sec. 3.1: 8K tokens, blocks of 512, top-3, the last layers
-  dense not used there), at the rung's tokens per step; CPU sizes (256 tokens) blocks of 32, top-3
+  scaling-law setting (Lu et al. 2025: 8K tokens, blocks of 512, top-3, no dense layers), at the
+  rung's tokens per step; CPU sizes (256 tokens) blocks of 32, top-3
   (of 8 blocks: the paper's 3 of 16 would leave blocks of 16)."""
   c.model.attention = 'moba'
   if small:

@@ -14,9 +14,9 @@ share one choice, their scores summed (as NSA's Eq. 10 does), so that `pallas_ke
 serves both paths: its group-centric kernel loads each chosen K/V block once for the group. Per-head
 choice would need G = H / K times the block lists and either K/V repeated per query head (G times the
 K/V reads) or a kernel keyed by query head; with one kv head per query head (`num_kv_heads = num_heads`)
-the two are the same. The paper's hybrid (Sec. 2.3, 3.2: the last few layers dense, which it finds
-closes the gap on long-context fine-tuning): `moba.dense_last_layers` blocks at the top of the model
-run dense attention (`at_layer`).
+the two are the same. The paper's layer-wise hybrid (the last few layers full attention, which it
+reports closes most of the gap in supervised fine-tuning): `moba.dense_last_layers` blocks at the top
+of the model run dense attention (`at_layer`).
 
 Memory is linear in T: the block means are `[B, T / block_size, K, D]` and the gate scores are taken
 `XLA_CHUNK` queries at a time (`map_query_chunks`), then only the `[B, T, K, top_k]` indices are kept.
