@@ -54,7 +54,8 @@ def measure(name: str, T: int) -> tuple[float, float, int, str]:
   cfg = layer_cfg(name, T)
   layer = attention.REGISTRY[name](cfg, rngs=nnx.Rngs(0))
   graphdef, params, rest = nnx.split(layer, nnx.Param, ...)
-  params, rest = nnx.to_pure_dict(params), nnx.to_pure_dict(rest)  # arrays: the Variables are made in the trace
+  # Plain arrays, so the Variables are made inside the trace that updates them.
+  params, rest = nnx.to_pure_dict(params), nnx.to_pure_dict(rest)
   x_BTD = jax.random.normal(jax.random.key(1), (1, T, cfg.d_model))
   pos_BT = jnp.arange(T)[None]
 

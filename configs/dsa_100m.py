@@ -10,4 +10,4 @@ from sparse_lm import ladder
 
 
 def get_config():
-  return ladder.dsa_config('100m')
+  return ladder.variant_config('100m', 'dsa')

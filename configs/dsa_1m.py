@@ -10,4 +10,4 @@ from sparse_lm import ladder
 
 
 def get_config():
-  return ladder.dsa_config('1m')
+  return ladder.variant_config('1m', 'dsa')

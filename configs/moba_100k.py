@@ -10,4 +10,4 @@ from sparse_lm import ladder
 
 
 def get_config():
-  return ladder.moba_config('100k')
+  return ladder.variant_config('100k', 'moba')

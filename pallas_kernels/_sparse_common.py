@@ -20,6 +20,24 @@ def canonical_lists(j_Xn: jax.Array) -> jax.Array:
   return jnp.where(key_Xn == _NONE, -1, key_Xn)
 
 
+def visible_lists(j_BTKn: jax.Array, block_size: int) -> jax.Array:
+  """`[B, K, T, n]` canonical lists without the blocks (of `block_size` keys; 1: single keys) that start
+  after the token: they show it nothing."""
+  t_1T11 = jnp.arange(j_BTKn.shape[1])[None, :, None, None]
+  j_BTKn = jnp.where((j_BTKn >= 0) & (j_BTKn * block_size <= t_1T11), j_BTKn, -1)
+  return canonical_lists(j_BTKn.astype(jnp.int32).transpose(0, 2, 1, 3))
+
+
+def check_listed_args(kernel: str, q_BTHD, k_BSKD, v_BSKD, lists_BTKn, lists: str) -> None:
+  """The shapes both kernels take: q `[B, T, Hq, D]`, k/v `[B, T, Hkv, D]`, lists `[B, T, Hkv, n]`."""
+  B, T, H = q_BTHD.shape[:3]
+  S, K = k_BSKD.shape[1], k_BSKD.shape[2]
+  if S != T or H % K or v_BSKD.shape != k_BSKD.shape or lists_BTKn.shape[:3] != (B, T, K):
+    raise ValueError(f'{kernel} needs q [B, T, Hq, D], k/v [B, T, Hkv, D] with Hq % Hkv == 0 and '
+                     f'{lists} [B, T, Hkv, n]; got {q_BTHD.shape}, {k_BSKD.shape}, {v_BSKD.shape}, '
+                     f'{lists_BTKn.shape}')
+
+
 def scores(q_MD, k_LD, scale):
   return jax.lax.dot_general(q_MD, k_LD, _TRANS_B, preferred_element_type=jnp.float32) * scale
 

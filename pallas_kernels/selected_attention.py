@@ -54,7 +54,14 @@ from pallas_kernels._common import (
   vary_alike,
 )
 from pallas_kernels._reference import MASK_VALUE, XLA_CHUNK, map_query_chunks
-from pallas_kernels._sparse_common import canonical_lists, finish, online_step, probs_and_dscores
+from pallas_kernels._sparse_common import (
+  canonical_lists,
+  check_listed_args,
+  finish,
+  online_step,
+  probs_and_dscores,
+  visible_lists,
+)
 
 _TRANS_B = (((1,), (1,)), ((), ()))
 
@@ -130,13 +137,6 @@ def _gathered_attention(q_BTHD, k_BSKD, v_BSKD, j_BTKn, qpos_BT, L: int, sm_scal
 
 
 # ----------------------------------------------------------------------------- block-list bookkeeping
-
-
-def _token_lists(j_BTKn: jax.Array, block_size: int) -> jax.Array:
-  """`[B, K, T, n]` canonical lists without the blocks that start after the token (they show it nothing)."""
-  t_1T11 = jnp.arange(j_BTKn.shape[1])[None, :, None, None]
-  j_BTKn = jnp.where((j_BTKn >= 0) & (j_BTKn * block_size <= t_1T11), j_BTKn, -1)
-  return canonical_lists(j_BTKn.transpose(0, 2, 1, 3))
 
 
 def _tile_unions(j_BKTn: jax.Array, block_q: int, num_blocks: int) -> tuple[jax.Array, jax.Array]:
@@ -562,7 +562,7 @@ def _operands(plan: _Plan, q_BTHD, k_BSKD, v_BSKD, block_indices_BTKn):
   T, K = q_BTHD.shape[1], k_BSKD.shape[2]
   Tp = _padded_len(plan, T)
   pad = ((0, 0), (0, Tp - T), (0, 0), (0, 0))
-  idx_BKTn = _token_lists(jnp.pad(block_indices_BTKn.astype(jnp.int32), pad, constant_values=-1),
+  idx_BKTn = visible_lists(jnp.pad(block_indices_BTKn.astype(jnp.int32), pad, constant_values=-1),
                           plan.block_size)
   union_BKNU, count_BKN = _tile_unions(idx_BKTn, plan.block_q, Tp // plan.block_size)
   if plan.backend == 'gpu':  # Triton loads need power-of-two sizes
@@ -644,12 +644,8 @@ def selected_attention(q_BTHD: jax.Array, k_BSKD: jax.Array, v_BSKD: jax.Array, 
   every real query, so causality hides them, and padded queries select nothing.
   """
   check_implementation(implementation)
-  B, T, H, D = q_BTHD.shape
-  S, K = k_BSKD.shape[1], k_BSKD.shape[2]
-  if S != T or H % K or v_BSKD.shape != k_BSKD.shape or block_indices_BTKn.shape[:3] != (B, T, K):
-    raise ValueError(f'selected_attention needs q [B, T, Hq, D], k/v [B, T, Hkv, D] with Hq % Hkv == 0 and '
-                     f'block_indices [B, T, Hkv, n]; got {q_BTHD.shape}, {k_BSKD.shape}, {v_BSKD.shape}, '
-                     f'{block_indices_BTKn.shape}')
+  check_listed_args('selected_attention', q_BTHD, k_BSKD, v_BSKD, block_indices_BTKn, 'block_indices')
+  H, D, K = q_BTHD.shape[2], q_BTHD.shape[3], k_BSKD.shape[2]
   if implementation == 'xla':
     return selected_attention_reference(q_BTHD, k_BSKD, v_BSKD, block_indices_BTKn, block_size=block_size,
                                         sm_scale=sm_scale)

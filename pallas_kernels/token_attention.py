@@ -35,7 +35,13 @@ from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels._common import check_implementation, dispatch, in_shard_map, interpret_param, out_struct
 from pallas_kernels._reference import MASK_VALUE, XLA_CHUNK
-from pallas_kernels._sparse_common import canonical_lists, finish, online_step, probs_and_dscores
+from pallas_kernels._sparse_common import (
+  check_listed_args,
+  finish,
+  online_step,
+  probs_and_dscores,
+  visible_lists,
+)
 from pallas_kernels.selected_attention import selected_attention_reference
 
 _DIMS_0 = (((0,), (0,)), ((), ()))
@@ -66,9 +72,7 @@ def token_attention_reference(q_BTHD, k_BSKD, v_BSKD, token_indices_BTKn, *, sm_
 
 def _lists(idx_BTKn: jax.Array, width: int) -> tuple[jax.Array, jax.Array]:
   """`[B, K, T, width]` canonical lists without positions after the token, and their lengths."""
-  t_1T11 = jnp.arange(idx_BTKn.shape[1])[None, :, None, None]
-  idx_BTKn = jnp.where((idx_BTKn >= 0) & (idx_BTKn <= t_1T11), idx_BTKn, -1).astype(jnp.int32)
-  idx_BKTn = canonical_lists(idx_BTKn.transpose(0, 2, 1, 3))
+  idx_BKTn = visible_lists(idx_BTKn, 1)
   n = idx_BKTn.shape[-1]
   idx_BKTn = jnp.pad(idx_BKTn, ((0, 0),) * 3 + ((0, width - n),), constant_values=-1)
   return idx_BKTn, jnp.sum(idx_BKTn >= 0, axis=-1, dtype=jnp.int32)
@@ -307,12 +311,8 @@ def token_attention(q_BTHD: jax.Array, k_BSKD: jax.Array, v_BSKD: jax.Array, tok
   dk/dv step gathers (default: 64 rows' worth). Both untuned. `num_warps`/`num_stages`: Triton.
   """
   check_implementation(implementation)
-  B, T, H, D = q_BTHD.shape
-  S, K = k_BSKD.shape[1], k_BSKD.shape[2]
-  if S != T or H % K or v_BSKD.shape != k_BSKD.shape or token_indices_BTKn.shape[:3] != (B, T, K):
-    raise ValueError(f'token_attention needs q [B, T, Hq, D], k/v [B, T, Hkv, D] with Hq % Hkv == 0 and '
-                     f'token_indices [B, T, Hkv, n]; got {q_BTHD.shape}, {k_BSKD.shape}, {v_BSKD.shape}, '
-                     f'{token_indices_BTKn.shape}')
+  check_listed_args('token_attention', q_BTHD, k_BSKD, v_BSKD, token_indices_BTKn, 'token_indices')
+  H, D, K = q_BTHD.shape[2], q_BTHD.shape[3], k_BSKD.shape[2]
   if not 1 <= block_k <= 32:
     raise ValueError(f'token_attention: block_k={block_k} must be in 1..32 (a bit of a mask per key)')
   if implementation == 'xla':

@@ -102,17 +102,10 @@ def mosa_config(name: str, *, causal: bool = False, sparsity: int | None = None)
   return c
 
 
-def moba_config(name: str) -> ml_collections.ConfigDict:
-  """The rung with MoBA (`to_moba`): same parameters, data and steps."""
+def variant_config(name: str, variant: str) -> ml_collections.ConfigDict:
+  """The rung turned into `variant` by its `VARIANTS` recipe (MoBA, DSA, ...), same data and steps."""
   c = dense_config(name)
-  to_moba(c, small=name in CPU_RUNGS)
-  return c
-
-
-def dsa_config(name: str) -> ml_collections.ConfigDict:
-  """The rung with DSA at the same parameter count (`to_dsa`), data and steps."""
-  c = dense_config(name)
-  to_dsa(c, small=name in CPU_RUNGS)
+  VARIANTS[variant](c, small=name in CPU_RUNGS)
   return c
 
 

@@ -144,8 +144,8 @@ STEP_CONFIGS = {
     'routing_causal': lambda: _small(ladder.routing_config('100m', causal=True), fsdp=4, tensor=2, expert=1,
                                      seq_len=512),
     'moe': lambda: _small(ladder.moe_config('100m'), fsdp=2, tensor=2, expert=2, seq_len=512),
-    'moba': lambda: _small(ladder.moba_config('100m'), fsdp=4, tensor=2, expert=1, seq_len=2048),
-    'dsa': lambda: _small(ladder.dsa_config('100m'), fsdp=4, tensor=2, expert=1, seq_len=4096),
+    'moba': lambda: _small(ladder.variant_config('100m', 'moba'), fsdp=4, tensor=2, expert=1, seq_len=2048),
+    'dsa': lambda: _small(ladder.variant_config('100m', 'dsa'), fsdp=4, tensor=2, expert=1, seq_len=4096),
 }
 STEP_KERNELS = {'dense': {'flash_attention_fwd'},
                 'nsa': {'compressed_attention_fwd', 'block_selection', 'selected_attention_fwd',
