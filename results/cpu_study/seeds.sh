@@ -33,4 +33,7 @@ import json, sys
 for line in open('$ROOT/seeds/seed$seed.jsonl'):
   print(json.dumps({**json.loads(line), 'seed': $seed}))" >> "$OUT/seed_runs.jsonl"
 done
+# A variant with no seed-0 run here takes run.sh's (variant_runs.jsonl: the same command at train.seed 0;
+# the dense twin's seed 0 reran here to 2e-5 of run.sh's), marked with where it came from.
+python results/cpu_study/seed_zero.py --out "$OUT"
 python results/cpu_study/summarize.py --dir="$OUT" > "$OUT/tables.md"

@@ -99,39 +99,74 @@ def seed_table(runs: list[dict], seeds: list[dict]) -> list[str]:
   return out
 
 
+def _holm(p_values: dict[str, float], level: float = 0.05) -> set[str]:
+  """The names whose null is rejected by Holm's step-down at family-wise `level`."""
+  rejected = set()
+  for rank, (name, p) in enumerate(sorted(p_values.items(), key=lambda item: item[1])):
+    if p > level / (len(p_values) - rank):
+      break
+    rejected.add(name)
+  return rejected
+
+
 def seed_study_table(seed_runs: list[dict], dense_fit: dict) -> list[str]:
-  """Each variant over its seeds against dense over its seeds at the same budget and size: the mean
-  difference with a Welch 95% interval (law-free; "resolved" when the interval excludes 0), and the
-  compute multiplier against the dense-only law, at each seed's loss (median, and the 2.5-97.5
-  percentiles of the median over 2,000 resamplings of the seeds: seed noise, not the law's)."""
-  by_variant = collections.defaultdict(list)
+  """Each variant over its seeds against dense over its seeds at the same budget and size.
+
+  Unpaired: the mean difference with a Welch 95% interval. Paired: a train.seed fixes the data order
+  (and the validation batches) for every variant alike, and the per-seed noise is mostly shared (a bad
+  order is bad for all), so the per-seed differences variant minus dense get a Student t 95% interval
+  over seeds, its p-value, and how many seeds the variant was lower. "Resolved" when the interval
+  excludes 0; "after Holm" when it still is with the family of all variants' tests held to 5%. The
+  compute multiplier is paired the same way: per seed, the dense law's compute to reach the variant's
+  loss over its compute to reach that seed's dense loss (so the law's level cancels and only its slope
+  is used), times the dense run's budget over the variant's; geometric mean over seeds with a t 95%
+  interval on its logarithm.
+  """
+  by_variant = collections.defaultdict(dict)
   for r in seed_runs:
-    by_variant[r['variant']].append(r)
-  dense = [r['loss'] for r in by_variant.get('dense', [])]
+    by_variant[r['variant']][r['seed']] = r
+  dense = by_variant.get('dense', {})
   law = scaling.Law(**{k: dense_fit[k] for k in ('E', 'A', 'B', 'alpha', 'beta')})
   fpt = scaling.FlopsModel(**dense_fit['flops_per_token'])
-  rng = np.random.default_rng(0)
-  out = ['| variant | causal | seeds | eval loss mean | std | minus dense [Welch 95%] | resolved? | '
-         'multiplier (median) | 95% over seeds |', '|---|---|---|---|---|---|---|---|---|']
+  cells, p_values = {}, {}
+  for name, rows in by_variant.items():
+    seeds = sorted(set(rows) & set(dense))
+    if name == 'dense' or len(rows) < 2 or len(seeds) < 2:
+      continue
+    dense_losses = [r['loss'] for r in dense.values()]
+    losses = [r['loss'] for r in rows.values()]
+    welch = stats.ttest_ind(losses, dense_losses, equal_var=False).confidence_interval(0.95)
+    diff = np.array([rows[s]['loss'] - dense[s]['loss'] for s in seeds])
+    paired = stats.ttest_1samp(diff, 0.0)
+    ci = paired.confidence_interval(0.95)
+    log_m = np.log([scaling.compute_multiplier(law, rows[s]['C'], rows[s]['loss'], fpt)
+                    / scaling.compute_multiplier(law, dense[s]['C'], dense[s]['loss'], fpt) for s in seeds])
+    m_ci = stats.ttest_1samp(log_m, 0.0).confidence_interval(0.95)
+    p_values[name] = float(paired.pvalue)
+    delta = statistics.mean(losses) - statistics.mean(dense_losses)
+    cells[name] = [
+        f'{delta:+.4f} [{welch.low:+.4f}, {welch.high:+.4f}]',
+        f'{diff.mean():+.4f} [{ci.low:+.4f}, {ci.high:+.4f}]', f'{paired.pvalue:.3g}',
+        f'{int((diff < 0).sum())}/{len(seeds)}',
+        ('worse' if ci.low > 0 else 'better') if ci.low > 0 or ci.high < 0 else 'not resolved',
+        f'{np.exp(log_m.mean()):.3g} [{np.exp(m_ci.low):.3g}, {np.exp(m_ci.high):.3g}]']
+  holm = _holm(p_values)
+  out = ['| variant | causal | seeds | eval loss mean | std | minus dense [Welch 95%] | paired minus dense '
+         '[t 95%] | p (paired) | seeds lower | resolved (paired)? | after Holm | paired multiplier [t 95%] |',
+         '|---|---|---|---|---|---|---|---|---|---|---|---|']
   for name in sorted(by_variant, key=lambda v: (v != 'dense', v)):
     rows = by_variant[name]
-    losses = [r['loss'] for r in rows]
-    mults = [scaling.compute_multiplier(law, r['C'], r['loss'], fpt) for r in rows]
-    mults = [m if isinstance(m, float) else float('nan') for m in mults]
-    boot = [np.median(rng.choice(mults, len(mults))) for _ in range(2000)]
+    losses = [r['loss'] for r in rows.values()]
     spread = f'{statistics.stdev(losses):.4f}' if len(losses) > 1 else 'n/a'
-    if name == 'dense' or len(losses) < 2 or len(dense) < 2:
-      diff, verdict = ('0' if name == 'dense' else 'n/a'), ''
-    else:
-      t = stats.ttest_ind(losses, dense, equal_var=False)
-      ci = t.confidence_interval(0.95)
-      delta = statistics.mean(losses) - statistics.mean(dense)
-      diff = f'{delta:+.4f} [{ci.low:+.4f}, {ci.high:+.4f}]'
-      verdict = ('worse' if ci.low > 0 else 'better') if ci.low > 0 or ci.high < 0 else 'not resolved'
-    causal = 'yes' if rows[0].get('causal') else 'NO'
-    out.append(f'| {name} | {causal} | {len(rows)} | {statistics.mean(losses):.4f} | {spread} | {diff} | '
-               f'{verdict} | {np.median(mults):.3g} | [{np.percentile(boot, 2.5):.3g}, '
-               f'{np.percentile(boot, 97.5):.3g}] |')
+    row = cells.get(name, ['0', '0', '', '', '', ''] if name == 'dense' else ['n/a'] * 6)
+    after = ('yes' if name in holm else 'no') if name in cells else ''
+    causal = 'yes' if next(iter(rows.values())).get('causal') else 'NO'
+    out.append(f'| {name} | {causal} | {len(rows)} | {statistics.mean(losses):.4f} | {spread} | '
+               + ' | '.join(row[:5] + [after, row[5]]) + ' |')
+  seeds_from = sorted({r['variant'] for r in seed_runs if r.get('from')})
+  if seeds_from:
+    out += ['', f'Seed 0 of {", ".join(seeds_from)} is run.sh\'s run (variant_runs.jsonl: the same command, '
+                'train.seed 0), not rerun.']
   return out
 
 
