@@ -109,7 +109,7 @@ def _holm(p_values: dict[str, float], level: float = 0.05) -> set[str]:
   return rejected
 
 
-def seed_study_table(seed_runs: list[dict], dense_fit: dict) -> list[str]:
+def seed_study_table(seed_runs: list[dict], dense_fit: dict | None) -> list[str]:
   """Each variant over its seeds against dense over its seeds at the same budget and size.
 
   Unpaired: the mean difference with a Welch 95% interval. Paired: a train.seed fixes the data order
@@ -120,14 +120,16 @@ def seed_study_table(seed_runs: list[dict], dense_fit: dict) -> list[str]:
   compute multiplier is paired the same way: per seed, the dense law's compute to reach the variant's
   loss over its compute to reach that seed's dense loss (so the law's level cancels and only its slope
   is used), times the dense run's budget over the variant's; geometric mean over seeds with a t 95%
-  interval on its logarithm.
+  interval on its logarithm. With no `dense_fit` (runs in a setting the dense law was not fitted in)
+  the multiplier is left out. Runs that carry a passkey accuracy add its mean over seeds.
   """
   by_variant = collections.defaultdict(dict)
   for r in seed_runs:
     by_variant[r['variant']][r['seed']] = r
   dense = by_variant.get('dense', {})
-  law = scaling.Law(**{k: dense_fit[k] for k in ('E', 'A', 'B', 'alpha', 'beta')})
-  fpt = scaling.FlopsModel(**dense_fit['flops_per_token'])
+  if dense_fit:
+    law = scaling.Law(**{k: dense_fit[k] for k in ('E', 'A', 'B', 'alpha', 'beta')})
+    fpt = scaling.FlopsModel(**dense_fit['flops_per_token'])
   cells, p_values = {}, {}
   for name, rows in by_variant.items():
     seeds = sorted(set(rows) & set(dense))
@@ -139,9 +141,12 @@ def seed_study_table(seed_runs: list[dict], dense_fit: dict) -> list[str]:
     diff = np.array([rows[s]['loss'] - dense[s]['loss'] for s in seeds])
     paired = stats.ttest_1samp(diff, 0.0)
     ci = paired.confidence_interval(0.95)
-    log_m = np.log([scaling.compute_multiplier(law, rows[s]['C'], rows[s]['loss'], fpt)
-                    / scaling.compute_multiplier(law, dense[s]['C'], dense[s]['loss'], fpt) for s in seeds])
-    m_ci = stats.ttest_1samp(log_m, 0.0).confidence_interval(0.95)
+    multiplier = 'n/a'
+    if dense_fit:
+      log_m = np.log([scaling.compute_multiplier(law, rows[s]['C'], rows[s]['loss'], fpt)
+                      / scaling.compute_multiplier(law, dense[s]['C'], dense[s]['loss'], fpt) for s in seeds])
+      m_ci = stats.ttest_1samp(log_m, 0.0).confidence_interval(0.95)
+      multiplier = f'{np.exp(log_m.mean()):.3g} [{np.exp(m_ci.low):.3g}, {np.exp(m_ci.high):.3g}]'
     p_values[name] = float(paired.pvalue)
     delta = statistics.mean(losses) - statistics.mean(dense_losses)
     cells[name] = [
@@ -149,11 +154,13 @@ def seed_study_table(seed_runs: list[dict], dense_fit: dict) -> list[str]:
         f'{diff.mean():+.4f} [{ci.low:+.4f}, {ci.high:+.4f}]', f'{paired.pvalue:.3g}',
         f'{int((diff < 0).sum())}/{len(seeds)}',
         ('worse' if ci.low > 0 else 'better') if ci.low > 0 or ci.high < 0 else 'not resolved',
-        f'{np.exp(log_m.mean()):.3g} [{np.exp(m_ci.low):.3g}, {np.exp(m_ci.high):.3g}]']
+        multiplier]
   holm = _holm(p_values)
+  passkey = any(r.get('passkey') is not None for r in seed_runs)
   out = ['| variant | causal | seeds | eval loss mean | std | minus dense [Welch 95%] | paired minus dense '
-         '[t 95%] | p (paired) | seeds lower | resolved (paired)? | after Holm | paired multiplier [t 95%] |',
-         '|---|---|---|---|---|---|---|---|---|---|---|---|']
+         '[t 95%] | p (paired) | seeds lower | resolved (paired)? | after Holm | paired multiplier [t 95%] |'
+         + (' passkey accuracy |' if passkey else ''),
+         '|---|---|---|---|---|---|---|---|---|---|---|---|' + ('---|' if passkey else '')]
   for name in sorted(by_variant, key=lambda v: (v != 'dense', v)):
     rows = by_variant[name]
     losses = [r['loss'] for r in rows.values()]
@@ -161,8 +168,10 @@ def seed_study_table(seed_runs: list[dict], dense_fit: dict) -> list[str]:
     row = cells.get(name, ['0', '0', '', '', '', ''] if name == 'dense' else ['n/a'] * 6)
     after = ('yes' if name in holm else 'no') if name in cells else ''
     causal = 'yes' if next(iter(rows.values())).get('causal') else 'NO'
+    keys = [r['passkey'] for r in rows.values() if r.get('passkey') is not None]
+    row = row[:5] + [after, row[5]] + ([f'{statistics.mean(keys):.3f}' if keys else 'n/a'] if passkey else [])
     out.append(f'| {name} | {causal} | {len(rows)} | {statistics.mean(losses):.4f} | {spread} | '
-               + ' | '.join(row[:5] + [after, row[5]]) + ' |')
+               + ' | '.join(row) + ' |')
   seeds_from = sorted({r['variant'] for r in seed_runs if r.get('from')})
   if seeds_from:
     out += ['', f'Seed 0 of {", ".join(seeds_from)} is run.sh\'s run (variant_runs.jsonl: the same command, '
@@ -194,6 +203,9 @@ def main() -> None:
     dense_fit = json.loads((d / 'dense_fit.json').read_text())
     sections.append(('Seeds per variant at 4e12 FLOPs (seeds.sh)',
                      seed_study_table(_lines(d / 'seed_runs.jsonl'), dense_fit)))
+  if (d / 'long_runs.jsonl').exists():
+    sections.append(('Sequences of 1,024 at 2e12 FLOPs, seeds per variant (long.sh)',
+                     seed_study_table(_lines(d / 'long_runs.jsonl'), None)))
   for title, lines in sections:
     print(f'### {title}\n')
     print('\n'.join(lines))
