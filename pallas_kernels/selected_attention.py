@@ -19,7 +19,9 @@ Backward: dq is query-major like the forward. dk/dv iterate over key blocks, eac
 whose union contains it: that inverse map is built with an argsort of the (tile, block) pairs into a CSR
 list, never as a dense [tiles, blocks] mask. The forward saves the per-row log-sum-exp for it.
 
-Bodies: the GPU (Triton) body loops over a tile's blocks inside one program and reads K/V by pointer.
+Bodies: the GPU (Triton) body loops over a tile's blocks inside one program and reads K/V by pointer,
+`block_k` keys at a time (dk/dv: one program per `block_k` keys of a block), so large blocks (MoBA's 512)
+hold no more registers or shared memory than NSA's 64.
 The TPU (Mosaic) body puts the union slots on the grid: the block lists are scalar-prefetched and drive
 the K/V fetches through the BlockSpec index maps (as splash attention does with its mask metadata);
 unused slots repeat the previous block so no new DMA is issued, and their compute is skipped. Whole tables
@@ -71,6 +73,7 @@ class _Plan:
   """Static choices of one call: hashable, so it is a `nondiff_argnums` of the custom_vjp."""
   block_size: int
   block_q: int  # query tokens per program; rows per program M = block_q * group
+  block_k: int  # keys per step of the GPU bodies, a divisor of block_size (the TPU bodies take whole blocks)
   group: int
   sm_scale: float
   backend: str
@@ -82,6 +85,10 @@ class _Plan:
   @property
   def rows(self) -> int:
     return self.block_q * self.group
+
+  @property
+  def sub_tiles(self) -> int:
+    return self.block_size // self.block_k
 
 
 # ----------------------------------------------------------------------------- XLA reference
@@ -155,32 +162,69 @@ def _fetch_table(union_BKNU: jax.Array, count_BKN: jax.Array) -> jax.Array:
   return jnp.maximum(jnp.take_along_axis(union_BKNU, last_BKNU, axis=-1), 0)
 
 
-def _inverse_map(union_BKNU: jax.Array, num_blocks: int):
-  """Key block -> the query tiles whose union holds it, as CSR over (tile, block) pairs sorted by block
-  (the GPU body's dk/dv loop): the pairs' tiles `[B, K, P]` (unused pairs at the end) and each block's
-  first pair `[B, K, num_blocks + 1]`."""
+def _inverse_map(union_BKNU: jax.Array, num_blocks: int, plan: _Plan):
+  """Key block -> the query tiles whose union holds it, as CSR over (tile, block) pairs sorted by (block,
+  tile) (the GPU body's dk/dv loop): the pairs' tiles `[B, K, P]` (unused pairs at the end); for each step
+  x of `block_k` keys, the first pair of its block whose tile has a token at or after key x * block_k
+  `[B, K, X]` (earlier tiles of the block's run see none of these keys); each block's end `[B, K, NB]`."""
   B, K, NT, U = union_BKNU.shape
+  # Flattened (tile, slot) order is tile-major, so a stable sort by block keeps each run's tiles ascending.
   key_BKP = jnp.where(union_BKNU >= 0, union_BKNU, num_blocks).reshape(B, K, NT * U)
   order_BKP = jnp.argsort(key_BKP, axis=-1, stable=True)
   block_BKP = jnp.take_along_axis(key_BKP, order_BKP, axis=-1)
   npairs_BK = jnp.sum(block_BKP < num_blocks, axis=-1, dtype=jnp.int32)
   p_11P = jnp.arange(NT * U)[None, None]
   last_BKP = jnp.maximum(jnp.minimum(p_11P, npairs_BK[..., None] - 1), 0)
-  block_BKP = jnp.minimum(jnp.take_along_axis(block_BKP, last_BKP, axis=-1), num_blocks - 1)
   tile_BKP = jnp.take_along_axis(order_BKP // U, last_BKP, axis=-1).astype(jnp.int32)
-  starts = jax.vmap(jax.vmap(lambda b_P: jnp.searchsorted(b_P, jnp.arange(num_blocks + 1))))
-  start_BKJ = starts(jnp.where(p_11P < npairs_BK[..., None], block_BKP, num_blocks))
-  return tile_BKP, start_BKJ.astype(jnp.int32)
+  pair_key_BKP = jnp.where(p_11P < npairs_BK[..., None], block_BKP * NT + tile_BKP, num_blocks * NT)
+  key0_X = jnp.arange(num_blocks * plan.sub_tiles) * plan.block_k  # each step's first key
+  first_key_X = key0_X // plan.block_size * NT + key0_X // plan.block_q
+  end_key_J = (jnp.arange(num_blocks) + 1) * NT
+  starts = jax.vmap(jax.vmap(lambda key_P, at: jnp.searchsorted(key_P, at), (0, None)), (0, None))
+  return (tile_BKP, starts(pair_key_BKP, first_key_X).astype(jnp.int32),
+          starts(pair_key_BKP, end_key_J).astype(jnp.int32))
 
 
 def _visible(idx_Mn, qpos_M1, j, L):
   """[M, L]: row r sees key j*L + c when its token listed block j and j*L + c <= its position."""
-  member_M1 = jnp.max(jnp.where(idx_Mn == j, 1.0, 0.0), axis=1)[:, None] > 0
-  kpos_ML = j * L + jax.lax.broadcasted_iota(jnp.int32, (idx_Mn.shape[0], L), 1)
-  return member_M1 & (kpos_ML <= qpos_M1)
+  return _listed(idx_Mn, j) & _causal(qpos_M1, j * L, L)
+
+
+def _listed(idx_Mn, j):
+  """[M, 1]: the rows whose token listed block j."""
+  return jnp.max(jnp.where(idx_Mn == j, 1.0, 0.0), axis=1)[:, None] > 0
+
+
+def _causal(qpos_M1, first, width):
+  """[M, width]: keys first..first+width-1 at or before each row's position."""
+  return first + jax.lax.broadcasted_iota(jnp.int32, (qpos_M1.shape[0], width), 1) <= qpos_M1
 
 
 # ----------------------------------------------------------------------------- GPU (Triton) bodies
+#
+# The GPU bodies walk a selected block in steps of `block_k` keys, so what a step holds (the [M, block_k]
+# scores, dk/dv's [block_k, D] sums, the K/V rows in shared memory) does not grow with block_size: MoBA's
+# blocks of 512 taken whole spilled dk/dv's registers at head_dim 64 and asked 282,624 bytes of shared
+# memory at 128, past an H100 block's 232,448 (BENCHMARKS.md). The steps of a block that start after
+# every query of the tile (its own block's future) are not taken.
+
+
+def _over_selected(union_ref, count_ref, idx_Mn, qpos_M1, plan, step, init):
+  """Fold `step(carry, rows, visible_Mk)` over the tile's union, `block_k` keys at a time."""
+  L, bk = plan.block_size, plan.block_k
+  last = (pl.program_id(2) + 1) * plan.block_q - 1  # the tile's last token (rows are token-major)
+
+  def block(u, carry):
+    j = union_ref[u]
+    listed_M1 = _listed(idx_Mn, j)
+
+    def sub_tile(c, carry):
+      first = j * L + c * bk
+      return step(carry, pl.ds(pl.multiple_of(first, bk), bk), listed_M1 & _causal(qpos_M1, first, bk))
+    # Every block of the union starts at or before `last` (the lists hold no block not yet begun).
+    return jax.lax.fori_loop(0, jnp.minimum(plan.sub_tiles, jax.lax.div(last - j * L, bk) + 1), sub_tile,
+                             carry)
+  return jax.lax.fori_loop(0, count_ref[0], block, init)
 
 
 def _gpu_specs(M, S, D, U):
@@ -197,63 +241,58 @@ def _gpu_specs(M, S, D, U):
 def _fwd_gpu_kernel(union_ref, count_ref, q_ref, k_ref, v_ref, idx_ref, qpos_ref, o_ref, lse_ref, *,
                     plan):
   M, D = q_ref.shape
-  L = plan.block_size
-  q_MD, idx_Mn, qpos_M1 = q_ref[...], idx_ref[...], qpos_ref[...]
+  q_MD = q_ref[...]
 
-  def body(u, carry):
-    j = union_ref[u]
-    rows = pl.ds(pl.multiple_of(j * L, L), L)
-    return online_step(q_MD, k_ref[rows, :], v_ref[rows, :], _visible(idx_Mn, qpos_M1, j, L), *carry,
-                        plan.sm_scale)
+  def step(carry, rows, visible_Mk):
+    return online_step(q_MD, k_ref[rows, :], v_ref[rows, :], visible_Mk, *carry, plan.sm_scale)
 
   init = (jnp.full((M, 1), MASK_VALUE, jnp.float32), jnp.zeros((M, 1), jnp.float32),
           jnp.zeros((M, D), jnp.float32))
-  o_MD, lse_M1 = finish(*jax.lax.fori_loop(0, count_ref[0], body, init))
+  o_MD, lse_M1 = finish(*_over_selected(union_ref, count_ref, idx_ref[...], qpos_ref[...], plan, step, init))
   o_ref[...] = o_MD.astype(o_ref.dtype)
   lse_ref[...] = lse_M1
 
 
 def _dq_gpu_kernel(union_ref, count_ref, q_ref, k_ref, v_ref, idx_ref, qpos_ref, do_ref, lse_ref, delta_ref,
                    dq_ref, *, plan):
-  L = plan.block_size
-  q_MD, do_MD, idx_Mn, qpos_M1 = q_ref[...], do_ref[...], idx_ref[...], qpos_ref[...]
-  lse_M1, delta_M1 = lse_ref[...], delta_ref[...]
+  q_MD, do_MD, lse_M1, delta_M1 = q_ref[...], do_ref[...], lse_ref[...], delta_ref[...]
 
-  def body(u, dq_MD):
-    j = union_ref[u]
-    rows = pl.ds(pl.multiple_of(j * L, L), L)
-    k_LD = k_ref[rows, :]
-    _, ds_ML = probs_and_dscores(q_MD, k_LD, v_ref[rows, :], do_MD, lse_M1, delta_M1,
-                                  _visible(idx_Mn, qpos_M1, j, L), plan.sm_scale)
-    return dq_MD + jnp.dot(ds_ML.astype(k_LD.dtype), k_LD, preferred_element_type=jnp.float32)
+  def step(dq_MD, rows, visible_Mk):
+    k_kD = k_ref[rows, :]
+    _, ds_Mk = probs_and_dscores(q_MD, k_kD, v_ref[rows, :], do_MD, lse_M1, delta_M1, visible_Mk,
+                                 plan.sm_scale)
+    return dq_MD + jnp.dot(ds_Mk.astype(k_kD.dtype), k_kD, preferred_element_type=jnp.float32)
 
-  dq_ref[...] = jax.lax.fori_loop(0, count_ref[0], body, jnp.zeros(q_ref.shape, jnp.float32)
-                                  ).astype(dq_ref.dtype)
+  dq_MD = _over_selected(union_ref, count_ref, idx_ref[...], qpos_ref[...], plan, step,
+                         jnp.zeros(q_ref.shape, jnp.float32))
+  dq_ref[...] = dq_MD.astype(dq_ref.dtype)
 
 
-def _dkdv_gpu_kernel(start_ref, tile_ref, q_ref, k_ref, v_ref, idx_ref, qpos_ref, do_ref, lse_ref, delta_ref,
-                     dk_ref, dv_ref, *, plan):
-  j = pl.program_id(2)
-  L, M = plan.block_size, plan.rows
-  k_LD, v_LD = k_ref[...], v_ref[...]
+def _dkdv_gpu_kernel(first_ref, end_ref, tile_ref, q_ref, k_ref, v_ref, idx_ref, qpos_ref, do_ref, lse_ref,
+                     delta_ref, dk_ref, dv_ref, *, plan):
+  """One program per `block_k` keys of block j, over the query tiles whose union holds j, from the first
+  one that reaches these keys (`first_ref`, built in the wrapper) to the end of j's run."""
+  x = pl.program_id(2)
+  j, M = jax.lax.div(x, plan.sub_tiles), plan.rows
+  k_kD, v_kD = k_ref[...], v_ref[...]
 
   def body(c, carry):
-    dk_LD, dv_LD = carry
+    dk_kD, dv_kD = carry
     rows = pl.ds(pl.multiple_of(tile_ref[c] * M, M), M)
     q_MD, do_MD = q_ref[rows, :], do_ref[rows, :]
-    visible_ML = _visible(idx_ref[rows, :], qpos_ref[rows, :], j, L)
-    p_ML, ds_ML = probs_and_dscores(q_MD, k_LD, v_LD, do_MD, lse_ref[rows, :], delta_ref[rows, :],
-                                     visible_ML, plan.sm_scale)
-    dv_LD += jax.lax.dot_general(p_ML.astype(do_MD.dtype), do_MD, (((0,), (0,)), ((), ())),
+    visible_Mk = _listed(idx_ref[rows, :], j) & _causal(qpos_ref[rows, :], x * plan.block_k, plan.block_k)
+    p_Mk, ds_Mk = probs_and_dscores(q_MD, k_kD, v_kD, do_MD, lse_ref[rows, :], delta_ref[rows, :],
+                                    visible_Mk, plan.sm_scale)
+    dv_kD += jax.lax.dot_general(p_Mk.astype(do_MD.dtype), do_MD, (((0,), (0,)), ((), ())),
                                  preferred_element_type=jnp.float32)
-    dk_LD += jax.lax.dot_general(ds_ML.astype(q_MD.dtype), q_MD, (((0,), (0,)), ((), ())),
+    dk_kD += jax.lax.dot_general(ds_Mk.astype(q_MD.dtype), q_MD, (((0,), (0,)), ((), ())),
                                  preferred_element_type=jnp.float32)
-    return dk_LD, dv_LD
+    return dk_kD, dv_kD
 
   zeros = jnp.zeros(k_ref.shape, jnp.float32)
-  dk_LD, dv_LD = jax.lax.fori_loop(start_ref[j], start_ref[j + 1], body, (zeros, zeros))
-  dk_ref[...] = dk_LD.astype(dk_ref.dtype)
-  dv_ref[...] = dv_LD.astype(dv_ref.dtype)
+  dk_kD, dv_kD = jax.lax.fori_loop(first_ref[x], end_ref[j], body, (zeros, zeros))
+  dk_ref[...] = dk_kD.astype(dk_ref.dtype)
+  dv_ref[...] = dv_kD.astype(dv_ref.dtype)
 
 
 def _gpu_forward(plan, q_BKMD, k_BKSD, v_BKSD, idx_BKMn, qpos_M1, union_BKNU, count_BKN):
@@ -293,21 +332,22 @@ def _gpu_backward(plan, q_BKMD, k_BKSD, v_BKSD, idx_BKMn, qpos_M1, union_BKNU, c
   )(union_BKNU, count_BKN[..., None], q_BKMD, k_BKSD, v_BKSD, idx_BKMn, qpos_M1, do_BKMD, lse_BKM1,
     delta_BKM1)
 
-  tile_BKP, start_BKJ = _inverse_map(union_BKNU, NB)
+  tile_BKP, first_BKX, end_BKJ = _inverse_map(union_BKNU, NB, plan)
   def whole(width):
-    return pl.BlockSpec((None, None, Mt, width), lambda b, h, j: (b, h, 0, 0))
-  kv_block = pl.BlockSpec((None, None, L, D), lambda b, h, j: (b, h, j, 0))
+    return pl.BlockSpec((None, None, Mt, width), lambda b, h, x: (b, h, 0, 0))
+  kv_step = pl.BlockSpec((None, None, plan.block_k, D), lambda b, h, x: (b, h, x, 0))
   dk_BKSD, dv_BKSD = pl.pallas_call(
       functools.partial(_dkdv_gpu_kernel, plan=plan),
-      grid=(B, K, NB),
-      in_specs=[pl.BlockSpec((None, None, NB + 1), lambda b, h, j: (b, h, 0)),
-                pl.BlockSpec((None, None, NT * U), lambda b, h, j: (b, h, 0)),
-                whole(D), kv_block, kv_block, whole(n), pl.BlockSpec((Mt, 1), lambda b, h, j: (0, 0)),
+      grid=(B, K, NB * plan.sub_tiles),
+      in_specs=[pl.BlockSpec((None, None, NB * plan.sub_tiles), lambda b, h, x: (b, h, 0)),
+                pl.BlockSpec((None, None, NB), lambda b, h, x: (b, h, 0)),
+                pl.BlockSpec((None, None, NT * U), lambda b, h, x: (b, h, 0)),
+                whole(D), kv_step, kv_step, whole(n), pl.BlockSpec((Mt, 1), lambda b, h, x: (0, 0)),
                 whole(D), whole(1), whole(1)],
-      out_specs=[kv_block, kv_block],
+      out_specs=[kv_step, kv_step],
       out_shape=[out_struct(x.shape, x.dtype, q_BKMD, k_BKSD, do_BKMD) for x in (k_BKSD, v_BKSD)],
       name='selected_attention_dkdv', **params,
-  )(start_BKJ, tile_BKP, q_BKMD, k_BKSD, v_BKSD, idx_BKMn, qpos_M1, do_BKMD, lse_BKM1, delta_BKM1)
+  )(first_BKX, end_BKJ, tile_BKP, q_BKMD, k_BKSD, v_BKSD, idx_BKMn, qpos_M1, do_BKMD, lse_BKM1, delta_BKM1)
   return dq_BKMD, dk_BKSD, dv_BKSD
 
 
@@ -615,10 +655,10 @@ def _pow2(x: int) -> bool:
 
 def _check_compiled_shapes(plan: _Plan, D: int) -> None:
   """Tile rules of the compiled bodies (interpret mode runs any shape)."""
-  L, M = plan.block_size, plan.rows
-  if plan.backend == 'gpu' and not (_pow2(L) and _pow2(D) and _pow2(M) and min(L, D, M) >= 16):
-    raise ValueError(f'the Triton body needs block_size={L}, head_dim={D} and block_q * group={M} (the '
-                     'group padded to a power of two) to be powers of two >= 16')
+  L, M, bk = plan.block_size, plan.rows, plan.block_k
+  if plan.backend == 'gpu' and not (_pow2(L) and _pow2(D) and _pow2(M) and _pow2(bk) and min(L, D, M, bk) >= 16):
+    raise ValueError(f'the Triton body needs block_size={L}, block_k={bk}, head_dim={D} and block_q * '
+                     f'group={M} (the group padded to a power of two) to be powers of two >= 16')
   if plan.backend == 'tpu' and (L % 8 or M % 8):
     raise ValueError(f'the TPU body needs block_size={L} and block_q*group={M} to be multiples of 8')
 
@@ -634,10 +674,12 @@ def _default_block_q(backend: str, group: int) -> int:
 def selected_attention(q_BTHD: jax.Array, k_BSKD: jax.Array, v_BSKD: jax.Array, block_indices_BTKn: jax.Array,
                        *, block_size: int, sm_scale: float | None = None, implementation: str = 'pallas',
                        interpret: bool | None = None, backend: str | None = None, block_q: int | None = None,
-                       num_warps: int = 4, num_stages: int = 2, tpu_table_entries: int = 16384) -> jax.Array:
+                       block_k: int | None = None, num_warps: int = 4, num_stages: int = 2,
+                       tpu_table_entries: int = 16384) -> jax.Array:
   """NSA selected-block attention `[B, T, Hq, D]` (see the module docstring for the rule).
 
-  `block_q`: query tokens per program (default per backend, untuned). `num_warps`/`num_stages`: Triton.
+  `block_q`: query tokens per program (default per backend, untuned). `block_k`: keys per step of the GPU
+  bodies, a divisor of `block_size` (default `min(block_size, 64)`). `num_warps`/`num_stages`: Triton.
   `tpu_table_entries`: the int32 entries one TPU call may scalar-prefetch; the default, 64 KiB of the ~1 MiB
   SMEM, is untuned (a call then runs ~16K grid steps, which should dwarf its fixed cost).
   A T that is not a multiple of `block_size` (or of `block_q`) is zero-padded: padded keys sit after
@@ -655,7 +697,10 @@ def selected_attention(q_BTHD: jax.Array, k_BSKD: jax.Array, v_BSKD: jax.Array, 
     # Triton tiles are powers of two, so the GPU body pads a group of 3, 5, 6, 12, ... query heads with
     # zero heads: their outputs are dropped, so their cotangents are zero and they add nothing to dk/dv.
     G = pl.next_power_of_2(H // K) if body == 'gpu' else H // K
-    plan = _Plan(block_size=block_size, block_q=block_q or _default_block_q(body, G), group=G,
+    bk = (block_k or min(block_size, 64)) if body == 'gpu' else block_size
+    if block_size % bk:
+      raise ValueError(f'selected_attention needs block_k={bk} to divide block_size={block_size}')
+    plan = _Plan(block_size=block_size, block_q=block_q or _default_block_q(body, G), block_k=bk, group=G,
                  sm_scale=D**-0.5 if sm_scale is None else sm_scale, backend=body, interpret=interpreted,
                  num_warps=num_warps, num_stages=num_stages, tpu_table_entries=tpu_table_entries)
     if not interpreted:

@@ -73,24 +73,28 @@ def _vjp(f):
   return jax.jit(run)
 
 
-# (backend, H, K, T, block_size, dtype): GQA ratios 1, 2 and 8; T=40 is not a multiple of block_size=16.
+# (backend, H, K, T, block_size, block_k, dtype): GQA ratios 1, 2 and 8; T=40 is not a multiple of
+# block_size=16; the GPU bodies walk blocks in steps of block_k keys, fewer or more than a tile's block_q
+# tokens (8 at H/K=2, 16 at 1), and skip the steps after a tile's last token.
 CASES = [
-    ('gpu', 2, 2, 64, 16, jnp.float32),
-    ('gpu', 4, 2, 40, 16, jnp.bfloat16),
-    ('gpu', 8, 1, 48, 8, jnp.float32),
-    ('tpu', 4, 2, 40, 16, jnp.float32),
-    ('tpu', 8, 1, 32, 8, jnp.bfloat16),
+    ('gpu', 2, 2, 64, 16, None, jnp.float32),
+    ('gpu', 2, 2, 64, 16, 4, jnp.float32),
+    ('gpu', 4, 2, 40, 16, 8, jnp.bfloat16),
+    ('gpu', 8, 1, 48, 8, None, jnp.float32),
+    ('gpu', 4, 2, 72, 32, 16, jnp.float32),
+    ('tpu', 4, 2, 40, 16, None, jnp.float32),
+    ('tpu', 8, 1, 32, 8, None, jnp.bfloat16),
 ]
 
 
-@pytest.mark.parametrize('backend,H,K,T,L,dtype', CASES)
-def test_kernel_matches_reference(backend, H, K, T, L, dtype):
+@pytest.mark.parametrize('backend,H,K,T,L,bk,dtype', CASES)
+def test_kernel_matches_reference(backend, H, K, T, L, bk, dtype):
   seed = _seed()
   rng = np.random.default_rng(seed)
   q, k, v, idx = _inputs(rng, 2, T, H, K, 16, 5, L, dtype)
   do = jnp.asarray(rng.standard_normal(q.shape), dtype)
   kernel = functools.partial(selected_attention, block_indices_BTKn=idx, block_size=L, backend=backend,
-                             interpret=True)
+                             interpret=True, block_k=bk)
   reference = functools.partial(selected_attention_reference, block_indices_BTKn=idx, block_size=L)
   got = _vjp(kernel)(q, k, v, do)
   # bfloat16 is checked against the float32 reference on the same (rounded) inputs.
