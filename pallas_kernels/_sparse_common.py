@@ -29,13 +29,20 @@ def visible_lists(j_BTKn: jax.Array, block_size: int) -> jax.Array:
 
 
 def check_listed_args(kernel: str, q_BTHD, k_BSKD, v_BSKD, lists_BTKn, lists: str) -> None:
-  """The shapes both kernels take: q `[B, T, Hq, D]`, k/v `[B, T, Hkv, D]`, lists `[B, T, Hkv, n]`."""
+  """The shapes both kernels take: q `[B, T, Hq, D]`, k/v `[B, T, Hkv, D]`, lists `[B, T, Hkv, n]`, or
+  `[B, T, 1, n]`: one list per token shared by every kv group."""
   B, T, H = q_BTHD.shape[:3]
   S, K = k_BSKD.shape[1], k_BSKD.shape[2]
-  if S != T or H % K or v_BSKD.shape != k_BSKD.shape or lists_BTKn.shape[:3] != (B, T, K):
+  if (S != T or H % K or v_BSKD.shape != k_BSKD.shape or lists_BTKn.ndim != 4
+      or lists_BTKn.shape[:2] != (B, T) or lists_BTKn.shape[2] not in (K, 1)):
     raise ValueError(f'{kernel} needs q [B, T, Hq, D], k/v [B, T, Hkv, D] with Hq % Hkv == 0 and '
-                     f'{lists} [B, T, Hkv, n]; got {q_BTHD.shape}, {k_BSKD.shape}, {v_BSKD.shape}, '
-                     f'{lists_BTKn.shape}')
+                     f'{lists} [B, T, Hkv, n] (or [B, T, 1, n], shared by the kv groups); got '
+                     f'{q_BTHD.shape}, {k_BSKD.shape}, {v_BSKD.shape}, {lists_BTKn.shape}')
+
+
+def per_group(lists_BTKn: jax.Array, num_kv_heads: int) -> jax.Array:
+  """Shared `[B, T, 1, n]` lists as one per kv group (a broadcast: XLA fuses it into its consumer)."""
+  return jnp.broadcast_to(lists_BTKn, (*lists_BTKn.shape[:2], num_kv_heads, lists_BTKn.shape[-1]))
 
 
 def scores(q_MD, k_LD, scale):

@@ -61,6 +61,7 @@ from pallas_kernels._sparse_common import (
   check_listed_args,
   finish,
   online_step,
+  per_group,
   probs_and_dscores,
   visible_lists,
 )
@@ -117,6 +118,7 @@ def _gathered_attention(q_BTHD, k_BSKD, v_BSKD, j_BTKn, qpos_BT, L: int, sm_scal
   B, T, H, D = q_BTHD.shape
   K, n = k_BSKD.shape[2], j_BTKn.shape[-1]
   scale = D**-0.5 if sm_scale is None else sm_scale
+  j_BTKn = per_group(j_BTKn, K)  # shared lists: gathered per group, a chunk at a time
   kpos_BTKnL = jnp.maximum(j_BTKn, 0)[..., None] * L + jnp.arange(L)[None, None, None, None]
   kpos_BKX = kpos_BTKnL.transpose(0, 2, 1, 3, 4).reshape(B, K, -1)
 
@@ -656,7 +658,7 @@ def _pow2(x: int) -> bool:
 def _check_compiled_shapes(plan: _Plan, D: int) -> None:
   """Tile rules of the compiled bodies (interpret mode runs any shape)."""
   L, M, bk = plan.block_size, plan.rows, plan.block_k
-  if plan.backend == 'gpu' and not (_pow2(L) and _pow2(D) and _pow2(M) and _pow2(bk) and min(L, D, M, bk) >= 16):
+  if plan.backend == 'gpu' and not (all(map(_pow2, (L, D, M, bk))) and min(L, D, M, bk) >= 16):
     raise ValueError(f'the Triton body needs block_size={L}, block_k={bk}, head_dim={D} and block_q * '
                      f'group={M} (the group padded to a power of two) to be powers of two >= 16')
   if plan.backend == 'tpu' and (L % 8 or M % 8):
@@ -676,7 +678,8 @@ def selected_attention(q_BTHD: jax.Array, k_BSKD: jax.Array, v_BSKD: jax.Array, 
                        interpret: bool | None = None, backend: str | None = None, block_q: int | None = None,
                        block_k: int | None = None, num_warps: int = 4, num_stages: int = 2,
                        tpu_table_entries: int = 16384) -> jax.Array:
-  """NSA selected-block attention `[B, T, Hq, D]` (see the module docstring for the rule).
+  """NSA selected-block attention `[B, T, Hq, D]` (see the module docstring for the rule). The block
+  lists are `[B, T, Hkv, n]`, or `[B, T, 1, n]` for one list shared by every kv group.
 
   `block_q`: query tokens per program (default per backend, untuned). `block_k`: keys per step of the GPU
   bodies, a divisor of `block_size` (default `min(block_size, 64)`). `num_warps`/`num_stages`: Triton.
@@ -691,6 +694,8 @@ def selected_attention(q_BTHD: jax.Array, k_BSKD: jax.Array, v_BSKD: jax.Array, 
   if implementation == 'xla':
     return selected_attention_reference(q_BTHD, k_BSKD, v_BSKD, block_indices_BTKn, block_size=block_size,
                                         sm_scale=sm_scale)
+  # The kernels take a list per group: block lists are short (T / block_size blocks at most).
+  block_indices_BTKn = per_group(block_indices_BTKn, K)
   def build(body: str, interpreted: bool):
     if interpreted and in_shard_map(q_BTHD, k_BSKD, v_BSKD):  # JAX's interpreter cannot run in shard_map
       return functools.partial(selected_attention_reference, block_size=block_size, sm_scale=sm_scale)

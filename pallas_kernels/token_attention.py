@@ -179,20 +179,27 @@ def _params(plan: _Plan) -> dict:
               interpret=interpret_param(plan.interpret, 'gpu'))
 
 
-def _token_specs(R, S, D, n):
-  """Grid (b, h, t): a token's rows of `[B, K, T * R, width]`, a (b, h)'s whole K or V, a token's list."""
+def _list_of(h, num_lists: int):
+  """The list index of kv group h: its own, or 0 when one list serves every group."""
+  return h if num_lists > 1 else 0
+
+
+def _token_specs(R, S, D, n, num_lists):
+  """Grid (b, h, t): a token's rows of `[B, K, T * R, width]`, a (b, h)'s whole K or V, a token's list
+  and its length (of `[B, num_lists, T, ...]`)."""
   def rows(width):
     return pl.BlockSpec((None, None, R, width), lambda b, h, t: (b, h, t, 0))
   whole_kv = pl.BlockSpec((None, None, S, D), lambda b, h, t: (b, h, 0, 0))
-  one = pl.BlockSpec((None, None, None, 1), lambda b, h, t: (b, h, t, 0))
-  lists = pl.BlockSpec((None, None, None, n), lambda b, h, t: (b, h, t, 0))
+  one = pl.BlockSpec((None, None, None, 1), lambda b, h, t: (b, _list_of(h, num_lists), t, 0))
+  lists = pl.BlockSpec((None, None, None, n), lambda b, h, t: (b, _list_of(h, num_lists), t, 0))
   return rows, whole_kv, one, lists
 
 
 def _forward(plan, q_BKMD, k_BKSD, v_BKSD, idx_BKTn, count_BKT):
-  B, K, T, n = idx_BKTn.shape
+  B, K = q_BKMD.shape[:2]
+  T, n = idx_BKTn.shape[2:]
   S, D = k_BKSD.shape[2:]
-  rows, whole_kv, one, lists = _token_specs(plan.rows, S, D, n)
+  rows, whole_kv, one, lists = _token_specs(plan.rows, S, D, n, idx_BKTn.shape[1])
   return pl.pallas_call(
       functools.partial(_fwd_kernel, plan=plan),
       grid=(B, K, T),
@@ -205,10 +212,11 @@ def _forward(plan, q_BKMD, k_BKSD, v_BKSD, idx_BKTn, count_BKT):
 
 
 def _backward(plan, q_BKMD, k_BKSD, v_BKSD, idx_BKTn, count_BKT, do_BKMD, lse_BKM, delta_BKM):
-  B, K, T, n = idx_BKTn.shape
+  B, K = q_BKMD.shape[:2]
+  Kl, T, n = idx_BKTn.shape[1:]
   S, D = k_BKSD.shape[2:]
   M = T * plan.rows
-  rows, whole_kv, one, lists = _token_specs(plan.rows, S, D, n)
+  rows, whole_kv, one, lists = _token_specs(plan.rows, S, D, n, Kl)
   dq_BKMD = pl.pallas_call(
       functools.partial(_dq_kernel, plan=plan),
       grid=(B, K, T),
@@ -221,14 +229,14 @@ def _backward(plan, q_BKMD, k_BKSD, v_BKSD, idx_BKTn, count_BKT, do_BKMD, lse_BK
   NJ = S // plan.block_k
   tok_BKP, bits_BKP, start_BKJ = _inverse_map(idx_BKTn, NJ, plan.block_k, plan.pairs_per_step)
   P = tok_BKP.shape[-1]
-  def whole(shape):
-    return pl.BlockSpec((None, None, *shape), lambda b, h, j: (b, h) + (0,) * len(shape))
+  def whole(shape, num=K):
+    return pl.BlockSpec((None, None, *shape), lambda b, h, j: (b, _list_of(h, num)) + (0,) * len(shape))
   kv_tile = pl.BlockSpec((None, None, plan.block_k, D), lambda b, h, j: (b, h, j, 0))
   dk_BKSD, dv_BKSD = pl.pallas_call(
       functools.partial(_dkdv_kernel, plan=plan),
       grid=(B, K, NJ),
-      in_specs=[whole((NJ + 1,)), whole((P,)), whole((P,)), whole((M, D)), kv_tile, kv_tile, whole((M, D)),
-                whole((M,)), whole((M,))],
+      in_specs=[whole((NJ + 1,), Kl), whole((P,), Kl), whole((P,), Kl), whole((M, D)), kv_tile, kv_tile,
+                whole((M, D)), whole((M,)), whole((M,))],
       out_specs=[kv_tile, kv_tile],
       out_shape=[out_struct(x.shape, x.dtype, q_BKMD, k_BKSD, do_BKMD) for x in (k_BKSD, v_BKSD)],
       name='token_attention_dkdv', **_params(plan),

@@ -148,7 +148,7 @@ def attention_per_device(kernel, q_BTHD: jax.Array, k_BSKD: jax.Array, *more):
   over `tensor` when both the query and the kv heads divide (a device's query heads then find their kv
   heads on the same device), the sequence whole (a kernel sees every key). The kernel takes q and k
   first; arrays in and out are `[B, T, heads, ...]` like them (values, NSA's block lists) or
-  `[B, heads, T]` (log-sum-exps). A Pallas
+  `[B, heads, T]` (log-sum-exps), or `[B, T, 1, ...]` for one array all heads share. A Pallas
   kernel is a custom call that XLA's partitioner cannot split (Mosaic refuses to compile; a Triton call
   would gather its operands and run whole on every device), so it is placed by hand with `shard_map`.
   A plain call outside a context mesh."""
@@ -161,7 +161,10 @@ def attention_per_device(kernel, q_BTHD: jax.Array, k_BSKD: jax.Array, *more):
     heads = None
 
   def spec(x):
-    return PartitionSpec(batch, heads, None) if x.ndim == 3 else PartitionSpec(batch, None, heads, None)
+    if x.ndim == 3:
+      return PartitionSpec(batch, heads, None)
+    # A `[B, T, 1, ...]` array (lists every kv group shares) goes whole to each device's heads.
+    return PartitionSpec(batch, None, heads if x.shape[2] > 1 else None, None)
   args = (q_BTHD, k_BSKD, *more)
   out_specs = jax.tree.map(spec, jax.eval_shape(kernel, *args))
   return jax.shard_map(kernel, in_specs=tuple(map(spec, args)), out_specs=out_specs)(*args)

@@ -141,6 +141,20 @@ def test_lowers_forward_and_backward(backend, platform, dtype):
     jax.jit(fn).trace(q, kv, kv).lower(lowering_platforms=(platform,))
 
 
+@pytest.mark.parametrize('backend', ['gpu', 'tpu'])
+def test_shared_lists_equal_lists_per_group(backend):
+  """`[B, T, 1, n]` lists (DSA's one indexer for all kv groups) are the same as that list per group."""
+  rng = np.random.default_rng(_seed())
+  q, k, v, idx = _inputs(rng, 1, 32, 4, 2, 16, 4, 8, jnp.float32)
+  shared = idx[:, :, :1]
+  f = functools.partial(selected_attention, block_size=8, backend=backend, interpret=True)
+  got = _vjp(lambda q, k, v: f(q, k, v, shared))(q, k, v, q)
+  want = _vjp(lambda q, k, v: f(q, k, v, jnp.repeat(shared, 2, axis=2)))(q, k, v, q)
+  for g, w in zip(got, want, strict=True):
+    np.testing.assert_array_equal(g, w)
+  np.testing.assert_allclose(selected_attention_reference(q, k, v, shared, block_size=8), got[0], atol=1e-5)
+
+
 def test_shape_errors():
   q = jnp.zeros((1, 32, 4, 16))
   kv = jnp.zeros((1, 32, 2, 16))
@@ -148,7 +162,9 @@ def test_shape_errors():
   with pytest.raises(ValueError, match='block_indices'):
     selected_attention(q, kv[:, :16], kv[:, :16], idx, block_size=8)
   with pytest.raises(ValueError, match='block_indices'):
-    selected_attention(q, kv, kv, idx[..., :1, :], block_size=8)
+    selected_attention(q, kv, kv, jnp.zeros((1, 32, 3, 3), jnp.int32), block_size=8)
+  with pytest.raises(ValueError, match='block_k=16 to divide block_size=8'):
+    selected_attention(q, kv, kv, idx, block_size=8, block_k=16, interpret=True, backend='gpu')
   with pytest.raises(ValueError, match='powers of two'):
     selected_attention(q, kv, kv, idx, block_size=12, backend='gpu', interpret=False)
   with pytest.raises(ValueError, match='multiples of 8'):

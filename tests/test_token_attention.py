@@ -55,27 +55,35 @@ def test_reference_matches_per_token_loop():
     np.testing.assert_allclose(got[b, t, h], want, atol=1e-5, err_msg=f'seed {seed}, (b, t, h)={b, t, h}')
 
 
-@pytest.mark.parametrize('B,T,H,K,D,n,block_k', [
-    (2, 37, 4, 2, 16, 12, 4),    # group of 2 padded to 16 rows, lists of 3 steps, T not a multiple of block_k
-    (1, 64, 3, 1, 16, 40, 16),   # group of 3, lists longer than a step
-    (1, 48, 2, 2, 8, 5, 32),     # one query head per group, 32-bit masks
+@pytest.mark.parametrize('B,T,H,K,D,n,block_k,shared', [
+    (2, 37, 4, 2, 16, 12, 4, False),  # group of 2 padded to 16 rows, lists of 3 steps, T % block_k != 0
+    (1, 64, 3, 1, 16, 40, 16, False),  # group of 3, lists longer than a step
+    (1, 48, 2, 2, 8, 5, 32, False),    # one query head per group, 32-bit masks
+    (2, 37, 8, 4, 16, 12, 8, True),    # one list [B, T, 1, n] shared by 4 kv groups (DSA's indexer)
 ])
-def test_kernel_matches_reference_forward_and_backward(B, T, H, K, D, n, block_k):
+def test_kernel_matches_reference_forward_and_backward(B, T, H, K, D, n, block_k, shared):
   seed = _seed()
   q, k, v, idx = _inputs(np.random.default_rng(seed), B, T, H, K, D, n)
+  if shared:
+    idx = idx[:, :, :1]
   w = jnp.asarray(np.random.default_rng(seed + 1).standard_normal((B, T, H, D)), jnp.float32)
+  # The reference is given a list per group, copied, so the shared path is checked against the plain one.
+  idx_per_group = jnp.asarray(np.repeat(np.asarray(idx), K // idx.shape[2], axis=2))
 
-  def loss(f):
-    return lambda q, k, v: jnp.sum(w * f(q, k, v, idx))
+  def loss(f, lists):
+    return lambda q, k, v: jnp.sum(w * f(q, k, v, lists))
   kernel = lambda *a: token_attention(*a, interpret=True, block_k=block_k)  # noqa: E731
-  np.testing.assert_allclose(kernel(q, k, v, idx), token_attention_reference(q, k, v, idx), atol=1e-5,
-                             err_msg=f'seed {seed}')
-  got = jax.grad(loss(kernel), argnums=(0, 1, 2))(q, k, v)
-  want = jax.grad(loss(token_attention_reference), argnums=(0, 1, 2))(q, k, v)
+  np.testing.assert_allclose(kernel(q, k, v, idx), token_attention_reference(q, k, v, idx_per_group),
+                             atol=1e-5, err_msg=f'seed {seed}')
+  got = jax.grad(loss(kernel, idx), argnums=(0, 1, 2))(q, k, v)
+  want = jax.grad(loss(token_attention_reference, idx_per_group), argnums=(0, 1, 2))(q, k, v)
   for name, g, r in zip('qkv', got, want, strict=True):
     np.testing.assert_allclose(g, r, atol=2e-5, err_msg=f'd{name}, seed {seed}')
   assert float(jnp.abs(got[0][0, 0]).max()) == 0.0  # the empty list: zero output, zero gradient
   np.testing.assert_array_equal(kernel(q, k, v, idx)[0, 0], 0.0)
+  if shared:  # the reference takes shared lists too
+    np.testing.assert_allclose(token_attention_reference(q, k, v, idx),
+                               token_attention_reference(q, k, v, idx_per_group), atol=1e-6)
 
 
 def test_kernel_is_causal_through_gradients():

@@ -7,9 +7,11 @@ weights from the token, and keys of one shared head; `I[t, s] = sum_j w[t, j] * 
 over `s <= t`. Letters of this file: I the indexer's heads (their features D, like any head's).
 
 - **Selection is shared by all heads**: the paper's indexer serves MLA in its MQA mode, one key/value
-  head for all query heads; here one indexer per layer chooses for every kv group (the `[B, T, K, n]`
-  lists repeat it over K), so per-group indexers would be K times the indexer for a choice the paper
-  does not make. While `t < top_k` a query sees all its tokens.
+  head for all query heads; here one indexer per layer chooses for every kv group, and its `[B, T, 1, n]`
+  lists go to the kernels as one list per token for all groups (token attention builds one inverse map
+  from them; copied per group they were K x 1 GiB arrays a layer at the 100m rung's top-2,048 on 8,192
+  tokens, BENCHMARKS.md). Per-group indexers would be K times the indexer for a choice the paper does
+  not make. While `t < top_k` a query sees all its tokens.
 - **Training** (Sec. 2.1.1): the indexer learns only from a KL loss toward the main attention's
   distribution, summed over heads and L1-normalised (here: the mean of the heads' softmaxes, the same
   thing), detached; its input is detached, so the language-model loss never reaches it and the KL
@@ -162,8 +164,8 @@ class Attention(dense.Attention):
     relu_BQIX = jax.nn.relu(dots_BQIX * self.dsa.index_head_dim**-0.5)
     return jnp.einsum('bqix,bqi->bqx', relu_BQIX, w_BQI)
 
-  def _select(self, qi_BTID, w_BTI, ki_BSD, qpos_BT, num_kv_heads: int) -> jax.Array:
-    """`[B, T, K, n]` chosen tokens (L = 1) or blocks, the same for every kv group; -1: unused."""
+  def _select(self, qi_BTID, w_BTI, ki_BSD, qpos_BT) -> jax.Array:
+    """`[B, T, 1, n]` chosen tokens (L = 1) or blocks, one list that every kv group shares; -1: unused."""
     S, L, top_k = ki_BSD.shape[1], self.dsa.block_size, self.dsa.top_k
 
     def one_chunk(qi_BQID, w_BQI, pos_BQ):
@@ -179,9 +181,8 @@ class Attention(dense.Attention):
       return select_blocks(block_BQN[:, :, None], pos_BQ, num_selected=top_k // L, block_size=L,
                            force_first=False, force_local=1)
     # Padded queries sit at position -1: they see no token and choose nothing.
-    idx_BT1n = map_query_chunks(one_chunk, (qi_BTID, w_BTI, qpos_BT), (0, 0, -1),
-                                chunk=self._chunk(self.dsa.index_heads * S))
-    return jnp.broadcast_to(idx_BT1n, (*idx_BT1n.shape[:2], num_kv_heads, idx_BT1n.shape[-1]))
+    return map_query_chunks(one_chunk, (qi_BTID, w_BTI, qpos_BT), (0, 0, -1),
+                            chunk=self._chunk(self.dsa.index_heads * S))
 
   # ----------------------------------------------------------------------------- the indexer's loss
 
@@ -216,7 +217,7 @@ class Attention(dense.Attention):
     return _mean_over_queries(*map_query_chunks(one_chunk, (q_BTHD, qi_BTID, w_BTI, pos_BT), (0, 0, 0, -1),
                                                 chunk=chunk))
 
-  def _sparse_kl(self, q_BTHD, k_BTKD, qi_BTID, w_BTI, ki_BTD, idx_BTKn, pos_BT):
+  def _sparse_kl(self, q_BTHD, k_BTKD, qi_BTID, w_BTI, ki_BTD, idx_BT1n, pos_BT):
     """The sparse stage's loss: over the selected tokens only (Sec. 2.1.1, the second stage)."""
     L = self.dsa.block_size
 
@@ -229,10 +230,10 @@ class Attention(dense.Attention):
       ki_BQXD = jnp.take_along_axis(ki_BTD[:, None], kpos_BQX[..., None], axis=2, mode='clip')
       return self._kl(self._target(q_BQHD, k_BQXKD, visible_BQX), self._index_scores(qi_BQID, w_BQI, ki_BQXD),
                       visible_BQX)
-    X, K, D = idx_BTKn.shape[-1] * L, k_BTKD.shape[2], k_BTKD.shape[3]
+    X, K, D = idx_BT1n.shape[-1] * L, k_BTKD.shape[2], k_BTKD.shape[3]
     chunk = self._chunk(X * (max(q_BTHD.shape[2], self.dsa.index_heads) + K * D + ki_BTD.shape[-1]))
     return _mean_over_queries(*map_query_chunks(
-        one_chunk, (q_BTHD, qi_BTID, w_BTI, idx_BTKn[:, :, 0], pos_BT), (0, 0, 0, -1, -1), chunk=chunk))
+        one_chunk, (q_BTHD, qi_BTID, w_BTI, idx_BT1n[:, :, 0], pos_BT), (0, 0, 0, -1, -1), chunk=chunk))
 
   def _recall(self, q_BTHD, k_BTKD, qi_BTID, w_BTI, ki_BTD, pos_BT) -> jax.Array:
     """The share of the dense attention's top-k tokens that the selection covers, over the last
@@ -240,7 +241,7 @@ class Attention(dense.Attention):
     B, T = pos_BT.shape
     S, L, R = k_BTKD.shape[1], self.dsa.block_size, min(self.dsa.recall_queries, T)
     qpos_BR = pos_BT[:, -R:]
-    idx_BRn = self._select(qi_BTID[:, -R:], w_BTI[:, -R:], ki_BTD, qpos_BR, 1)[:, :, 0]
+    idx_BRn = self._select(qi_BTID[:, -R:], w_BTI[:, -R:], ki_BTD, qpos_BR)[:, :, 0]
     visible_BRS = jnp.arange(S)[None, None, :] <= qpos_BR[:, :, None]
     p_BRS = self._target(q_BTHD[:, -R:], k_BTKD, visible_BRS)
     _, top_BRk = jax.lax.top_k(p_BRS, min(self.dsa.top_k, S))
@@ -254,13 +255,13 @@ class Attention(dense.Attention):
 
   # ----------------------------------------------------------------------------- the layer
 
-  def _sparse_attend(self, q_BTHD, k_BTKD, v_BTKD, idx_BTKn):
+  def _sparse_attend(self, q_BTHD, k_BTKD, v_BTKD, idx_BT1n):
     if self.dsa.block_size == 1:
       attend = functools.partial(token_attention, implementation=self.kernel)
     else:
       attend = functools.partial(selected_attention, block_size=self.dsa.block_size,
                                  implementation=self.kernel)
-    return sharding.attention_per_device(attend, q_BTHD, k_BTKD, v_BTKD, idx_BTKn)
+    return sharding.attention_per_device(attend, q_BTHD, k_BTKD, v_BTKD, idx_BT1n)
 
   def _in_warmup(self) -> jax.Array:
     return jax.lax.stop_gradient(self.clock[...]) < self.dsa.dense_warmup_steps
@@ -278,7 +279,6 @@ class Attention(dense.Attention):
     if cache is not None:
       o_BTHD, cache = self._decode(q_BTHD, k_BTKD, v_BTKD, qi_BTID, w_BTI, ki_BTD, pos_BT, cache)
       return self._output(o_BTHD), cache
-    K = k_BTKD.shape[2]
 
     def dense_stage(q_BTHD, k_BTKD, v_BTKD, qi_BTID, w_BTI, ki_BTD):
       o_BTHD = self._attend(q_BTHD, k_BTKD, v_BTKD)  # dense attention's
@@ -286,9 +286,9 @@ class Attention(dense.Attention):
       return o_BTHD, jnp.asarray(kl, jnp.float32)
 
     def sparse_stage(q_BTHD, k_BTKD, v_BTKD, qi_BTID, w_BTI, ki_BTD):
-      idx_BTKn = self._select(qi_BTID, w_BTI, ki_BTD, pos_BT, K)
-      o_BTHD = self._sparse_attend(q_BTHD, k_BTKD, v_BTKD, idx_BTKn)
-      kl = (self._sparse_kl(q_BTHD, k_BTKD, qi_BTID, w_BTI, ki_BTD, idx_BTKn, pos_BT) if update_state
+      idx_BT1n = self._select(qi_BTID, w_BTI, ki_BTD, pos_BT)
+      o_BTHD = self._sparse_attend(q_BTHD, k_BTKD, v_BTKD, idx_BT1n)
+      kl = (self._sparse_kl(q_BTHD, k_BTKD, qi_BTID, w_BTI, ki_BTD, idx_BT1n, pos_BT) if update_state
             else 0.0)
       return o_BTHD, jnp.asarray(kl, jnp.float32)
 
@@ -321,10 +321,10 @@ class Attention(dense.Attention):
       return flash_attention_reference(q_BTHD, cache['k'], cache['v'], qpos_BT=pos_BT)
 
     def sparse_stage(q_BTHD, qi_BTID, w_BTI):
-      idx_BTKn = self._select(qi_BTID, w_BTI, cache['ki'], pos_BT, k_BTKD.shape[2])
+      idx_BT1n = self._select(qi_BTID, w_BTI, cache['ki'], pos_BT)
       if self.dsa.block_size == 1:
-        return token_attention_reference(q_BTHD, cache['k'], cache['v'], idx_BTKn, qpos_BT=pos_BT)
-      return selected_attention_reference(q_BTHD, cache['k'], cache['v'], idx_BTKn,
+        return token_attention_reference(q_BTHD, cache['k'], cache['v'], idx_BT1n, qpos_BT=pos_BT)
+      return selected_attention_reference(q_BTHD, cache['k'], cache['v'], idx_BT1n,
                                           block_size=self.dsa.block_size, qpos_BT=pos_BT)
     return self._staged(dense_stage, sparse_stage, q_BTHD, qi_BTID, w_BTI), cache
 
