@@ -24,13 +24,19 @@ _ONLY = flags.DEFINE_list('only', None, 'Names of the cases to compile (default:
 _RESUME = flags.DEFINE_bool('resume', True, 'Skip cases already in --out.')
 
 # name -> (config file, overrides). The rungs as shipped (their own batch, mesh.data over every device),
-# then dense, NSA, MoBA and DSA 100m at 32K and 64K tokens, one sequence per device.
+# then dense, NSA, MoBA and DSA 100m at 32K and 64K tokens, one sequence per device. `@blocks64`: DSA's
+# selection in blocks of 64 tokens, its TPU route (token_attention has no TPU body).
 LONG = ('--config.train.batch_size=8',)
+BLOCKS = ('--config.model.dsa.block_size=64',)
 CASES = {
     **{f'{kind}_{rung}': (f'configs/{kind}_{rung}.py', ())
        for rung in ('100m', '300m', '1b') for kind in ('dense', 'nsa', 'moe', 'moba', 'dsa')},
     **{f'{kind}_100m@{T // 1024}K': (f'configs/{kind}_100m.py', (*LONG, f'--config.data.seq_len={T}'))
        for T in (32768, 65536) for kind in ('dense', 'nsa', 'moba', 'dsa')},
+    **{f'dsa_{rung}@blocks64': (f'configs/dsa_{rung}.py', BLOCKS) for rung in ('100m', '300m', '1b')},
+    **{f'dsa_100m@{T // 1024}K@blocks64': ('configs/dsa_100m.py', (*LONG, f'--config.data.seq_len={T}',
+                                                                   *BLOCKS))
+       for T in (32768, 65536)},
 }
 
 
