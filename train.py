@@ -1,19 +1,19 @@
 """Trains a language model: `python train.py --config=configs/NAME.py --workdir=DIR [--config.KEY=VALUE]`.
 
-Rerunning the same command on the same DIR resumes from its newest complete checkpoint. On many hosts,
-run the same command on every host; `sparse_lm/distributed.py` says how each finds the others, and
+Rerunning the same command on the same DIR resumes from its newest complete checkpoint. Ctrl-C (or
+SIGTERM) saves a checkpoint at the next step boundary and stops; a second Ctrl-C stops at once. On many
+hosts, run the same command on every host; `sparse_lm/distributed.py` says how each finds the others, and
 `launch/` holds the launchers.
 """
 
 import sys
 
-from absl import app, flags, logging
-from ml_collections import config_flags
+from absl import flags, logging
 
-from sparse_lm import distributed, trainer
+from sparse_lm import cli, distributed, trainer
 from sparse_lm.config import ConfigError
 
-_CONFIG = config_flags.DEFINE_config_file('config', 'configs/default.py', 'Experiment config file.')
+_CONFIG = cli.config_flag('train')
 _WORKDIR = flags.DEFINE_string('workdir', 'runs/default', 'Where checkpoints and metrics go.')
 _DISTRIBUTED = flags.DEFINE_enum(
     'distributed', 'auto', distributed.MODES,
@@ -43,7 +43,9 @@ def main(argv) -> None:
     sys.exit(f'config error: {error}')
   except trainer.Diverged as error:
     sys.exit(f'train: {error}')
+  except trainer.Stopped as stop:
+    sys.exit(stop.status)
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run(main, 'train')

@@ -23,3 +23,7 @@ Exceptions, each said in its file's docstring: `grouped_matmul.py` is a matrix k
 matrix letters (`lhs_MK`, `rhs_GKN`: rows, contraction, columns and expert groups), and
 `block_selection.py` names NSA's selection blocks S (to be renamed).
 """
+
+from sparse_lm import startup
+
+startup.choose()  # before any module of the package imports jax: see startup.py

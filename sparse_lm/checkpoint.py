@@ -20,6 +20,7 @@ Orbax fsyncs neither the commit file nor the rename: this covers a killed proces
 loses power.
 """
 
+import pathlib
 from typing import Any
 
 import orbax.checkpoint as ocp
@@ -55,6 +56,10 @@ class Checkpointer:
     )
     # Orbax's array writer rejects relative paths, and `--workdir` is often one.
     self._manager = ocp.CheckpointManager(epath.Path(directory).resolve(), options=options)
+
+  @property
+  def directory(self) -> pathlib.Path:
+    return pathlib.Path(str(self._manager.directory))
 
   def latest_step(self) -> int | None:
     return max(filter(self._is_complete, self._manager.all_steps()), default=None)
@@ -98,5 +103,9 @@ class Checkpointer:
     self._manager.close()
 
   def _is_complete(self, step: int) -> bool:
-    path = self._manager.directory / str(step)
-    return ocp.path.step.is_path_finalized(path, temporary_path_cls=_COMMITTED)
+    return self.is_complete_path(self._manager.directory / str(step))
+
+  @staticmethod
+  def is_complete_path(path: epath.PathLike) -> bool:
+    """Whether the step directory `path` holds a complete orbax commit (see the module docstring)."""
+    return ocp.path.step.is_path_finalized(epath.Path(path), temporary_path_cls=_COMMITTED)

@@ -23,13 +23,13 @@ os.environ.setdefault('JAX_PLATFORMS', 'cpu')  # compile-only devices need no at
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import ml_collections  # noqa: E402
-from absl import app, flags  # noqa: E402
+from absl import flags  # noqa: E402
 from flax import nnx  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
 
 from sparse_lm import (  # noqa: E402
   aot,  # noqa: E402  (first: sets the environment the compile-only backends need)
   checks,
+  cli,
   optim,
   sharding,
   tokenizer,
@@ -120,7 +120,7 @@ def compile_config(config: ml_collections.ConfigDict, target_name: str, *, step:
           'kernel_calls': sum(k.get('calls', 1) for k in report.kernels)}
 
 
-_CONFIG = config_flags.DEFINE_config_file('config', 'configs/default.py', 'Experiment config file.')
+_CONFIG = cli.config_flag('compile')
 _TARGET = flags.DEFINE_string('target', 'h100', f'What to compile for: {aot.target_names_help()}.')
 _STEP = flags.DEFINE_string('step', 'train', f'Which step: one of {STEPS}.')
 _FRACTION = flags.DEFINE_float('memory_fraction', 0.9, 'Share of device memory the step may use.')
@@ -140,4 +140,4 @@ def main(argv) -> None:
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run(main, 'compile')

@@ -31,10 +31,10 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import app, flags, logging
+from absl import flags, logging
 from flax import nnx
 
-from sparse_lm import data, sample, sharding, synthetic, trainer
+from sparse_lm import cli, data, sample, sharding, synthetic, trainer
 from sparse_lm.errors import ConfigError
 from sparse_lm.model import is_causal
 
@@ -381,4 +381,4 @@ def _numbers(name: str, texts, kind, high=None) -> tuple:
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run(main, 'evaluate')

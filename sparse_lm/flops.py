@@ -14,11 +14,10 @@ import sys
 
 import jax
 import ml_collections
-from absl import app, flags
+from absl import flags
 from flax import nnx
-from ml_collections import config_flags
 
-from sparse_lm import checks, mlp, tokenizer
+from sparse_lm import checks, cli, mlp, tokenizer
 from sparse_lm.errors import ConfigError
 from sparse_lm.model import Transformer, attention_class, mlp_name, padded_vocab
 
@@ -89,5 +88,5 @@ def main(argv) -> None:
 
 
 if __name__ == '__main__':
-  config_flags.DEFINE_config_file('config', 'configs/default.py', 'Experiment config file.')
-  app.run(main)
+  cli.config_flag('flops')
+  cli.run(main, 'flops')

@@ -1,14 +1,28 @@
 """Where training numbers go: `metrics.jsonl` (one JSON object per line, each with `step`), a
 TensorBoard event log, and a progress bar. Only the primary host writes. Evaluation lines carry
 `causal`, whether the architecture is causal (`model.is_causal`): a perplexity of a model that sees
-later tokens is not a language model's perplexity, and says so wherever it is shown."""
+later tokens is not a language model's perplexity, and says so wherever it is shown.
+
+A resumed run starts its logs at the restored step: the lines and TensorBoard events past it (written
+before a kill, and about to be written again) are dropped, so every logged step has one line."""
 
 import json
 import math
 import pathlib
+import sys
 
+import jax
 import tqdm
 from tensorboardX import SummaryWriter
+
+from sparse_lm import rundir
+
+
+def say(message: str) -> None:
+  """One line for the person running the command, on stderr, from the primary host only (above any
+  progress bar)."""
+  if jax.process_index() == 0:
+    tqdm.tqdm.write(message, file=sys.stderr)
 
 
 class MetricsWriter:
@@ -17,10 +31,13 @@ class MetricsWriter:
                causal: bool = True):
     self.is_primary = is_primary
     self.causal = causal
+    self.last: dict[str, float] = {}  # the newest value of every metric written, for the run's summary
     if not is_primary:
       return
+    rundir.truncate_metrics(workdir, start_step)
     self.jsonl = open(workdir / 'metrics.jsonl', 'a', encoding='utf-8')
-    self.tensorboard = SummaryWriter(str(workdir / 'tensorboard'))
+    # TensorBoard drops the events at and after purge_step that an earlier writer left.
+    self.tensorboard = SummaryWriter(str(workdir / 'tensorboard'), purge_step=start_step + 1)
     self.bar = tqdm.tqdm(total=total_steps, initial=start_step, unit='step', mininterval=1.0,
                          dynamic_ncols=True)
 
@@ -28,6 +45,7 @@ class MetricsWriter:
     if not self.is_primary:
       return
     values = {k: float(v) for k, v in values.items()}
+    self.last.update(values)
     flag = {'causal': self.causal} if 'eval_loss' in values else {}
     self.jsonl.write(json.dumps({'step': step, **values, **flag}) + '\n')
     self.jsonl.flush()

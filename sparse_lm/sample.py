@@ -10,10 +10,10 @@ import sys
 
 import jax
 import jax.numpy as jnp
-from absl import app, flags, logging
+from absl import flags, logging
 from flax import nnx
 
-from sparse_lm import trainer
+from sparse_lm import cli, trainer
 from sparse_lm.errors import ConfigError
 from sparse_lm.layers import AuxLoss
 from sparse_lm.model import is_causal
@@ -131,4 +131,4 @@ if __name__ == '__main__':
   _TOP_K = flags.DEFINE_integer('top_k', 40, 'Sample among the k likeliest tokens; 0 for all.')
   _SEED = flags.DEFINE_integer('seed', 0, 'Sampling seed.')
   _USE_CACHE = flags.DEFINE_bool('use_cache', True, 'Decode with the KV cache.')
-  app.run(main)
+  cli.run(main, 'sample')

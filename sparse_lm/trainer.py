@@ -4,8 +4,10 @@ exactly; metrics. `train.py` is its command line."""
 import dataclasses
 import json
 import math
+import os
 import pathlib
 import signal
+import sys
 import time
 
 import jax
@@ -17,11 +19,11 @@ from absl import logging
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from sparse_lm import checks, data, flops, optim, sharding, tokenizer
+from sparse_lm import checks, data, flops, optim, rundir, sharding, tokenizer
 from sparse_lm.checkpoint import Checkpointer
 from sparse_lm.errors import ConfigError
 from sparse_lm.layers import AuxLoss
-from sparse_lm.metrics import MetricsWriter
+from sparse_lm.metrics import MetricsWriter, say
 from sparse_lm.model import Transformer, is_causal
 
 # {'params': pure dict, 'model_state': pure dict, 'opt_state': optax state, 'step': int32 scalar}.
@@ -157,27 +159,63 @@ def evaluate(eval_step, params, model_state, batches, mesh) -> dict[str, float]:
           'eval_bpb': sums['nats'] / math.log(2) / sums['bytes']}
 
 
-# ----------------------------------------------------------------------------- preemption
+# ----------------------------------------------------------------------------- stopping
 
-class Preemption:
-  """SIGTERM on any host becomes a stop at a step boundary that every host agrees on.
+class Stopped(Exception):  # noqa: N818 -- not an error: the run stopped when asked, its state saved
+  """The run stopped on a signal after saving; `status` is the process's exit status."""
 
-  One process: a Python handler sets a flag the loop checks between steps. Several: JAX's preemption
-  sync manager (started by `jax.distributed.initialize`) catches SIGTERM on whichever host gets it,
-  tells the others through the coordinator, and picks the step after the furthest host's current one;
-  `reached(step)` is true at that step on every host, so all of them save the same step and stop.
-  The Python handler must not be installed then, as it would replace JAX's.
+  def __init__(self, status: int):
+    super().__init__(status)
+    self.status = status
+
+
+class StopSignals:
+  """SIGTERM (preemption) or Ctrl-C on any host becomes a stop at a step boundary every host agrees on,
+  where the run saves a checkpoint; a second Ctrl-C exits at once, leaving the newest complete checkpoint
+  as it is (a save cut short is never resumed from, `checkpoint.py`).
+
+  One process: Python handlers set a flag the loop checks between steps. Several: JAX's preemption sync
+  manager (started by `jax.distributed.initialize`) catches SIGTERM on whichever host gets it, tells the
+  others through the coordinator, and picks the step after the furthest host's current one; `reached(step)`
+  is true at that step on every host, so all of them save the same step and stop. No Python SIGTERM
+  handler may replace JAX's then, and a Ctrl-C is passed to it as a SIGTERM to this process.
   """
 
-  def __init__(self):
-    self.requested = False
-    self._multihost = jax.process_count() > 1
-    if not self._multihost:
-      self.previous = signal.signal(signal.SIGTERM, self._handle)
+  SIGINT_STATUS = 130  # the shell's status for a command ended by Ctrl-C
 
-  def _handle(self, signum, frame):
+  def __init__(self, checkpoints: pathlib.Path):
+    self.checkpoints = checkpoints
+    self.requested = False
+    self.name = 'SIGTERM'  # what asked for the stop
+    self._multihost = jax.process_count() > 1
+    handlers = {signal.SIGINT: self._interrupt}
+    if not self._multihost:
+      handlers[signal.SIGTERM] = self._terminate
+    self._previous = {signum: signal.signal(signum, handler) for signum, handler in handlers.items()}
+
+  @property
+  def status(self) -> int:
+    return self.SIGINT_STATUS if self.name == 'Ctrl-C' else 0
+
+  def _terminate(self, signum, frame):
     del signum, frame
     self.requested = True
+
+  def _interrupt(self, signum, frame):
+    del signum, frame
+    if self.name == 'Ctrl-C':
+      newest = newest_checkpoint(self.checkpoints)
+      kept = f'{self.checkpoints / str(newest)} is the newest checkpoint' if newest is not None else (
+          'no checkpoint was saved')
+      print(f'\ntrain: second Ctrl-C, stopped at once without saving; {kept}', file=sys.stderr, flush=True)
+      os._exit(self.SIGINT_STATUS)  # no clean-up: a save in flight is left incomplete, never resumed from
+    self.name = 'Ctrl-C'
+    say('train: Ctrl-C: saving a checkpoint at the end of this step, then stopping '
+                '(Ctrl-C again stops at once, without saving)')
+    if self._multihost:
+      os.kill(os.getpid(), signal.SIGTERM)  # to JAX's handler, which tells every host
+    else:
+      self.requested = True
 
   def reached(self, step: int) -> bool:
     """Whether to save and stop after `step`; every host must call it at every step."""
@@ -186,8 +224,16 @@ class Preemption:
     return self.requested
 
   def restore(self):
-    if not self._multihost:
-      signal.signal(signal.SIGTERM, self.previous)
+    for signum, handler in self._previous.items():
+      signal.signal(signum, handler)
+
+
+def newest_checkpoint(directory: pathlib.Path) -> int | None:
+  """The newest complete step on disk, read without orbax (safe inside a signal handler)."""
+  if not directory.is_dir():
+    return None
+  return max((int(p.name) for p in directory.iterdir()
+              if p.name.isdigit() and Checkpointer.is_complete_path(p)), default=None)
 
 
 # ----------------------------------------------------------------------------- divergence
@@ -239,9 +285,9 @@ class NonFiniteGuard:
 
 # ----------------------------------------------------------------------------- the loop
 
-def prepare(config: ml_collections.ConfigDict, workdir: pathlib.Path):
-  """Checks the config, then builds the tokenizer and fixes the vocabulary size from it. A warmup longer
-  than the run (the default config's 50 steps in a 30-step smoke test) is shortened, in one line."""
+def check(config: ml_collections.ConfigDict) -> None:
+  """Checks the config. A warmup longer than the run (the default config's 50 steps in a 30-step smoke
+  test) is shortened, in one line."""
   t = config.train
   if isinstance(t.steps, int) and isinstance(t.warmup_steps, int) and t.warmup_steps >= t.steps >= 1:
     fitted = optim.short_run_warmup(t.steps, t.warmup_steps)
@@ -249,6 +295,11 @@ def prepare(config: ml_collections.ConfigDict, workdir: pathlib.Path):
                     t.warmup_steps, t.steps, fitted)
     t.warmup_steps = fitted
   checks.check_config(config, num_devices=jax.device_count(), process_count=jax.process_count())
+
+
+def prepare(config: ml_collections.ConfigDict, workdir: pathlib.Path):
+  """Builds the tokenizer (training a SentencePiece model into `workdir` the first time) and fixes the
+  vocabulary size from it."""
   tok = tokenizer.make_tokenizer(config, workdir)
   with config.unlocked():
     config.model.vocab_size = tok.vocab_size
@@ -293,16 +344,19 @@ class Session:
 
 
 def set_up(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> Session:
-  """Everything that can fail on a bad config fails here, before compilation; the state is restored
-  from the newest complete checkpoint, else freshly initialised; the steps are jitted once, the state
-  donated so parameters update in place."""
+  """Everything that can fail on a bad config or a rerun that does not match the saved run fails here,
+  before compilation and before anything in `workdir` is written; the state is restored from the newest
+  complete checkpoint, else freshly initialised; the steps are jitted once, the state donated so
+  parameters update in place."""
   t, is_primary = config.train, jax.process_index() == 0
+  saved = rundir.read_config(workdir)
+  check(config)
+  changes = rundir.resume_changes(workdir, saved, config) if saved is not None else []
+  workdir.mkdir(parents=True, exist_ok=True)
   tok = prepare(config, workdir)
   eval_data = data.eval_batches(config, tok, process_index=jax.process_index(),
                                 process_count=jax.process_count())
   mesh = sharding.make_mesh(config.mesh)
-  if is_primary:
-    (workdir / 'config.json').write_text(config.to_json_best_effort(indent=2) + '\n')
 
   tx, schedule = optim.make_optimizer(t)
   graphdef, abstract_params, abstract_model_state = split_model(config.model)
@@ -312,12 +366,20 @@ def set_up(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> Session:
                               keep=config.checkpoint.keep, async_save=config.checkpoint.async_save)
   train_iter = data.make_train_iterator(config, tok, process_index=jax.process_index(),
                                         process_count=jax.process_count())
-  restored = checkpointer.restore(abstract_state(config, tx, shardings))
+  restored = _restore(checkpointer, abstract_state(config, tx, shardings), workdir)
   if restored is None:
     start_step, state = 0, jax.jit(init_fn, out_shardings=shardings)(jax.random.key(t.seed))
+    say(f'train: {"starting over" if saved else "new run"} in {workdir}: {t.steps} steps of '
+                f'{t.batch_size} x {config.data.seq_len} tokens')
   else:
     start_step, state, data_state = restored
     train_iter.set_state(data_state)
+    say(f'train: resuming {workdir} from step {start_step} (checkpoint '
+                f'{workdir / "checkpoints" / str(start_step)}), to step {t.steps}')
+  for change in changes:
+    say(f'train: changed on resume: {change}')
+  if is_primary:
+    rundir.write_config(workdir, config)
 
   batch_sh = sharding.batch_sharding(mesh)
   train_step = jax.jit(make_train_step(graphdef, tx, schedule, t.grad_accum_steps,
@@ -333,6 +395,18 @@ def set_up(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> Session:
   throughput = Throughput(t.batch_size * config.data.seq_len, flops_per_token, start_step)
   return Session(config, mesh, eval_data, train_iter, checkpointer, state, start_step, train_step,
                  eval_step, writer, throughput)
+
+
+def _restore(checkpointer: Checkpointer, abstract: State, workdir: pathlib.Path):
+  """The newest checkpoint, or one line when it does not fit this config's state (closing the manager,
+  whose background threads would otherwise print pages of errors at exit)."""
+  try:
+    return checkpointer.restore(abstract)
+  except ValueError as error:
+    checkpointer.close()
+    first = (str(error).strip().splitlines() or [''])[0]
+    raise ConfigError(f'--workdir={workdir}: its newest checkpoint does not fit this config\'s state '
+                      f'({first}); use a new --workdir') from None
 
 
 class TrainLog:
@@ -359,15 +433,14 @@ class TrainLog:
     self.writer.write(step, {**values, **self.throughput.measure(step)})
 
 
-def run(session: Session) -> dict:
+def run(session: Session, stop: StopSignals) -> dict:
   """The steps from `session.start_step` on, with evaluation, logging and checkpoints; returns the last
-  evaluation's metrics. A preemption saves and stops at a step every host agrees on; a non-finite step
-  raises `Diverged` once the last good checkpoint is committed."""
+  evaluation's metrics. A stop signal saves and stops at a step every host agrees on, then raises
+  `Stopped`; a non-finite step raises `Diverged` once the last good checkpoint is committed."""
   s, t = session, session.config.train
-  preemption = Preemption()
   guard = NonFiniteGuard(t.on_nonfinite, t.max_skipped_steps)
   log = TrainLog(s.writer, s.throughput, guard)
-  state, evaluated = s.state, {}
+  state, evaluated, step, started = s.state, {}, s.start_step, time.monotonic()
   try:
     for step in range(s.start_step + 1, t.steps + 1):
       state, metrics = s.train_step(state, sharding.global_batch(next(s.train_iter), s.mesh))
@@ -380,12 +453,13 @@ def run(session: Session) -> dict:
         evaluated = evaluate(s.eval_step, state['params'], state['model_state'], s.eval_data, s.mesh)
         s.writer.write(step, evaluated)
         s.throughput.restart(step)
-      final = preemption.reached(step) or step == t.steps
+      final = stop.reached(step) or step == t.steps
       if final or s.checkpointer.should_save(step):
         guard.read_all()
+        log.flush()  # a step's line is written before its checkpoint, so a resume never leaves a gap
         s.checkpointer.save(step, state, data.gather_state(s.train_iter), force=final)
       s.writer.advance(step)
-      if preemption.requested:
+      if stop.requested:
         break
     guard.read_all()
     log.flush()
@@ -399,15 +473,42 @@ def run(session: Session) -> dict:
     s.checkpointer.wait()
     s.checkpointer.close()
     s.writer.close()
-    preemption.restore()
+  say(_summary(s, step, time.monotonic() - started, stop))
+  if stop.requested:
+    raise Stopped(stop.status)
   return evaluated
 
 
+def _summary(s: Session, step: int, seconds: float, stop: StopSignals) -> str:
+  """One line at the end of a run: where it got to, what it cost, its last numbers and checkpoint."""
+  t = s.config.train
+  tokens = (step - s.start_step) * t.batch_size * s.config.data.seq_len
+  minutes, secs = divmod(round(seconds), 60)
+  numbers = ', '.join(f'{key} {s.writer.last[key]:.4f}' for key in ('loss', 'eval_loss', 'eval_bpb')
+                      if key in s.writer.last)
+  newest = newest_checkpoint(s.checkpointer.directory)
+  where = f'newest checkpoint {s.checkpointer.directory / str(newest)}' if newest is not None else (
+      'no checkpoint')
+  if stop.requested:
+    head = f'stopped by {stop.name} after step {step} of {t.steps}'
+    tail = '; rerun the same command to resume'
+  elif s.start_step == t.steps:
+    head, tail = f'already finished: step {step} of {t.steps}', ' (raise train.steps to train on)'
+  else:
+    head, tail = f'finished step {step} of {t.steps}', ''
+  return (f'train: {head}; this session {step - s.start_step} steps, {tokens:,} tokens in '
+          f'{minutes}m{secs:02d}s{"; " + numbers if numbers else ""}; {where}{tail}')
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict:
-  """Trains (or resumes) the run in `workdir`; returns the last evaluation's metrics."""
+  """Trains (or resumes) the run in `workdir`; returns the last evaluation's metrics. Raises `Stopped`
+  after a stop signal was honoured (a checkpoint saved)."""
   workdir = pathlib.Path(workdir)
-  workdir.mkdir(parents=True, exist_ok=True)
-  return run(set_up(config, workdir))
+  stop = StopSignals(workdir / 'checkpoints')  # from the start: a Ctrl-C while compiling is honoured too
+  try:
+    return run(set_up(config, workdir), stop)
+  finally:
+    stop.restore()
 
 
 # ----------------------------------------------------------------------------- a finished run
