@@ -57,6 +57,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.tfds_split_train = 'train'
   c.data.tfds_split_eval = 'validation'
   c.data.tfds_text_key = 'text'
+  # Where prepared TFDS datasets are; '' is TFDS's own ($TFDS_DATA_DIR, else ~/tensorflow_datasets).
+  c.data.tfds_data_dir = ''
+  c.data.tfds_download = False  # download and prepare a missing TFDS dataset at run time (else one line)
 
   c.train = ml_collections.ConfigDict()
   c.train.batch_size = 16  # global, in sequences

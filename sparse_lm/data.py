@@ -17,11 +17,13 @@ shard streams, gathered from every host) resumes on any process count that divid
 Evaluation reads the validation split in order, once, and never shuffles.
 """
 
+import codecs
 import dataclasses
 import functools
 import glob
 import itertools
 import os
+import pathlib
 import sysconfig
 import zlib
 
@@ -46,19 +48,40 @@ class Corpus:
   num_bytes: int | None  # UTF-8 bytes of all documents; None where only reading everything would tell
 
 
-def _in_validation(name: str, fraction: float) -> bool:
-  """A stable hash of the name, so the split is the same on every host, run and Python version."""
-  return zlib.crc32(name.encode('utf-8')) / 2**32 < fraction
+@dataclasses.dataclass(frozen=True)
+class TextFile:
+  name: str  # relative to the corpus root: what orders the split, the same on every host and directory
+  path: str
+  size: int
 
 
-def _read_file(path: str) -> str:
-  with open(path, encoding='utf-8', errors='replace') as f:
-    return f.read()
+def _validation_order(files: list[TextFile]) -> list[TextFile]:
+  """A stable hash of each name, so the split is the same on every host, run and Python version."""
+  return sorted(files, key=lambda f: (zlib.crc32(f.name.encode('utf-8')), f.name))
+
+
+def _split_pieces(files: list[TextFile], fraction: float, split: str) -> list[tuple[str, int, int]]:
+  """The split's pieces `(path, start, stop)`, at most `_TEXT_PIECE_BYTES` each.
+
+  Validation holds `fraction` of all bytes, to the byte (within a character): whole files in hash order
+  while they fit, then the tail of the file that crosses the target. So one big file, many small ones and
+  any mix hold out what `data.validation_fraction` says, and the rest is train.
+  """
+  target = round(fraction * sum(f.size for f in files))
+  spans, taken = [], 0
+  for f in _validation_order(files):
+    held = min(f.size, target - taken)
+    taken += held
+    start, stop = (0, f.size - held) if split == 'train' else (f.size - held, f.size)
+    spans += [(f.path, start, stop)] if stop > start else []
+  spans.sort()  # train pieces in file order; the shuffle, not this order, decides the batches
+  return [(path, s, min(s + _TEXT_PIECE_BYTES, stop)) for path, start, stop in spans
+          for s in range(start, stop, _TEXT_PIECE_BYTES)]
 
 
 @functools.cache
-def _stdlib_files() -> tuple[tuple[str, str], ...]:
-  """(relative path, absolute path) of the standard library's .py files, sorted by relative path."""
+def _stdlib_files() -> tuple[TextFile, ...]:
+  """The standard library's .py files, sorted by their path relative to it."""
   root = sysconfig.get_paths()['stdlib']
   files = []
   for dirpath, dirnames, filenames in os.walk(root):
@@ -66,32 +89,22 @@ def _stdlib_files() -> tuple[tuple[str, str], ...]:
     for name in filenames:
       if name.endswith('.py'):
         path = os.path.join(dirpath, name)
-        files.append((os.path.relpath(path, root).replace(os.sep, '/'), path))
-  return tuple(sorted(files))
+        files.append(TextFile(os.path.relpath(path, root).replace(os.sep, '/'), path, os.path.getsize(path)))
+  return tuple(sorted(files, key=lambda f: f.name))
+
+
+def _pieces_corpus(files, config, split: str) -> Corpus:
+  pieces = _split_pieces(list(files), config.data.validation_fraction, split)
+  return Corpus(grain.MapDataset.source(pieces).map(_read_piece),
+                num_bytes=sum(stop - start for _, start, stop in pieces))
 
 
 def _stdlib_source(arg: str, config, split: str) -> Corpus:
-  """The running interpreter's standard library, one document per file, split by file."""
+  """The running interpreter's standard library, cut into pieces like any text file. Its few files
+  that are not UTF-8 (tests of the tokenizer's encoding errors) are read with replacement characters."""
   if arg:
     raise ConfigError(f"data.source='stdlib:{arg}': stdlib takes no argument")
-  fraction = config.data.validation_fraction
-  paths = [path for name, path in _stdlib_files()
-           if _in_validation(name, fraction) == (split == 'validation')]
-  return Corpus(grain.MapDataset.source(paths).map(_read_file),
-                num_bytes=sum(os.path.getsize(p) for p in paths))
-
-
-def _text_validation_bytes(size: int, config) -> int:
-  """The tail of a text file held out for validation.
-
-  `data.validation_fraction` of the file, but at least one sequence (`seq_len + 1` bytes, which are
-  `seq_len + 1` byte tokens) so that a small file still evaluates, and at most half the file so that
-  training keeps the larger part.
-  """
-  fraction = config.data.validation_fraction
-  if fraction <= 0:
-    return 0
-  return min(max(int(np.ceil(fraction * size)), config.data.seq_len + 1), size // 2)
+  return _pieces_corpus(_stdlib_files(), config, split)
 
 
 def _continuation_run(data: bytes, start: int) -> int:
@@ -113,19 +126,57 @@ def _read_piece(piece: tuple[str, int, int]) -> str:
       'utf-8', errors='replace')
 
 
-def _text_source(pattern: str, config, split: str) -> Corpus:
-  """Local text files; the last part of each file is validation, the rest train, cut into pieces."""
-  paths = sorted(p for p in glob.glob(os.path.expanduser(pattern), recursive=True) if os.path.isfile(p))
+# What `text:` refuses by name: formats whose bytes are not the text to train on (the value names what
+# they are). Any other file is read if its first piece is UTF-8 without NUL bytes.
+_NOT_TEXT = {
+    '.jsonl': 'JSON lines (text: would train on the keys, quotes and escapes)',
+    '.json': 'JSON (text: would train on the keys, quotes and escapes)',
+    '.parquet': 'a Parquet table', '.arrayrecord': 'ArrayRecord records',
+    '.array_record': 'ArrayRecord records',
+    '.npy': 'a NumPy array', '.npz': 'NumPy arrays', '.bin': 'binary (nanoGPT token shards are uint16)',
+    '.tfrecord': 'TFRecord records', '.gz': 'compressed', '.zst': 'compressed', '.zip': 'compressed',
+    '.bz2': 'compressed', '.xz': 'compressed', '.pt': 'a PyTorch file', '.safetensors': 'tensors',
+}
+
+
+def _check_text(path: str, source: str) -> None:
+  """ConfigError unless `path` looks like UTF-8 text: its name, then its first piece."""
+  kind = next((what for ext, what in _NOT_TEXT.items() if path.lower().endswith(ext)), None)
+  if kind is None:
+    with open(path, 'rb') as f:
+      head = f.read(_TEXT_PIECE_BYTES)
+    try:
+      codecs.getincrementaldecoder('utf-8')().decode(head, final=False)  # a cut last character is fine
+      kind = 'binary (it holds NUL bytes)' if b'\0' in head else None
+    except UnicodeDecodeError as e:
+      kind = f'not UTF-8 text (byte {e.start} is not)'
+  if kind is not None:
+    raise ConfigError(f'data.source={source!r}: {path} is {kind}; text: reads UTF-8 text files only '
+                      '(no source here reads other formats yet)')
+
+
+def _glob_root(pattern: str) -> str:
+  """The directory a glob's matches are named relative to: its longest prefix without wildcards."""
+  parts = pathlib.PurePath(pattern).parts
+  fixed = list(itertools.takewhile(lambda p: not glob.has_magic(p), parts))
+  return str(pathlib.PurePath(*fixed).parent if len(fixed) == len(parts) else pathlib.PurePath(*fixed))
+
+
+@functools.cache
+def _text_files(pattern: str, source: str) -> tuple[TextFile, ...]:
+  pattern = os.path.expanduser(pattern)
+  paths = sorted(p for p in glob.glob(pattern, recursive=True) if os.path.isfile(p))
   if not paths:
-    raise ConfigError(f'data.source={config.data.source!r}: no file matches {pattern!r}')
-  pieces = []
+    raise ConfigError(f'data.source={source!r}: no file matches {pattern!r}')
+  root = _glob_root(pattern)
   for path in paths:
-    size = os.path.getsize(path)
-    boundary = size - _text_validation_bytes(size, config)
-    start, stop = (0, boundary) if split == 'train' else (boundary, size)
-    pieces += [(path, s, min(s + _TEXT_PIECE_BYTES, stop)) for s in range(start, stop, _TEXT_PIECE_BYTES)]
-  return Corpus(grain.MapDataset.source(pieces).map(_read_piece),
-                num_bytes=sum(stop - start for _, start, stop in pieces))
+    _check_text(path, source)
+  return tuple(TextFile(os.path.relpath(p, root), p, os.path.getsize(p)) for p in paths)
+
+
+def _text_source(pattern: str, config, split: str) -> Corpus:
+  """Local UTF-8 text files, cut into pieces; `data.validation_fraction` of their bytes is validation."""
+  return _pieces_corpus(_text_files(pattern, config.data.source), config, split)
 
 
 def _record_text(record, key: str) -> str:
@@ -133,19 +184,45 @@ def _record_text(record, key: str) -> str:
   return text.decode('utf-8', errors='replace') if isinstance(text, bytes) else text
 
 
+def _tfds_builder(arg: str, config):
+  """The dataset's builder, prepared: found in `data.tfds_data_dir` (TFDS's default directory when
+  empty), or downloaded and prepared there only when `data.tfds_download` asks for it."""
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top  # slow; only tfds needs it
+  from absl import logging  # pylint: disable=g-import-not-at-top
+  name = arg.replace(':', '/')
+  verbosity = logging.get_verbosity()
+  logging.set_verbosity(logging.ERROR)  # TFDS warns that an unprepared dataset has no dataset_info.json
+  try:
+    builder = tfds.builder(name, data_dir=config.data.tfds_data_dir or None)
+  except tfds.core.registered.DatasetNotFoundError as e:
+    first = (str(e).strip().splitlines() or [''])[0]
+    raise ConfigError(f'data.source={config.data.source!r}: TFDS has no such dataset ({first})') from None
+  finally:
+    logging.set_verbosity(verbosity)
+  if not builder.is_prepared():
+    if not config.data.tfds_download:
+      raise ConfigError(
+          f'data.source={config.data.source!r}: not prepared in {builder.data_dir} and nothing is downloaded '
+          f'at run time; prepare it with `tfds build {name} --file_format=array_record'
+          f'{" --data_dir=" + config.data.tfds_data_dir if config.data.tfds_data_dir else ""}`, point '
+          'data.tfds_data_dir at where it is, or set data.tfds_download=True')
+    builder.download_and_prepare(file_format='array_record')
+  return builder
+
+
 def _tfds_source(arg: str, config, split: str) -> Corpus:
   """A TensorFlow Datasets dataset, read with random access from its array_record files."""
   if not arg:
     raise ConfigError("data.source='tfds:': expected tfds:NAME[:CONFIG]")
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top  # slow; only tfds needs it
+  builder = _tfds_builder(arg, config)
   tfds_split = config.data.tfds_split_train if split == 'train' else config.data.tfds_split_eval
   try:
-    records = tfds.data_source(arg.replace(':', '/'), split=tfds_split)
-  except Exception as e:  # noqa: BLE001 -- TFDS has a different error for each way a name can fail
+    records = builder.as_data_source(split=tfds_split)
+  except (ValueError, KeyError, NotImplementedError) as e:  # an unknown split; a tfrecord-only preparation
     first = (str(e).strip().splitlines() or [''])[0]
-    raise ConfigError(f'data.source={config.data.source!r}: TFDS cannot open it ({type(e).__name__}: '
-                      f'{first}); it must name a dataset already prepared in the TFDS data dir (nothing is '
-                      'downloaded at run time)') from None
+    raise ConfigError(f'data.source={config.data.source!r}: TFDS cannot read split {tfds_split!r} with '
+                      f'random access ({type(e).__name__}: {first}); prepare it with '
+                      '--file_format=array_record, and name splits in data.tfds_split_train|eval') from None
   return Corpus(grain.MapDataset.source(records).map(
       functools.partial(_record_text, key=config.data.tfds_text_key)), num_bytes=None)
 
@@ -254,6 +331,8 @@ def check_source(config) -> None:
   if config.data.seq_len < 1 or config.data.shuffle_buffer < 1:
     raise ConfigError(f'data.seq_len={config.data.seq_len} and data.shuffle_buffer='
                       f'{config.data.shuffle_buffer} must both be at least 1')
+  if not 0 <= config.data.validation_fraction < 1:
+    raise ConfigError(f'data.validation_fraction={config.data.validation_fraction} must be in [0, 1)')
   if not isinstance(config.data.read_threads, int) or config.data.read_threads < 0:
     raise ConfigError(f'data.read_threads={config.data.read_threads!r} must be an integer >= 0')
   train, validation = corpus(config, 'train'), corpus(config, 'validation')

@@ -18,7 +18,7 @@ from tests.conftest import REPO, SHAKESPEARE
 # (arguments, the last line of stderr must match).
 COMMANDS = [
     (['train.py', '--workdir={tmp}/run', '--config.data.source=tfds:no_such_dataset_xyz'],
-     r"^config error: data.source='tfds:no_such_dataset_xyz': TFDS cannot open it \(.*\); it must name"),
+     r"^config error: data.source='tfds:no_such_dataset_xyz': TFDS has no such dataset"),
     (['-m', 'sparse_lm.sample', '--workdir={tmp}/none'], r'^sample: --workdir=.*/none: no run there'),
     (['-m', 'sparse_lm.sample', '--workdir={tmp}/none', '--temperature=-1'],
      r'^sample: --temperature=-1.0 must be at least 0'),

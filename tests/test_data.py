@@ -61,14 +61,65 @@ def test_text_pieces_keep_multibyte_characters_whole(tmp_path):
   assert ''.join(pieces) == text
 
 
-def test_stdlib_split_by_file():
+def test_stdlib_split_holds_out_the_fraction():
   config = _config(source='stdlib')
   train, validation = data.corpus(config, 'train'), data.corpus(config, 'validation')
-  assert len(train.documents) + len(validation.documents) == len(data._stdlib_files())
-  assert 0 < len(validation.documents) < len(train.documents) / 10
+  total = sum(f.size for f in data._stdlib_files())
+  assert train.num_bytes + validation.num_bytes == total
+  assert abs(validation.num_bytes - 0.02 * total) <= 1
   assert isinstance(validation.documents[0], str)
-  assert data.corpus(config, 'validation').num_bytes == validation.num_bytes
   data.check_source(config)
+
+
+def _bytes_of(pieces):
+  return sum(len(text.encode('utf-8')) for text in pieces)
+
+
+def _held_out(config):
+  train, validation = (list(data.corpus(config, split).documents) for split in ('train', 'validation'))
+  return _bytes_of(validation) / (_bytes_of(train) + _bytes_of(validation))
+
+
+@pytest.mark.parametrize('layout', ['one big file', 'many small files', 'a mix'])
+@pytest.mark.parametrize('seq_len', [16, 256, 2048])
+@pytest.mark.parametrize('fraction', [0.02, 0.1, 0.3])
+def test_text_validation_is_the_configured_fraction(tmp_path, layout, seq_len, fraction):
+  """Validation holds `data.validation_fraction` of the bytes within a character, whatever the files
+  and the sequence length (it used to be each file's tail of at least seq_len + 1 bytes: 11.7% of a
+  tree of small files at seq_len 2048)."""
+  rng = np.random.default_rng(0)
+  sizes = {'one big file': [300_000], 'many small files': rng.integers(200, 3000, 200),
+           'a mix': [150_000, *rng.integers(100, 5000, 60)]}[layout]
+  for k, size in enumerate(sizes):
+    (tmp_path / f'{k:03d}.txt').write_text('é' + 'x' * (int(size) - 2))  # one 2-byte character each
+  config = _config(source=f'text:{tmp_path}/*.txt', seq_len=seq_len)
+  config.data.validation_fraction = fraction
+  assert _held_out(config) == pytest.approx(fraction, abs=2 / sum(sizes))
+
+
+def test_text_split_does_not_depend_on_the_working_directory(tmp_path, monkeypatch):
+  for k in range(20):
+    (tmp_path / f'{k}.txt').write_text(f'{k} ' * 100)
+  absolute = list(data.corpus(_config(source=f'text:{tmp_path}/*.txt'), 'validation').documents)
+  monkeypatch.chdir(tmp_path.parent)
+  relative = list(data.corpus(_config(source=f'text:{tmp_path.name}/*.txt'), 'validation').documents)
+  assert absolute == relative
+
+
+@pytest.mark.parametrize('name,content,says', [
+    ('tokens.npy', b'\x93NUMPY', 'NumPy'),
+    ('train.bin', b'\x01\x02', 'nanoGPT'),
+    ('docs.jsonl', b'{"text": "a"}\n', 'JSON lines'),
+    ('docs.parquet', b'PAR1', 'Parquet'),
+    ('shard.arrayrecord', b'x', 'ArrayRecord'),
+    ('blob.dat', b'abc\0def', 'NUL bytes'),
+    ('latin1.txt', 'café'.encode('latin-1') + b' and more', 'not UTF-8'),
+])
+def test_text_refuses_what_is_not_text(tmp_path, name, content, says):
+  (tmp_path / 'fine.txt').write_text('plain text ' * 100)
+  (tmp_path / name).write_bytes(content)
+  message = _raises_one_line(_config(source=f'text:{tmp_path}/*'), 'data.source')
+  assert name in message and says in message and 'UTF-8 text files only' in message
 
 
 def test_batches_have_shapes_and_shifted_targets():
@@ -120,6 +171,7 @@ def _letters_seen(batches):
 
 def test_hosts_see_disjoint_documents_that_cover_the_data(tmp_path):
   config = _config(source=_write_letter_files(tmp_path, num_files=6, size=200), seq_len=16)
+  config.data.validation_fraction = 0.1  # 120 bytes, enough for an eval batch, from one file's tail
   seen = [_letters_seen(_take(data.make_train_iterator(config, BYTES, process_index=i, process_count=2), 40))
           for i in range(2)]
   assert seen[0] and seen[1]
@@ -128,12 +180,16 @@ def test_hosts_see_disjoint_documents_that_cover_the_data(tmp_path):
 
 
 def test_epochs_are_reshuffled(tmp_path):
-  # 50 bytes a file: the last 17 are validation, 33 bytes and an EOS make exactly two 17-token windows.
-  config = _config(source=_write_letter_files(tmp_path, num_files=8, size=50), seq_len=16, batch_size=1)
+  # 9 files of 33 bytes, one ninth held out: one whole file is validation, and each of the other 8 (33
+  # bytes and an EOS) makes exactly two 17-token windows.
+  config = _config(source=_write_letter_files(tmp_path, num_files=9, size=33), seq_len=16, batch_size=1)
+  config.data.validation_fraction = 1 / 9
   config.data.shuffle_buffer = 1
+  letters = sorted(text[0] for text in data.corpus(config, 'train').documents)
+  assert len(letters) == 8 and not set(letters) & {t[0] for t in data.corpus(config, 'validation').documents}
   rows = [batch['inputs'][0] for batch in _take(data.make_train_iterator(config, BYTES), 4 * 16)]
   epochs = [''.join(chr(row[0]) for row in rows[e * 16:(e + 1) * 16:2]) for e in range(4)]
-  assert all(sorted(order) == list('abcdefgh') for order in epochs)
+  assert all(sorted(order) == letters for order in epochs)
   assert len(set(epochs)) > 1
 
 
@@ -161,10 +217,24 @@ def test_tfds_source_with_mock_data():
   tfds = pytest.importorskip('tensorflow_datasets')
   config = _config(source='tfds:lm1b', seq_len=16, batch_size=2)
   config.data.tfds_split_eval = 'test'
+  config.data.tfds_download = True  # the mock's download_and_prepare writes nothing
   with tfds.testing.mock_data(num_examples=20, policy=tfds.testing.MockPolicy.USE_CODE):
     batch = next(data.make_train_iterator(config, BYTES))
     assert batch['inputs'].shape == (2, 16)
     assert len(data.eval_batches(config, BYTES)) >= 1
+
+
+def test_tfds_dataset_not_prepared_fails_at_once_without_downloading(tmp_path, monkeypatch):
+  """A known dataset that is not prepared: one line naming the directory and the two ways on, within
+  seconds, and nothing written (no download directory, no dataset folder)."""
+  pytest.importorskip('tensorflow_datasets')
+  monkeypatch.setenv('HOME', str(tmp_path / 'home'))
+  config = _config(source='tfds:tiny_shakespeare')
+  config.data.tfds_data_dir = str(tmp_path / 'tfds')
+  message = _raises_one_line(config, 'data.source')
+  assert 'not prepared in' in message and 'tfds build tiny_shakespeare' in message
+  assert 'data.tfds_download=True' in message
+  assert not list(tmp_path.iterdir())
 
 
 def _raises_one_line(config, key, call=data.check_source):
