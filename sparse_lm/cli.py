@@ -49,14 +49,19 @@ def resolve_config_path(spec: str) -> str:
   close = difflib.get_close_matches(pathlib.Path(path).stem, shipped, n=3)
   hint = f'; did you mean {", ".join(f"configs/{c}.py" for c in close)}?' if close else (
       f'; the shipped configs are {REPO / "configs"}/*.py')
-  raise ValueError(f'--config={spec}: no such file in {os.getcwd()} or in {REPO}{hint}')
+  where = os.getcwd() if pathlib.Path.cwd() == REPO else f'{os.getcwd()} or in {REPO}'
+  raise ValueError(f'--config={spec}: no such file in {where}{hint}')
 
 
 def _load_config(spec: str) -> ml_collections.ConfigDict:
   path, _, arg = spec.partition(':')
   module_spec = importlib.util.spec_from_file_location('_checked_config', path)
   module = importlib.util.module_from_spec(module_spec)
-  module_spec.loader.exec_module(module)
+  writes, sys.dont_write_bytecode = sys.dont_write_bytecode, True  # no __pycache__ beside a user's config
+  try:
+    module_spec.loader.exec_module(module)
+  finally:
+    sys.dont_write_bytecode = writes
   return module.get_config(arg) if arg else module.get_config()
 
 

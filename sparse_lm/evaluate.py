@@ -31,6 +31,7 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
+import tqdm
 from absl import flags, logging
 from flax import nnx
 
@@ -66,6 +67,11 @@ Run = trainer.Run
 def _default_lengths(run: Run, lengths) -> tuple[int, ...]:
   seq_len = run.config.data.seq_len
   return tuple(lengths) or (seq_len, 2 * seq_len, 4 * seq_len)
+
+
+def _progress(what: str, iterable=None, total: int | None = None) -> tqdm.tqdm:
+  """A bar on stderr over a task's slow loop (compiling and running the model at each length)."""
+  return tqdm.tqdm(iterable, total=total, desc=what, file=sys.stderr, leave=False, dynamic_ncols=True)
 
 
 def _model(run: Run):
@@ -144,8 +150,12 @@ def model_leaks(graphdef, variables, seq_len: int, *, batch: int = 2, positions:
     # perturbation probe's norm to inf and its ratio to 0.
     return nnx.merge(graphdef, *variables).from_embeddings(x_BTD)[0][..., :model.vocab_size]
   ts = probe_positions(seq_len, positions)
-  return {'gradient': causality_leak(apply_fn, x_BTD, ts),
-          'perturbation': perturbation_leak(apply_fn, x_BTD, other_BTD, ts)}
+  with _progress('causality probes', total=2) as bar:
+    gradient = causality_leak(apply_fn, x_BTD, ts)
+    bar.update()
+    perturbation = perturbation_leak(apply_fn, x_BTD, other_BTD, ts)
+    bar.update()
+  return {'gradient': gradient, 'perturbation': perturbation}
 
 
 def _run_leaks(run: Run, opts: Options) -> dict[str, float]:
@@ -170,13 +180,14 @@ def perplexity(run: Run, opts: Options, leaks: dict[str, float]) -> dict:
   mesh_config = copy.deepcopy(run.config.mesh)
   mesh_config.update({axis: 1 for axis in sharding.MESH_AXES} | {'data': -1})
   mesh = sharding.make_mesh(mesh_config)
-  rows = []
-  for seq_len in _default_lengths(run, opts.seq_len):
+  rows, lengths = [], _default_lengths(run, opts.seq_len)
+  for seq_len in lengths:
     config = copy.deepcopy(run.config)
     config.data.seq_len = seq_len
     config.train.batch_size = opts.batch_size or config.train.batch_size
     config.train.eval_batches = opts.eval_batches or config.train.eval_batches
     batches = data.eval_batches(config, run.tok)
+    batches = _progress(f'perplexity at {seq_len} tokens', batches)
     rows.append({'seq_len': seq_len, **trainer.evaluate(eval_step, *run.variables, batches, mesh)})
   return {'results': rows, 'eval_loss': rows[0]['eval_loss'], 'eval_bpb': rows[0]['eval_bpb']}
 
@@ -191,22 +202,29 @@ def _retrieval(run: Run, opts: Options, filler: list[int], needle: str, question
   tok, lengths, depths = run.tok, _default_lengths(run, opts.lengths), tuple(opts.depths)
   question_Q = [int(i) for i in tok.encode(question)]
   accuracy_LD = np.zeros((len(lengths), len(depths)))
+  cells = {}  # (i, j): (keys, prompts), all built before any model runs, so a bad length fails at once
   for i, length in enumerate(lengths):
     for j, depth in enumerate(depths):
       rng = synthetic.rng_for(opts.seed, 'eval', i * len(depths) + j)
       keys = [synthetic.digits(rng, opts.digits) for _ in range(opts.num_samples)]
-      prompts_NP = jnp.asarray([
-          [tok.eos_id] + synthetic.haystack(filler, [int(t) for t in tok.encode(needle.format(key=key))],
-                                            question_Q, length - 1, depth) for key in keys], jnp.int32)
-      num_new = max(len(tok.encode(key)) for key in keys)
-      new_NA = sample.generate(run.graphdef, run.variables, prompts_NP, num_new, jax.random.key(0),
-                               use_cache=opts.use_cache, causal=is_causal(run.config.model))
-      accuracy_LD[i, j] = np.mean([tok.decode(new_A)[:len(key)] == key
-                                   for new_A, key in zip(np.asarray(new_NA), keys, strict=True)])
+      try:
+        cells[i, j] = keys, jnp.asarray([
+            [tok.eos_id] + synthetic.haystack(filler, [int(t) for t in tok.encode(needle.format(key=key))],
+                                              question_Q, length - 1, depth) for key in keys], jnp.int32)
+      except ValueError as e:
+        raise ConfigError(f'--lengths={",".join(map(str, lengths))}: {e}') from None
+  for (i, j), (keys, prompts_NP) in _progress(f'{name} (length x depth)', cells.items()):
+    num_new = max(len(tok.encode(key)) for key in keys)
+    new_NA = sample.generate(run.graphdef, run.variables, prompts_NP, num_new, jax.random.key(0),
+                             use_cache=opts.use_cache, causal=is_causal(run.config.model))
+    accuracy_LD[i, j] = np.mean([tok.decode(new_A)[:len(key)] == key
+                                 for new_A, key in zip(np.asarray(new_NA), keys, strict=True)])
   heatmap = run.workdir / f'{name}_step{run.step}.png'
   plot_heatmap(accuracy_LD, lengths, depths, heatmap, f'{name}: {run.config.model.attention}, '
                f'step {run.step}')
-  return {'accuracy': float(accuracy_LD.mean()), 'lengths': list(lengths), 'depths': list(depths),
+  # Chance: a key of `digits` uniform digits guessed exactly.
+  return {'accuracy': float(accuracy_LD.mean()), 'chance': 10.0 ** -opts.digits,
+          'lengths': list(lengths), 'depths': list(depths),
           'accuracy_by_length_depth': accuracy_LD.tolist(), 'heatmap': str(heatmap)}
 
 
@@ -269,7 +287,7 @@ def mqar(run: Run, opts: Options, leaks: dict[str, float]) -> dict:
   model = _model(run)
   predict = jax.jit(lambda tokens_BT: jnp.argmax(model(tokens_BT)[0], axis=-1))
   rows = []
-  for seq_len, num_kv_pairs in opts.mqar_shapes:
+  for seq_len, num_kv_pairs in _progress('mqar shapes', opts.mqar_shapes):
     examples = [synthetic.mqar_example(synthetic.rng_for(opts.seed, 'eval', n), seq_len, num_kv_pairs,
                                        vocab) for n in range(opts.mqar_examples)]
     tokens_NT = np.stack([tokens_T for tokens_T, _ in examples])
@@ -277,8 +295,12 @@ def mqar(run: Run, opts: Options, leaks: dict[str, float]) -> dict:
     predicted_NT = np.asarray(predict(jnp.asarray(tokens_NT)))
     correct_NK = (np.take_along_axis(predicted_NT, query_NK, axis=1)
                   == np.take_along_axis(tokens_NT, query_NK + 1, axis=1))
-    rows.append({'seq_len': seq_len, 'num_kv_pairs': num_kv_pairs, 'accuracy': float(correct_NK.mean())})
-  return {'accuracy': float(np.mean([row['accuracy'] for row in rows])), 'results': rows,
+    # Chance: a value guessed among the value symbols, or (a model that has learnt the layout but not the
+    # pairs) among this example's values.
+    rows.append({'seq_len': seq_len, 'num_kv_pairs': num_kv_pairs, 'accuracy': float(correct_NK.mean()),
+                 'chance': 1 / (vocab - vocab // 2), 'chance_in_context': 1 / num_kv_pairs})
+  return {'accuracy': float(np.mean([row['accuracy'] for row in rows])), 'chance': 1 / (vocab - vocab // 2),
+          'chance_in_context': float(np.mean([row['chance_in_context'] for row in rows])), 'results': rows,
           'vocab': vocab, 'zoology_vocab': synthetic.ZOOLOGY_VOCAB,
           'vocab_scaled': vocab != synthetic.ZOOLOGY_VOCAB}
 

@@ -2,7 +2,6 @@
 exactly; metrics. `train.py` is its command line."""
 
 import dataclasses
-import json
 import math
 import os
 import pathlib
@@ -528,10 +527,11 @@ class Run:
 
 def load_run(workdir: str | pathlib.Path) -> Run:
   workdir = pathlib.Path(workdir)
-  if not (workdir / 'config.json').is_file():
+  saved = rundir.read_config(workdir) if workdir.is_dir() else None
+  if saved is None:
     raise ConfigError(f'--workdir={workdir}: no run there (no config.json); train one with '
                       f'python train.py --workdir={workdir}')
-  config = ml_collections.ConfigDict(json.loads((workdir / 'config.json').read_text()))
+  config = ml_collections.ConfigDict(saved)
   tok = tokenizer.make_tokenizer(config, workdir)
   config.model.vocab_size = tok.vocab_size
   tx, _ = optim.make_optimizer(config.train)

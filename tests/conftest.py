@@ -3,6 +3,7 @@
 import json
 import os
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -117,13 +118,13 @@ def eval_lines(workdir) -> list[dict]:
   return [row for row in rows if 'eval_loss' in row]
 
 
-def logged_lines(workdir) -> int:
-  path = pathlib.Path(workdir) / 'metrics.jsonl'
-  return len(path.read_text().splitlines()) if path.exists() else 0
+def resumed_step(output: str) -> int | None:
+  """The step a run resumed from, as its start-up line says (None: it started fresh)."""
+  match = re.search(r'train: resuming \S+ from step (\d+)', output)
+  return int(match.group(1)) if match else None
 
 
-def first_step_after(workdir, logged: int) -> int:
-  """The step of the first training line after the first `logged` lines of metrics.jsonl: where a
-  rerun resumed (a rerun that started over would log step 1, with the same losses)."""
-  lines = (pathlib.Path(workdir) / 'metrics.jsonl').read_text().splitlines()[logged:]
-  return next(row['step'] for row in map(json.loads, lines) if 'loss' in row)
+def train_steps_logged(workdir) -> list[int]:
+  """The step of every training line of metrics.jsonl, in order (a resumed run must not repeat one)."""
+  rows = map(json.loads, (pathlib.Path(workdir) / 'metrics.jsonl').read_text().splitlines())
+  return [row['step'] for row in rows if 'loss' in row]

@@ -13,7 +13,7 @@ import time
 import pytest
 
 from launch import local as launch_local
-from tests.conftest import REPO, TINY_FLAGS, first_step_after, logged_lines, run_train, train_losses
+from tests.conftest import REPO, TINY_FLAGS, resumed_step, run_train, train_losses, train_steps_logged
 
 # 40 steps, a checkpoint every 10 (the newest three kept), evaluation only at the end.
 FLAGS = (*TINY_FLAGS, '--config.train.steps=40', '--config.train.eval_every=40')
@@ -37,9 +37,9 @@ def assert_same_losses(run, reference, steps, tol=2e-4):
     assert got[step] == pytest.approx(want[step], rel=tol, abs=tol), step
 
 
-def resume_from(reference, workdir, step) -> int:
+def resume_from(reference, workdir, step) -> None:
   """A copy of `reference` as it was when the checkpoint of `step` was its newest (its metrics up to
-  `step`); returns the number of metrics lines, for `first_step_after`."""
+  `step`)."""
   shutil.copytree(reference, workdir, dirs_exist_ok=True)
   for path in (workdir / 'checkpoints').iterdir():
     if path.name.isdigit() and int(path.name) > step:
@@ -47,7 +47,6 @@ def resume_from(reference, workdir, step) -> int:
   metrics = workdir / 'metrics.jsonl'
   kept = [line for line in metrics.read_text().splitlines() if json.loads(line)['step'] <= step]
   metrics.write_text(''.join(line + '\n' for line in kept))
-  return len(kept)
 
 
 @pytest.fixture(scope='module')
@@ -89,9 +88,8 @@ def test_hybrid_mesh_across_hosts_matches(two_hosts, tmp_path):
 
 def test_restore_on_another_mesh_continues_exactly(two_hosts, tmp_path):
   """Saved with 2 x 2 devices and fsdp=4, resumed with 2 x 1 devices and fsdp=2 (Orbax reshards)."""
-  logged = resume_from(two_hosts[0], tmp_path, 20)
-  run_local(tmp_path, 2, 1, '--config.mesh.fsdp=2')
-  assert first_step_after(tmp_path, logged) == 21
+  resume_from(two_hosts[0], tmp_path, 20)
+  assert resumed_step(run_local(tmp_path, 2, 1, '--config.mesh.fsdp=2').stdout) == 20
   assert_same_losses(tmp_path, two_hosts[0], range(21, 41))
 
 
@@ -99,18 +97,17 @@ def test_restore_on_one_process_continues(two_hosts, tmp_path):
   """Saved by 2 processes x 2 devices, resumed by 1 process x 4 devices: parameters, optimizer state
   and every data shard's position move onto the new topology, and the losses continue as in the
   uninterrupted run."""
-  logged = resume_from(two_hosts[0], tmp_path, 20)
-  run_train(tmp_path, *FLAGS[len(TINY_FLAGS):], '--config.mesh.fsdp=4', devices=4)
-  assert first_step_after(tmp_path, logged) == 21
+  resume_from(two_hosts[0], tmp_path, 20)
+  resumed = run_train(tmp_path, *FLAGS[len(TINY_FLAGS):], '--config.mesh.fsdp=4', devices=4)
+  assert resumed_step(resumed.stderr) == 20
   assert sorted(train_losses(tmp_path)) == list(range(1, 41))
   assert_same_losses(tmp_path, two_hosts[0], range(21, 41))
 
 
 def test_one_process_checkpoint_resumes_on_two(one_host, tmp_path):
   """The reverse: saved by 1 process x 4 devices, resumed by 2 processes x 2 devices."""
-  logged = resume_from(one_host, tmp_path, 20)
-  run_local(tmp_path, 2, 2, '--config.mesh.fsdp=4')
-  assert first_step_after(tmp_path, logged) == 21
+  resume_from(one_host, tmp_path, 20)
+  assert resumed_step(run_local(tmp_path, 2, 2, '--config.mesh.fsdp=4').stdout) == 20
   assert_same_losses(tmp_path, one_host, range(21, 41))
 
 
@@ -140,9 +137,8 @@ def test_sigterm_to_one_host_checkpoints_all_and_rerun_resumes(two_hosts, tmp_pa
   assert stopped_at < 40
   saved = {int(p.name) for p in (workdir / 'checkpoints').iterdir() if p.name.isdigit()}
   assert max(saved) == stopped_at, (saved, stopped_at)  # one agreed step, saved by both hosts
-  logged = logged_lines(workdir)
-  run_local(workdir, 2, 2, '--config.mesh.fsdp=4')
-  assert first_step_after(workdir, logged) == stopped_at + 1
+  assert resumed_step(run_local(workdir, 2, 2, '--config.mesh.fsdp=4').stdout) == stopped_at
+  assert train_steps_logged(workdir) == list(range(1, 41))
   assert_same_losses(workdir, two_hosts[0], range(1, 41), tol=1e-5)
 
 

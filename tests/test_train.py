@@ -5,6 +5,7 @@ import json
 import math
 import os
 import re
+import shutil
 import signal
 import subprocess
 import time
@@ -12,7 +13,15 @@ import time
 import pytest
 
 from sparse_lm import evaluate
-from tests.conftest import REPO, first_step_after, logged_lines, run_train, train_command, train_losses
+from tests.conftest import (
+  REPO,
+  eval_lines,
+  resumed_step,
+  run_train,
+  train_command,
+  train_losses,
+  train_steps_logged,
+)
 
 
 @pytest.fixture(scope='module')
@@ -56,9 +65,9 @@ def test_gradient_accumulation_matches_one_big_batch(reference_run, tmp_path):
     assert accumulated[step] == pytest.approx(single[step], rel=2e-4, abs=2e-4), step
 
 
-def _start(workdir):
+def _start(workdir, *extra):
   env = {**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=1', 'JAX_PLATFORMS': 'cpu'}
-  return subprocess.Popen(train_command(workdir), env=env, cwd=REPO, stdout=subprocess.DEVNULL,
+  return subprocess.Popen(train_command(workdir, *extra), env=env, cwd=REPO, stdout=subprocess.DEVNULL,
                           stderr=subprocess.PIPE, text=True)
 
 
@@ -73,17 +82,20 @@ def _wait_for_step(workdir, step, process, timeout=300):
 
 
 def _rerun_and_assert_resumed(workdir, reference_run):
-  """Reruns the command: it starts from the newest committed checkpoint (not from step 0, which would
-  log the same losses) and ends with the losses of the uninterrupted run."""
+  """Reruns the command: it says it starts from the newest committed checkpoint (not from step 0, which
+  would log the same losses) and ends with the losses of the uninterrupted run, one line a step."""
   committed = max(int(p.parent.name) for p in (workdir / 'checkpoints').glob('*/commit_success.txt'))
-  logged = logged_lines(workdir)
-  run_train(workdir)
-  assert first_step_after(workdir, logged) == committed + 1, committed
+  rerun = run_train(workdir)
+  assert resumed_step(rerun.stderr) == committed, rerun.stderr[-2000:]
+  assert re.search(r'train: finished step 30 of 30; .* newest checkpoint \S+/checkpoints/30$',
+                   rerun.stderr.strip().splitlines()[-1]), rerun.stderr[-2000:]
   _assert_resumed_exactly(workdir, reference_run)
 
 
 def _assert_resumed_exactly(workdir, reference_run):
   resumed, reference = train_losses(workdir), train_losses(reference_run)
+  assert train_steps_logged(workdir) == list(range(1, 31))  # no step twice, after any kill
+  assert [row['step'] for row in eval_lines(workdir)] == [10, 20, 30]
   assert sorted(resumed) == sorted(reference)
   for step, loss in reference.items():
     assert resumed[step] == pytest.approx(loss, rel=1e-5, abs=1e-6), step
@@ -102,16 +114,103 @@ def test_kill_9_then_rerun_resumes_exactly(reference_run, tmp_path):
   _rerun_and_assert_resumed(tmp_path, reference_run)
 
 
-def test_sigterm_saves_then_exits_and_rerun_resumes(reference_run, tmp_path):
+@pytest.mark.parametrize('signum,status,name', [(signal.SIGTERM, 0, 'SIGTERM'),
+                                                (signal.SIGINT, 130, 'Ctrl-C')], ids=['sigterm', 'ctrl_c'])
+def test_stop_signal_saves_then_exits_and_rerun_resumes(reference_run, tmp_path, signum, status, name):
+  """Preemption (SIGTERM) and Ctrl-C alike: saved at the step where it stopped, not at step 10, with a
+  line naming the checkpoint and no traceback; the rerun continues exactly."""
   process = _start(tmp_path)
   _wait_for_step(tmp_path, 13, process)
-  process.send_signal(signal.SIGTERM)
-  assert process.wait(timeout=120) == 0, process.stderr.read()
+  process.send_signal(signum)
+  assert process.wait(timeout=120) == status
+  stderr = process.stderr.read()
+  assert 'Traceback' not in stderr and 'KeyboardInterrupt' not in stderr, stderr[-2000:]
   stopped_at = max(train_losses(tmp_path))
   assert stopped_at < 30
   saved = {int(p.name) for p in (tmp_path / 'checkpoints').iterdir() if p.name.isdigit()}
-  assert max(saved) >= stopped_at, (saved, stopped_at)  # saved where it stopped, not at step 10
+  assert max(saved) == stopped_at, (saved, stopped_at)
+  assert re.search(rf'train: stopped by {name} after step {stopped_at} of 30; .* newest checkpoint '
+                   rf'\S+/checkpoints/{stopped_at}; rerun the same command to resume$',
+                   stderr.strip().splitlines()[-1]), stderr[-2000:]
   _rerun_and_assert_resumed(tmp_path, reference_run)
+
+
+def test_second_ctrl_c_exits_at_once_keeping_the_newest_checkpoint(tmp_path):
+  """A Ctrl-C, and another while the run finishes its step (steps of about a second here): the process
+  ends at once without saving, in one line naming the newest complete checkpoint, and a rerun resumes
+  from it."""
+  slow = ('--config.data.seq_len=1024', '--config.train.batch_size=16', '--config.model.d_model=128',
+          '--config.model.head_dim=32', '--config.model.mlp_dim=512', '--config.checkpoint.every_steps=1',
+          '--config.checkpoint.async_save=False', '--config.train.eval_every=100')
+  log = tmp_path / 'stderr.log'
+  with log.open('w') as err:
+    process = subprocess.Popen(train_command(tmp_path / 'run', *slow), cwd=REPO, stdout=subprocess.DEVNULL,
+                               stderr=err, env={**os.environ, 'JAX_PLATFORMS': 'cpu'})
+  _wait_for_step(tmp_path / 'run', 2, process)
+  process.send_signal(signal.SIGINT)
+  deadline = time.monotonic() + 60
+  while 'train: Ctrl-C: saving' not in log.read_text():
+    assert time.monotonic() < deadline and process.poll() is None
+    time.sleep(0.01)
+  process.send_signal(signal.SIGINT)
+  assert process.wait(timeout=60) == 130
+  stderr = log.read_text()
+  assert 'Traceback' not in stderr and 'train: stopped by' not in stderr, stderr[-2000:]
+  match = re.search(r'train: second Ctrl-C, stopped at once without saving; \S+/checkpoints/(\d+) is the '
+                    r'newest checkpoint$', stderr.strip().splitlines()[-1])
+  assert match, stderr[-2000:]
+  committed = {int(p.parent.name) for p in (tmp_path / 'run' / 'checkpoints').glob('*/commit_success.txt')}
+  newest = int(match.group(1))
+  assert newest == max(committed) >= 1
+  rerun = run_train(tmp_path / 'run', *slow, f'--config.train.steps={newest + 1}')
+  assert resumed_step(rerun.stderr) == newest
+  assert train_steps_logged(tmp_path / 'run') == list(range(1, newest + 2))
+
+
+def _tree(directory):
+  """Every file under `directory` with its bytes and modification time: what a refused rerun must keep."""
+  return {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted(directory.rglob('*')) if p.is_file()}
+
+
+@pytest.mark.parametrize('flags,refused', [
+    (('--config.model.d_model=128', '--config.model.head_dim=32'),
+     'model.d_model 64 -> 128; model.head_dim 16 -> 32'),
+    (('--config.model.attention=sliding_window', '--config.model.window=16'),
+     'model.attention "dense" -> "sliding_window"; model.window 0 -> 16'),
+    (('--config.data.tokenizer=sentencepiece:300',), 'data.tokenizer "byte" -> "sentencepiece:300"'),
+    (('--config.data.source=stdlib',), 'data.source'),
+    (('--config.train.batch_size=16',), 'train.batch_size 8 -> 16'),
+    (('--config.train.seed=1',), 'train.seed 0 -> 1'),
+    (('--config.train.b2=0.99',), 'train.b2 0.95 -> 0.99'),
+], ids=['shape', 'variant', 'tokenizer', 'source', 'batch', 'seed', 'optimizer'])
+def test_resume_with_a_state_changing_config_is_refused_and_writes_nothing(reference_run, tmp_path, flags,
+                                                                            refused):
+  workdir = tmp_path / 'run'
+  shutil.copytree(reference_run, workdir)
+  before = _tree(workdir)
+  result = run_train(workdir, *flags, check=False)
+  last = result.stderr.strip().splitlines()[-1]
+  assert result.returncode == 1 and 'Traceback' not in result.stderr, result.stderr[-2000:]
+  assert last.startswith(f'config error: --workdir={workdir} holds a run these changes would break: ')
+  assert refused in last and last.endswith('Use a new --workdir, or rerun with the saved values '
+                                           '(its config.json)')
+  assert _tree(workdir) == before
+
+
+def test_resume_may_change_length_cadence_and_mesh(reference_run, tmp_path):
+  """Keys that leave the state's shape alone change on resume, each in a logged line: the run trains on
+  from 30 to 36 with the new cadence on 2 devices."""
+  workdir = tmp_path / 'run'
+  shutil.copytree(reference_run, workdir)
+  result = run_train(workdir, '--config.train.steps=36', '--config.train.eval_every=3',
+                     '--config.checkpoint.every_steps=3', '--config.mesh.fsdp=2', devices=2)
+  assert resumed_step(result.stderr) == 30
+  for change in ('train.steps 30 -> 36', 'train.eval_every 10 -> 3', 'checkpoint.every_steps 10 -> 3',
+                 'mesh.fsdp 1 -> 2'):
+    assert f'train: changed on resume: {change}' in result.stderr
+  assert train_steps_logged(workdir) == list(range(1, 37))
+  assert [row['step'] for row in eval_lines(workdir)] == [10, 20, 30, 33, 36]
+  assert json.loads((workdir / 'config.json').read_text())['train']['steps'] == 36
 
 
 def test_bad_config_fails_fast_with_one_line(tmp_path):
@@ -153,9 +252,9 @@ def test_diverging_run_stops_keeping_its_last_finite_checkpoint(tmp_path):
   result = evaluate.run_task(tmp_path, 'perplexity', evaluate.Options())
   assert result['step'] == newest and all(math.isfinite(row['eval_loss']) for row in result['results'])
 
-  logged = logged_lines(tmp_path)
-  run_train(tmp_path, '--config.train.learning_rate=1e-3', '--config.train.steps=8')
-  assert first_step_after(tmp_path, logged) == newest + 1
+  rerun = run_train(tmp_path, '--config.train.learning_rate=1e-3', '--config.train.steps=8')
+  assert resumed_step(rerun.stderr) == newest
+  assert 'train: changed on resume: train.learning_rate 10000.0 -> 0.001' in rerun.stderr
   resumed = {s: v for s, v in train_losses(tmp_path).items() if s > newest}
   assert sorted(resumed) == list(range(newest + 1, 9)) and all(map(math.isfinite, resumed.values()))
 
