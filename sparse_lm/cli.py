@@ -112,10 +112,17 @@ def config_flag(command: str, default: str = DEFAULT_CONFIG):
 
 
 def run(main, command: str) -> None:
-  """`app.run(main)` whose flag errors (a bad value, an unknown flag) are one line."""
+  """`app.run(main)` whose flag errors (a bad value, an unknown flag) are one line, and a Ctrl-C that
+  `main` does not handle itself ends it with one line and status 130 instead of a traceback."""
   def parse(argv):
     try:
       return flags.FLAGS(argv)
     except flags.Error as error:
       fail(command, f'{error} (--helpfull lists every flag)')
-  app.run(main, flags_parser=parse)
+
+  def interruptible(argv):
+    try:
+      main(argv)
+    except KeyboardInterrupt:
+      fail(command, 'interrupted by Ctrl-C', status=130)
+  app.run(interruptible, flags_parser=parse)

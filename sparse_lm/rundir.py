@@ -8,9 +8,11 @@ optimizer, data source, seed, batch) must be unchanged, or the rerun is refused 
 the kernels) may change and each change is reported.
 """
 
+import fcntl
 import json
 import os
 import pathlib
+import socket
 
 from sparse_lm.errors import ConfigError
 
@@ -24,9 +26,11 @@ RESUMABLE = (
     'checkpoint.', 'mesh.', 'data.read_threads', 'data.tfds_data_dir', 'data.tfds_download',
     'model.kernel', 'model.remat', 'model.remat_attention', 'model.dtype',
 )
-# What a run writes into its directory; a directory holding anything else is not a run.
+# What a run writes into its directory (and temporary files, named *.tmp*); a directory holding anything
+# else is not a run.
 RUN_FILES = frozenset({'config.json', 'metrics.jsonl', 'eval.jsonl', 'tensorboard', 'checkpoints',
-                       'tokenizer.model', 'tokenizer.vocab'})
+                       'tokenizer.model', 'tokenizer.vocab', 'train.lock'})
+LOCK_FILE = 'train.lock'
 
 
 def read_config(workdir: pathlib.Path) -> dict | None:
@@ -39,7 +43,7 @@ def read_config(workdir: pathlib.Path) -> dict | None:
   if not path.is_file():
     if workdir.is_dir():
       foreign = sorted(p.name for p in workdir.iterdir()
-                       if p.name not in RUN_FILES and not p.name.endswith(('.png', '.tmp')))
+                       if p.name not in RUN_FILES and not p.name.endswith('.png') and '.tmp' not in p.name)
       if foreign:
         raise ConfigError(f'--workdir={workdir} is not a run directory (no config.json, and it holds '
                           f'{", ".join(foreign[:3])}{", ..." if len(foreign) > 3 else ""}); use a new '
@@ -92,6 +96,27 @@ def resume_changes(workdir: pathlib.Path, saved: dict, config) -> list[str]:
     raise ConfigError(f'--workdir={workdir} holds a run these changes would break: {"; ".join(refused)}. '
                       'Use a new --workdir, or rerun with the saved values (its config.json)')
   return list(lines.values())
+
+
+def lock(workdir: pathlib.Path):
+  """Holds `train.lock` in `workdir` for as long as the returned file stays open (the process's life),
+  or one ConfigError when another process holds it: two trainings on one directory would write over each
+  other's checkpoints and logs. Where the filesystem has no locks, nothing is held."""
+  handle = open(workdir / LOCK_FILE, 'a+', encoding='utf-8')  # held open on purpose
+  try:
+    fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+  except BlockingIOError:
+    handle.seek(0)
+    holder = handle.read().strip() or 'another process'
+    handle.close()
+    raise ConfigError(f'--workdir={workdir} is being trained by {holder}; wait for it to stop, or use '
+                      'another --workdir') from None
+  except OSError:  # a filesystem without flock (some network mounts)
+    return handle
+  handle.truncate(0)
+  handle.write(f'pid {os.getpid()} on {socket.gethostname()}\n')
+  handle.flush()
+  return handle
 
 
 def write_config(workdir: pathlib.Path, config) -> None:

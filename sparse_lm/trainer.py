@@ -194,7 +194,9 @@ class StopSignals:
 
   @property
   def status(self) -> int:
-    return self.SIGINT_STATUS if self.name == 'Ctrl-C' else 0
+    """130 for a Ctrl-C on one process; 0 for preemption, and on many hosts, where one host's non-zero
+    status would make a launcher kill the others while they finish the agreed save."""
+    return self.SIGINT_STATUS if self.name == 'Ctrl-C' and not self._multihost else 0
 
   def _terminate(self, signum, frame):
     del signum, frame
@@ -340,6 +342,7 @@ class Session:
   eval_step: object
   writer: MetricsWriter
   throughput: 'Throughput'
+  lock: object  # the open `train.lock` of the primary host (None on the others), held until the run ends
 
 
 def set_up(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> Session:
@@ -352,6 +355,7 @@ def set_up(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> Session:
   check(config)
   changes = rundir.resume_changes(workdir, saved, config) if saved is not None else []
   workdir.mkdir(parents=True, exist_ok=True)
+  lock = rundir.lock(workdir) if is_primary else None
   tok = prepare(config, workdir)
   eval_data = data.eval_batches(config, tok, process_index=jax.process_index(),
                                 process_count=jax.process_count())
@@ -393,7 +397,7 @@ def set_up(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> Session:
   flops_per_token = flops.flops_per_token(config)['flops_per_token']['total']
   throughput = Throughput(t.batch_size * config.data.seq_len, flops_per_token, start_step)
   return Session(config, mesh, eval_data, train_iter, checkpointer, state, start_step, train_step,
-                 eval_step, writer, throughput)
+                 eval_step, writer, throughput, lock)
 
 
 def _restore(checkpointer: Checkpointer, abstract: State, workdir: pathlib.Path):
@@ -472,6 +476,8 @@ def run(session: Session, stop: StopSignals) -> dict:
     s.checkpointer.wait()
     s.checkpointer.close()
     s.writer.close()
+    if s.lock is not None:
+      s.lock.close()
   say(_summary(s, step, time.monotonic() - started, stop))
   if stop.requested:
     raise Stopped(stop.status)

@@ -121,7 +121,9 @@ def _wait_for(predicate, process, timeout=300):
   raise TimeoutError
 
 
-def test_sigterm_to_one_host_checkpoints_all_and_rerun_resumes(two_hosts, tmp_path):
+@pytest.mark.parametrize('signum', [signal.SIGTERM, signal.SIGINT], ids=['sigterm', 'ctrl_c'])
+def test_stop_signal_to_one_host_checkpoints_all_and_rerun_resumes(two_hosts, tmp_path, signum):
+  """Preemption or a Ctrl-C reaching one host only: every host saves the same step and exits 0."""
   log = tmp_path / 'launcher.log'
   workdir = tmp_path / 'run'
   with log.open('w') as out:
@@ -131,7 +133,7 @@ def test_sigterm_to_one_host_checkpoints_all_and_rerun_resumes(two_hosts, tmp_pa
   pid = int(log.read_text().split('process 1 is pid ')[1].split()[0])
   metrics = workdir / 'metrics.jsonl'
   _wait_for(lambda: metrics.exists() and max(train_losses(workdir), default=0) >= 3, launcher)
-  os.kill(pid, signal.SIGTERM)
+  os.kill(pid, signum)
   assert launcher.wait(timeout=120) == 0, log.read_text()[-3000:]
   stopped_at = max(train_losses(workdir))
   assert stopped_at < 40

@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from sparse_lm import evaluate
+from sparse_lm import evaluate, rundir
 from tests.conftest import (
   REPO,
   eval_lines,
@@ -194,6 +194,21 @@ def test_resume_with_a_state_changing_config_is_refused_and_writes_nothing(refer
   assert last.startswith(f'config error: --workdir={workdir} holds a run these changes would break: ')
   assert refused in last and last.endswith('Use a new --workdir, or rerun with the saved values '
                                            '(its config.json)')
+  assert _tree(workdir) == before
+
+
+def test_a_second_training_on_the_same_workdir_is_refused(reference_run, tmp_path):
+  """Two trainings on one directory would overwrite each other's checkpoints: while one holds the run
+  (here, this test), another is refused in one line naming the holder, and changes nothing."""
+  workdir = tmp_path / 'run'
+  shutil.copytree(reference_run, workdir)
+  held = rundir.lock(workdir)
+  before = _tree(workdir)
+  result = run_train(workdir, '--config.train.steps=40', check=False)
+  held.close()
+  assert result.returncode == 1 and 'Traceback' not in result.stderr, result.stderr[-2000:]
+  assert re.match(rf'config error: --workdir={workdir} is being trained by pid {os.getpid()} on \S+; wait ',
+                  result.stderr.strip().splitlines()[-1]), result.stderr[-2000:]
   assert _tree(workdir) == before
 
 
