@@ -42,9 +42,13 @@ def base_config() -> ml_collections.ConfigDict:
       c.model[key] = value
 
   c.data = ml_collections.ConfigDict()
-  c.data.source = 'stdlib'  # stdlib | text:PATH_OR_GLOB | tfds:NAME[:CONFIG]
+  # stdlib | text:GLOB | jsonl:GLOB[:FIELD] | parquet:GLOB[:COLUMN] | bin:GLOB | tfds:NAME[:CONFIG] | mqar
+  # | passkey (sparse_lm/data.py)
+  c.data.source = 'stdlib'
   c.data.seq_len = 256
-  c.data.tokenizer = 'byte'  # 'byte', 'sentencepiece:VOCAB_SIZE' (trained on train) or 'ids:VOCAB' (mqar)
+  # byte | sentencepiece:VOCAB (trained on train) | sentencepiece:PATH.model | hf:PATH (a tokenizer.json)
+  # | ids:VOCAB (sparse_lm/tokenizer.py)
+  c.data.tokenizer = 'byte'
   c.data.validation_fraction = 0.02  # of documents, for sources without a validation split
   c.data.shuffle_buffer = 256  # packed sequences shuffled in a window of this many, per shard
   # grain threads reading documents ahead, per shard. 0 reads them in the training loop's thread: right for

@@ -31,6 +31,7 @@ import grain
 import numpy as np
 
 from sparse_lm import distributed, synthetic
+from sparse_lm import files as files_lib
 from sparse_lm.errors import ConfigError
 
 # Long text files are cut into documents of this many bytes so that a corpus of one big file still has
@@ -44,15 +45,18 @@ _UTF8_MAX_CONTINUATION = 3
 class Corpus:
   """One split of a source."""
 
-  documents: grain.MapDataset  # of str, read on access
+  documents: grain.MapDataset  # of str (or a list of them, or token ids), read on access
   num_bytes: int | None  # UTF-8 bytes of all documents; None where only reading everything would tell
+  windows: bool = False  # the elements are already windows of seq_len + 1 token ids (pre-tokenized)
 
 
 @dataclasses.dataclass(frozen=True)
 class TextFile:
+  """A file, or a part of one (a Parquet row group), as the split sees it."""
+
   name: str  # relative to the corpus root: what orders the split, the same on every host and directory
-  path: str
-  size: int
+  path: str | tuple  # what its reader opens
+  size: int  # in the split's unit: bytes (text, JSON lines), rows (Parquet) or windows (token shards)
 
 
 def _validation_order(files: list[TextFile]) -> list[TextFile]:
@@ -60,12 +64,13 @@ def _validation_order(files: list[TextFile]) -> list[TextFile]:
   return sorted(files, key=lambda f: (zlib.crc32(f.name.encode('utf-8')), f.name))
 
 
-def _split_pieces(files: list[TextFile], fraction: float, split: str) -> list[tuple[str, int, int]]:
-  """The split's pieces `(path, start, stop)`, at most `_TEXT_PIECE_BYTES` each.
+def _split_spans(files: list[TextFile], fraction: float, split: str) -> list[tuple]:
+  """The split's spans `(path, start, stop)` of the files, in their units.
 
-  Validation holds `fraction` of all bytes, to the byte (within a character): whole files in hash order
-  while they fit, then the tail of the file that crosses the target. So one big file, many small ones and
-  any mix hold out what `data.validation_fraction` says, and the rest is train.
+  Validation holds `fraction` of all units (bytes: to the byte, within a character or a line; rows;
+  windows): whole files in hash order while they fit, then the tail of the file that crosses the target.
+  So one big file, many small ones and any mix hold out what `data.validation_fraction` says, and the
+  rest is train.
   """
   target = round(fraction * sum(f.size for f in files))
   spans, taken = [], 0
@@ -74,8 +79,13 @@ def _split_pieces(files: list[TextFile], fraction: float, split: str) -> list[tu
     taken += held
     start, stop = (0, f.size - held) if split == 'train' else (f.size - held, f.size)
     spans += [(f.path, start, stop)] if stop > start else []
-  spans.sort()  # train pieces in file order; the shuffle, not this order, decides the batches
-  return [(path, s, min(s + _TEXT_PIECE_BYTES, stop)) for path, start, stop in spans
+  return sorted(spans)  # in file order; the shuffle, not this order, decides the batches
+
+
+def _split_pieces(files: list[TextFile], fraction: float, split: str) -> list[tuple]:
+  """The split's spans cut into pieces of at most `_TEXT_PIECE_BYTES`."""
+  return [(path, s, min(s + _TEXT_PIECE_BYTES, stop))
+          for path, start, stop in _split_spans(files, fraction, split)
           for s in range(start, stop, _TEXT_PIECE_BYTES)]
 
 
@@ -126,22 +136,25 @@ def _read_piece(piece: tuple[str, int, int]) -> str:
       'utf-8', errors='replace')
 
 
-# What `text:` refuses by name: formats whose bytes are not the text to train on (the value names what
-# they are). Any other file is read if its first piece is UTF-8 without NUL bytes.
+# What `text:` refuses by name: formats whose bytes are not the text to train on, each with what it is
+# and the source that reads it. Any other file is read if its first piece is UTF-8 without NUL bytes.
 _NOT_TEXT = {
-    '.jsonl': 'JSON lines (text: would train on the keys, quotes and escapes)',
-    '.json': 'JSON (text: would train on the keys, quotes and escapes)',
-    '.parquet': 'a Parquet table', '.arrayrecord': 'ArrayRecord records',
-    '.array_record': 'ArrayRecord records',
-    '.npy': 'a NumPy array', '.npz': 'NumPy arrays', '.bin': 'binary (nanoGPT token shards are uint16)',
-    '.tfrecord': 'TFRecord records', '.gz': 'compressed', '.zst': 'compressed', '.zip': 'compressed',
-    '.bz2': 'compressed', '.xz': 'compressed', '.pt': 'a PyTorch file', '.safetensors': 'tensors',
+    '.jsonl': ('JSON lines', 'jsonl:GLOB[:FIELD] reads their text field'),
+    '.json': ('JSON', 'jsonl:GLOB[:FIELD] reads JSON lines'),
+    '.parquet': ('a Parquet table', 'parquet:GLOB[:COLUMN] reads its text column'),
+    '.bin': ('binary', 'bin:GLOB reads nanoGPT token shards'),
+    '.arrayrecord': ('ArrayRecord records', 'no source reads them yet'),
+    '.array_record': ('ArrayRecord records', 'no source reads them yet'),
+    '.npy': ('a NumPy array', 'no source reads it'), '.npz': ('NumPy arrays', 'no source reads them'),
+    '.tfrecord': ('TFRecord records', 'tfds:NAME reads prepared TFDS datasets'),
+    **{ext: ('compressed', 'decompress it first') for ext in ('.gz', '.zst', '.zip', '.bz2', '.xz')},
+    '.pt': ('a PyTorch file', 'no source reads it'), '.safetensors': ('tensors', 'no source reads them'),
 }
 
 
 def _check_text(path: str, source: str) -> None:
   """ConfigError unless `path` looks like UTF-8 text: its name, then its first piece."""
-  kind = next((what for ext, what in _NOT_TEXT.items() if path.lower().endswith(ext)), None)
+  kind, other = next((found for ext, found in _NOT_TEXT.items() if path.lower().endswith(ext)), (None, ''))
   if kind is None:
     with open(path, 'rb') as f:
       head = f.read(_TEXT_PIECE_BYTES)
@@ -151,8 +164,8 @@ def _check_text(path: str, source: str) -> None:
     except UnicodeDecodeError as e:
       kind = f'not UTF-8 text (byte {e.start} is not)'
   if kind is not None:
-    raise ConfigError(f'data.source={source!r}: {path} is {kind}; text: reads UTF-8 text files only '
-                      '(no source here reads other formats yet)')
+    raise ConfigError(f'data.source={source!r}: {path} is {kind}; text: reads UTF-8 text files only'
+                      f'{" (" + other + ")" if other else ""}')
 
 
 def _glob_root(pattern: str) -> str:
@@ -163,20 +176,103 @@ def _glob_root(pattern: str) -> str:
 
 
 @functools.cache
-def _text_files(pattern: str, source: str) -> tuple[TextFile, ...]:
+def _glob_files(pattern: str, source: str) -> tuple[TextFile, ...]:
+  """The files `pattern` matches, sorted, named relative to its root, with their sizes in bytes."""
   pattern = os.path.expanduser(pattern)
   paths = sorted(p for p in glob.glob(pattern, recursive=True) if os.path.isfile(p))
   if not paths:
     raise ConfigError(f'data.source={source!r}: no file matches {pattern!r}')
   root = _glob_root(pattern)
-  for path in paths:
-    _check_text(path, source)
   return tuple(TextFile(os.path.relpath(p, root), p, os.path.getsize(p)) for p in paths)
+
+
+@functools.cache
+def _text_files(pattern: str, source: str) -> tuple[TextFile, ...]:
+  files = _glob_files(pattern, source)
+  for f in files:
+    _check_text(f.path, source)
+  return files
 
 
 def _text_source(pattern: str, config, split: str) -> Corpus:
   """Local UTF-8 text files, cut into pieces; `data.validation_fraction` of their bytes is validation."""
   return _pieces_corpus(_text_files(pattern, config.data.source), config, split)
+
+
+def _glob_and_key(arg: str, default: str) -> tuple[str, str]:
+  """'GLOB[:KEY]' as (GLOB, KEY): a last ':' part that looks like a name (no '/', '*' or '.') is a key."""
+  pattern, sep, key = arg.rpartition(':')
+  if not sep or not key or any(c in key for c in '/*.?['):
+    return arg, default
+  return pattern, key
+
+
+@functools.cache
+def _jsonl_files(pattern: str, field: str, source: str) -> tuple[TextFile, ...]:
+  files = _glob_files(pattern, source)
+  for f in files:  # the first line of each, so a wrong field or a file that is not JSON fails at once
+    files_lib.jsonl_documents(f.path, 0, 1, field)
+  return files
+
+
+def _jsonl_source(arg: str, config, split: str) -> Corpus:
+  """JSON lines, one document a line with its text in FIELD (default `text`), read in pieces of lines;
+  `data.validation_fraction` of the bytes (whole lines) is validation."""
+  pattern, field = _glob_and_key(arg, 'text')
+  pieces = _split_pieces(list(_jsonl_files(pattern, field, config.data.source)),
+                         config.data.validation_fraction, split)
+  return Corpus(grain.MapDataset.source(pieces).map(lambda p: files_lib.jsonl_documents(*p, field)),
+                num_bytes=sum(stop - start for _, start, stop in pieces))
+
+
+@functools.cache
+def _parquet_groups(pattern: str, column: str, source: str) -> tuple[TextFile, ...]:
+  """Every row group of the matched files, as a part of the split counted in rows."""
+  return tuple(TextFile(f'{f.name}#{g}', (f.path, g), rows)
+               for f in _glob_files(pattern, source)
+               for g, rows in enumerate(files_lib.parquet_row_groups(f.path, column)))
+
+
+def _parquet_source(arg: str, config, split: str) -> Corpus:
+  """Parquet files, one document a row with its text in COLUMN (default `text`), read a row group at a
+  time; `data.validation_fraction` of the rows is validation."""
+  pattern, column = _glob_and_key(arg, 'text')
+  spans = _split_spans(list(_parquet_groups(pattern, column, config.data.source)),
+                       config.data.validation_fraction, split)
+  return Corpus(grain.MapDataset.source(spans).map(
+      lambda span: files_lib.parquet_documents(*span[0], span[1], span[2], column)), num_bytes=None)
+
+
+class _Windows:
+  """Random access to windows of `length` tokens in spans of nanoGPT token shards, `(path, first
+  window, stop window)` each; the shards are memory-mapped on first use, in each reading process."""
+
+  def __init__(self, spans: list[tuple], length: int):
+    self._spans, self._length = spans, length
+    self._ends = np.cumsum([stop - start for _, start, stop in spans])
+    self._maps = {}
+
+  def __len__(self) -> int:
+    return int(self._ends[-1]) if len(self._ends) else 0
+
+  def __getitem__(self, index: int) -> np.ndarray:
+    span = int(np.searchsorted(self._ends, index, side='right'))
+    path, start, _ = self._spans[span]
+    window = start + index - (int(self._ends[span - 1]) if span else 0)
+    if path not in self._maps:
+      self._maps[path] = files_lib.bin_tokens(path)
+    return np.asarray(self._maps[path][window * self._length:(window + 1) * self._length], np.int32)
+
+
+def _bin_source(pattern: str, config, split: str) -> Corpus:
+  """nanoGPT token shards (`.bin`), already tokenized, as windows of `seq_len + 1` tokens (the tokens
+  past a shard's last whole window are not read); `data.validation_fraction` of the windows is
+  validation. `data.tokenizer` must be the one the shards were made with."""
+  length = _window_tokens(config)
+  shards = [TextFile(f.name, f.path, files_lib.bin_tokens(f.path).size // length)
+            for f in _glob_files(pattern, config.data.source)]
+  windows = _Windows(_split_spans(shards, config.data.validation_fraction, split), length)
+  return Corpus(grain.MapDataset.source(windows), num_bytes=len(windows) * length, windows=True)
 
 
 def _record_text(record, key: str) -> str:
@@ -297,6 +393,9 @@ SOURCES = {
     'stdlib': _stdlib_source,
     'text': _text_source,
     'tfds': _tfds_source,
+    'jsonl': _jsonl_source,
+    'parquet': _parquet_source,
+    'bin': _bin_source,
     'mqar': _mqar_source,
     'passkey': _passkey_source,
 }
@@ -307,14 +406,15 @@ def corpus(config, split: str) -> Corpus:
   name, _, arg = config.data.source.partition(':')
   if name not in SOURCES:
     raise ConfigError(
-        f'data.source={config.data.source!r} is not one of stdlib, text:PATH_OR_GLOB, tfds:NAME[:CONFIG], '
-        'mqar[:ARGS], passkey[:ARGS]')
+        f'data.source={config.data.source!r} is not one of stdlib, text:GLOB, jsonl:GLOB[:FIELD], '
+        'parquet:GLOB[:COLUMN], bin:GLOB, tfds:NAME[:CONFIG], mqar[:ARGS], passkey[:ARGS]')
   return SOURCES[name](arg, config, split)
 
 
 def train_documents(config):
   """The train split's documents, in order (for training a tokenizer)."""
-  return iter(corpus(config, 'train').documents)
+  for element in corpus(config, 'train').documents:
+    yield from element if isinstance(element, list) else [element]
 
 
 def _window_tokens(config) -> int:
@@ -366,9 +466,22 @@ def _host_batch_size(config, process_count: int) -> int:
 
 
 def _tokenize(document, tokenizer) -> dict[str, np.ndarray]:
-  """A document's tokens and EOS; a synthetic task's document is already token ids."""
+  """A document's tokens and EOS (a list of documents: each one's); a synthetic task's document is
+  already token ids."""
+  if isinstance(document, list):
+    eos = np.int32(tokenizer.eos_id)
+    return {'tokens': np.concatenate([np.append(tokenizer.encode(d), eos) for d in document] or
+                                     [np.zeros(0, np.int32)]).astype(np.int32)}
   tokens = document if isinstance(document, np.ndarray) else tokenizer.encode(document)
   return {'tokens': np.append(tokens, np.int32(tokenizer.eos_id)).astype(np.int32)}
+
+
+def _checked_window(window: np.ndarray, vocab_size: int, source: str) -> np.ndarray:
+  if window.size and int(window.max()) >= vocab_size:
+    raise files_lib.FormatError(f'data.source={source!r} holds token id {int(window.max())}, at or above '
+                                f'the vocabulary of data.tokenizer ({vocab_size}): the shards were made with '
+                                'another tokenizer')
+  return window
 
 
 def _is_full(window: dict[str, np.ndarray]) -> bool:
@@ -376,10 +489,14 @@ def _is_full(window: dict[str, np.ndarray]) -> bool:
   return window['tokens_segment_ids'][-1] != 0
 
 
-def _pack(documents: grain.MapDataset, tokenizer, config) -> grain.IterDataset:
-  """Windows of `seq_len + 1` tokens, cut from the concatenation of the tokenized documents."""
+def _pack(documents: grain.MapDataset, tokenizer, config, windows: bool = False) -> grain.IterDataset:
+  """Windows of `seq_len + 1` tokens, cut from the concatenation of the tokenized documents (or, for a
+  pre-tokenized source, its windows as they are, with their ids checked against the vocabulary)."""
   threads = config.data.read_threads  # each thread keeps about four documents ahead
   read = grain.ReadOptions(num_threads=threads, prefetch_buffer_size=4 * threads)
+  if windows:
+    check = functools.partial(_checked_window, vocab_size=tokenizer.vocab_size, source=config.data.source)
+    return documents.map(check).to_iter_dataset(read)
   tokens = documents.map(functools.partial(_tokenize, tokenizer=tokenizer)).to_iter_dataset(read)
   windows = grain.experimental.ConcatThenSplitIterDataset(
       tokens, length_struct={'tokens': _window_tokens(config)})
@@ -440,11 +557,13 @@ def check_shards(config, process_count: int) -> int:
   return shards
 
 
-def _shard_stream(documents: grain.MapDataset, tokenizer, config, rows: int) -> grain.DatasetIterator:
+def _shard_stream(documents: grain.MapDataset, tokenizer, config, rows: int, pretokenized: bool
+                  ) -> grain.DatasetIterator:
   """One shard's endless stream, `rows` windows at a time."""
   documents = documents.shuffle(seed=config.train.seed).repeat()  # the shuffle reseeds every epoch
   windows = grain.experimental.WindowShuffleIterDataset(
-      _pack(documents, tokenizer, config), window_size=config.data.shuffle_buffer, seed=config.train.seed)
+      _pack(documents, tokenizer, config, pretokenized), window_size=config.data.shuffle_buffer,
+      seed=config.train.seed)
   return _JsonStateIterator(iter(windows.batch(rows, drop_remainder=True)))
 
 
@@ -486,15 +605,16 @@ def make_train_iterator(config, tokenizer, *, process_index: int = 0,
   check_source(config)
   _host_batch_size(config, process_count)
   shards = check_shards(config, process_count)
-  documents = corpus(config, 'train').documents
+  train = corpus(config, 'train')
+  documents = train.documents
   if len(documents) < shards:
     raise ConfigError(f'data.source={config.data.source!r} has {len(documents)} train documents, fewer '
                       f'than data.num_shards={shards}; set data.num_shards lower')
   per_host = shards // process_count
   rows = config.train.batch_size // shards
   owned = range(process_index * per_host, (process_index + 1) * per_host)
-  return ShardedIterator({j: _shard_stream(documents[j::shards], tokenizer, config, rows) for j in owned},
-                         shards)
+  return ShardedIterator({j: _shard_stream(documents[j::shards], tokenizer, config, rows, train.windows)
+                          for j in owned}, shards)
 
 
 def gather_state(iterator: ShardedIterator) -> dict:
@@ -515,8 +635,10 @@ def eval_batches(config, tokenizer, *, process_index: int = 0, process_count: in
   """
   check_source(config)
   batch_size = _host_batch_size(config, process_count)
-  documents = corpus(config, 'validation').documents
-  global_batches = _pack(documents, tokenizer, config).batch(config.train.batch_size, drop_remainder=True)
+  validation = corpus(config, 'validation')
+  documents = validation.documents
+  global_batches = _pack(documents, tokenizer, config, validation.windows).batch(config.train.batch_size,
+                                                                              drop_remainder=True)
   rows = slice(process_index * batch_size, (process_index + 1) * batch_size)
   batches = [_inputs_targets(tokens_BL[rows])
              for tokens_BL in itertools.islice(global_batches, config.train.eval_batches)]

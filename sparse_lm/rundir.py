@@ -29,7 +29,8 @@ RESUMABLE = (
 # What a run writes into its directory (and temporary files, named *.tmp*); a directory holding anything
 # else is not a run.
 RUN_FILES = frozenset({'config.json', 'metrics.jsonl', 'eval.jsonl', 'tensorboard', 'checkpoints',
-                       'tokenizer.model', 'tokenizer.vocab', 'train.lock'})
+                       'tokenizer.model', 'tokenizer.vocab', 'tokenizer.json', 'tokenizer_config.json',
+                       'train.lock'})
 LOCK_FILE = 'train.lock'
 
 

@@ -1,5 +1,11 @@
-"""Tokenizers: raw UTF-8 bytes, a SentencePiece model trained on the train split, or the bare symbol ids
-of a synthetic task (`ids:VOCAB`, for MQAR at Zoology's vocabulary of 8192).
+"""Tokenizers (`data.tokenizer`): raw UTF-8 bytes (`byte`), a SentencePiece model trained on the train
+split (`sentencepiece:VOCAB`) or one the user has (`sentencepiece:PATH.model`), a Hugging Face
+`tokenizers` tokenizer (`hf:PATH` to its tokenizer.json: the GPT-2, Llama 3 or Qwen BPE a user already
+has), or the bare symbol ids of a synthetic task (`ids:VOCAB`, for MQAR at Zoology's vocabulary of 8192).
+
+A tokenizer from a file is copied into the run's directory when the run starts, and the run reads its
+copy from then on (resuming, sampling, evaluating): a file edited or moved later cannot change the ids
+of a run, and one that differs from the copy is refused in one line.
 
 All expose the same small interface: `encode`, `decode`, `vocab_size`, `bos_id`, `eos_id`, `pad_id`,
 and `token_bytes`, the number of bytes of text each id stands for, which turns a loss in nats per token
@@ -8,11 +14,15 @@ into bits per byte (`eval_bpb`) so runs with different tokenizers compare.
 
 import io
 import itertools
+import json
 import os
+import re
+import shutil
 
 import jax
 import numpy as np
 import sentencepiece as spm
+import tokenizers
 
 from sparse_lm import data, distributed
 from sparse_lm.errors import ConfigError
@@ -21,6 +31,11 @@ from sparse_lm.errors import ConfigError
 # few tens of thousands, and training time stays in seconds.
 _SPM_SAMPLE_CHARS = 20 * 2**20
 _SPM_MODEL_FILE = 'tokenizer.model'
+_HF_FILE = 'tokenizer.json'
+_HF_CONFIG_FILE = 'tokenizer_config.json'  # Hugging Face's, beside tokenizer.json: names the EOS token
+# End-of-text tokens of the common tokenizers, tried in order when no tokenizer_config.json names one:
+# GPT-2, Qwen and OLMo; Llama 3; Llama 2 and Mistral; Gemma.
+_KNOWN_EOS = ('<|endoftext|>', '<|end_of_text|>', '</s>', '<eos>')
 # unk, bos, eos, pad; the 256 byte-fallback pieces come after them.
 _SPM_NUM_SPECIALS = 4
 
@@ -99,6 +114,53 @@ class SentencePieceTokenizer:
     return self._sp.decode(ids[~self._is_special[ids]].tolist())
 
 
+class HuggingFaceTokenizer:
+  """A `tokenizers` tokenizer read from its tokenizer.json, with the EOS that `tokenizer_config.json`
+  names (when given) or the first of `_KNOWN_EOS` in its vocabulary; documents are encoded without the
+  tokenizer's own special tokens, and end in that EOS.
+
+  `token_bytes`: special tokens stand for no text; with a byte-level pre-tokenizer (GPT-2's) every
+  character of a token is one byte; otherwise a `<0xNN>` byte-fallback token is one byte and other tokens
+  the UTF-8 of their text with `▁` read as a space (SentencePiece-style BPE, Llama 2's).
+  """
+
+  def __init__(self, tok: tokenizers.Tokenizer, eos_token: str | None, spec: str):
+    self._tok = tok
+    self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
+    names = [eos_token] if eos_token else list(_KNOWN_EOS)
+    eos = next((self._tok.token_to_id(name) for name in names if self._tok.token_to_id(name) is not None),
+               None)
+    if eos is None:
+      raise ConfigError(f'data.tokenizer={spec!r} has no end-of-document token (looked for '
+                        f'{", ".join(names)}); training needs one between documents')
+    self.eos_id = self.bos_id = self.pad_id = eos
+    specials = {t.content for t in self._tok.get_added_tokens_decoder().values() if t.special}
+    byte_level = '"ByteLevel"' in json.dumps(json.loads(tok.to_str()).get('pre_tokenizer'))
+    self.token_bytes = np.array([self._piece_bytes(self._tok.id_to_token(i), specials, byte_level)
+                                 for i in range(self.vocab_size)], np.int32)
+    self._is_special = self.token_bytes == 0
+
+  @staticmethod
+  def _piece_bytes(piece: str | None, specials: set[str], byte_level: bool) -> int:
+    if piece is None or piece in specials:
+      return 0
+    if byte_level:
+      return len(piece)
+    if re.fullmatch(r'<0x[0-9A-Fa-f]{2}>', piece):
+      return 1
+    return len(piece.replace('\u2581', ' ').encode('utf-8'))
+
+  def encode(self, text: str) -> np.ndarray:
+    return np.asarray(self._tok.encode(text, add_special_tokens=False).ids, np.int32)
+
+  def encode_batch(self, texts: list[str]) -> list[np.ndarray]:
+    return [np.asarray(e.ids, np.int32) for e in self._tok.encode_batch(texts, add_special_tokens=False)]
+
+  def decode(self, ids) -> str:
+    ids = np.asarray(ids)
+    return self._tok.decode(ids[~self._is_special[ids]].tolist(), skip_special_tokens=False)
+
+
 def _sample_lines(texts, max_chars: int):
   """Non-empty lines of `texts` up to about `max_chars`: SentencePiece trains on sentences, not files."""
   budget = max_chars
@@ -113,6 +175,23 @@ def _sample_lines(texts, max_chars: int):
 def train_sentencepiece(texts, vocab_size: int, model_path: str) -> SentencePieceTokenizer:
   """Trains a BPE model on a bounded sample of `texts` and writes it to `model_path`."""
   model = io.BytesIO()
+  try:
+    _train_spm(texts, vocab_size, model)
+  except RuntimeError as e:
+    needed = re.search(r'smaller than required_chars\. \d+ vs (\d+)', str(e))
+    if not needed:
+      raise
+    raise ConfigError(f'data.tokenizer=sentencepiece:{vocab_size}: this corpus needs at least '
+                      f'{needed.group(1)} pieces for its characters; raise the vocabulary') from None
+  # Written whole under a temporary name, so a reader never sees half a model.
+  tmp_path = f'{model_path}.tmp{os.getpid()}'
+  with open(tmp_path, 'wb') as f:
+    f.write(model.getvalue())
+  os.replace(tmp_path, model_path)
+  return SentencePieceTokenizer(model.getvalue())
+
+
+def _train_spm(texts, vocab_size: int, model: io.BytesIO) -> None:
   spm.SentencePieceTrainer.train(
       sentence_iterator=_sample_lines(texts, _SPM_SAMPLE_CHARS),
       model_writer=model,
@@ -128,12 +207,6 @@ def train_sentencepiece(texts, vocab_size: int, model_path: str) -> SentencePiec
       unk_id=0, bos_id=1, eos_id=2, pad_id=3,
       minloglevel=2,
   )
-  # Written whole under a temporary name, so a reader never sees half a model.
-  tmp_path = f'{model_path}.tmp{os.getpid()}'
-  with open(tmp_path, 'wb') as f:
-    f.write(model.getvalue())
-  os.replace(tmp_path, model_path)
-  return SentencePieceTokenizer(model.getvalue())
 
 
 def _spm_vocab_size(spec: str) -> int:
@@ -153,9 +226,58 @@ def vocab_size_for(config) -> int:
     return ByteTokenizer.vocab_size
   if spec.startswith('ids:'):
     return _id_symbols(config) + 3
+  if _is_file_spec(spec):
+    return _from_file(spec, _given_file(spec)).vocab_size
   if not spec.startswith('sentencepiece:'):
-    raise ConfigError(f"data.tokenizer={spec!r} is not one of 'byte', 'sentencepiece:VOCAB', 'ids:VOCAB'")
+    raise ConfigError(f"data.tokenizer={spec!r} is not one of 'byte', 'sentencepiece:VOCAB', "
+                      "'sentencepiece:PATH.model', 'hf:PATH' (a tokenizer.json), 'ids:VOCAB'")
   return _spm_vocab_size(spec)
+
+
+def _given_file(spec: str) -> str:
+  """The file a `sentencepiece:PATH.model` or `hf:PATH` spec names (hf: a directory holding
+  tokenizer.json will do), or a ConfigError."""
+  kind, _, path = spec.partition(':')
+  path = os.path.expanduser(path)
+  if kind == 'hf' and os.path.isdir(path):
+    path = os.path.join(path, _HF_FILE)
+  if not os.path.isfile(path):
+    raise ConfigError(f'data.tokenizer={spec!r}: no such file {path!r}')
+  return path
+
+
+def _from_file(spec: str, path: str):
+  """The tokenizer in `path` (a tokenizer.json for hf:, a SentencePiece model otherwise), or one line
+  saying it is not one."""
+  with open(path, 'rb') as f:
+    content = f.read()
+  kind = 'tokenizers tokenizer.json' if spec.startswith('hf:') else 'SentencePiece model'
+  try:
+    if spec.startswith('hf:'):
+      tok = tokenizers.Tokenizer.from_str(content.decode('utf-8'))
+    else:
+      tokenizer = SentencePieceTokenizer(content)
+  # The tokenizers library raises a plain Exception for a file it cannot parse; SentencePiece a
+  # RuntimeError.
+  except Exception as e:  # noqa: BLE001
+    first = (str(e).strip().splitlines() or [''])[0]
+    raise ConfigError(f'data.tokenizer={spec!r}: {path} is not a {kind} ({type(e).__name__}: '
+                      f'{first[:200]})') from None
+  if spec.startswith('hf:'):
+    return HuggingFaceTokenizer(tok, _eos_token(os.path.join(os.path.dirname(path), _HF_CONFIG_FILE)), spec)
+  if tokenizer.eos_id < 0:
+    raise ConfigError(f'data.tokenizer={spec!r}: {path} has no end-of-document token (eos_id is -1); '
+                      'training needs one between documents')
+  return tokenizer
+
+
+def _eos_token(config_path: str) -> str | None:
+  """The `eos_token` a Hugging Face tokenizer_config.json names (a string or {"content": ...})."""
+  if not os.path.isfile(config_path):
+    return None
+  with open(config_path, encoding='utf-8') as f:
+    eos = json.load(f).get('eos_token')
+  return eos.get('content') if isinstance(eos, dict) else eos
 
 
 def _id_symbols(config) -> int:
@@ -168,8 +290,16 @@ def _id_symbols(config) -> int:
   return int(vocab)
 
 
+def _is_file_spec(spec: str) -> bool:
+  return spec.startswith('hf:') or (spec.startswith('sentencepiece:') and
+                                    not spec.removeprefix('sentencepiece:').isdigit())
+
+
 def make_tokenizer(config, workdir: str):
-  """The tokenizer `data.tokenizer` names; a SentencePiece model is trained once and kept in `workdir`."""
+  """The tokenizer `data.tokenizer` names; a SentencePiece model is trained once and kept in `workdir`,
+  a tokenizer file copied there."""
+  if _is_file_spec(config.data.tokenizer):
+    return _run_copy(config.data.tokenizer, workdir)
   vocab_size = vocab_size_for(config)
   if config.data.tokenizer == 'byte':
     return ByteTokenizer()
@@ -181,6 +311,29 @@ def make_tokenizer(config, workdir: str):
     proto = _spm_model(config, workdir, vocab_size).model_proto if jax.process_index() == 0 else None
     return SentencePieceTokenizer(distributed.broadcast_bytes(proto))
   return _spm_model(config, workdir, vocab_size)
+
+
+def _run_copy(spec: str, workdir: str):
+  """The run's copy of the tokenizer file `spec` names: made when the run starts; afterwards the given
+  file, where it still exists, must be the same. Each host reads its own (hosts may not share a disk)."""
+  given = os.path.expanduser(spec.partition(':')[2])
+  names = [_HF_FILE, _HF_CONFIG_FILE] if spec.startswith('hf:') else [_SPM_MODEL_FILE]
+  copy = os.path.join(workdir, names[0])
+  if os.path.exists(copy):
+    if os.path.exists(given):
+      with open(_given_file(spec), 'rb') as a, open(copy, 'rb') as b:
+        if a.read() != b.read():
+          raise ConfigError(f'data.tokenizer={spec!r} differs from the copy this run started with '
+                            f'({copy}); use a new --workdir for another tokenizer')
+    return _from_file(spec.partition(':')[0] + ':' + copy, copy)
+  path = _given_file(spec)
+  tokenizer = _from_file(spec, path)
+  os.makedirs(workdir, exist_ok=True)
+  for name, source in zip(names, (path, os.path.join(os.path.dirname(path), _HF_CONFIG_FILE)), strict=False):
+    if os.path.isfile(source):
+      shutil.copyfile(source, f'{os.path.join(workdir, name)}.tmp')
+      os.replace(f'{os.path.join(workdir, name)}.tmp', os.path.join(workdir, name))
+  return tokenizer
 
 
 def _spm_model(config, workdir: str, vocab_size: int) -> 'SentencePieceTokenizer':

@@ -203,16 +203,18 @@ class StopSignals:
     self.requested = True
 
   def _interrupt(self, signum, frame):
+    """Python runs this between two bytecodes of the main thread, possibly inside a write to stderr: it
+    writes to the file descriptor, not through sys.stderr's buffer."""
     del signum, frame
     if self.name == 'Ctrl-C':
       newest = newest_checkpoint(self.checkpoints)
       kept = f'{self.checkpoints / str(newest)} is the newest checkpoint' if newest is not None else (
           'no checkpoint was saved')
-      print(f'\ntrain: second Ctrl-C, stopped at once without saving; {kept}', file=sys.stderr, flush=True)
+      _tell(f'train: second Ctrl-C, stopped at once without saving; {kept}')
       os._exit(self.SIGINT_STATUS)  # no clean-up: a save in flight is left incomplete, never resumed from
     self.name = 'Ctrl-C'
-    say('train: Ctrl-C: saving a checkpoint at the end of this step, then stopping '
-                '(Ctrl-C again stops at once, without saving)')
+    _tell('train: Ctrl-C: saving a checkpoint at the end of this step, then stopping (Ctrl-C again stops '
+          'at once, without saving)')
     if self._multihost:
       os.kill(os.getpid(), signal.SIGTERM)  # to JAX's handler, which tells every host
     else:
@@ -227,6 +229,11 @@ class StopSignals:
   def restore(self):
     for signum, handler in self._previous.items():
       signal.signal(signum, handler)
+
+
+def _tell(message: str) -> None:
+  """One line on stderr from a signal handler, on the host the signal reached."""
+  os.write(sys.stderr.fileno(), f'\n{message}\n'.encode())
 
 
 def newest_checkpoint(directory: pathlib.Path) -> int | None:
@@ -373,12 +380,12 @@ def set_up(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> Session:
   if restored is None:
     start_step, state = 0, jax.jit(init_fn, out_shardings=shardings)(jax.random.key(t.seed))
     say(f'train: {"starting over" if saved else "new run"} in {workdir}: {t.steps} steps of '
-                f'{t.batch_size} x {config.data.seq_len} tokens')
+        f'{t.batch_size} x {config.data.seq_len} tokens')
   else:
     start_step, state, data_state = restored
     train_iter.set_state(data_state)
     say(f'train: resuming {workdir} from step {start_step} (checkpoint '
-                f'{workdir / "checkpoints" / str(start_step)}), to step {t.steps}')
+        f'{workdir / "checkpoints" / str(start_step)}), to step {t.steps}')
   for change in changes:
     say(f'train: changed on resume: {change}')
   if is_primary:

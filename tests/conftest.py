@@ -6,6 +6,7 @@ import pathlib
 import re
 import subprocess
 import sys
+import tempfile
 
 # With the compile tier's packages installed (libtpu, the CUDA plugin), JAX would try, and loudly fail, to
 # start a TPU and a GPU in every test process; the tests run on the CPU (compile-only devices still work).
@@ -16,15 +17,61 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from sparse_lm import aot  # noqa: E402,F401  (sets the compile-only backends' environment before JAX starts)
+from sparse_lm import (
+  aot,  # noqa: E402,F401  (sets the compile-only backends' environment before JAX starts)
+  data,  # noqa: E402
+)
 from sparse_lm.config import base_config
 
 jax.config.update('jax_numpy_rank_promotion', 'raise')
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-SHAKESPEARE = REPO.parent / 'shared' / 'data' / 'tinyshakespeare.txt'
-if not SHAKESPEARE.exists():
-  raise FileNotFoundError(f'the tests read {SHAKESPEARE}: check out shared/ beside the repository')
+
+
+def _write_text_corpus(size: int = 1_100_000) -> pathlib.Path:
+  """One file of real text that the tests make themselves, so the repository needs nothing beside it:
+  the standard library's UTF-8 source files (the embedded corpus) in name order, concatenated to about
+  `size` bytes. Written whole under a temporary name, as parallel workers each write it."""
+  parts, total = [], 0
+  for f in data._stdlib_files():  # noqa: SLF001
+    raw = pathlib.Path(f.path).read_bytes()
+    try:
+      parts.append(raw.decode('utf-8'))
+    except UnicodeDecodeError:  # the few files that test the tokenizer's encoding errors
+      continue
+    total += len(raw)
+    if total >= size:
+      break
+  path = pathlib.Path(tempfile.gettempdir()) / f'sparse_lm_test_corpus_{size}.txt'
+  tmp = path.with_name(f'{path.name}.{os.getpid()}.tmp')
+  tmp.write_text(''.join(parts), encoding='utf-8')
+  os.replace(tmp, path)
+  return path
+
+
+CORPUS_FILE = _write_text_corpus()
+
+
+def write_bpe(directory: pathlib.Path, vocab_size: int = 400, eos: str | None = '<|endoftext|>',
+              byte_level: bool = True) -> pathlib.Path:
+  """A small BPE tokenizer.json trained here with the `tokenizers` trainer on the test corpus, as a user's
+  GPT-2-style tokenizer would be (byte-level; `byte_level=False`: split on whitespace, no byte alphabet),
+  with `eos` as its only special token (None: no special token)."""
+  import tokenizers  # pylint: disable=g-import-not-at-top
+  from tokenizers import decoders, models, pre_tokenizers, trainers  # pylint: disable=g-import-not-at-top
+  tok = tokenizers.Tokenizer(models.BPE())
+  if byte_level:
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+  else:
+    tok.pre_tokenizer, alphabet = pre_tokenizers.Whitespace(), []
+  trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[eos] if eos else [],
+                                initial_alphabet=alphabet, show_progress=False)
+  tok.train_from_iterator(CORPUS_FILE.read_text(encoding='utf-8')[:200_000].splitlines(), trainer)
+  directory.mkdir(parents=True, exist_ok=True)
+  tok.save(str(directory / 'tokenizer.json'))
+  return directory / 'tokenizer.json'
 
 
 def tiny_config(**model):
@@ -87,7 +134,7 @@ TINY_FLAGS = (
     '--config.data.seq_len=64', '--config.train.batch_size=8', '--config.train.steps=30',
     '--config.train.warmup_steps=5', '--config.train.eval_every=10', '--config.train.eval_batches=2',
     '--config.train.log_every=1', '--config.checkpoint.every_steps=10',
-    f'--config.data.source=text:{SHAKESPEARE}',
+    f'--config.data.source=text:{CORPUS_FILE}',
 )
 
 

@@ -12,7 +12,7 @@ import sys
 import pytest
 
 from sparse_lm import scaling, startup
-from tests.conftest import REPO, SHAKESPEARE
+from tests.conftest import CORPUS_FILE, REPO
 
 # Commands run as a user would (absl flags are process-wide, so each runs in its own process):
 # (arguments, the last line of stderr must match).
@@ -137,7 +137,7 @@ SCALING = [
     (['sweep', '--budgets=1e13', '--workdir_root={tmp}', '--spread=0.5'], r'--spread=0.5 must be > 1'),
     (['collect', '--workdir_root={tmp}/none'], r'--workdir_root=.*/none is not a directory'),
     (['fit', '{tmp}/missing.jsonl'], r'missing.jsonl: cannot read it'),
-    (['fit', str(SHAKESPEARE)], r'tinyshakespeare.txt:1: not JSON'),
+    (['fit', str(CORPUS_FILE)], r'sparse_lm_test_corpus_\d+.txt:1: not JSON'),
 ]
 
 

@@ -6,7 +6,7 @@ import pytest
 
 from sparse_lm import checks
 from sparse_lm.config import ConfigError
-from tests.conftest import REPO, SHAKESPEARE, tiny_config
+from tests.conftest import CORPUS_FILE, REPO, tiny_config
 
 CASES = [
     ('model.attention', lambda c: c.model.update(attention='bogus')),
@@ -30,7 +30,7 @@ CASES = [
 @pytest.mark.parametrize('key,mutate', CASES, ids=[f'{k}-{i}' for i, (k, _) in enumerate(CASES)])
 def test_bad_value_raises_one_line_naming_the_key(key, mutate):
   c = tiny_config()
-  c.data.source = f'text:{SHAKESPEARE}'
+  c.data.source = f'text:{CORPUS_FILE}'
   mutate(c)
   with pytest.raises(ConfigError) as error:
     checks.check_config(c, num_devices=1)
@@ -40,7 +40,7 @@ def test_bad_value_raises_one_line_naming_the_key(key, mutate):
 
 def test_good_config_passes():
   c = tiny_config()
-  c.data.source = f'text:{SHAKESPEARE}'
+  c.data.source = f'text:{CORPUS_FILE}'
   checks.check_config(c, num_devices=1)
 
 

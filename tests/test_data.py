@@ -1,5 +1,4 @@
 import json
-import os
 
 import numpy as np
 import pytest
@@ -8,12 +7,12 @@ from sparse_lm import config as config_lib
 from sparse_lm import data
 from sparse_lm import tokenizer as tokenizer_lib
 from sparse_lm.config import ConfigError
+from tests.conftest import CORPUS_FILE
 
-SHAKESPEARE = os.path.join(os.path.dirname(__file__), '..', '..', 'shared', 'data', 'tinyshakespeare.txt')
 BYTES = tokenizer_lib.ByteTokenizer()
 
 
-def _config(source=f'text:{SHAKESPEARE}', seq_len=64, batch_size=4, seed=0):
+def _config(source=f'text:{CORPUS_FILE}', seq_len=64, batch_size=4, seed=0):
   config = config_lib.base_config()
   config.data.source = source
   config.data.seq_len = seq_len
@@ -46,7 +45,7 @@ def test_text_split_is_disjoint_deterministic_and_complete():
   config = _config()
   train = list(data.corpus(config, 'train').documents)
   validation = list(data.corpus(config, 'validation').documents)
-  with open(SHAKESPEARE, encoding='utf-8') as f:
+  with open(CORPUS_FILE, encoding='utf-8') as f:
     assert ''.join(train) + ''.join(validation) == f.read()
   assert len(train) > 10  # cut into pieces, so there is something to shuffle
   assert list(data.corpus(config, 'validation').documents) == validation
@@ -125,7 +124,7 @@ def test_text_refuses_what_is_not_text(tmp_path, name, content, says):
 def test_batches_have_shapes_and_shifted_targets():
   config = _config()
   batches = _take(data.make_train_iterator(config, BYTES), 3)
-  with open(SHAKESPEARE, encoding='utf-8') as f:
+  with open(CORPUS_FILE, encoding='utf-8') as f:
     text = f.read()
   for batch in batches:
     assert batch['inputs'].shape == batch['targets'].shape == (4, 64)
@@ -344,3 +343,104 @@ def test_shards_must_split_batch_and_processes(shards, processes):
 
 def test_default_shards_are_the_batch_power_of_two():
   assert [data.num_shards(_config(batch_size=b)) for b in (1, 6, 8, 48, 256)] == [1, 2, 8, 16, 64]
+
+
+# ----------------------------------------------------------------------------- JSON lines, Parquet, .bin
+
+def _flat(corpus):
+  return [d for element in corpus.documents for d in (element if isinstance(element, list) else [element])]
+
+
+def _docs(n, rng):
+  return [f'document {k}: ' + 'é' * int(rng.integers(0, 3)) + 'x' * int(rng.integers(10, 400))
+          for k in range(n)]
+
+
+@pytest.mark.parametrize('field', ['', 'body'])
+def test_jsonl_reads_every_line_once_and_holds_out_the_fraction(tmp_path, field):
+  rng = np.random.default_rng(0)
+  docs = _docs(900, rng)
+  key = field or 'text'
+  for k in range(3):
+    with open(tmp_path / f'part{k}.jsonl', 'w', encoding='utf-8') as f:
+      for d in docs[k * 300:(k + 1) * 300]:
+        f.write(json.dumps({key: d, 'id': 7}) + '\n')
+  config = _config(source=f'jsonl:{tmp_path}/*.jsonl' + (f':{field}' if field else ''))
+  config.data.validation_fraction = 0.1
+  train, validation = data.corpus(config, 'train'), data.corpus(config, 'validation')
+  assert sorted(_flat(train) + _flat(validation)) == sorted(docs)
+  held = sum(len(json.dumps({key: d, 'id': 7})) + 1 for d in _flat(validation))
+  total = sum((tmp_path / f'part{k}.jsonl').stat().st_size for k in range(3))
+  assert abs(held - 0.1 * total) <= max(len(json.dumps({key: d, 'id': 7})) + 1 for d in docs)
+  batch = next(data.make_train_iterator(config, BYTES))
+  assert batch['inputs'].shape == (4, 64)
+  assert len(data.eval_batches(config, BYTES)) == 3
+
+
+def test_jsonl_errors_name_the_file_and_line(tmp_path):
+  good = json.dumps({'text': 'fine ' * 40})
+  (tmp_path / 'a.jsonl').write_text(good + '\n' + '{"text": "cut off\n' + good + '\n')
+  message = _raises_one_line(_config(source=f'jsonl:{tmp_path}/a.jsonl:body'), 'a.jsonl:1: no text field')
+  assert "'body'" in message and "['text']" in message
+  config = _config(source=f'jsonl:{tmp_path}/a.jsonl')
+  config.data.validation_fraction = 0
+  with pytest.raises(data.files_lib.FormatError, match=r'a.jsonl:2: not JSON') as error:
+    _flat(data.corpus(config, 'train'))
+  assert '\n' not in str(error.value)
+  (tmp_path / 'b.jsonl').write_text('not json\n')
+  _raises_one_line(_config(source=f'jsonl:{tmp_path}/b.jsonl'), 'b.jsonl:1: not JSON')
+
+
+def test_parquet_reads_by_row_group_and_holds_out_the_fraction(tmp_path):
+  pa = pytest.importorskip('pyarrow')
+  pq = pytest.importorskip('pyarrow.parquet')
+  docs = _docs(500, np.random.default_rng(1))
+  for k in range(2):
+    part = docs[k * 250:(k + 1) * 250]
+    pq.write_table(pa.table({'content': part, 'n': list(range(250))}), tmp_path / f'{k}.parquet',
+                   row_group_size=40)
+  config = _config(source=f'parquet:{tmp_path}/*.parquet:content')
+  config.data.validation_fraction = 0.05
+  train, validation = data.corpus(config, 'train'), data.corpus(config, 'validation')
+  assert sorted(_flat(train) + _flat(validation)) == sorted(docs)
+  assert len(_flat(validation)) == 25
+  assert max(len(element) for element in train.documents) <= 40  # a row group at a time
+  assert next(data.make_train_iterator(config, BYTES))['inputs'].shape == (4, 64)
+  _raises_one_line(_config(source=f'parquet:{tmp_path}/*.parquet'), r"no column 'text'")
+  _raises_one_line(_config(source=f'parquet:{tmp_path}/*.parquet:n'), r"column 'n' holds int64, not text")
+  (tmp_path / 'bad.parquet').write_text('no')
+  _raises_one_line(_config(source=f'parquet:{tmp_path}/bad.parquet'), 'not a Parquet file')
+
+
+def test_bin_shards_are_read_as_windows_exactly(tmp_path):
+  rng = np.random.default_rng(2)
+  shards = [rng.integers(0, 250, size) for size in (5000, 3000, 777)]
+  for k, tokens in enumerate(shards):
+    data.files_lib.write_bin(str(tmp_path / f'shard_{k}.bin'), tokens)
+  config = _config(source=f'bin:{tmp_path}/*.bin', seq_len=64)
+  config.data.validation_fraction = 0.1
+  train, validation = data.corpus(config, 'train'), data.corpus(config, 'validation')
+  windows = [w for split in (train, validation) for w in split.documents]
+  assert all(w.shape == (65,) and w.dtype == np.int32 for w in windows)
+  expected = sorted(tuple(t[i * 65:(i + 1) * 65]) for t in shards for i in range(len(t) // 65))
+  assert sorted(map(tuple, windows)) == expected
+  assert len(validation.documents) == round(0.1 * len(expected))
+  batch = next(data.make_train_iterator(config, BYTES))
+  np.testing.assert_array_equal(batch['inputs'][:, 1:], batch['targets'][:, :-1])
+  assert len(data.eval_batches(config, BYTES)) >= 1
+
+
+def test_bad_bin_shards_are_one_line(tmp_path):
+  data.files_lib.write_bin(str(tmp_path / 'big.bin'), np.full(3000, 1000))
+  config = _config(source=f'bin:{tmp_path}/big.bin', seq_len=64)
+  config.data.validation_fraction = 0.1
+  with pytest.raises(data.files_lib.FormatError, match=r'token id 1000, at or above the vocabulary of '
+                     r'data.tokenizer \(259\)'):
+    next(data.make_train_iterator(config, BYTES))
+  data.files_lib.write_bin(str(tmp_path / 'cut.bin'), np.ones(3000))
+  with open(tmp_path / 'cut.bin', 'r+b') as f:
+    f.truncate(1024 + 2000)
+  _raises_one_line(_config(source=f'bin:{tmp_path}/cut.bin'),
+                   'counts 3000 tokens but the file holds 1000')
+  (tmp_path / 'other.bin').write_bytes(b'\0' * 2048)
+  _raises_one_line(_config(source=f'bin:{tmp_path}/other.bin'), 'not a nanoGPT token shard')

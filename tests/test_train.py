@@ -8,12 +8,16 @@ import re
 import shutil
 import signal
 import subprocess
+import sys
 import time
 
+import numpy as np
 import pytest
 
-from sparse_lm import evaluate, rundir
+from sparse_lm import evaluate, files, rundir, tokenizer
+from sparse_lm.config import base_config
 from tests.conftest import (
+  CORPUS_FILE,
   REPO,
   eval_lines,
   resumed_step,
@@ -21,6 +25,7 @@ from tests.conftest import (
   train_command,
   train_losses,
   train_steps_logged,
+  write_bpe,
 )
 
 
@@ -248,6 +253,52 @@ def test_sentencepiece_tokenizer_trains_and_reports_bits_per_byte(tmp_path):
            if 'eval_bpb' in line]
   # A subword token covers several bytes, so bits per byte sit well below bits per token.
   assert evals[-1]['eval_bpb'] < evals[-1]['eval_loss'] / 0.6931 / 1.5
+
+
+def test_a_tokenizer_the_user_has_trains_evaluates_and_samples(tmp_path):
+  """`data.tokenizer=hf:PATH`: a byte-level BPE tokenizer.json (trained here, as a user's GPT-2 one)
+  sets the vocabulary, is copied into the run, and sampling decodes through it."""
+  path = write_bpe(tmp_path / 'bpe', vocab_size=400)
+  run_train(tmp_path / 'run', f'--config.data.tokenizer=hf:{path}', '--config.train.steps=10')
+  assert json.loads((tmp_path / 'run' / 'config.json').read_text())['model']['vocab_size'] == 400
+  assert (tmp_path / 'run' / 'tokenizer.json').read_bytes() == path.read_bytes()
+  assert all(math.isfinite(row['eval_bpb']) and row['eval_bpb'] > 0 for row in eval_lines(tmp_path / 'run'))
+  path.unlink()  # the run reads its own copy from now on
+  sampled = subprocess.run([sys.executable, '-m', 'sparse_lm.sample', f'--workdir={tmp_path / "run"}',
+                            '--prompt=def ', '--max_new_tokens=16', '--temperature=0'], cwd=REPO,
+                           capture_output=True, text=True, timeout=300)
+  assert sampled.returncode == 0, sampled.stderr[-2000:]
+  assert sampled.stdout.splitlines()[0] == '[dense model, step 10]'
+  assert sampled.stdout.splitlines()[1].startswith('def ')
+
+
+def test_trains_on_nanogpt_token_shards_and_resumes_exactly(tmp_path):
+  """`data.source=bin:GLOB`: the test corpus tokenized with a BPE trained here, written as nanoGPT
+  shards; a run on them learns, and resumed from its step-10 checkpoint it repeats the same losses."""
+  path = write_bpe(tmp_path / 'bpe', vocab_size=400)
+  tok = tokenizer.make_tokenizer(_config_with(f'hf:{path}'), str(tmp_path / 'probe'))
+  text = CORPUS_FILE.read_text(encoding='utf-8')[:400_000]
+  tokens = np.concatenate([np.append(tok.encode(doc), tok.eos_id) for doc in text.split('\n\n\n')])
+  for k, part in enumerate(np.array_split(tokens, 3)):
+    files.write_bin(str(tmp_path / f'shard_{k:03d}.bin'), part)
+  flags = (f'--config.data.source=bin:{tmp_path}/shard_*.bin', f'--config.data.tokenizer=hf:{path}',
+           '--config.train.steps=20')
+  run_train(tmp_path / 'whole', *flags)
+  losses = train_losses(tmp_path / 'whole')
+  assert losses[20] < losses[1] - 1.0, losses
+  shutil.copytree(tmp_path / 'whole', tmp_path / 'resumed')
+  shutil.rmtree(tmp_path / 'resumed' / 'checkpoints' / '20')  # as if killed before step 20's save
+  assert resumed_step(run_train(tmp_path / 'resumed', *flags).stderr) == 10
+  assert train_steps_logged(tmp_path / 'resumed') == list(range(1, 21))
+  resumed = train_losses(tmp_path / 'resumed')
+  for step in range(1, 21):
+    assert resumed[step] == pytest.approx(losses[step], rel=1e-5, abs=1e-6), step
+
+
+def _config_with(tokenizer_spec):
+  config = base_config()
+  config.data.tokenizer = tokenizer_spec
+  return config
 
 
 def test_diverging_run_stops_keeping_its_last_finite_checkpoint(tmp_path):
