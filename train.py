@@ -12,6 +12,7 @@ from absl import flags, logging
 
 from sparse_lm import cli, distributed, trainer
 from sparse_lm.config import ConfigError
+from sparse_lm.files import FormatError
 
 _CONFIG = cli.config_flag('train')
 _WORKDIR = flags.DEFINE_string('workdir', 'runs/default', 'Where checkpoints and metrics go.')
@@ -39,6 +40,8 @@ def main(argv) -> None:
       initialization_timeout=_INIT_TIMEOUT.value, heartbeat_timeout=_HEARTBEAT_TIMEOUT.value)
   try:
     trainer.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  except FormatError as error:  # found while training: the newest checkpoint is kept
+    sys.exit(f'train: data error: {error}')
   except ConfigError as error:
     sys.exit(f'config error: {error}')
   except trainer.Diverged as error:

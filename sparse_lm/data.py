@@ -22,6 +22,7 @@ import dataclasses
 import functools
 import glob
 import itertools
+import json
 import os
 import pathlib
 import sysconfig
@@ -264,6 +265,97 @@ class _Windows:
     return np.asarray(self._maps[path][window * self._length:(window + 1) * self._length], np.int32)
 
 
+@functools.cache
+def _manifest(directory: str, source: str) -> dict:
+  """The manifest of shards made by `python -m sparse_lm.prepare`, after checking that every shard it
+  lists is there with its documents (a truncated or corrupt shard fails here, in one line)."""
+  path = os.path.join(directory, 'manifest.json')
+  if not os.path.isfile(path):
+    raise ConfigError(f'data.source={source!r}: {directory} has no manifest.json (a corpus made by python -m '
+                      'sparse_lm.prepare, finished)')
+  with open(path, encoding='utf-8') as f:
+    manifest = json.load(f)
+  for shards in manifest['splits'].values():
+    for shard in shards:
+      path = os.path.join(directory, shard['name'])
+      records = _shard_records(path)
+      if len(records) != shard['documents']:
+        raise files_lib.FormatError(f'{path}: holds {len(records)} records, its manifest says '
+                                    f'{shard["documents"]} (truncated or corrupt)')
+  return manifest
+
+
+def _shard_records(path: str):
+  if not os.path.isfile(path):
+    raise files_lib.FormatError(f'{path}: missing (its manifest lists it)')
+  try:
+    return grain.sources.ArrayRecordDataSource([path])
+  # array_record raises RuntimeError or OSError, varying with the fault
+  except Exception as e:  # noqa: BLE001
+    raise files_lib.FormatError(f'{path}: not a whole ArrayRecord shard ({type(e).__name__}: '
+                                f'{str(e).splitlines()[0][:200] if str(e) else ""})') from None
+
+
+class _Records:
+  """A split's shards as one random-access source of token-id arrays; a record that cannot be read
+  (a shard damaged after start-up) stops the run in one line."""
+
+  def __init__(self, paths: list[str], dtype: str):
+    self._paths = paths
+    self._source = grain.sources.ArrayRecordDataSource(paths) if paths else []
+    self._dtype = np.dtype(dtype)
+
+  def __len__(self) -> int:
+    return len(self._source)
+
+  def __getitem__(self, index: int) -> np.ndarray:
+    try:
+      record = self._source[index]
+    except Exception as e:  # noqa: BLE001 -- as above
+      raise files_lib.FormatError(f'record {index} of {", ".join(self._paths)[:300]} cannot be read '
+                                  f'({type(e).__name__}); the shards are damaged') from None
+    return np.frombuffer(record, self._dtype).astype(np.int32)
+
+
+def tokens_directory(config) -> str | None:
+  name, _, arg = config.data.source.partition(':')
+  return os.path.abspath(os.path.expanduser(arg)) if name == 'tokens' else None
+
+
+def _tokens_source(arg: str, config, split: str) -> Corpus:
+  """Documents tokenized by `python -m sparse_lm.prepare`: a global shuffle over their records, no
+  tokenizing. The split is the one the shards were made with (`data.validation_fraction` does not apply)."""
+  directory = tokens_directory(config)
+  manifest = _manifest(directory, config.data.source)
+  shards = manifest['splits'][split]
+  records = _Records([os.path.join(directory, s['name']) for s in shards], manifest['dtype'])
+  # The byte count stands in for the tokens: check_source adds an EOS a document, as the reader will.
+  return Corpus(grain.MapDataset.source(records), num_bytes=sum(s['tokens'] for s in shards))
+
+
+def resolve_tokenizer(config) -> None:
+  """For `data.source=tokens:DIR`: `data.tokenizer` becomes the tokenizer the shards were made with (its
+  copy in DIR) when left at `byte`; one naming another file must be the same file (by SHA-256)."""
+  directory = tokens_directory(config)
+  if directory is None:
+    return
+  manifest = _manifest(directory, config.data.source)
+  spec = config.data.tokenizer
+  if manifest['tokenizer_file'] is None:
+    if spec != 'byte':
+      raise ConfigError(f'data.tokenizer={spec!r}, but the shards in {directory} were made with byte')
+    return
+  kind = manifest['tokenizer'].partition(':')[0]
+  own = f'{kind}:{os.path.join(directory, manifest["tokenizer_file"])}'
+  if spec == 'byte':
+    config.data.tokenizer = own
+    return
+  given = os.path.expanduser(spec.partition(':')[2])
+  if not os.path.isfile(given) or files_lib.sha256(given) != manifest['tokenizer_sha256']:
+    raise ConfigError(f'data.tokenizer={spec!r} is not the tokenizer the shards in {directory} were made '
+                      f'with ({manifest["tokenizer"]!r}); leave data.tokenizer=byte to take theirs')
+
+
 def _bin_source(pattern: str, config, split: str) -> Corpus:
   """nanoGPT token shards (`.bin`), already tokenized, as windows of `seq_len + 1` tokens (the tokens
   past a shard's last whole window are not read); `data.validation_fraction` of the windows is
@@ -396,6 +488,7 @@ SOURCES = {
     'jsonl': _jsonl_source,
     'parquet': _parquet_source,
     'bin': _bin_source,
+    'tokens': _tokens_source,
     'mqar': _mqar_source,
     'passkey': _passkey_source,
 }
@@ -407,7 +500,7 @@ def corpus(config, split: str) -> Corpus:
   if name not in SOURCES:
     raise ConfigError(
         f'data.source={config.data.source!r} is not one of stdlib, text:GLOB, jsonl:GLOB[:FIELD], '
-        'parquet:GLOB[:COLUMN], bin:GLOB, tfds:NAME[:CONFIG], mqar[:ARGS], passkey[:ARGS]')
+        'parquet:GLOB[:COLUMN], bin:GLOB, tokens:DIR, tfds:NAME[:CONFIG], mqar[:ARGS], passkey[:ARGS]')
   return SOURCES[name](arg, config, split)
 
 

@@ -12,6 +12,8 @@ A reader raises `FormatError`, one line naming the file (and line, for JSON line
 not what the format promises.
 """
 
+import functools
+import hashlib
 import json
 
 import numpy as np
@@ -26,6 +28,14 @@ BIN_HEADER_INT32 = 256
 
 class FormatError(ConfigError):
   """A file that is not what its format promises; the message is one line naming it."""
+
+
+def sha256(path) -> str:
+  digest = hashlib.sha256()
+  with open(path, 'rb') as f:
+    for block in iter(functools.partial(f.read, 1 << 20), b''):
+      digest.update(block)
+  return digest.hexdigest()
 
 
 # ----------------------------------------------------------------------------- JSON lines

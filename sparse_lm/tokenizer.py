@@ -227,14 +227,14 @@ def vocab_size_for(config) -> int:
   if spec.startswith('ids:'):
     return _id_symbols(config) + 3
   if _is_file_spec(spec):
-    return _from_file(spec, _given_file(spec)).vocab_size
+    return _from_file(spec, given_file(spec)).vocab_size
   if not spec.startswith('sentencepiece:'):
     raise ConfigError(f"data.tokenizer={spec!r} is not one of 'byte', 'sentencepiece:VOCAB', "
                       "'sentencepiece:PATH.model', 'hf:PATH' (a tokenizer.json), 'ids:VOCAB'")
   return _spm_vocab_size(spec)
 
 
-def _given_file(spec: str) -> str:
+def given_file(spec: str) -> str:
   """The file a `sentencepiece:PATH.model` or `hf:PATH` spec names (hf: a directory holding
   tokenizer.json will do), or a ConfigError."""
   kind, _, path = spec.partition(':')
@@ -313,6 +313,11 @@ def make_tokenizer(config, workdir: str):
   return _spm_model(config, workdir, vocab_size)
 
 
+def copy_name(spec: str) -> str:
+  """The name of the run's copy of the file a tokenizer spec names."""
+  return _HF_FILE if spec.startswith('hf:') else _SPM_MODEL_FILE
+
+
 def _run_copy(spec: str, workdir: str):
   """The run's copy of the tokenizer file `spec` names: made when the run starts; afterwards the given
   file, where it still exists, must be the same. Each host reads its own (hosts may not share a disk)."""
@@ -321,12 +326,12 @@ def _run_copy(spec: str, workdir: str):
   copy = os.path.join(workdir, names[0])
   if os.path.exists(copy):
     if os.path.exists(given):
-      with open(_given_file(spec), 'rb') as a, open(copy, 'rb') as b:
+      with open(given_file(spec), 'rb') as a, open(copy, 'rb') as b:
         if a.read() != b.read():
           raise ConfigError(f'data.tokenizer={spec!r} differs from the copy this run started with '
                             f'({copy}); use a new --workdir for another tokenizer')
     return _from_file(spec.partition(':')[0] + ':' + copy, copy)
-  path = _given_file(spec)
+  path = given_file(spec)
   tokenizer = _from_file(spec, path)
   os.makedirs(workdir, exist_ok=True)
   for name, source in zip(names, (path, os.path.join(os.path.dirname(path), _HF_CONFIG_FILE)), strict=False):

@@ -294,8 +294,9 @@ class NonFiniteGuard:
 # ----------------------------------------------------------------------------- the loop
 
 def check(config: ml_collections.ConfigDict) -> None:
-  """Checks the config. A warmup longer than the run (the default config's 50 steps in a 30-step smoke
-  test) is shortened, in one line."""
+  """Checks the config, and completes what it leaves to the data. A warmup longer than the run (the
+  default config's 50 steps in a 30-step smoke test) is shortened, in one line."""
+  data.resolve_tokenizer(config)  # tokens:DIR trains with the tokenizer its shards were made with
   t = config.train
   if isinstance(t.steps, int) and isinstance(t.warmup_steps, int) and t.warmup_steps >= t.steps >= 1:
     fitted = optim.short_run_warmup(t.steps, t.warmup_steps)
