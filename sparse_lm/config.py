@@ -45,6 +45,9 @@ def base_config() -> ml_collections.ConfigDict:
   # stdlib | text:GLOB | jsonl:GLOB[:FIELD] | parquet:GLOB[:COLUMN] | bin:GLOB | tfds:NAME[:CONFIG] | mqar
   # | passkey (sparse_lm/data.py)
   c.data.source = 'stdlib'
+  # WEIGHT=SOURCE,... (e.g. 0.7=tokens:/data/web,0.3=tokens:/data/code): windows drawn from the sources by
+  # weight instead of data.source, with tokens drawn and eval_loss reported per source; '' for none.
+  c.data.mixture = ''
   c.data.seq_len = 256
   # byte | sentencepiece:VOCAB (trained on train) | sentencepiece:PATH.model | hf:PATH (a tokenizer.json)
   # | ids:VOCAB (sparse_lm/tokenizer.py)

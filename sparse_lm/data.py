@@ -18,6 +18,7 @@ Evaluation reads the validation split in order, once, and never shuffles.
 """
 
 import codecs
+import copy
 import dataclasses
 import functools
 import glob
@@ -25,6 +26,7 @@ import itertools
 import json
 import os
 import pathlib
+import re
 import sysconfig
 import zlib
 
@@ -334,12 +336,18 @@ def _tokens_source(arg: str, config, split: str) -> Corpus:
 
 
 def resolve_tokenizer(config) -> None:
-  """For `data.source=tokens:DIR`: `data.tokenizer` becomes the tokenizer the shards were made with (its
-  copy in DIR) when left at `byte`; one naming another file must be the same file (by SHA-256)."""
-  directory = tokens_directory(config)
+  """For `data.source=tokens:DIR` (or a mixture of such): `data.tokenizer` becomes the tokenizer the
+  shards were made with (its copy in DIR) when left at `byte`; one naming another file must be the same
+  file (by SHA-256), so every source of a mixture was made with it."""
+  for _, _, part in components(config):
+    _resolve_for(part, config)
+
+
+def _resolve_for(part, config) -> None:
+  directory = tokens_directory(part)
   if directory is None:
     return
-  manifest = _manifest(directory, config.data.source)
+  manifest = _manifest(directory, part.data.source)
   spec = config.data.tokenizer
   if manifest['tokenizer_file'] is None:
     if spec != 'byte':
@@ -504,10 +512,45 @@ def corpus(config, split: str) -> Corpus:
   return SOURCES[name](arg, config, split)
 
 
+def components(config) -> list[tuple[str, float, object]]:
+  """`data.mixture` as (name, weight, the config with that `data.source`), or the one source with name
+  ''. `data.mixture` is `WEIGHT=SOURCE,...`; a name is the last part of a source's path (made unique)."""
+  spec = config.data.mixture
+  if not spec:
+    return [('', 1.0, config)]
+  parts = []
+  for item in spec.split(','):
+    weight, sep, source = item.partition('=')
+    try:
+      value = float(weight)
+    except ValueError:
+      value = -1.0
+    if not sep or not source or not 0 <= value < float('inf'):
+      raise ConfigError(f'data.mixture={spec!r}: {item!r} is not WEIGHT=SOURCE with a weight >= 0 (for '
+                        'example 0.7=tokens:/data/web,0.3=tokens:/data/code)')
+    parts.append((value, source))
+  if sum(w for w, _ in parts) <= 0:
+    raise ConfigError(f'data.mixture={spec!r}: the weights sum to zero')
+  named = []
+  for i, (weight, source) in enumerate(parts):
+    fixed = list(itertools.takewhile(lambda p: not glob.has_magic(p),
+                                     pathlib.PurePath(source.partition(':')[2] or source).parts))
+    base = re.sub(r'[^A-Za-z0-9]+', '_', fixed[-1] if fixed else '').strip('_')
+    name = base if base and sum(1 for _, other in parts if other == source) == 1 else f'{base or "source"}{i}'
+    if any(name == n for n, _, _ in named):
+      name = f'{name}{i}'
+    part = copy.deepcopy(config)
+    part.data.source, part.data.mixture = source, ''
+    named.append((name, weight, part))
+  return named
+
+
 def train_documents(config):
-  """The train split's documents, in order (for training a tokenizer)."""
-  for element in corpus(config, 'train').documents:
-    yield from element if isinstance(element, list) else [element]
+  """Documents of the train split (of every source of a mixture) in a fixed shuffled order, for training a
+  tokenizer: a sample of its first ones spans the whole corpus, not its first files."""
+  for _, _, part in components(config):
+    for element in corpus(part, 'train').documents.shuffle(seed=0):
+      yield from element if isinstance(element, list) else [element]
 
 
 def _window_tokens(config) -> int:
@@ -515,7 +558,14 @@ def _window_tokens(config) -> int:
 
 
 def check_source(config) -> None:
-  """Fails in one line, before anything compiles, on a source that cannot feed a run.
+  """Fails in one line, before anything compiles, on a source (or any source of a mixture) that cannot
+  feed a run."""
+  for _, _, part in components(config):
+    _check_one_source(part)
+
+
+def _check_one_source(config) -> None:
+  """One source's checks.
 
   Counts bytes, not tokens: exact for the byte tokenizer, an upper bound for SentencePiece (every piece
   covers at least one byte), so this never rejects a source that would work. `eval_batches` makes the
@@ -650,13 +700,23 @@ def check_shards(config, process_count: int) -> int:
   return shards
 
 
-def _shard_stream(documents: grain.MapDataset, tokenizer, config, rows: int, pretokenized: bool
+def _tagged(window: np.ndarray, source: int) -> dict[str, np.ndarray]:
+  return {'tokens': window, 'source': np.int32(source)}
+
+
+def _shard_stream(parts: list[tuple[grain.MapDataset, float, bool]], tokenizer, config, rows: int
                   ) -> grain.DatasetIterator:
-  """One shard's endless stream, `rows` windows at a time."""
-  documents = documents.shuffle(seed=config.train.seed).repeat()  # the shuffle reseeds every epoch
-  windows = grain.experimental.WindowShuffleIterDataset(
-      _pack(documents, tokenizer, config, pretokenized), window_size=config.data.shuffle_buffer,
-      seed=config.train.seed)
+  """One shard's endless stream, `rows` windows at a time, each tagged with the index of its source:
+  per source (documents, weight, pre-tokenized), its documents reshuffled every epoch and packed; a
+  mixture draws windows from them by weight (grain's mix: deterministic, and its state resumes)."""
+  streams = []
+  for index, (documents, _, pretokenized) in enumerate(parts):
+    documents = documents.shuffle(seed=config.train.seed).repeat()  # the shuffle reseeds every epoch
+    streams.append(_pack(documents, tokenizer, config, pretokenized).map(
+        functools.partial(_tagged, source=index)))
+  mixed = streams[0] if len(streams) == 1 else grain.IterDataset.mix(streams, [w for _, w, _ in parts])
+  windows = grain.experimental.WindowShuffleIterDataset(mixed, window_size=config.data.shuffle_buffer,
+                                                        seed=config.train.seed)
   return _JsonStateIterator(iter(windows.batch(rows, drop_remainder=True)))
 
 
@@ -667,19 +727,33 @@ class ShardedIterator:
   least this host's shards (a gathered global one, from a checkpoint written by any process count).
   """
 
-  def __init__(self, streams: dict[int, grain.DatasetIterator], num_shards: int):
+  def __init__(self, streams: dict[int, grain.DatasetIterator], num_shards: int, names: list[str]):
     self._streams = streams
     self._num_shards = num_shards
+    self.names = names  # of the sources, by index ('' for a single source)
+    # Tokens drawn from each source by each shard: part of the state, so counts survive a resume.
+    self._drawn = {j: [0] * len(names) for j in streams}
 
   def __iter__(self):
     return self
 
   def __next__(self) -> dict[str, np.ndarray]:
-    return _inputs_targets(np.concatenate([next(stream) for stream in self._streams.values()]))
+    rows = []
+    for j, stream in self._streams.items():
+      batch = next(stream)
+      for source, count in zip(*np.unique(batch['source'], return_counts=True), strict=True):
+        self._drawn[j][int(source)] += int(count) * (batch['tokens'].shape[1] - 1)
+      rows.append(batch['tokens'])
+    return _inputs_targets(np.concatenate(rows))
+
+  def drawn(self) -> dict[str, int]:
+    """Tokens (inputs) drawn from each source so far by this host's shards."""
+    return {name: sum(counts[i] for counts in self._drawn.values()) for i, name in enumerate(self.names)}
 
   def get_state(self) -> dict:
     return {'num_shards': self._num_shards,
-            'shards': {str(j): stream.get_state() for j, stream in self._streams.items()}}
+            'shards': {str(j): stream.get_state() for j, stream in self._streams.items()},
+            'drawn': {str(j): counts for j, counts in self._drawn.items()}}
 
   def set_state(self, state: dict) -> None:
     shards = state.get('shards', {})
@@ -690,6 +764,7 @@ class ShardedIterator:
                        f'{self._num_shards} and needs shards {sorted(self._streams)}')
     for j, stream in self._streams.items():
       stream.set_state(shards[str(j)])
+      self._drawn[j] = list(state.get('drawn', {}).get(str(j), self._drawn[j]))
 
 
 def make_train_iterator(config, tokenizer, *, process_index: int = 0,
@@ -698,25 +773,35 @@ def make_train_iterator(config, tokenizer, *, process_index: int = 0,
   check_source(config)
   _host_batch_size(config, process_count)
   shards = check_shards(config, process_count)
-  train = corpus(config, 'train')
-  documents = train.documents
-  if len(documents) < shards:
-    raise ConfigError(f'data.source={config.data.source!r} has {len(documents)} train documents, fewer '
-                      f'than data.num_shards={shards}; set data.num_shards lower')
+  parts = []
+  for name, weight, part in components(config):
+    train = corpus(part, 'train')
+    if len(train.documents) < shards:
+      raise ConfigError(f'data.source={part.data.source!r} has {len(train.documents)} train documents, '
+                        f'fewer than data.num_shards={shards}; set data.num_shards lower')
+    parts.append((name, weight, train))
   per_host = shards // process_count
   rows = config.train.batch_size // shards
   owned = range(process_index * per_host, (process_index + 1) * per_host)
-  return ShardedIterator({j: _shard_stream(documents[j::shards], tokenizer, config, rows, train.windows)
-                          for j in owned}, shards)
+  streams = {j: _shard_stream([(train.documents[j::shards], weight, train.windows)
+                               for _, weight, train in parts], tokenizer, config, rows) for j in owned}
+  return ShardedIterator(streams, shards, [name for name, _, _ in parts])
 
 
 def gather_state(iterator: ShardedIterator) -> dict:
   """The state of every shard, from all processes (a collective: every process calls it)."""
   local = iterator.get_state()
-  merged = {}
+  merged = {'shards': {}, 'drawn': {}}
   for state in distributed.allgather_json(local):
-    merged.update(state['shards'])
-  return {**local, 'shards': merged}
+    for key in merged:
+      merged[key].update(state[key])
+  return {**local, **merged}
+
+
+def eval_sets(config, tokenizer, *, process_index: int = 0, process_count: int = 1) -> dict[str, list]:
+  """The evaluation batches of each source (of a mixture; one set named '' otherwise)."""
+  return {name: eval_batches(part, tokenizer, process_index=process_index, process_count=process_count)
+          for name, _, part in components(config)}
 
 
 def eval_batches(config, tokenizer, *, process_index: int = 0, process_count: int = 1) -> list[dict]:

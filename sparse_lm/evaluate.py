@@ -174,7 +174,7 @@ def causality(run: Run, opts: Options, leaks: dict[str, float]) -> dict:
 
 def perplexity(run: Run, opts: Options, leaks: dict[str, float]) -> dict:
   """Loss and bits per byte on the validation split at each length (longer than training: length
-  extrapolation), with the trainer's own eval step."""
+  extrapolation), with the trainer's own eval step; for a mixture, of each source as well."""
   del leaks
   eval_step = jax.jit(trainer.make_eval_step(run.graphdef, run.tok.token_bytes))
   mesh_config = copy.deepcopy(run.config.mesh)
@@ -186,9 +186,9 @@ def perplexity(run: Run, opts: Options, leaks: dict[str, float]) -> dict:
     config.data.seq_len = seq_len
     config.train.batch_size = opts.batch_size or config.train.batch_size
     config.train.eval_batches = opts.eval_batches or config.train.eval_batches
-    batches = data.eval_batches(config, run.tok)
-    batches = _progress(f'perplexity at {seq_len} tokens', batches)
-    rows.append({'seq_len': seq_len, **trainer.evaluate(eval_step, *run.variables, batches, mesh)})
+    sets = {name: _progress(f'perplexity at {seq_len} tokens{" of " + name if name else ""}', batches)
+            for name, batches in data.eval_sets(config, run.tok).items()}
+    rows.append({'seq_len': seq_len, **trainer.evaluate(eval_step, *run.variables, sets, mesh)})
   return {'results': rows, 'eval_loss': rows[0]['eval_loss'], 'eval_bpb': rows[0]['eval_bpb']}
 
 

@@ -18,7 +18,7 @@ from absl import logging
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from sparse_lm import checks, data, flops, optim, rundir, sharding, tokenizer
+from sparse_lm import checks, data, distributed, flops, optim, rundir, sharding, tokenizer
 from sparse_lm.checkpoint import Checkpointer
 from sparse_lm.errors import ConfigError
 from sparse_lm.layers import AuxLoss
@@ -149,13 +149,29 @@ def make_eval_step(graphdef, token_bytes: np.ndarray):
   return eval_step
 
 
-def evaluate(eval_step, params, model_state, batches, mesh) -> dict[str, float]:
+def _sums(eval_step, params, model_state, batches, mesh) -> dict[str, float]:
   sums = {'nats': 0.0, 'tokens': 0.0, 'bytes': 0.0}
   for batch in batches:
     out = jax.device_get(eval_step(params, model_state, sharding.global_batch(batch, mesh)))
     sums = {k: sums[k] + float(out[k]) for k in sums}
-  return {'eval_loss': sums['nats'] / sums['tokens'],
-          'eval_bpb': sums['nats'] / math.log(2) / sums['bytes']}
+  return sums
+
+
+def _losses(sums: dict[str, float], suffix: str = '') -> dict[str, float]:
+  return {f'eval_loss{suffix}': sums['nats'] / sums['tokens'],
+          f'eval_bpb{suffix}': sums['nats'] / math.log(2) / sums['bytes']}
+
+
+def evaluate(eval_step, params, model_state, batches, mesh) -> dict[str, float]:
+  """Loss and bits per byte over `batches`; given a dict of named sets (a mixture's sources), over all of
+  them and per set as well (`eval_loss_NAME`, `eval_bpb_NAME`)."""
+  if not isinstance(batches, dict):
+    return _losses(_sums(eval_step, params, model_state, batches, mesh))
+  per_set = {name: _sums(eval_step, params, model_state, sets, mesh) for name, sets in batches.items()}
+  total = {k: sum(sums[k] for sums in per_set.values()) for k in ('nats', 'tokens', 'bytes')}
+  named = {} if set(per_set) == {''} else {
+      key: value for name, sums in per_set.items() for key, value in _losses(sums, f'_{name}').items()}
+  return {**_losses(total), **named}
 
 
 # ----------------------------------------------------------------------------- stopping
@@ -341,7 +357,7 @@ class Session:
 
   config: ml_collections.ConfigDict
   mesh: jax.sharding.Mesh
-  eval_data: list
+  eval_data: dict  # the evaluation batches of each source (one, named '', but for a mixture)
   train_iter: object
   checkpointer: Checkpointer
   state: State
@@ -365,8 +381,8 @@ def set_up(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> Session:
   workdir.mkdir(parents=True, exist_ok=True)
   lock = rundir.lock(workdir) if is_primary else None
   tok = prepare(config, workdir)
-  eval_data = data.eval_batches(config, tok, process_index=jax.process_index(),
-                                process_count=jax.process_count())
+  eval_data = data.eval_sets(config, tok, process_index=jax.process_index(),
+                             process_count=jax.process_count())
   mesh = sharding.make_mesh(config.mesh)
 
   tx, schedule = optim.make_optimizer(t)
@@ -422,20 +438,27 @@ def _restore(checkpointer: Checkpointer, abstract: State, workdir: pathlib.Path)
 
 class TrainLog:
   """Writes a logged step's metrics one step late, once the next step is dispatched, so the device
-  never waits for the host."""
+  never waits for the host. A mixture's lines also count the tokens drawn from each source so far
+  (`tokens_NAME`, over every host)."""
 
-  def __init__(self, writer: MetricsWriter, throughput: Throughput, guard: NonFiniteGuard):
-    self.writer, self.throughput, self.guard = writer, throughput, guard
-    self._pending = None  # (step, metrics)
+  def __init__(self, writer: MetricsWriter, throughput: Throughput, guard: NonFiniteGuard, train_iter):
+    self.writer, self.throughput, self.guard, self.train_iter = writer, throughput, guard, train_iter
+    self._pending = None  # (step, metrics, tokens drawn per source by this host)
 
   def hold(self, step: int, metrics) -> None:
-    self._pending = (step, metrics)
+    mixture = len(self.train_iter.names) > 1
+    self._pending = (step, metrics, self.train_iter.drawn() if mixture else None)
 
   def flush(self) -> None:
+    """Every host calls it at the same steps (a mixture's counts are summed over them)."""
     if self._pending is None:
       return
-    (step, metrics), self._pending = self._pending, None
+    (step, metrics, drawn), self._pending = self._pending, None
     values = {'skipped_steps': float(self.guard.skipped)} if self.guard.mode == 'skip' else {}
+    if drawn is not None:
+      for host in distributed.allgather_json(drawn):
+        for name, count in host.items():
+          values[f'tokens_{name}'] = values.get(f'tokens_{name}', 0.0) + count
     for key, value in jax.device_get(metrics).items():
       if np.ndim(value) == 0:
         values[key] = float(value)
@@ -450,7 +473,7 @@ def run(session: Session, stop: StopSignals) -> dict:
   `Stopped`; a non-finite step raises `Diverged` once the last good checkpoint is committed."""
   s, t = session, session.config.train
   guard = NonFiniteGuard(t.on_nonfinite, t.max_skipped_steps)
-  log = TrainLog(s.writer, s.throughput, guard)
+  log = TrainLog(s.writer, s.throughput, guard, s.train_iter)
   state, evaluated, step, started = s.state, {}, s.start_step, time.monotonic()
   try:
     for step in range(s.start_step + 1, t.steps + 1):

@@ -1,4 +1,5 @@
 import json
+import re
 
 import numpy as np
 import pytest
@@ -444,3 +445,53 @@ def test_bad_bin_shards_are_one_line(tmp_path):
                    'counts 3000 tokens but the file holds 1000')
   (tmp_path / 'other.bin').write_bytes(b'\0' * 2048)
   _raises_one_line(_config(source=f'bin:{tmp_path}/other.bin'), 'not a nanoGPT token shard')
+
+
+# ----------------------------------------------------------------------------- mixtures
+
+def _mixture_config(tmp_path, weights=(0.75, 0.25), batch_size=8):
+  """Two sources whose bytes tell them apart: one of 'a's, one of 'b's."""
+  for name, letter in (('web', 'a'), ('code', 'b')):
+    (tmp_path / name).mkdir(exist_ok=True)
+    for k in range(8):
+      (tmp_path / name / f'{k}.txt').write_text(letter * 3000)
+  config = _config(seq_len=16, batch_size=batch_size)
+  config.data.mixture = f'{weights[0]}=text:{tmp_path}/web/*.txt,{weights[1]}=text:{tmp_path}/code/*.txt'
+  return config
+
+
+def test_mixture_draws_by_weight_counts_per_source_and_resumes_exactly(tmp_path):
+  config = _mixture_config(tmp_path)
+  iterator = data.make_train_iterator(config, BYTES)
+  assert iterator.names == ['web', 'code']
+  batches = _take(iterator, 50)
+  rows = np.concatenate([b['inputs'] for b in batches])
+  from_web = np.mean([(row == ord('a')).mean() > 0.5 for row in rows])
+  assert from_web == pytest.approx(0.75, abs=0.05)
+  drawn = iterator.drawn()
+  assert drawn['web'] + drawn['code'] == 50 * 8 * 16
+  assert drawn['web'] == pytest.approx(0.75 * 50 * 8 * 16, rel=0.07)
+  state = json.loads(json.dumps(iterator.get_state()))
+  expected = _take(iterator, 5)
+  restored = data.make_train_iterator(config, BYTES)
+  restored.set_state(state)
+  assert restored.drawn() == drawn
+  _assert_same_batches(_take(restored, 5), expected)
+  _assert_same_batches(_take(data.make_train_iterator(config, BYTES), 50), batches)  # deterministic
+  sets = data.eval_sets(config, BYTES)
+  assert set(sets) == {'web', 'code'} and all(len(batches) >= 1 for batches in sets.values())
+
+
+@pytest.mark.parametrize('mixture,says', [
+    ('0.5=stdlib,abc', "'abc' is not WEIGHT=SOURCE"),
+    ('x=stdlib', "'x=stdlib' is not WEIGHT=SOURCE"),
+    ('-1=stdlib,2=stdlib', 'is not WEIGHT=SOURCE with a weight >= 0'),
+    ('0=stdlib,0=stdlib', 'the weights sum to zero'),
+    ('1=text:/nowhere/*.txt', 'no file matches'),
+])
+def test_bad_mixtures_are_one_line(mixture, says):
+  config = _config()
+  config.data.mixture = mixture
+  _raises_one_line(config, 'data', data.check_source)
+  with pytest.raises(ConfigError, match=re.escape(says)):
+    data.check_source(config)
