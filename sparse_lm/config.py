@@ -67,6 +67,9 @@ def base_config() -> ml_collections.ConfigDict:
   # Where prepared TFDS datasets are; '' is TFDS's own ($TFDS_DATA_DIR, else ~/tensorflow_datasets).
   c.data.tfds_data_dir = ''
   c.data.tfds_download = False  # download and prepare a missing TFDS dataset at run time (else one line)
+  # hf:PATH_OR_NAME reads local data only, unless this lets the datasets library reach the Hub. The
+  # tfds_split_* and tfds_text_key keys above name its splits and text column too.
+  c.data.hf_download = False
 
   c.train = ml_collections.ConfigDict()
   c.train.batch_size = 16  # global, in sequences

@@ -423,6 +423,56 @@ def _tfds_source(arg: str, config, split: str) -> Corpus:
       functools.partial(_record_text, key=config.data.tfds_text_key)), num_bytes=None)
 
 
+@functools.cache
+def _hf_splits(arg: str, source: str, download: bool) -> dict:
+  """A Hugging Face dataset by the `datasets` library: a directory `save_to_disk` wrote, local data files
+  (a directory or glob of JSON, Parquet, CSV or text), or a Hub name (only with `data.hf_download`). No
+  dataset code ever runs: the library (3.0 on) no longer runs loading scripts."""
+  path, _, name = arg.partition(':')
+  path = os.path.expanduser(path)
+  if not download and not (os.path.exists(path) or glob.glob(path)):
+    raise ConfigError(f'data.source={source!r}: {path} is not a local dataset, and nothing is downloaded at '
+                      'run time; set data.hf_download=True to fetch it from the Hub')
+  import datasets  # pylint: disable=g-import-not-at-top  # slow; only hf: needs it
+  try:
+    if os.path.isdir(path) and any(os.path.exists(os.path.join(path, f))
+                                   for f in ('dataset_dict.json', 'state.json')):
+      loaded = datasets.load_from_disk(path)
+    else:
+      loaded = datasets.load_dataset(path, name or None)
+  except Exception as e:  # noqa: BLE001 -- the library raises a different error for each way a name fails
+    first = (str(e).strip().splitlines() or [''])[0][:300]
+    raise ConfigError(f'data.source={source!r}: the datasets library cannot load it ({type(e).__name__}: '
+                      f'{first}); it must be a directory save_to_disk wrote, local data files, or (with '
+                      'data.hf_download=True) a Hub dataset') from None
+  return dict(loaded) if isinstance(loaded, datasets.DatasetDict) else {'': loaded}
+
+
+def _hf_source(arg: str, config, split: str) -> Corpus:
+  """A Hugging Face dataset's rows, the text in `data.tfds_text_key`. Its own split named
+  `data.tfds_split_train|eval` where it has one; otherwise `data.validation_fraction` of the train
+  split's rows (its last ones) is held out."""
+  if not arg:
+    raise ConfigError("data.source='hf:': expected hf:PATH_OR_NAME[:CONFIG]")
+  splits = _hf_splits(arg, config.data.source, config.data.hf_download)
+  train_name, eval_name = config.data.tfds_split_train, config.data.tfds_split_eval
+  rows = splits.get(train_name, splits.get(''))
+  if rows is None:
+    raise ConfigError(f'data.source={config.data.source!r} has no split {train_name!r} (it has '
+                      f'{sorted(splits)}); name it in data.tfds_split_train')
+  if split == 'validation' and eval_name in splits:
+    rows = splits[eval_name]
+  elif eval_name not in splits:
+    held = round(config.data.validation_fraction * len(rows))
+    kept = range(len(rows) - held, len(rows)) if split == 'validation' else range(len(rows) - held)
+    rows = rows.select(kept)
+  key = config.data.tfds_text_key
+  if key not in rows.column_names:
+    raise ConfigError(f'data.source={config.data.source!r} has no text column {key!r} (it has '
+                      f'{rows.column_names}); name it in data.tfds_text_key')
+  return Corpus(grain.MapDataset.source(rows).map(functools.partial(_record_text, key=key)), num_bytes=None)
+
+
 # Synthetic tasks: this many train examples (an epoch, reshuffled every time round) and validation ones.
 _SYNTHETIC_SIZES = {'train': 1 << 20, 'validation': 1024}
 
@@ -497,6 +547,7 @@ SOURCES = {
     'parquet': _parquet_source,
     'bin': _bin_source,
     'tokens': _tokens_source,
+    'hf': _hf_source,
     'mqar': _mqar_source,
     'passkey': _passkey_source,
 }
@@ -508,7 +559,8 @@ def corpus(config, split: str) -> Corpus:
   if name not in SOURCES:
     raise ConfigError(
         f'data.source={config.data.source!r} is not one of stdlib, text:GLOB, jsonl:GLOB[:FIELD], '
-        'parquet:GLOB[:COLUMN], bin:GLOB, tokens:DIR, tfds:NAME[:CONFIG], mqar[:ARGS], passkey[:ARGS]')
+        'parquet:GLOB[:COLUMN], bin:GLOB, tokens:DIR, hf:PATH_OR_NAME[:CONFIG], tfds:NAME[:CONFIG], '
+        'mqar[:ARGS], passkey[:ARGS]')
   return SOURCES[name](arg, config, split)
 
 

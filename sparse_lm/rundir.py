@@ -24,6 +24,7 @@ RESUMABLE = (
     'train.max_skipped_steps', 'train.grad_accum_steps', 'train.learning_rate', 'train.schedule',
     'train.warmup_steps', 'train.decay_fraction', 'train.min_lr_ratio', 'train.grad_clip',
     'checkpoint.', 'mesh.', 'data.read_threads', 'data.tfds_data_dir', 'data.tfds_download',
+    'data.hf_download',
     'model.kernel', 'model.remat', 'model.remat_attention', 'model.dtype',
 )
 # What a run writes into its directory (and temporary files, named *.tmp*); a directory holding anything

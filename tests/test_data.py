@@ -495,3 +495,33 @@ def test_bad_mixtures_are_one_line(mixture, says):
   _raises_one_line(config, 'data', data.check_source)
   with pytest.raises(ConfigError, match=re.escape(says)):
     data.check_source(config)
+
+
+# ----------------------------------------------------------------------------- Hugging Face datasets
+
+def test_hf_source_reads_saved_datasets_and_local_files(tmp_path):
+  datasets = pytest.importorskip('datasets')
+  docs = _docs(300, np.random.default_rng(3))
+  rows = datasets.Dataset.from_dict({'content': docs, 'n': list(range(300))})
+  datasets.DatasetDict({'train': rows.select(range(250)), 'validation': rows.select(range(250, 300))}
+                       ).save_to_disk(str(tmp_path / 'dict'))
+  config = _config(source=f'hf:{tmp_path}/dict')
+  config.data.tfds_text_key = 'content'
+  assert _flat(data.corpus(config, 'train')) == docs[:250]
+  assert _flat(data.corpus(config, 'validation')) == docs[250:]  # its own split
+  assert next(data.make_train_iterator(config, BYTES))['inputs'].shape == (4, 64)
+  rows.save_to_disk(str(tmp_path / 'one'))
+  config = _config(source=f'hf:{tmp_path}/one')
+  config.data.tfds_text_key, config.data.validation_fraction = 'content', 0.1
+  assert _flat(data.corpus(config, 'validation')) == docs[270:]  # no split of its own: the last 10%
+  assert _flat(data.corpus(config, 'train')) == docs[:270]
+  (tmp_path / 'files').mkdir()
+  with open(tmp_path / 'files' / 'a.jsonl', 'w') as f:
+    f.writelines(json.dumps({'text': d}) + '\n' for d in docs)
+  assert sorted(_flat(data.corpus(_config(source=f'hf:{tmp_path}/files'), 'train'))) == sorted(docs[:294])
+  _raises_one_line(_config(source=f'hf:{tmp_path}/one'), "has no text column 'text'")
+  _raises_one_line(_config(source='hf:someone/no_such_dataset_xyz'), 'is not a local dataset, and nothing is '
+                   'downloaded at run time; set data.hf_download=True')
+  (tmp_path / 'junk').mkdir()
+  (tmp_path / 'junk' / 'x.bin').write_bytes(b'\0\1')
+  _raises_one_line(_config(source=f'hf:{tmp_path}/junk'), 'the datasets library cannot load it')

@@ -2,7 +2,10 @@
 after a kill, checked at start-up, and read back as exactly the documents tokenized."""
 
 import json
+import re
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -10,7 +13,7 @@ import pytest
 from sparse_lm import data, files, prepare, tokenizer
 from sparse_lm.config import base_config
 from sparse_lm.errors import ConfigError
-from tests.conftest import write_bpe
+from tests.conftest import CORPUS_FILE, REPO, run_train, write_bpe
 
 
 @pytest.fixture(scope='module')
@@ -141,3 +144,26 @@ def test_bad_corpora_and_directories_are_one_line(corpus, prepared, tmp_path):
   shard = damaged / manifest['splits']['train'][1]['name']
   shard.write_bytes(shard.read_bytes()[:len(shard.read_bytes()) // 2])
   _one_line(lambda: data.check_source(_config(f'tokens:{damaged}')), 'train-00001.arrayrecord')
+
+
+def test_prepare_then_train_sample_and_evaluate_from_the_command_line(tmp_path):
+  """As a user runs it: prepare from the command line, train on the shards (the tokenizer taken from
+  the manifest), then evaluate, which decodes with the run's copy of it."""
+  bpe = write_bpe(tmp_path / 'bpe', vocab_size=300)
+  out = tmp_path / 'tokens'
+  made = subprocess.run([sys.executable, '-m', 'sparse_lm.prepare', f'--source=text:{CORPUS_FILE}',
+                         f'--tokenizer=hf:{bpe}', f'--out={out}', '--workers=2', '--shard_tokens=50000'],
+                        cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert made.returncode == 0, made.stderr[-2000:]
+  assert re.search(r'^prepare: train \d+ documents, [\d,]+ tokens in \d+ shards; validation ',
+                   made.stderr.strip().splitlines()[-1], re.M), made.stderr[-2000:]
+  assert json.loads(made.stdout)['vocab_size'] == 300
+  run_train(tmp_path / 'run', f'--config.data.source=tokens:{out}', '--config.train.steps=10')
+  assert json.loads((tmp_path / 'run' / 'config.json').read_text())['data']['tokenizer'] == (
+      f'hf:{out}/tokenizer.json')
+  assert (tmp_path / 'run' / 'tokenizer.json').read_bytes() == bpe.read_bytes()
+  evaluated = subprocess.run([sys.executable, '-m', 'sparse_lm.evaluate', f'--workdir={tmp_path / "run"}',
+                              '--task=perplexity', '--seq_len=64'], cwd=REPO, capture_output=True, text=True,
+                             timeout=300)
+  assert evaluated.returncode == 0, evaluated.stderr[-2000:]
+  assert 0 < json.loads(evaluated.stdout)['eval_bpb'] < 10
