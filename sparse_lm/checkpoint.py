@@ -28,6 +28,7 @@ from etils import epath
 from orbax.checkpoint import checkpoint_managers
 
 _COMMITTED = ocp.path.atomicity.CommitFileTemporaryPath
+COMMIT_FILE = 'commit_success.txt'  # the last file every orbax commit writes
 
 
 class Checkpointer:
@@ -103,9 +104,15 @@ class Checkpointer:
     self._manager.close()
 
   def _is_complete(self, step: int) -> bool:
-    return self.is_complete_path(self._manager.directory / str(step))
+    path = self._manager.directory / str(step)
+    return ocp.path.step.is_path_finalized(path, temporary_path_cls=_COMMITTED)
 
-  @staticmethod
-  def is_complete_path(path: epath.PathLike) -> bool:
-    """Whether the step directory `path` holds a complete orbax commit (see the module docstring)."""
-    return ocp.path.step.is_path_finalized(epath.Path(path), temporary_path_cls=_COMMITTED)
+
+def newest_on_disk(directory: pathlib.Path) -> int | None:
+  """The newest step directory holding orbax's commit file, found with plain file-system calls and no
+  lock, so a signal handler may call it while the main thread is inside orbax (the same test as
+  `is_path_finalized` for a step directory, the module docstring says why)."""
+  if not directory.is_dir():
+    return None
+  return max((int(p.name) for p in directory.iterdir()
+              if p.name.isdigit() and (p / COMMIT_FILE).exists()), default=None)

@@ -667,7 +667,13 @@ def _tokenize(document, tokenizer) -> dict[str, np.ndarray]:
     eos = np.int32(tokenizer.eos_id)
     return {'tokens': np.concatenate([np.append(tokenizer.encode(d), eos) for d in document] or
                                      [np.zeros(0, np.int32)]).astype(np.int32)}
-  tokens = document if isinstance(document, np.ndarray) else tokenizer.encode(document)
+  if isinstance(document, np.ndarray):  # pre-tokenized (tokens:, a synthetic task): checked, not trusted
+    if document.size and int(document.max()) >= tokenizer.vocab_size:
+      raise files_lib.FormatError(f'a document holds token id {int(document.max())}, at or above the '
+                                  f'vocabulary of data.tokenizer ({tokenizer.vocab_size})')
+    tokens = document
+  else:
+    tokens = tokenizer.encode(document)
   return {'tokens': np.append(tokens, np.int32(tokenizer.eos_id)).astype(np.int32)}
 
 

@@ -18,7 +18,7 @@ from absl import logging
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from sparse_lm import checks, data, distributed, flops, optim, rundir, sharding, tokenizer
+from sparse_lm import checkpoint, checks, data, distributed, flops, optim, rundir, sharding, tokenizer
 from sparse_lm.checkpoint import Checkpointer
 from sparse_lm.errors import ConfigError
 from sparse_lm.layers import AuxLoss
@@ -223,7 +223,7 @@ class StopSignals:
     writes to the file descriptor, not through sys.stderr's buffer."""
     del signum, frame
     if self.name == 'Ctrl-C':
-      newest = newest_checkpoint(self.checkpoints)
+      newest = checkpoint.newest_on_disk(self.checkpoints)
       kept = f'{self.checkpoints / str(newest)} is the newest checkpoint' if newest is not None else (
           'no checkpoint was saved')
       _tell(f'train: second Ctrl-C, stopped at once without saving; {kept}')
@@ -250,14 +250,6 @@ class StopSignals:
 def _tell(message: str) -> None:
   """One line on stderr from a signal handler, on the host the signal reached."""
   os.write(sys.stderr.fileno(), f'\n{message}\n'.encode())
-
-
-def newest_checkpoint(directory: pathlib.Path) -> int | None:
-  """The newest complete step on disk, read without orbax (safe inside a signal handler)."""
-  if not directory.is_dir():
-    return None
-  return max((int(p.name) for p in directory.iterdir()
-              if p.name.isdigit() and Checkpointer.is_complete_path(p)), default=None)
 
 
 # ----------------------------------------------------------------------------- divergence
@@ -522,7 +514,7 @@ def _summary(s: Session, step: int, seconds: float, stop: StopSignals) -> str:
   minutes, secs = divmod(round(seconds), 60)
   numbers = ', '.join(f'{key} {s.writer.last[key]:.4f}' for key in ('loss', 'eval_loss', 'eval_bpb')
                       if key in s.writer.last)
-  newest = newest_checkpoint(s.checkpointer.directory)
+  newest = checkpoint.newest_on_disk(s.checkpointer.directory)
   where = f'newest checkpoint {s.checkpointer.directory / str(newest)}' if newest is not None else (
       'no checkpoint')
   if stop.requested:
