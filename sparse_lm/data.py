@@ -1,8 +1,11 @@
 """Documents -> tokens -> packed fixed-length windows -> batches, with grain.
 
-A source (`data.source`) gives each split as a `Corpus`: documents read lazily on access (text, or
-token ids for a synthetic task), and their size in UTF-8 bytes where that is cheap to know. A new
-source is one function plus one `SOURCES` line.
+A source (`data.source`) gives each split as a `Corpus`: documents read lazily on access (text, a list
+of texts for a piece of a JSON-lines or Parquet file, token ids for `tokens:` shards and synthetic tasks,
+or whole windows for `bin:` shards), and their size in UTF-8 bytes where that is cheap to know. A new
+source is one function plus one `SOURCES` line. File formats are read by `files.py`. Every split is
+held out by `data.validation_fraction` of the source's units (`_split_spans`), except where the source
+has its own (TFDS, Hugging Face datasets, prepared shards).
 
 Training: the train documents are dealt into `data.num_shards` virtual shards (`documents[j::S]`), and
 each shard is its own stream: its documents shuffled by `train.seed` with a new order every epoch,
@@ -13,6 +16,9 @@ a host runs only the shards it owns (S / process_count of them, contiguous) and 
 global batch, so 1 process or 16 see the same global batches, and a checkpoint (the states of all S
 shard streams, gathered from every host) resumes on any process count that divides S. Each batch is
 `{'inputs', 'targets'}`, both `int32[b, T]`, the targets being the inputs shifted by one.
+
+A mixture (`data.mixture`) runs one such stream per source inside each shard and draws windows from them
+by weight (grain's mix), counting the tokens drawn from each.
 
 Evaluation reads the validation split in order, once, and never shuffles.
 """

@@ -69,7 +69,8 @@ MISTAKES = [
      r'^prepare: --out=.*/out holds files that are not a prepared corpus \(thesis.tex\)'),
     (['-m', 'sparse_lm.prepare', '--source=stdlib', '--tokenizer=sentencepiece:512', '--out={tmp}/out'], {},
      r'^prepare: --tokenizer=.*a tokenizer trained on the fly differs from run to run'),
-    (['-m', 'sparse_lm.prepare', '--out={tmp}/out'], {}, r'^prepare: flag --source must have a value'),
+    (['-m', 'sparse_lm.prepare', '--out={tmp}/out'], {}, r'^prepare: flag --source=None: Flag --source must '
+     'have a value'),
     (['-m', 'sparse_lm.prepare', '--source=stdlib', '--tokenizer=hf:{tmp}/none.json', '--out={tmp}/out'], {},
      r"^prepare: data.tokenizer='hf:.*none.json': no such file"),
     (['train.py', '--workdir={tmp}/run', '--config.data.source=tokens:{tmp}'], {},
