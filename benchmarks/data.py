@@ -1,13 +1,16 @@
 """How fast the data path feeds a host, what `prepare` costs, and whether the iterator's memory grows.
 
-    python benchmarks/data.py [--scratch=/tmp/sparse_lm_data_bench] [--batches=20] [--mb=40]
+    python benchmarks/data.py [--scratch=/tmp/sparse_lm_data_bench] [--batches=256] [--mb=20]
 
 Everything is made here, from the embedded corpus (this Python's standard library): JSON-lines documents
 of 1-6 KB (`--mb` of them, and ten times that for the memory check), a byte-level BPE of 16,384 pieces
 trained on them with the `tokenizers` trainer, and nanoGPT `.bin` shards of the same tokens. Reported:
 
 - the train iterator alone (`make_train_iterator`, batch 64 x 2,048, shuffling on), in tokens/s, for
-  `tokens:` (prepared shards), `bin:` (nanoGPT shards) and `text:`/`jsonl:` tokenized on the fly;
+  `tokens:` (prepared shards), `bin:` (nanoGPT shards) and `jsonl:` tokenized on the fly. The first
+  batch fills each of the 64 shard streams' shuffle windows (`data.shuffle_buffer`, 256 windows); the
+  rate is over the next `--batches` (256 by default, which includes one refill of every window), so it
+  is the steady rate, not the start-up;
 - `prepare` with 1 and 2 workers against the bare `tokenizers` `encode_batch` on the same documents
   (one thread: `RAYON_NUM_THREADS=1`, so a worker compares with a worker);
 - the peak resident memory of a process iterating `tokens:` over the corpus and over ten times it.
@@ -33,11 +36,13 @@ from sparse_lm import data, files, prepare, tokenizer  # noqa: E402
 from sparse_lm.config import base_config  # noqa: E402
 
 _SCRATCH = flags.DEFINE_string('scratch', '/tmp/sparse_lm_data_bench', 'Where the corpora are made.')
-_BATCHES = flags.DEFINE_integer('batches', 20, 'Timed batches per iterator (after 2 untimed).')
+_BATCHES = flags.DEFINE_integer('batches', 256, 'Timed batches per iterator, after the first (which fills '
+                                'every shard\'s shuffle window): 256 spans one refill of each.')
 _MB = flags.DEFINE_integer('mb', 20, 'Megabytes of JSON-lines text in the 1x corpus.')
 _MEMORY_ONLY = flags.DEFINE_string('memory_child', '', 'Internal: iterate this tokens: source, print RSS.')
 
 BATCH, SEQ_LEN, VOCAB = 64, 2048, 16_384
+HELD_OUT = 0.05  # enough validation tokens for one eval batch of 64 x 2,048 in the smallest corpus
 
 
 def _documents(megabytes: int):
@@ -88,7 +93,7 @@ def _bpe(scratch: pathlib.Path, corpus: pathlib.Path) -> pathlib.Path:
 def _config(source: str, tokenizer_spec: str = 'byte'):
   c = base_config()
   c.data.source, c.data.tokenizer = source, tokenizer_spec
-  c.data.seq_len, c.train.batch_size = SEQ_LEN, BATCH
+  c.data.seq_len, c.train.batch_size, c.data.validation_fraction = SEQ_LEN, BATCH, HELD_OUT
   data.resolve_tokenizer(c)
   return c
 
@@ -96,8 +101,7 @@ def _config(source: str, tokenizer_spec: str = 'byte'):
 def _iterator_rate(config, scratch: pathlib.Path) -> float:
   tok = tokenizer.make_tokenizer(config, str(scratch / 'tok_copies' / str(abs(hash(config.data.source)))))
   iterator = data.make_train_iterator(config, tok)
-  for _ in range(2):
-    next(iterator)
+  next(iterator)
   started = time.perf_counter()
   for _ in range(_BATCHES.value):
     next(iterator)
@@ -106,7 +110,8 @@ def _iterator_rate(config, scratch: pathlib.Path) -> float:
 
 def _prepare_rate(source: str, spec: str, out: pathlib.Path, workers: int) -> tuple[float, int]:
   started = time.perf_counter()
-  manifest = prepare.prepare(source, spec, out, workers=workers, shard_tokens=50_000_000)
+  manifest = prepare.prepare(source, spec, out, workers=workers, shard_tokens=50_000_000,
+                             validation_fraction=HELD_OUT)
   seconds = time.perf_counter() - started
   tokens = sum(s['tokens'] for shards in manifest['splits'].values() for s in shards)
   return tokens / seconds, tokens
@@ -129,7 +134,7 @@ def _peak_rss_mib(source: str) -> float:
 def _memory_child(source: str) -> None:
   config = _config(source)
   iterator = data.make_train_iterator(config, tokenizer.make_tokenizer(config, '/nonexistent'))
-  for _ in range(_BATCHES.value + 2):
+  for _ in range(_BATCHES.value + 1):
     next(iterator)
   print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
 
@@ -170,8 +175,9 @@ def main(argv) -> None:
 
   if not (scratch / 'tokens_x10' / 'manifest.json').exists():
     _write_jsonl(ten, 10 * _MB.value)
-    prepare.prepare(f'jsonl:{ten}', 'byte', scratch / 'tokens_x10', workers=2, shard_tokens=100_000_000)
-    prepare.prepare(f'jsonl:{one}', 'byte', scratch / 'tokens_x1', workers=2, shard_tokens=100_000_000)
+    for corpus, out in ((ten, 'tokens_x10'), (one, 'tokens_x1')):
+      prepare.prepare(f'jsonl:{corpus}', 'byte', scratch / out, workers=2, shard_tokens=100_000_000,
+                      validation_fraction=HELD_OUT)
   for scale in ('x1', 'x10'):
     rows[f'iterator peak RSS, tokens: {scale} corpus'] = {
         'MiB': _peak_rss_mib(f'tokens:{scratch / f"tokens_{scale}"}'),

@@ -57,6 +57,9 @@ class Corpus:
   documents: grain.MapDataset  # of str (or a list of them, or token ids), read on access
   num_bytes: int | None  # UTF-8 bytes of all documents; None where only reading everything would tell
   windows: bool = False  # the elements are already windows of seq_len + 1 token ids (pre-tokenized)
+  # Shuffled documents read and packed this many at a time (one batched read, one element of the packer):
+  # short pre-tokenized documents would otherwise cost more in grain's per-element work than in reading.
+  block: int = 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -338,7 +341,7 @@ def _tokens_source(arg: str, config, split: str) -> Corpus:
   shards = manifest['splits'][split]
   records = _Records([os.path.join(directory, s['name']) for s in shards], manifest['dtype'])
   # The byte count stands in for the tokens: check_source adds an EOS a document, as the reader will.
-  return Corpus(grain.MapDataset.source(records), num_bytes=sum(s['tokens'] for s in shards))
+  return Corpus(grain.MapDataset.source(records), num_bytes=sum(s['tokens'] for s in shards), block=64)
 
 
 def resolve_tokenizer(config) -> None:
@@ -670,9 +673,8 @@ def _tokenize(document, tokenizer) -> dict[str, np.ndarray]:
   """A document's tokens and EOS (a list of documents: each one's); a synthetic task's document is
   already token ids."""
   if isinstance(document, list):
-    eos = np.int32(tokenizer.eos_id)
-    return {'tokens': np.concatenate([np.append(tokenizer.encode(d), eos) for d in document] or
-                                     [np.zeros(0, np.int32)]).astype(np.int32)}
+    return {'tokens': np.concatenate([_tokenize(d, tokenizer)['tokens'] for d in document] or
+                                     [np.zeros(0, np.int32)])}
   if isinstance(document, np.ndarray):  # pre-tokenized (tokens:, a synthetic task): checked, not trusted
     if document.size and int(document.max()) >= tokenizer.vocab_size:
       raise files_lib.FormatError(f'a document holds token id {int(document.max())}, at or above the '
@@ -764,23 +766,113 @@ def check_shards(config, process_count: int) -> int:
   return shards
 
 
+class _EpochShuffle(grain.MapDataset):
+  """A new permutation of the parent every epoch (index `i` is epoch `i // len`), as grain's `shuffle`.
+
+  Grain's `index_shuffle` keeps no table, so memory does not grow with the corpus, but a call costs about
+  4 us at a million elements and grows as the dataset shrinks (0.4 ms at 41, 1.6 ms at 10): a small
+  shard of windows or documents spent most of the data path's time there. Up to `_TABLE_MAX` elements the
+  epoch's permutation is a table instead (at most 128 KiB a shard); above it, grain's shuffle."""
+
+  _TABLE_MAX = 1 << 15
+
+  def __init__(self, parent: grain.MapDataset, seed: int):
+    super().__init__(parent)
+    self._seed = seed
+    self._large = parent.shuffle(seed=seed) if len(parent) > self._TABLE_MAX else None
+    self._table = (-1, None)  # (epoch, its permutation)
+
+  def __len__(self) -> int:
+    return len(self._parent)
+
+  def _shuffled(self, index: int) -> int:
+    epoch, within = divmod(index, len(self._parent))
+    if self._table[0] != epoch:
+      rng = np.random.default_rng([self._seed, epoch])
+      self._table = (epoch, rng.permutation(len(self._parent)).astype(np.int32))
+    return int(self._table[1][within]) + epoch * len(self._parent)
+
+  def __getitem__(self, index):
+    if isinstance(index, slice):
+      return self.slice(index)
+    if self._large is not None:
+      return self._large[index]
+    return self._parent[self._shuffled(index)]
+
+  def _getitems(self, indices):
+    if self._large is not None:
+      return self._large._getitems(indices)  # noqa: SLF001
+    return self._parent._getitems([self._shuffled(i) for i in indices])  # noqa: SLF001
+
+
+class _WindowShuffle(grain.IterDataset):
+  """Reads `size` elements of the parent at a time and yields them in a random order, a new one each
+  window. As grain's `WindowShuffleIterDataset`, but the order is one numpy permutation a window rather
+  than an `index_shuffle` call an element, which at a window of 256 cost 70 us each (see `_EpochShuffle`).
+  Its state is the parent's at the window's start and the position in it, so a resume reads the window
+  again and skips what was already yielded."""
+
+  def __init__(self, parent: grain.IterDataset, size: int, seed: int):
+    super().__init__(parent)
+    self._size, self._seed = size, seed
+
+  def __iter__(self) -> grain.DatasetIterator:
+    return _WindowShuffleIterator(self._parent.__iter__(), self._size, self._seed)
+
+
+class _WindowShuffleIterator(grain.DatasetIterator):
+
+  def __init__(self, parent: grain.DatasetIterator, size: int, seed: int):
+    super().__init__(parent)
+    self._size, self._seed = size, seed
+    self._window, self._index, self._position = [], 0, 0
+    self._start = parent.get_state()
+
+  def _fill(self) -> None:
+    self._window = list(itertools.islice(self._parent, self._size))
+    order = np.random.default_rng([self._seed, self._index]).permutation(len(self._window))
+    self._window = [self._window[i] for i in order]
+
+  def __next__(self):
+    if self._position == len(self._window):  # the window is used up (or none was read yet)
+      if self._window:
+        self._index += 1
+      self._start, self._position = self._parent.get_state(), 0
+      self._fill()
+      if not self._window:
+        raise StopIteration
+    self._position += 1
+    return self._window[self._position - 1]
+
+  def get_state(self) -> dict:
+    return {'parent_window_start_state': copy.deepcopy(self._start), 'window_index': self._index,
+            'pos_in_window': self._position}
+
+  def set_state(self, state: dict) -> None:
+    self._start, self._index = copy.deepcopy(state['parent_window_start_state']), state['window_index']
+    self._parent.set_state(self._start)
+    self._fill()
+    self._position = min(state['pos_in_window'], len(self._window))
+
+
 def _tagged(window: np.ndarray, source: int) -> dict[str, np.ndarray]:
   return {'tokens': window, 'source': np.int32(source)}
 
 
-def _shard_stream(parts: list[tuple[grain.MapDataset, float, bool]], tokenizer, config, rows: int
+def _shard_stream(parts: list[tuple[grain.MapDataset, float, Corpus]], tokenizer, config, rows: int
                   ) -> grain.DatasetIterator:
   """One shard's endless stream, `rows` windows at a time, each tagged with the index of its source:
   per source (documents, weight, pre-tokenized), its documents reshuffled every epoch and packed; a
   mixture draws windows from them by weight (grain's mix: deterministic, and its state resumes)."""
   streams = []
-  for index, (documents, _, pretokenized) in enumerate(parts):
-    documents = documents.shuffle(seed=config.train.seed).repeat()  # the shuffle reseeds every epoch
-    streams.append(_pack(documents, tokenizer, config, pretokenized).map(
+  for index, (documents, _, source) in enumerate(parts):
+    documents = _EpochShuffle(documents, config.train.seed).repeat()
+    if source.block > 1:
+      documents = documents.batch(source.block, batch_fn=list)
+    streams.append(_pack(documents, tokenizer, config, source.windows).map(
         functools.partial(_tagged, source=index)))
   mixed = streams[0] if len(streams) == 1 else grain.IterDataset.mix(streams, [w for _, w, _ in parts])
-  windows = grain.experimental.WindowShuffleIterDataset(mixed, window_size=config.data.shuffle_buffer,
-                                                        seed=config.train.seed)
+  windows = _WindowShuffle(mixed, config.data.shuffle_buffer, config.train.seed)
   return _JsonStateIterator(iter(windows.batch(rows, drop_remainder=True)))
 
 
@@ -847,8 +939,8 @@ def make_train_iterator(config, tokenizer, *, process_index: int = 0,
   per_host = shards // process_count
   rows = config.train.batch_size // shards
   owned = range(process_index * per_host, (process_index + 1) * per_host)
-  streams = {j: _shard_stream([(train.documents[j::shards], weight, train.windows)
-                               for _, weight, train in parts], tokenizer, config, rows) for j in owned}
+  streams = {j: _shard_stream([(train.documents[j::shards], weight, train) for _, weight, train in parts],
+                              tokenizer, config, rows) for j in owned}
   return ShardedIterator(streams, shards, [name for name, _, _ in parts])
 
 
