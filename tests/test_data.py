@@ -1,6 +1,7 @@
 import json
 import re
 
+import grain
 import numpy as np
 import pytest
 
@@ -525,3 +526,28 @@ def test_hf_source_reads_saved_datasets_and_local_files(tmp_path):
   (tmp_path / 'junk').mkdir()
   (tmp_path / 'junk' / 'x.bin').write_bytes(b'\0\1')
   _raises_one_line(_config(source=f'hf:{tmp_path}/junk'), 'the datasets library cannot load it')
+
+
+# ----------------------------------------------------------------------------- shuffling
+
+@pytest.mark.parametrize('size', [41, 40_000])  # a table under _EpochShuffle._TABLE_MAX, grain's above
+def test_epoch_shuffle_is_a_new_permutation_every_epoch(size):
+  shuffled = data._EpochShuffle(grain.MapDataset.range(size), seed=3)
+  epochs = [[shuffled[e * size + i] % size for i in range(size)] for e in range(2)]
+  assert sorted(epochs[0]) == sorted(epochs[1]) == list(range(size))
+  assert epochs[0] != epochs[1] and epochs[0] != list(range(size))
+  again = data._EpochShuffle(grain.MapDataset.range(size), seed=3)
+  assert [again[i] for i in range(size)] == epochs[0]
+
+
+def test_state_resumes_exactly_across_shuffle_windows():
+  """Saved in the middle of a shuffle window and restored, the stream goes on through the next windows
+  (16 windows each here) exactly as it would have."""
+  config = _config()
+  iterator = data.make_train_iterator(config, BYTES)
+  _take(iterator, 21)
+  state = json.loads(json.dumps(iterator.get_state()))
+  expected = _take(iterator, 40)
+  restored = data.make_train_iterator(config, BYTES)
+  restored.set_state(state)
+  _assert_same_batches(_take(restored, 40), expected)
