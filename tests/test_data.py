@@ -137,15 +137,20 @@ def test_batches_have_shapes_and_shifted_targets():
         assert BYTES.decode(row) in text
 
 
-def test_state_round_trip_through_json():
-  config = _config()
+def _assert_resumes(config, before: int, after: int) -> None:
+  """After `before` batches, the state through JSON (as a checkpoint keeps it) restores a fresh iterator
+  to give the next `after` batches exactly."""
   iterator = data.make_train_iterator(config, BYTES)
-  _take(iterator, 7)
+  _take(iterator, before)
   state = json.loads(json.dumps(iterator.get_state()))
-  expected = _take(iterator, 5)
+  expected = _take(iterator, after)
   restored = data.make_train_iterator(config, BYTES)
   restored.set_state(state)
-  _assert_same_batches(_take(restored, 5), expected)
+  _assert_same_batches(_take(restored, after), expected)
+
+
+def test_state_round_trip_through_json():
+  _assert_resumes(_config(), 7, 5)
 
 
 def test_state_round_trip_from_the_start():
@@ -543,11 +548,4 @@ def test_epoch_shuffle_is_a_new_permutation_every_epoch(size):
 def test_state_resumes_exactly_across_shuffle_windows():
   """Saved in the middle of a shuffle window and restored, the stream goes on through the next windows
   (16 windows each here) exactly as it would have."""
-  config = _config()
-  iterator = data.make_train_iterator(config, BYTES)
-  _take(iterator, 21)
-  state = json.loads(json.dumps(iterator.get_state()))
-  expected = _take(iterator, 40)
-  restored = data.make_train_iterator(config, BYTES)
-  restored.set_state(state)
-  _assert_same_batches(_take(restored, 40), expected)
+  _assert_resumes(_config(), 21, 40)
