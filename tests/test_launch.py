@@ -90,6 +90,18 @@ def test_slurm_time_limit_checkpoints_then_requeues(tmp_path):
   assert log.read_text().splitlines() == ['started', 'task saved and exited', 'scontrol requeue 4242']
 
 
+def test_slurm_job_exits_with_the_tasks_status_and_requeues_only_at_the_time_limit(tmp_path):
+  log = tmp_path / 'log'
+  (tmp_path / 'srun').write_text('#!/bin/bash\nexit 3\n')
+  (tmp_path / 'scontrol').write_text(f'#!/bin/bash\necho "scontrol $*" >> {log}\n')
+  for name in ('srun', 'scontrol'):
+    (tmp_path / name).chmod(0o755)
+  env = {**os.environ, 'PATH': f'{tmp_path}:{os.environ["PATH"]}', 'SLURM_SUBMIT_DIR': str(REPO),
+         'SLURM_JOB_ID': '4242'}
+  job = subprocess.run(['bash', str(LAUNCH / 'slurm.sbatch')], env=env, capture_output=True, timeout=30)
+  assert job.returncode == 3 and not log.exists()
+
+
 def _manifest(*flags):
   """The rendered Service and Job, each validated against Kubernetes' own OpenAPI schema (strict: an
   unknown or misspelt field fails), as `kubectl apply --dry-run` would."""

@@ -292,7 +292,8 @@ def test_trains_on_nanogpt_token_shards_and_resumes_exactly(tmp_path):
            '--config.train.steps=20')
   run_train(tmp_path / 'whole', *flags)
   losses = train_losses(tmp_path / 'whole')
-  assert losses[20] < losses[1] - 1.0, losses
+  # One batch's loss is noisy (+-0.3 here): the last five steps' mean is checked against a uniform guess.
+  assert np.mean([losses[step] for step in range(16, 21)]) < math.log(400) - 0.6, losses
   shutil.copytree(tmp_path / 'whole', tmp_path / 'resumed')
   shutil.rmtree(tmp_path / 'resumed' / 'checkpoints' / '20')  # as if killed before step 20's save
   assert resumed_step(run_train(tmp_path / 'resumed', *flags).stderr) == 10
