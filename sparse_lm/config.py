@@ -70,6 +70,9 @@ def base_config() -> ml_collections.ConfigDict:
   # hf:PATH_OR_NAME reads local data only, unless this lets the datasets library reach the Hub. The
   # tfds_split_* and tfds_text_key keys above name its splits and text column too.
   c.data.hf_download = False
+  # Stream a Hub dataset (or local data files) row by row instead of downloading or converting it whole
+  # first: for corpora larger than the disk, or to start at once. Resumes exactly (the library's state).
+  c.data.hf_streaming = False
 
   c.train = ml_collections.ConfigDict()
   c.train.batch_size = 16  # global, in sequences

@@ -60,6 +60,9 @@ class Corpus:
   # Shuffled documents read and packed this many at a time (one batched read, one element of the packer):
   # short pre-tokenized documents would otherwise cost more in grain's per-element work than in reading.
   block: int = 1
+  # A streamed source (no random access, no length): `documents` is then a grain.IterDataset read once in
+  # order, and `stream(j, S)` the endless stream of train shard j of S, its state resumable.
+  stream: object = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -362,7 +365,7 @@ def _resolve_for(part, config) -> None:
     if spec != 'byte':
       raise ConfigError(f'data.tokenizer={spec!r}, but the shards in {directory} were made with byte')
     return
-  kind = manifest['tokenizer'].partition(':')[0]
+  kind = 'hf' if manifest['tokenizer_file'] == 'tokenizer.json' else 'sentencepiece'
   own = f'{kind}:{os.path.join(directory, manifest["tokenizer_file"])}'
   if spec == 'byte':
     config.data.tokenizer = own
@@ -433,7 +436,7 @@ def _tfds_source(arg: str, config, split: str) -> Corpus:
 
 
 @functools.cache
-def _hf_splits(arg: str, source: str, download: bool) -> dict:
+def _hf_splits(arg: str, source: str, download: bool, streaming: bool = False) -> dict:
   """A Hugging Face dataset by the `datasets` library: a directory `save_to_disk` wrote, local data files
   (a directory or glob of JSON, Parquet, CSV or text), or a Hub name (only with `data.hf_download`). No
   dataset code ever runs: the library (3.0 on) no longer runs loading scripts."""
@@ -446,15 +449,17 @@ def _hf_splits(arg: str, source: str, download: bool) -> dict:
   try:
     if os.path.isdir(path) and any(os.path.exists(os.path.join(path, f))
                                    for f in ('dataset_dict.json', 'state.json')):
-      loaded = datasets.load_from_disk(path)
+      loaded = datasets.load_from_disk(path)  # memory-mapped Arrow already: random access, nothing to stream
     else:
-      loaded = datasets.load_dataset(path, name or None)
+      loaded = datasets.load_dataset(path, name or None, streaming=streaming)
   except Exception as e:  # noqa: BLE001 -- the library raises a different error for each way a name fails
     first = (str(e).strip().splitlines() or [''])[0][:300]
     raise ConfigError(f'data.source={source!r}: the datasets library cannot load it ({type(e).__name__}: '
                       f'{first}); it must be a directory save_to_disk wrote, local data files, or (with '
                       'data.hf_download=True) a Hub dataset') from None
-  return dict(loaded) if isinstance(loaded, datasets.DatasetDict) else {'': loaded}
+  if isinstance(loaded, (datasets.DatasetDict, datasets.IterableDatasetDict)):
+    return dict(loaded)
+  return {'': loaded}
 
 
 def _hf_source(arg: str, config, split: str) -> Corpus:
@@ -463,12 +468,15 @@ def _hf_source(arg: str, config, split: str) -> Corpus:
   split's rows (its last ones) is held out."""
   if not arg:
     raise ConfigError("data.source='hf:': expected hf:PATH_OR_NAME[:CONFIG]")
-  splits = _hf_splits(arg, config.data.source, config.data.hf_download)
+  splits = _hf_splits(arg, config.data.source, config.data.hf_download, config.data.hf_streaming)
   train_name, eval_name = config.data.tfds_split_train, config.data.tfds_split_eval
   rows = splits.get(train_name, splits.get(''))
   if rows is None:
     raise ConfigError(f'data.source={config.data.source!r} has no split {train_name!r} (it has '
                       f'{sorted(splits)}); name it in data.tfds_split_train')
+  import datasets  # pylint: disable=g-import-not-at-top
+  if isinstance(rows, datasets.IterableDataset):
+    return _hf_stream_corpus(rows, splits.get(eval_name), config, split)
   if split == 'validation' and eval_name in splits:
     rows = splits[eval_name]
   elif eval_name not in splits:
@@ -480,6 +488,77 @@ def _hf_source(arg: str, config, split: str) -> Corpus:
     raise ConfigError(f'data.source={config.data.source!r} has no text column {key!r} (it has '
                       f'{rows.column_names}); name it in data.tfds_text_key')
   return Corpus(grain.MapDataset.source(rows).map(functools.partial(_record_text, key=key)), num_bytes=None)
+
+
+def _hf_stream_corpus(rows, eval_rows, config, split: str) -> Corpus:
+  """A streamed Hugging Face dataset (`data.hf_streaming`): rows arrive in order, a file at a time, and
+  nothing is known of their number. Without a split of its own, every `1 / data.validation_fraction`-th
+  row is held out. Train shard j of S keeps every S-th row (`split_dataset_by_node`: whole files per shard
+  where their number allows); each resumes from the library's own state (`state_dict`)."""
+  from datasets.distributed import split_dataset_by_node  # pylint: disable=g-import-not-at-top
+  key = config.data.tfds_text_key
+  if key not in (rows.column_names or [key]):
+    raise ConfigError(f'data.source={config.data.source!r} has no text column {key!r} (it has '
+                      f'{rows.column_names}); name it in data.tfds_text_key')
+  every = round(1 / config.data.validation_fraction) if config.data.validation_fraction else 0
+  if split == 'validation' and eval_rows is not None:
+    rows = eval_rows
+  elif eval_rows is None and every:
+    held = split == 'validation'
+    rows = rows.filter(lambda _, i: (i % every == 0) == held, with_indices=True)
+  elif split == 'validation':
+    rows = rows.take(0)
+
+  def stream(shard: int, num_shards: int) -> grain.IterDataset:
+    return _HfStream(split_dataset_by_node(rows, rank=shard, world_size=num_shards), key, repeat=True)
+
+  return Corpus(_HfStream(rows, key, repeat=False), num_bytes=None, stream=stream)
+
+
+class _HfStream(grain.IterDataset):
+  """The texts of a streamed `datasets.IterableDataset`, read once or repeated epoch after epoch."""
+
+  def __init__(self, rows, key: str, repeat: bool):
+    super().__init__()
+    self._rows, self._key, self._repeat = rows, key, repeat
+
+  def __iter__(self) -> grain.DatasetIterator:
+    return _HfStreamIterator(copy.deepcopy(self._rows), self._key, self._repeat)
+
+
+class _HfStreamIterator(grain.DatasetIterator):
+  """Its state is the epoch and the library's `state_dict` (plain JSON): a resume reads on from the row
+  after the last one yielded, as the library restores it. (The rows are never shuffled by the library,
+  whose shuffle buffer is not part of its state; the packer's window shuffle is.)"""
+
+  def __init__(self, rows, key: str, repeat: bool):
+    super().__init__()
+    self._rows, self._key, self._repeat = rows, key, repeat
+    self._start = copy.deepcopy(rows.state_dict())  # where every epoch starts
+    self._epoch, self._rows_iter, self._yielded = 0, None, False
+
+  def __next__(self) -> str:
+    while True:
+      if self._rows_iter is None:
+        self._rows_iter = iter(self._rows)
+      try:
+        row = next(self._rows_iter)
+      except StopIteration:
+        if not (self._repeat and self._yielded):  # one pass, or an empty stream: nothing more comes
+          raise
+        self._epoch, self._rows_iter, self._yielded = self._epoch + 1, None, False
+        self._rows.load_state_dict(copy.deepcopy(self._start))
+        continue
+      self._yielded = True
+      return _record_text(row, self._key)
+
+  def get_state(self) -> dict:
+    return {'epoch': self._epoch, 'rows': copy.deepcopy(self._rows.state_dict())}
+
+  def set_state(self, state: dict) -> None:
+    self._epoch = state['epoch']
+    self._rows.load_state_dict(copy.deepcopy(state['rows']))
+    self._rows_iter, self._yielded = None, True
 
 
 # Synthetic tasks: this many train examples (an epoch, reshuffled every time round) and validation ones.
@@ -610,7 +689,9 @@ def train_documents(config):
   """Documents of the train split (of every source of a mixture) in a fixed shuffled order, for training a
   tokenizer: a sample of its first ones spans the whole corpus, not its first files."""
   for _, _, part in components(config):
-    for element in corpus(part, 'train').documents.shuffle(seed=0):
+    train = corpus(part, 'train')
+    # A streamed source has no random access: its first documents are the sample.
+    for element in train.documents if train.stream else train.documents.shuffle(seed=0):
       yield from element if isinstance(element, list) else [element]
 
 
@@ -706,7 +787,9 @@ def _pack(documents: grain.MapDataset, tokenizer, config, windows: bool = False)
   if windows:
     check = functools.partial(_checked_window, vocab_size=tokenizer.vocab_size, source=config.data.source)
     return documents.map(check).to_iter_dataset(read)
-  tokens = documents.map(functools.partial(_tokenize, tokenizer=tokenizer)).to_iter_dataset(read)
+  tokens = documents.map(functools.partial(_tokenize, tokenizer=tokenizer))
+  if isinstance(tokens, grain.MapDataset):
+    tokens = tokens.to_iter_dataset(read)
   windows = grain.experimental.ConcatThenSplitIterDataset(
       tokens, length_struct={'tokens': _window_tokens(config)})
   return windows.filter(_is_full).map(lambda window: window['tokens'])
@@ -866,7 +949,10 @@ def _shard_stream(parts: list[tuple[grain.MapDataset, float, Corpus]], tokenizer
   mixture draws windows from them by weight (grain's mix: deterministic, and its state resumes)."""
   streams = []
   for index, (documents, _, source) in enumerate(parts):
-    documents = _EpochShuffle(documents, config.train.seed).repeat()
+    if isinstance(documents, grain.IterDataset):  # streamed: shuffled within a window of documents
+      documents = _WindowShuffle(documents, config.data.shuffle_buffer, config.train.seed)
+    else:
+      documents = _EpochShuffle(documents, config.train.seed).repeat()
     if source.block > 1:
       documents = documents.batch(source.block, batch_fn=list)
     streams.append(_pack(documents, tokenizer, config, source.windows).map(
@@ -932,15 +1018,16 @@ def make_train_iterator(config, tokenizer, *, process_index: int = 0,
   parts = []
   for name, weight, part in components(config):
     train = corpus(part, 'train')
-    if len(train.documents) < shards:
+    if train.stream is None and len(train.documents) < shards:
       raise ConfigError(f'data.source={part.data.source!r} has {len(train.documents)} train documents, '
                         f'fewer than data.num_shards={shards}; set data.num_shards lower')
     parts.append((name, weight, train))
   per_host = shards // process_count
   rows = config.train.batch_size // shards
   owned = range(process_index * per_host, (process_index + 1) * per_host)
-  streams = {j: _shard_stream([(train.documents[j::shards], weight, train) for _, weight, train in parts],
-                              tokenizer, config, rows) for j in owned}
+  streams = {j: _shard_stream([(train.stream(j, shards) if train.stream else train.documents[j::shards],
+                                weight, train) for _, weight, train in parts], tokenizer, config, rows)
+             for j in owned}
   return ShardedIterator(streams, shards, [name for name, _, _ in parts])
 
 

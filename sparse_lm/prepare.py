@@ -3,9 +3,12 @@
     python -m sparse_lm.prepare --source=jsonl:/data/web/*.jsonl --tokenizer=hf:/tok/tokenizer.json \
         --out=/data/web_tokens [--workers=N] [--shard_tokens=100000000] [--validation_fraction=0.02]
 
-Any `data.source` that yields text (stdlib, text:, jsonl:, parquet:, tfds:) and any `data.tokenizer`
-that does not train on the fly (byte, hf:PATH, sentencepiece:PATH.model). Each record is one document's
-token ids (no EOS: the reader appends the tokenizer's), as uint16 where the vocabulary fits, else uint32.
+Any `data.source` that yields text (stdlib, text:, jsonl:, parquet:, hf:, tfds:) and a tokenizer: one
+given (byte, hf:PATH, sentencepiece:PATH.model) or one trained here once, on a sample of the whole train
+split, and saved beside the shards (`sentencepiece:VOCAB`, or `bpe:VOCAB`: a byte-level BPE by the
+`tokenizers` trainer, GPT-2's scheme, with `<|endoftext|>`); a rerun reuses the saved one. Each record
+is one document's token ids (no EOS: the reader appends the tokenizer's), as uint16 where the vocabulary
+fits, else uint32.
 The split is the source's own (`--validation_fraction` as `data.validation_fraction`), so training on the
 shards holds out exactly what training on the source would.
 
@@ -125,6 +128,33 @@ def _check_out(out: pathlib.Path, identity: dict) -> dict | None:
   return None
 
 
+def _to_train(spec: str) -> tuple[str, int] | None:
+  """('sentencepiece' or 'bpe', VOCAB) for a tokenizer prepare trains, None for one it is given."""
+  kind, _, vocab = spec.partition(':')
+  if kind == 'ids' or (kind == 'bpe' and not vocab.isdigit()):
+    raise ConfigError(f'--tokenizer={spec!r} is not one of byte, hf:PATH, sentencepiece:PATH.model, or '
+                      'sentencepiece:VOCAB / bpe:VOCAB (trained here once, saved beside the shards)')
+  if kind == 'bpe' and int(vocab) <= 257:
+    raise ConfigError(f'--tokenizer={spec!r}: VOCAB must be above 257 (the 256 byte symbols and the '
+                      'end-of-document token come first)')
+  return (kind, int(vocab)) if kind in ('sentencepiece', 'bpe') and vocab.isdigit() else None
+
+
+def _trained_tokenizer(config, kind: str, vocab_size: int, out: pathlib.Path) -> str:
+  """The spec of the tokenizer trained for this corpus and kept in `out` (trained now, on a sample of the
+  whole train split, unless a killed prepare already saved it)."""
+  path = out / ('tokenizer.model' if kind == 'sentencepiece' else 'tokenizer.json')
+  if not path.exists():
+    out.mkdir(parents=True, exist_ok=True)
+    print(f'prepare: training a {kind} tokenizer of {vocab_size:,} tokens on a sample of the train split',
+          file=sys.stderr)
+    if kind == 'sentencepiece':
+      tokenizer.train_sentencepiece(data.train_documents(config), vocab_size, str(path))
+    else:
+      tokenizer.train_bpe(data.train_documents(config), vocab_size, str(path))
+  return f'{"sentencepiece" if kind == "sentencepiece" else "hf"}:{path}'
+
+
 def prepare(source: str, tokenizer_spec: str, out: str | pathlib.Path, *, workers: int = 1,
             shard_tokens: int = 100_000_000, validation_fraction: float = 0.02) -> dict:
   """Tokenizes `source` into shards in `out` (finishing what a killed run left); returns the manifest."""
@@ -133,18 +163,22 @@ def prepare(source: str, tokenizer_spec: str, out: str | pathlib.Path, *, worker
     raise ConfigError(f'--workers={workers} and --shard_tokens={shard_tokens} must be at least 1')
   if source.split(':')[0] in ('bin', 'tokens', 'mqar', 'passkey'):
     raise ConfigError(f'--source={source!r} is not text; prepare tokenizes text sources')
-  if tokenizer_spec.startswith(('sentencepiece:', 'ids:')) and tokenizer_spec.split(':')[1].isdigit():
-    raise ConfigError(f'--tokenizer={tokenizer_spec!r}: prepare takes byte, hf:PATH or '
-                      'sentencepiece:PATH.model (a tokenizer trained on the fly differs from run to run)')
   config = base_config()
   config.data.source, config.data.tokenizer = source, tokenizer_spec
   config.data.validation_fraction = validation_fraction
-  tokenizer.vocab_size_for(config)  # a missing or broken tokenizer file fails here, in one line
-  data.check_source(config)
-  given = None if tokenizer_spec == 'byte' else pathlib.Path(tokenizer.given_file(tokenizer_spec))
   identity = {'format': FORMAT_VERSION, 'source': source, 'tokenizer': tokenizer_spec,
-              'tokenizer_sha256': files.sha256(given) if given else None,
               'validation_fraction': validation_fraction, 'shard_tokens': shard_tokens}
+  to_train = _to_train(tokenizer_spec)
+  if not to_train or to_train[0] == 'sentencepiece':
+    tokenizer.vocab_size_for(config)  # a missing or broken tokenizer file, or a bad VOCAB, fails here
+  data.check_source(config)
+  manifest = _check_out(out, identity)  # another corpus in `out` is refused before any training
+  if manifest is not None:
+    return manifest
+  if to_train:
+    config.data.tokenizer = _trained_tokenizer(config, *to_train, out)
+  given = None if tokenizer_spec == 'byte' else pathlib.Path(tokenizer.given_file(config.data.tokenizer))
+  identity['tokenizer_sha256'] = files.sha256(given) if given else None
   manifest = _check_out(out, identity)
   if manifest is not None:
     return manifest
@@ -156,7 +190,7 @@ def prepare(source: str, tokenizer_spec: str, out: str | pathlib.Path, *, worker
   with context.Pool(workers, _start_worker, (config.to_json(), str(out))) as pool:
     for split in SPLITS:
       _prepare_split(pool, config, split, out, shards, identity, shard_tokens, itemsize)
-  manifest = {**identity, 'tokenizer_file': given and tokenizer.copy_name(tokenizer_spec),
+  manifest = {**identity, 'tokenizer_file': given and tokenizer.copy_name(config.data.tokenizer),
               'vocab_size': tok.vocab_size, 'bos_id': int(tok.bos_id), 'eos_id': int(tok.eos_id),
               'dtype': token_dtype(tok.vocab_size),
               'splits': {split: [dataclasses.asdict(s) for s in shards[split]] for split in SPLITS}}
@@ -221,8 +255,9 @@ def main(argv) -> None:
 
 if __name__ == '__main__':
   _SOURCE = flags.DEFINE_string('source', None, 'A text data.source (stdlib, text:, jsonl:, parquet:, '
-                                'tfds:).', required=True)
-  _TOKENIZER = flags.DEFINE_string('tokenizer', 'byte', 'byte, hf:PATH or sentencepiece:PATH.model.')
+                                'hf:, tfds:).', required=True)
+  _TOKENIZER = flags.DEFINE_string('tokenizer', 'byte', 'byte, hf:PATH, sentencepiece:PATH.model, or '
+                                   'sentencepiece:VOCAB / bpe:VOCAB to train one here.')
   _OUT = flags.DEFINE_string('out', None, 'The directory of the shards and manifest.', required=True)
   _WORKERS = flags.DEFINE_integer('workers', max(1, (os.cpu_count() or 2) - 1), 'Tokenizing processes.')
   _SHARD_TOKENS = flags.DEFINE_integer('shard_tokens', 100_000_000, 'Tokens per shard (at least).')

@@ -172,6 +172,16 @@ def _sample_lines(texts, max_chars: int):
       yield line
 
 
+def _sample_texts(texts, max_chars: int):
+  """Whole texts up to about `max_chars` (the last one cut): a BPE learns merges across lines too."""
+  budget = max_chars
+  for text in texts:
+    if budget <= 0:
+      return
+    budget -= len(text)
+    yield text[:budget + len(text)]
+
+
 def train_sentencepiece(texts, vocab_size: int, model_path: str) -> SentencePieceTokenizer:
   """Trains a BPE model on a bounded sample of `texts` and writes it to `model_path`."""
   model = io.BytesIO()
@@ -189,6 +199,27 @@ def train_sentencepiece(texts, vocab_size: int, model_path: str) -> SentencePiec
     f.write(model.getvalue())
   os.replace(tmp_path, model_path)
   return SentencePieceTokenizer(model.getvalue())
+
+
+def train_bpe(texts, vocab_size: int, path: str) -> 'HuggingFaceTokenizer':
+  """Trains a byte-level BPE (GPT-2's scheme: every byte is in the alphabet, so nothing is unknown) with
+  the `tokenizers` trainer on a sample as large as SentencePiece's (whole texts), with `<|endoftext|>` as its
+  end-of-document token, and writes its tokenizer.json to `path` (whole, under a temporary name first)."""
+  from tokenizers import decoders, models, pre_tokenizers, trainers  # pylint: disable=g-import-not-at-top
+  alphabet = pre_tokenizers.ByteLevel.alphabet()
+  if vocab_size <= len(alphabet) + 1:
+    raise ConfigError(f'bpe:{vocab_size}: VOCAB must be above {len(alphabet) + 1} (the 256 byte symbols '
+                      'and the end-of-document token come first)')
+  tok = tokenizers.Tokenizer(models.BPE())
+  tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+  tok.decoder = decoders.ByteLevel()
+  trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[_KNOWN_EOS[0]],
+                                initial_alphabet=alphabet, show_progress=False)
+  tok.train_from_iterator(_sample_texts(texts, _SPM_SAMPLE_CHARS), trainer)
+  tmp_path = f'{path}.tmp{os.getpid()}'
+  tok.save(tmp_path)
+  os.replace(tmp_path, path)
+  return HuggingFaceTokenizer(tok, _KNOWN_EOS[0], f'hf:{path}')
 
 
 def _train_spm(texts, vocab_size: int, model: io.BytesIO) -> None:

@@ -533,6 +533,33 @@ def test_hf_source_reads_saved_datasets_and_local_files(tmp_path):
   _raises_one_line(_config(source=f'hf:{tmp_path}/junk'), 'the datasets library cannot load it')
 
 
+def test_hf_streaming_reads_in_order_holds_out_every_nth_row_and_resumes_exactly(tmp_path):
+  """`data.hf_streaming`: local data files streamed as a Hub dataset would be (what a user with a network
+  gets for a corpus larger than the disk), through epochs, on one process or two, resumed mid-stream."""
+  pytest.importorskip('datasets')
+  docs = _docs(120, np.random.default_rng(5))
+  (tmp_path / 'files').mkdir()
+  for k in range(3):
+    with open(tmp_path / 'files' / f'part{k}.jsonl', 'w') as f:
+      f.writelines(json.dumps({'text': d}) + '\n' for d in docs[40 * k:40 * (k + 1)])
+  config = _config(source=f'hf:{tmp_path}/files')
+  config.data.hf_streaming, config.data.validation_fraction = True, 0.1
+  validation = list(data.corpus(config, 'validation').documents)
+  assert validation == docs[::10]  # every tenth row, in order
+  assert sorted(list(data.corpus(config, 'train').documents)) == sorted(set(docs) - set(docs[::10]))
+  assert len(data.eval_batches(config, BYTES)) == 3
+  # About 23k train bytes, 4 rows of 65 a batch: 200 batches are two epochs and more (one pass would stop).
+  iterator = data.make_train_iterator(config, BYTES)
+  batches = _take(iterator, 200)
+  rows = [row for b in batches[:20] for row in b['inputs'] if row.max() < 256]
+  assert b'document ' in b''.join(row.astype(np.uint8).tobytes() for row in rows)
+  _assert_resumes(config, 150, 60)  # across an epoch's end
+  _assert_resumes(config, 7, 5)
+  halves = [data.make_train_iterator(config, BYTES, process_index=i, process_count=2) for i in range(2)]
+  for batch in batches[:10]:
+    np.testing.assert_array_equal(np.concatenate([next(h)['inputs'] for h in halves]), batch['inputs'])
+
+
 # ----------------------------------------------------------------------------- shuffling
 
 @pytest.mark.parametrize('size', [41, 40_000])  # a table under _EpochShuffle._TABLE_MAX, grain's above

@@ -118,6 +118,33 @@ def test_tokens_source_takes_the_manifest_tokenizer_and_batches_like_any_source(
   assert same.data.tokenizer == f'hf:{corpus[1]}'
 
 
+@pytest.mark.parametrize('spec, saved', [('bpe:300', 'tokenizer.json'),
+                                         ('sentencepiece:300', 'tokenizer.model')])
+def test_prepare_trains_a_tokenizer_once_and_keeps_it_beside_the_shards(corpus, tmp_path, spec, saved):
+  source, _ = corpus
+  out = tmp_path / 'tokens'
+  manifest = prepare.prepare(source, spec, out, workers=1, shard_tokens=5000, validation_fraction=0.05)
+  assert manifest['tokenizer'] == spec and manifest['tokenizer_file'] == saved
+  assert manifest['tokenizer_sha256'] == files.sha256(out / saved) and manifest['vocab_size'] == 300
+  config = _config(f'tokens:{out}')  # the run takes the shards' tokenizer
+  data.resolve_tokenizer(config)
+  kind = 'hf' if saved == 'tokenizer.json' else 'sentencepiece'
+  assert config.data.tokenizer == f'{kind}:{out}/{saved}'
+  tok = tokenizer.make_tokenizer(config, str(tmp_path / 'run'))
+  text = 'def return self é 7.3: x'
+  assert tok.decode(tok.encode(text)) == text and tok.eos_id >= 0
+  assert len(tok.encode(text)) < len(text.encode('utf-8'))  # it learnt merges
+  first = data.corpus(config, 'train').documents[0]
+  assert tok.decode(first).startswith(('0.', '1.'))
+  # Killed after training and a shard: the rerun keeps the trained tokenizer and finishes the same shards.
+  trained, hashes = (out / saved).read_bytes(), _shard_hashes(out)
+  (out / prepare.MANIFEST).unlink()
+  (out / manifest['splits']['train'][-1]['name']).unlink()
+  assert prepare.prepare(source, spec, out, workers=1, shard_tokens=5000,
+                         validation_fraction=0.05) == manifest
+  assert (out / saved).read_bytes() == trained and _shard_hashes(out) == hashes
+
+
 def _one_line(call, match):
   with pytest.raises(ConfigError, match=match) as error:
     call()
@@ -133,7 +160,9 @@ def test_bad_corpora_and_directories_are_one_line(corpus, prepared, tmp_path):
   (tmp_path / 'notes' / 'thesis.tex').write_text('mine')
   _one_line(lambda: prepare.prepare(source, 'byte', tmp_path / 'notes'),
             r'not a prepared corpus \(thesis.tex\)')
-  _one_line(lambda: prepare.prepare(source, 'sentencepiece:512', tmp_path / 'x'), 'trained on the fly')
+  _one_line(lambda: prepare.prepare(source, 'bpe:200', tmp_path / 'x'), 'VOCAB must be above 257')
+  _one_line(lambda: prepare.prepare(source, 'ids:8', tmp_path / 'x'), 'is not one of byte, hf:PATH')
+  _one_line(lambda: prepare.prepare(source, 'bpe:300', out), r'holds another corpus')  # before training
   _one_line(lambda: prepare.prepare('bin:/x/*.bin', 'byte', tmp_path / 'x'), 'is not text')
   _one_line(lambda: data.check_source(_config(f'tokens:{tmp_path}')), 'has no manifest.json')
   other = write_bpe(tmp_path / 'other', vocab_size=280)
