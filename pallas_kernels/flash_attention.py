@@ -10,6 +10,15 @@ a window is rejected (a window without a causal side is not used anywhere in thi
 query `t` at `t` (NSA's compressed keys sit at the last token of their blocks, see compressed_attention.py);
 a query that sees no key there outputs zeros and has log-sum-exp -inf.
 
+Segments. `segment_ids` (int32, [B, T] for self-attention, or a pair: queries' [B, T] and keys' [B, S])
+keep each query to the keys of its own segment, on top of the masks above: the documents of a packed row
+(`data.packing`) never see each other. Each segment must be one contiguous run of positions (every packer
+here makes them so; 0 is padding, a run like any other). The kernels then skip whole tiles: a query block
+starts its key loop at the block holding the start of its first query's segment, and a key block's
+dk/dv loop stops at the query block holding the end of its last key's segment, so a row of many short
+documents costs about what the documents cost alone. The kernels take segments for self-attention
+(T == S, no `key_positions`); the XLA reference takes any.
+
 Kernels. The forward pass runs the online softmax over key blocks and saves the log-sum-exp per query;
 the backward pass recomputes the probabilities from it in two kernels, one for dq (per query block, a
 loop over key blocks) and one for dk/dv (per key block, a loop over the query heads of its kv group and
@@ -37,6 +46,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
@@ -63,41 +73,57 @@ _LANES = 128
 # Reference and the mask both sides share.
 
 
-def _keep(qpos, kpos, *, causal: bool, window: int | None):
-  """Which (query, key) pairs attend, by position; None when all do."""
+def _keep(qpos, kpos, *, causal: bool, window: int | None, qseg=None, kseg=None):
+  """Which (query, key) pairs attend, by position and segment; None when all do."""
   keep = None
   if causal:
     keep = kpos <= qpos
   if window is not None:
     keep &= kpos > qpos - window
+  if qseg is not None:
+    same = qseg == kseg
+    keep = same if keep is None else keep & same
   return keep
 
 
 def flash_attention_reference(q_BTHD: jax.Array, k_BSKD: jax.Array, v_BSKD: jax.Array, *,
                               causal: bool = True, window: int | None = None, sm_scale: float | None = None,
-                              qpos_BT: jax.Array | None = None,
-                              kpos_BS: jax.Array | None = None) -> jax.Array:
+                              qpos_BT: jax.Array | None = None, kpos_BS: jax.Array | None = None,
+                              segment_ids=None) -> jax.Array:
   """`flash_attention` in XLA, the `implementation='xla'` path (see `attention_with_lse_reference`)."""
   return attention_with_lse_reference(q_BTHD, k_BSKD, v_BSKD, causal=causal, window=window, sm_scale=sm_scale,
-                                      qpos_BT=qpos_BT, kpos_BS=kpos_BS)[0]
+                                      qpos_BT=qpos_BT, kpos_BS=kpos_BS, segment_ids=segment_ids)[0]
+
+
+def _segment_pair(segment_ids, T: int, S: int):
+  """(queries' [B, T], keys' [B, S]) int32 segment ids from `segment_ids` (one array when T == S, or a
+  pair), or None."""
+  if segment_ids is None:
+    return None
+  qseg, kseg = segment_ids if isinstance(segment_ids, (tuple, list)) else (segment_ids, segment_ids)
+  if qseg.shape[1:] != (T,) or kseg.shape[1:] != (S,) or qseg.shape[0] != kseg.shape[0]:
+    raise ValueError(f'segment_ids {qseg.shape} and {kseg.shape} must be [B, T={T}] and [B, S={S}]')
+  return qseg.astype(jnp.int32), kseg.astype(jnp.int32)
 
 
 def attention_with_lse_reference(q_BTHD: jax.Array, k_BSKD: jax.Array, v_BSKD: jax.Array, *,
                                  causal: bool = True, window: int | None = None,
                                  key_positions: tuple[int, int] | None = None, sm_scale: float | None = None,
                                  qpos_BT: jax.Array | None = None, kpos_BS: jax.Array | None = None,
-                                 chunk: int = XLA_CHUNK) -> tuple[jax.Array, jax.Array]:
+                                 segment_ids=None, chunk: int = XLA_CHUNK) -> tuple[jax.Array, jax.Array]:
   """`flash_attention_with_lse` in XLA: the output and the float32 log-sum-exp `[B, H, T]`, float32
   softmax and products, in memory linear in T. A window over a whole sequence runs in chunks of
   `window` queries, each against its own chunk and the one before (which hold all its keys); other
   calls run `chunk` queries at a time (`map_query_chunks`, rematerialised in the backward).
   `qpos_BT` / `kpos_BS` place queries and keys explicitly (decoding: new tokens against a cache, or a
-  slice of one), overriding the positions of the module docstring."""
+  slice of one), overriding the positions of the module docstring; `segment_ids` as in the module
+  docstring (any layout here)."""
   _check_args(q_BTHD, k_BSKD, v_BSKD, causal, window, key_positions, explicit=kpos_BS is not None)
   B, T, H, D = q_BTHD.shape
   S = k_BSKD.shape[1]
   scale = D**-0.5 if sm_scale is None else sm_scale
-  if window is not None and window < S == T and qpos_BT is None and kpos_BS is None:
+  segments = _segment_pair(segment_ids, T, S)
+  if window is not None and window < S == T and qpos_BT is None and kpos_BS is None and segments is None:
     return _local_reference(q_BTHD, k_BSKD, v_BSKD, window, scale)
   if kpos_BS is None:
     stride, first = key_positions or (1, 0)
@@ -105,15 +131,18 @@ def attention_with_lse_reference(q_BTHD: jax.Array, k_BSKD: jax.Array, v_BSKD: j
   if qpos_BT is None:
     qpos_BT = jnp.arange(T) + (S - T if causal and key_positions is None else 0)
   qpos_BT = jnp.broadcast_to(qpos_BT, (B, T))
+  qseg_BT, kseg_BS = segments if segments is not None else (jnp.zeros((B, T), jnp.int32), None)
 
-  def one_chunk(q_BQHD, qpos_BQ):
-    keep_BQS = _keep(qpos_BQ[:, :, None], kpos_BS[:, None, :], causal=causal, window=window)
+  def one_chunk(q_BQHD, qpos_BQ, qseg_BQ):
+    keep_BQS = _keep(qpos_BQ[:, :, None], kpos_BS[:, None, :], causal=causal, window=window,
+                     qseg=None if kseg_BS is None else qseg_BQ[:, :, None],
+                     kseg=None if kseg_BS is None else kseg_BS[:, None, :])
     if keep_BQS is None:
       keep_BQS = jnp.ones((B, q_BQHD.shape[1], S), bool)
     o_BQHD, lse_BHQ = _masked_softmax_attention(q_BQHD, k_BSKD, v_BSKD, keep_BQS, scale)
     return o_BQHD, lse_BHQ.transpose(0, 2, 1)
   # Padded queries sit at position -1, before every key (a causal mask hides all of them).
-  o_BTHD, lse_BTH = map_query_chunks(one_chunk, (q_BTHD, qpos_BT), (0, -1), chunk=chunk)
+  o_BTHD, lse_BTH = map_query_chunks(one_chunk, (q_BTHD, qpos_BT, qseg_BT), (0, -1, -1), chunk=chunk)
   return o_BTHD, lse_BTH.transpose(0, 2, 1)
 
 
@@ -167,8 +196,9 @@ def flash_attention(q_BTHD: jax.Array, k_BSKD: jax.Array, v_BSKD: jax.Array, *, 
                     window: int | None = None, sm_scale: float | None = None, block_q: int | None = None,
                     block_k: int | None = None, implementation: str = 'pallas', interpret: bool | None = None,
                     backend: str | None = None, num_warps: int = GPU_NUM_WARPS,
-                    num_stages: int = GPU_NUM_STAGES) -> jax.Array:
-  """Softmax attention, [B, T, H, D] x [B, S, K, D] -> [B, T, H, D]; positions as in the module docstring.
+                    num_stages: int = GPU_NUM_STAGES, segment_ids=None) -> jax.Array:
+  """Softmax attention, [B, T, H, D] x [B, S, K, D] -> [B, T, H, D]; positions and segments as in the
+  module docstring.
 
   `sm_scale` (a Python float) defaults to D**-0.5. `block_q`/`block_k` default per backend
   (`DEFAULT_BLOCKS`), serve the forward and both backward kernels, and are clipped to the smallest legal
@@ -179,7 +209,7 @@ def flash_attention(q_BTHD: jax.Array, k_BSKD: jax.Array, v_BSKD: jax.Array, *, 
   return flash_attention_with_lse(
       q_BTHD, k_BSKD, v_BSKD, causal=causal, window=window, sm_scale=sm_scale, block_q=block_q,
       block_k=block_k, implementation=implementation, interpret=interpret, backend=backend,
-      num_warps=num_warps, num_stages=num_stages)[0]
+      num_warps=num_warps, num_stages=num_stages, segment_ids=segment_ids)[0]
 
 
 def flash_attention_with_lse(q_BTHD: jax.Array, k_BSKD: jax.Array, v_BSKD: jax.Array, *,
@@ -188,27 +218,57 @@ def flash_attention_with_lse(q_BTHD: jax.Array, k_BSKD: jax.Array, v_BSKD: jax.A
                              block_q: int | None = None, block_k: int | None = None,
                              implementation: str = 'pallas', interpret: bool | None = None,
                              backend: str | None = None, num_warps: int = GPU_NUM_WARPS,
-                             num_stages: int = GPU_NUM_STAGES) -> tuple[jax.Array, jax.Array]:
+                             num_stages: int = GPU_NUM_STAGES, segment_ids=None
+                             ) -> tuple[jax.Array, jax.Array]:
   """`flash_attention` that also returns the float32 log-sum-exp of each query's logits, `[B, H, T]`
   (-inf where a query sees no key), differentiable like the output; `key_positions=(stride, first)`
   puts key `s` at position `first + s * stride` (causal only, no window)."""
   check_implementation(implementation)
   if implementation == 'xla':
     return attention_with_lse_reference(q_BTHD, k_BSKD, v_BSKD, causal=causal, window=window,
-                                        key_positions=key_positions, sm_scale=sm_scale)
+                                        key_positions=key_positions, sm_scale=sm_scale,
+                                        segment_ids=segment_ids)
   _check_args(q_BTHD, k_BSKD, v_BSKD, causal, window, key_positions)
+  B, T, H, _ = q_BTHD.shape
+  S = k_BSKD.shape[1]
+  segments = _segment_pair(segment_ids, T, S)
+  if segments is not None and (T != S or key_positions is not None):
+    raise ValueError(f'segment_ids: the kernels take them for self-attention (T == S and no key_positions); '
+                     f'got T={T}, S={S}, key_positions={key_positions}')
+  seg_args = () if segments is None else segments
 
   def build(body: str, interpreted: bool):
     if interpreted and in_shard_map(q_BTHD, k_BSKD, v_BSKD):  # JAX's interpreter cannot run in shard_map
-      return functools.partial(attention_with_lse_reference, causal=causal, window=window,
-                               key_positions=key_positions, sm_scale=sm_scale)
+      reference = functools.partial(attention_with_lse_reference, causal=causal, window=window,
+                                    key_positions=key_positions, sm_scale=sm_scale)
+      return lambda q, k, v, *seg: reference(q, k, v, segment_ids=seg or None)
     plan = _make_plan(q_BTHD.shape, k_BSKD.shape, causal=causal, window=window,
                        key_positions=key_positions, sm_scale=sm_scale, block_q=block_q, block_k=block_k,
-                       interpret=interpreted, backend=body, num_warps=num_warps, num_stages=num_stages)
-    return lambda q, k, v: _flash(q, k, v, plan)
-  B, T, H, _ = q_BTHD.shape
+                       interpret=interpreted, backend=body, num_warps=num_warps, num_stages=num_stages,
+                       segmented=segments is not None)
+    return lambda q, k, v, *seg: _flash(q, k, v, seg, plan)
   out = (jax.ShapeDtypeStruct(q_BTHD.shape, q_BTHD.dtype), jax.ShapeDtypeStruct((B, H, T), jnp.float32))
-  return dispatch(build, (q_BTHD, k_BSKD, v_BSKD), out, backend=backend, interpret=interpret)
+  return dispatch(build, (q_BTHD, k_BSKD, v_BSKD, *seg_args), out, backend=backend, interpret=interpret)
+
+
+def computed_tiles(seq_len: int, *, block_q: int, block_k: int, window: int | None = None,
+                   segment_ids=None) -> int:
+  """The (query block, key block) tiles the forward kernel computes for one head of each row, summed over
+  the rows: from the same bounds the kernels loop over (causal self-attention, T == S). A tile is
+  `4 * block_q * block_k * D` FLOPs forward, so this is the kernel's work as its grid does it, not an
+  estimate from the mask."""
+  B = 1 if segment_ids is None else segment_ids.shape[0]
+  plan = _Plan(causal=True, window=window, sm_scale=1.0, block_q=block_q, block_k=block_k, q_len=seq_len,
+               kv_len=seq_len, group=1, backend='gpu', interpret=True, segmented=segment_ids is not None)
+  firsts = (np.asarray(_segments(segment_ids, segment_ids, plan).first_kv_block) if segment_ids is not None
+            else None)
+  total = 0
+  for b in range(B):
+    for i in range(plan.num_q_blocks):
+      first = None if firsts is None else int(firsts[b * plan.num_q_blocks + i])
+      lo, hi = _kv_blocks(i, plan, _Static, first=first)
+      total += max(hi - lo, 0)
+  return total
 
 
 @dataclasses.dataclass(frozen=True)
@@ -228,6 +288,7 @@ class _Plan:
   num_stages: int = GPU_NUM_STAGES
   key_stride: int = 1  # key s sits at position key_first + s * key_stride
   key_first: int = 0
+  segmented: bool = False  # segment ids given: masked by them, and tiles outside a segment skipped
 
   @property
   def kernel_name(self) -> str:
@@ -299,7 +360,7 @@ def _clip_block(block: int, length: int, backend: str) -> int:
 
 def _make_plan(q_shape, k_shape, *, causal, window, sm_scale, block_q, block_k, interpret,
                  backend, num_warps=GPU_NUM_WARPS, num_stages=GPU_NUM_STAGES,
-                 key_positions=None) -> _Plan:
+                 key_positions=None, segmented: bool = False) -> _Plan:
   _, T, H, D = q_shape
   S, K = k_shape[1:3]
   stride, first = key_positions or (1, 0)
@@ -315,7 +376,7 @@ def _make_plan(q_shape, k_shape, *, causal, window, sm_scale, block_q, block_k, 
   return _Plan(causal=causal, window=window, sm_scale=float(D**-0.5 if sm_scale is None else sm_scale),
                  block_q=block_q, block_k=block_k, q_len=T, kv_len=S, group=H // K, backend=backend,
                  interpret=interpret, num_warps=num_warps, num_stages=num_stages, key_stride=stride,
-                 key_first=first)
+                 key_first=first, segmented=segmented)
 
 
 def _pad_seq(x_BLHD: jax.Array, block: int) -> jax.Array:
@@ -323,26 +384,63 @@ def _pad_seq(x_BLHD: jax.Array, block: int) -> jax.Array:
   return jnp.pad(x_BLHD, ((0, 0), (0, pad), (0, 0), (0, 0))) if pad else x_BLHD
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _flash(q_BTHD, k_BSKD, v_BSKD, plan: _Plan):
-  return _flash_fwd(q_BTHD, k_BSKD, v_BSKD, plan)[0]
+@dataclasses.dataclass(frozen=True)
+class _Segments:
+  """What the bodies read of the segment ids: the ids of the (padded) queries and keys, and per block the
+  tiles a segment can reach: `first_kv_block[b, i]`, the key block holding the start of the segment of
+  query block i's first query, and `end_q_block[b, j]`, one past the query block holding the end of the
+  segment of key block j's last key. Flattened to one padded row each, as the Triton body loads them."""
+  q_BT: jax.Array
+  k_BS: jax.Array
+  first_kv_block: jax.Array  # [pow2 >= B * num_q_blocks], row-major (b, i)
+  end_q_block: jax.Array  # [pow2 >= B * num_kv_blocks], row-major (b, j)
 
 
-def _flash_fwd(q_BTHD, k_BSKD, v_BSKD, plan: _Plan):
+def _flat_pow2(x_BN: jax.Array) -> jax.Array:
+  flat = x_BN.reshape(-1)
+  return jnp.pad(flat, (0, pl.next_power_of_2(flat.size) - flat.size))
+
+
+def _segments(qseg_BT, kseg_BS, plan: _Plan) -> _Segments:
+  """The bodies' view of self-attention segment ids (T == S): runs by position, their bounds per block."""
+  B, T = qseg_BT.shape
+  index = jnp.arange(T, dtype=jnp.int32)
+  change_BT = jnp.concatenate([jnp.ones((B, 1), bool), qseg_BT[:, 1:] != qseg_BT[:, :-1]], axis=1)
+  start_BT = lax.cummax(jnp.where(change_BT, index, 0), axis=1)
+  ends_BT = jnp.concatenate([change_BT[:, 1:], jnp.ones((B, 1), bool)], axis=1)
+  end_BT = lax.cummin(jnp.where(ends_BT, index, T - 1), axis=1, reverse=True)
+  first_q = jnp.minimum(jnp.arange(plan.num_q_blocks) * plan.block_q, T - 1)
+  last_k = jnp.minimum(jnp.arange(plan.num_kv_blocks) * plan.block_k + plan.block_k - 1, T - 1)
+  first_kv_block = lax.div(start_BT[:, first_q], plan.block_k)
+  end_q_block = lax.div(end_BT[:, last_k], plan.block_q) + 1
+  pad_q, pad_k = plan.num_q_blocks * plan.block_q - T, plan.num_kv_blocks * plan.block_k - T
+  return _Segments(q_BT=jnp.pad(qseg_BT, ((0, 0), (0, pad_q)), constant_values=-1),
+                   k_BS=jnp.pad(kseg_BS, ((0, 0), (0, pad_k)), constant_values=-2),
+                   first_kv_block=_flat_pow2(first_kv_block), end_q_block=_flat_pow2(end_q_block))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _flash(q_BTHD, k_BSKD, v_BSKD, seg, plan: _Plan):
+  return _flash_fwd(q_BTHD, k_BSKD, v_BSKD, seg, plan)[0]
+
+
+def _flash_fwd(q_BTHD, k_BSKD, v_BSKD, seg, plan: _Plan):
   forward, _ = _BODIES[plan.backend]
+  segments = _segments(*seg, plan) if seg else None
   o_BTHD, lse_BHT = forward(_pad_seq(q_BTHD, plan.block_q), _pad_seq(k_BSKD, plan.block_k),
-                            _pad_seq(v_BSKD, plan.block_k), plan)
+                            _pad_seq(v_BSKD, plan.block_k), plan, segments)
   o_BTHD = o_BTHD[:, :plan.q_len]
   # The bodies give a query that sees no key lse = +inf, so its recomputed probabilities exp(s - lse)
   # are zeros in the backward kernels; the caller sees the log-sum-exp of nothing, -inf.
   out_lse_BHT = jnp.where(lse_BHT[:, :, :plan.q_len] == jnp.inf, -jnp.inf, lse_BHT[:, :, :plan.q_len])
-  return (o_BTHD, out_lse_BHT), (q_BTHD, k_BSKD, v_BSKD, o_BTHD, lse_BHT)
+  return (o_BTHD, out_lse_BHT), (q_BTHD, k_BSKD, v_BSKD, o_BTHD, lse_BHT, seg)
 
 
 def _flash_bwd(plan: _Plan, res, cts):
   # The barrier keeps XLA from sharing the forward's relaid copies of q, k and v (the TPU body's
   # [B, H, T, D]) with the backward, which would keep them alive between the passes beside the originals.
-  q_BTHD, k_BSKD, v_BSKD, o_BTHD, lse_BHT = jax.lax.optimization_barrier(res)
+  q_BTHD, k_BSKD, v_BSKD, o_BTHD, lse_BHT, seg = jax.lax.optimization_barrier(res)
+  segments = _segments(*seg, plan) if seg else None
   do_BTHD, dlse_BHT = cts
   _, backward = _BODIES[plan.backend]
   # FlashAttention-2 Alg. 2: D = rowsum(dO * O), the softmax-Jacobian correction per query. A cotangent of
@@ -352,8 +450,9 @@ def _flash_bwd(plan: _Plan, res, cts):
   delta_BHT = jnp.pad(delta_BTH, ((0, 0), (0, lse_BHT.shape[2] - plan.q_len), (0, 0))).transpose(0, 2, 1)
   dq_BTHD, dk_BSKD, dv_BSKD = backward(
       _pad_seq(q_BTHD, plan.block_q), _pad_seq(k_BSKD, plan.block_k), _pad_seq(v_BSKD, plan.block_k),
-      _pad_seq(do_BTHD, plan.block_q), lse_BHT, delta_BHT, plan)
-  return dq_BTHD[:, :plan.q_len], dk_BSKD[:, :plan.kv_len], dv_BSKD[:, :plan.kv_len]
+      _pad_seq(do_BTHD, plan.block_q), lse_BHT, delta_BHT, plan, segments)
+  seg_cts = tuple(np.zeros(x.shape, jax.dtypes.float0) for x in seg)
+  return dq_BTHD[:, :plan.q_len], dk_BSKD[:, :plan.kv_len], dv_BSKD[:, :plan.kv_len], seg_cts
 
 
 _flash.defvjp(_flash_fwd, _flash_bwd)
@@ -375,8 +474,9 @@ class _Static:
   div = staticmethod(lambda a, b: a // b)  # lax.div truncates; every operand here is >= 0
 
 
-def _kv_blocks(i, plan: _Plan, ops=_Traced):
-  """Key blocks [lo, hi) holding a key that some query of query block `i` keeps."""
+def _kv_blocks(i, plan: _Plan, ops=_Traced, first=None):
+  """Key blocks [lo, hi) holding a key that some query of query block `i` keeps; `first`: the first key
+  block its segments reach (traced, from `_Segments`)."""
   first_q = plan.offset + i * plan.block_q
   hi = plan.num_kv_blocks
   if plan.causal:  # stop at the diagonal: the keys at positions <= the block's last query
@@ -386,11 +486,14 @@ def _kv_blocks(i, plan: _Plan, ops=_Traced):
   lo = 0
   if plan.window is not None:  # start at the first block inside the window
     lo = ops.div(ops.maximum(first_q - plan.window + 1, 0), plan.block_k)
+  if first is not None:
+    lo = ops.maximum(lo, first)
   return lo, hi
 
 
-def _q_blocks(j, plan: _Plan, ops=_Traced):
-  """Query blocks [lo, hi) holding a query that keeps some key of key block `j`."""
+def _q_blocks(j, plan: _Plan, ops=_Traced, end=None):
+  """Query blocks [lo, hi) holding a query that keeps some key of key block `j`; `end`: one past the last
+  query block its segments reach (traced, from `_Segments`)."""
   first_k = j * plan.block_k
   lo = 0
   if plan.causal:  # from the query at the block's first key position
@@ -399,6 +502,8 @@ def _q_blocks(j, plan: _Plan, ops=_Traced):
   if plan.window is not None:  # queries t with t + offset - window < last key of the block
     bound = ops.maximum(first_k + plan.block_k - 1 + plan.window - plan.offset, 0)
     hi = ops.minimum(hi, ops.div(bound + plan.block_q - 1, plan.block_q))
+  if end is not None:
+    hi = ops.minimum(hi, end)
   return lo, hi
 
 
@@ -420,15 +525,16 @@ def _nn(a, b):
   return lax.dot_general(a, b, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
 
 
-def _scores(x, y, i, j, plan: _Plan, *, transposed: bool = False):
+def _scores(x, y, i, j, plan: _Plan, *, transposed: bool = False, qseg=None, kseg=None):
   """Scaled, masked logits of query block `i` and key block `j`: q k^T [Q, C], or k q^T [C, Q] when
-  `transposed` (x, y are then k, q)."""
+  `transposed` (x, y are then k, q). `qseg` / `kseg`: the blocks' segment ids, shaped to broadcast
+  against the logits (a column and a row)."""
   s = _nt(x, y) * plan.sm_scale
   q_axis, k_axis = (1, 0) if transposed else (0, 1)
   qpos = plan.offset + i * plan.block_q + lax.broadcasted_iota(jnp.int32, s.shape, q_axis)
   kidx = j * plan.block_k + lax.broadcasted_iota(jnp.int32, s.shape, k_axis)
   kpos = kidx * plan.key_stride + plan.key_first if plan.strided else kidx
-  keep = _keep(qpos, kpos, causal=plan.causal, window=plan.window)
+  keep = _keep(qpos, kpos, causal=plan.causal, window=plan.window, qseg=qseg, kseg=kseg)
   if plan.kv_mask_len is not None:
     keep = kidx < plan.kv_mask_len if keep is None else keep & (kidx < plan.kv_mask_len)
   return s if keep is None else jnp.where(keep, s, MASK_VALUE)
@@ -461,17 +567,17 @@ def _softmax_step(s_QC, v_CD, acc_QD, m_QL, l_QL):
   return acc_QD, m_next, l_next
 
 
-def _dq_step(q_QD, k_CD, v_CD, do_QD, lse_Q1, delta_Q1, i, j, plan: _Plan):
+def _dq_step(q_QD, k_CD, v_CD, do_QD, lse_Q1, delta_Q1, i, j, plan: _Plan, qseg=None, kseg=None):
   """Contribution of key block `j` to dq / sm_scale (FlashAttention-2 Alg. 2)."""
-  p_QC = jnp.exp(_scores(q_QD, k_CD, i, j, plan) - lse_Q1)
+  p_QC = jnp.exp(_scores(q_QD, k_CD, i, j, plan, qseg=qseg, kseg=kseg) - lse_Q1)
   ds_QC = p_QC * (_nt(do_QD, v_CD) - delta_Q1)
   return _nn(ds_QC.astype(k_CD.dtype), k_CD)
 
 
-def _dkv_step(q_QD, k_CD, v_CD, do_QD, lse_1Q, delta_1Q, i, j, plan: _Plan):
+def _dkv_step(q_QD, k_CD, v_CD, do_QD, lse_1Q, delta_1Q, i, j, plan: _Plan, qseg=None, kseg=None):
   """Contributions of query block `i` to dk / sm_scale and dv, computed key-major ([C, Q] tiles) so every
   product is a plain or right-transposed matmul."""
-  p_CQ = jnp.exp(_scores(k_CD, q_QD, i, j, plan, transposed=True) - lse_1Q)
+  p_CQ = jnp.exp(_scores(k_CD, q_QD, i, j, plan, transposed=True, qseg=qseg, kseg=kseg) - lse_1Q)
   dv_CD = _nn(p_CQ.astype(do_QD.dtype), do_QD)
   ds_CQ = p_CQ * (_nt(v_CD, do_QD) - delta_1Q)
   return _nn(ds_CQ.astype(q_QD.dtype), q_QD), dv_CD
@@ -485,63 +591,111 @@ def _gpu_params(plan: _Plan):
   return plgpu.CompilerParams(num_warps=plan.num_warps, num_stages=plan.num_stages)
 
 
-def _gpu_fwd_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, *, plan: _Plan):
-  i = pl.program_id(0)
+def _gpu_segment_specs(plan: _Plan, T: int, S: int, segments: _Segments, *, key_major: bool = False):
+  """BlockSpecs of the `_Segments` arrays for a (query block, batch, head) grid, or for the dk/dv kernel's
+  (key block, batch, kv head) grid when `key_major`: the block's own ids, the other side's whole row, and
+  the flat bounds whole."""
+  if key_major:
+    return [pl.BlockSpec((None, T), lambda j, b, k: (b, 0)),
+            pl.BlockSpec((None, plan.block_k), lambda j, b, k: (b, j)),
+            pl.BlockSpec(segments.end_q_block.shape, lambda j, b, k: (0,))]
+  return [pl.BlockSpec((None, plan.block_q), lambda i, b, h: (b, i)),
+          pl.BlockSpec((None, S), lambda i, b, h: (b, 0)),
+          pl.BlockSpec(segments.first_kv_block.shape, lambda i, b, h: (0,))]
+
+
+def _gpu_segment_args(segments: _Segments | None, key_major: bool = False) -> tuple:
+  if segments is None:
+    return ()
+  bounds = segments.end_q_block if key_major else segments.first_kv_block
+  return segments.q_BT, segments.k_BS, bounds
+
+
+def _gpu_query_side(plan: _Plan, i, b, seg_refs):
+  """(key blocks to visit, the query block's segment column, a key block's segment row) in a query-major
+  GPU kernel; no segments: the plain causal/window range and no masks."""
+  if seg_refs is None:
+    return _kv_blocks(i, plan), None, lambda j: None
+  qs_ref, ks_ref, first_ref = seg_refs
+  first = first_ref[b * plan.num_q_blocks + i]
+  return (_kv_blocks(i, plan, first=first), qs_ref[...][:, None],
+          lambda j: ks_ref[pl.ds(j * plan.block_k, plan.block_k)][None, :])
+
+
+def _gpu_fwd_kernel(*refs, plan: _Plan):
+  q_ref, k_ref, v_ref = refs[:3]
+  seg_refs, (o_ref, lse_ref) = (refs[3:6], refs[6:]) if plan.segmented else (None, refs[3:])
+  i, b = pl.program_id(0), pl.program_id(1)
   q_QD = q_ref[...]
+  blocks, qseg, kseg = _gpu_query_side(plan, i, b, seg_refs)
 
   def body(j, carry):
     kv = pl.ds(j * plan.block_k, plan.block_k)
-    return _softmax_step(_scores(q_QD, k_ref[kv, :], i, j, plan), v_ref[kv, :], *carry)
+    s_QC = _scores(q_QD, k_ref[kv, :], i, j, plan, qseg=qseg, kseg=kseg(j))
+    return _softmax_step(s_QC, v_ref[kv, :], *carry)
 
   Q, D = q_QD.shape
   init = (jnp.zeros((Q, D), jnp.float32), jnp.full((Q, 1), -jnp.inf, jnp.float32),
           jnp.zeros((Q, 1), jnp.float32))
-  o_QD, lse_Q1 = _normalise(*lax.fori_loop(*_kv_blocks(i, plan), body, init))
+  o_QD, lse_Q1 = _normalise(*lax.fori_loop(*blocks, body, init))
   o_ref[...] = o_QD.astype(o_ref.dtype)
   lse_ref[...] = lse_Q1[:, 0]
 
 
-def _gpu_forward(q_BTHD, k_BSKD, v_BSKD, plan: _Plan):
+def _gpu_forward(q_BTHD, k_BSKD, v_BSKD, plan: _Plan, segments: _Segments | None = None):
   B, T, H, D = q_BTHD.shape
   S, G, Q = k_BSKD.shape[1], plan.group, plan.block_q
   q_spec = pl.BlockSpec((None, Q, None, D), lambda i, b, h: (b, i, h, 0))
   kv_spec = pl.BlockSpec((None, S, None, D), lambda i, b, h: (b, 0, h // G, 0))
+  seg_specs = _gpu_segment_specs(plan, T, S, segments) if segments is not None else []
   return pl.pallas_call(
       functools.partial(_gpu_fwd_kernel, plan=plan),
       grid=(T // Q, B, H),
-      in_specs=[q_spec, kv_spec, kv_spec],
+      in_specs=[q_spec, kv_spec, kv_spec, *seg_specs],
       out_specs=[q_spec, pl.BlockSpec((None, None, Q), lambda i, b, h: (b, h, i))],
       out_shape=[out_struct(q_BTHD.shape, q_BTHD.dtype, q_BTHD, k_BSKD, v_BSKD),
                  out_struct((B, H, T), jnp.float32, q_BTHD, k_BSKD, v_BSKD)],
       compiler_params=_gpu_params(plan),
       interpret=interpret_param(plan.interpret, 'gpu'),
       name=f'{plan.kernel_name}_fwd',
-  )(q_BTHD, k_BSKD, v_BSKD)
+  )(q_BTHD, k_BSKD, v_BSKD, *_gpu_segment_args(segments))
 
 
-def _gpu_dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, *, plan: _Plan):
-  i = pl.program_id(0)
+def _gpu_dq_kernel(*refs, plan: _Plan):
+  q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref = refs[:6]
+  seg_refs, (dq_ref,) = (refs[6:9], refs[9:]) if plan.segmented else (None, refs[6:])
+  i, b = pl.program_id(0), pl.program_id(1)
   q_QD, do_QD = q_ref[...], do_ref[...]
   lse_Q1, delta_Q1 = lse_ref[...][:, None], delta_ref[...][:, None]
+  blocks, qseg, kseg = _gpu_query_side(plan, i, b, seg_refs)
 
   def body(j, acc_QD):
     kv = pl.ds(j * plan.block_k, plan.block_k)
-    return acc_QD + _dq_step(q_QD, k_ref[kv, :], v_ref[kv, :], do_QD, lse_Q1, delta_Q1, i, j, plan)
+    return acc_QD + _dq_step(q_QD, k_ref[kv, :], v_ref[kv, :], do_QD, lse_Q1, delta_Q1, i, j, plan,
+                             qseg=qseg, kseg=kseg(j))
 
-  acc_QD = lax.fori_loop(*_kv_blocks(i, plan), body, jnp.zeros(q_QD.shape, jnp.float32))
+  acc_QD = lax.fori_loop(*blocks, body, jnp.zeros(q_QD.shape, jnp.float32))
   dq_ref[...] = (acc_QD * plan.sm_scale).astype(dq_ref.dtype)
 
 
-def _gpu_dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref, *, plan: _Plan):
-  j = pl.program_id(0)
+def _gpu_dkv_kernel(*refs, plan: _Plan):
+  q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref = refs[:6]
+  seg_refs, (dk_ref, dv_ref) = (refs[6:9], refs[9:]) if plan.segmented else (None, refs[6:])
+  j, b = pl.program_id(0), pl.program_id(1)
   k_CD, v_CD = k_ref[...], v_ref[...]
-  lo, hi = _q_blocks(j, plan)
+  if seg_refs is None:
+    (lo, hi), kseg, qseg = _q_blocks(j, plan), None, lambda i: None
+  else:
+    qs_ref, ks_ref, end_ref = seg_refs
+    lo, hi = _q_blocks(j, plan, end=end_ref[b * plan.num_kv_blocks + j])
+    kseg = ks_ref[...][:, None]
+    qseg = lambda i: qs_ref[pl.ds(i * plan.block_q, plan.block_q)][None, :]  # noqa: E731
 
   def head(g, carry):  # the query heads of this kv group, summed here rather than per head in HBM
     def body(i, carry):
       rows = pl.ds(i * plan.block_q, plan.block_q)
       dk_CD, dv_CD = _dkv_step(q_ref[rows, g, :], k_CD, v_CD, do_ref[rows, g, :], lse_ref[g, rows][None, :],
-                               delta_ref[g, rows][None, :], i, j, plan)
+                               delta_ref[g, rows][None, :], i, j, plan, qseg=qseg(i), kseg=kseg)
       return carry[0] + dk_CD, carry[1] + dv_CD
 
     return lax.fori_loop(lo, hi, body, carry)
@@ -552,7 +706,8 @@ def _gpu_dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_
   dv_ref[...] = dv_CD.astype(dv_ref.dtype)
 
 
-def _gpu_backward(q_BTHD, k_BSKD, v_BSKD, do_BTHD, lse_BHT, delta_BHT, plan: _Plan):
+def _gpu_backward(q_BTHD, k_BSKD, v_BSKD, do_BTHD, lse_BHT, delta_BHT, plan: _Plan,
+                  segments: _Segments | None = None):
   B, T, H, D = q_BTHD.shape
   S, K = k_BSKD.shape[1:3]
   G, Q, C = plan.group, plan.block_q, plan.block_k
@@ -560,16 +715,18 @@ def _gpu_backward(q_BTHD, k_BSKD, v_BSKD, do_BTHD, lse_BHT, delta_BHT, plan: _Pl
   q_spec = pl.BlockSpec((None, Q, None, D), lambda i, b, h: (b, i, h, 0))
   kv_spec = pl.BlockSpec((None, S, None, D), lambda i, b, h: (b, 0, h // G, 0))
   row_spec = pl.BlockSpec((None, None, Q), lambda i, b, h: (b, h, i))
+  segmented = segments is not None
   dq_BTHD = pl.pallas_call(
       functools.partial(_gpu_dq_kernel, plan=plan),
       grid=(T // Q, B, H),
-      in_specs=[q_spec, kv_spec, kv_spec, q_spec, row_spec, row_spec],
+      in_specs=[q_spec, kv_spec, kv_spec, q_spec, row_spec, row_spec,
+                *(_gpu_segment_specs(plan, T, S, segments) if segmented else [])],
       out_specs=q_spec,
       out_shape=out_struct(q_BTHD.shape, q_BTHD.dtype, q_BTHD, k_BSKD, do_BTHD),
       compiler_params=_gpu_params(plan),
       interpret=interpret,
       name=f'{plan.kernel_name}_dq',
-  )(q_BTHD, k_BSKD, v_BSKD, do_BTHD, lse_BHT, delta_BHT)
+  )(q_BTHD, k_BSKD, v_BSKD, do_BTHD, lse_BHT, delta_BHT, *_gpu_segment_args(segments))
 
   # Grid over (key block, batch, kv head); the block of a kv head's G query heads is block `k` of size G.
   group_spec = pl.BlockSpec((None, T, G, D), lambda j, b, k: (b, 0, k, 0))
@@ -578,13 +735,14 @@ def _gpu_backward(q_BTHD, k_BSKD, v_BSKD, do_BTHD, lse_BHT, delta_BHT, plan: _Pl
   dk_BSKD, dv_BSKD = pl.pallas_call(
       functools.partial(_gpu_dkv_kernel, plan=plan),
       grid=(S // C, B, K),
-      in_specs=[group_spec, kv_block_spec, kv_block_spec, group_spec, group_rows_spec, group_rows_spec],
+      in_specs=[group_spec, kv_block_spec, kv_block_spec, group_spec, group_rows_spec, group_rows_spec,
+                *(_gpu_segment_specs(plan, T, S, segments, key_major=True) if segmented else [])],
       out_specs=[kv_block_spec, kv_block_spec],
       out_shape=[out_struct(k_BSKD.shape, k_BSKD.dtype, q_BTHD, k_BSKD, do_BTHD)] * 2,
       compiler_params=_gpu_params(plan),
       interpret=interpret,
       name=f'{plan.kernel_name}_dkv',
-  )(q_BTHD, k_BSKD, v_BSKD, do_BTHD, lse_BHT, delta_BHT)
+  )(q_BTHD, k_BSKD, v_BSKD, do_BTHD, lse_BHT, delta_BHT, *_gpu_segment_args(segments, key_major=True))
   return dq_BTHD, dk_BSKD, dv_BSKD
 
 
@@ -596,9 +754,28 @@ def _to_bhtd(x_BTHD):
   return x_BTHD.transpose(0, 2, 1, 3)
 
 
-def _tpu_fwd_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, acc_ref, m_ref, l_ref, *, plan: _Plan):
-  i, step = pl.program_id(2), pl.program_id(3)
-  lo, hi = _kv_blocks(i, plan)
+def _tpu_split(refs, plan: _Plan, n_in: int):
+  """(bounds ref or None, inputs, segment refs or None, the rest) of a TPU kernel's refs: with segments the
+  scalar-prefetched bounds come first and the two segment-id blocks follow the inputs."""
+  if not plan.segmented:
+    return None, refs[:n_in], None, refs[n_in:]
+  return refs[0], refs[1:1 + n_in], refs[1 + n_in:3 + n_in], refs[3 + n_in:]
+
+
+def _tpu_first(bounds_ref, b, i, plan: _Plan):
+  return None if bounds_ref is None else bounds_ref[b * plan.num_q_blocks + i]
+
+
+def _tpu_end(bounds_ref, b, j, plan: _Plan):
+  return None if bounds_ref is None else bounds_ref[b * plan.num_kv_blocks + j]
+
+
+def _tpu_fwd_kernel(*refs, plan: _Plan):
+  bounds_ref, (q_ref, k_ref, v_ref), seg_refs, (o_ref, lse_ref, acc_ref, m_ref, l_ref) = _tpu_split(
+      refs, plan, 3)
+  b, i, step = pl.program_id(0), pl.program_id(2), pl.program_id(3)
+  lo, hi = _kv_blocks(i, plan, first=_tpu_first(bounds_ref, b, i, plan))
+  qseg, kseg = (None, None) if seg_refs is None else (seg_refs[0][...], seg_refs[1][...])
 
   @pl.when(step == 0)
   def _init():
@@ -608,7 +785,7 @@ def _tpu_fwd_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, acc_ref, m_ref, l_ref, 
 
   @pl.when(lo + step < hi)
   def _compute():
-    s_QC = _scores(q_ref[...], k_ref[...], i, lo + step, plan)
+    s_QC = _scores(q_ref[...], k_ref[...], i, lo + step, plan, qseg=qseg, kseg=kseg)
     acc_ref[...], m_ref[...], l_ref[...] = _softmax_step(s_QC, v_ref[...], acc_ref[...], m_ref[...],
                                                          l_ref[...])
 
@@ -619,26 +796,48 @@ def _tpu_fwd_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, acc_ref, m_ref, l_ref, 
     lse_ref[...] = lse_QL.T[:1]  # a lane-dense row: a [Q, 128] block would store each value 128 times
 
 
+def _tpu_kv_block(plan: _Plan):
+  """The clamped key block of a (batch, head, query block, step) grid step: skipped steps re-use the
+  block already in VMEM. With segments the bounds ref (scalar-prefetched) comes last."""
+  def block(b, i, step, *bounds):
+    first = _tpu_first(bounds[0], b, i, plan) if bounds else None
+    return _clamped(*_kv_blocks(i, plan, first=first), step)
+  return block
+
+
 def _tpu_kv_map(plan: _Plan):
   """Index map of K/V blocks for a (batch, head, query block, step) grid: kv head h // G, and the
-  clamped key block, so skipped steps re-use the block already in VMEM."""
-  def index_map(b, h, i, step):  # lax.div: Mosaic cannot lower the sign test inside `//`
-    return b, lax.div(h, plan.group), _clamped(*_kv_blocks(i, plan), step), 0
+  clamped key block."""
+  def index_map(b, h, i, step, *bounds):  # lax.div: Mosaic cannot lower the sign test inside `//`
+    return b, lax.div(h, plan.group), _tpu_kv_block(plan)(b, i, step, *bounds), 0
   return index_map
 
 
-def _tpu_forward(q_BTHD, k_BSKD, v_BSKD, plan: _Plan):
+def _tpu_query_major_segments(plan: _Plan, segments: _Segments | None):
+  """(extra in_specs, extra args, scalar-prefetch args) of a query-major TPU kernel: the query block's ids
+  as a column [Q, 1], the visited key block's as a row [1, C]."""
+  if segments is None:
+    return [], (), ()
+  Q, C = plan.block_q, plan.block_k
+  specs = [pl.BlockSpec((None, Q, 1), lambda b, h, i, step, bounds: (b, i, 0)),
+           pl.BlockSpec((None, 1, C), lambda b, h, i, step, bounds: (b, 0, _tpu_kv_block(plan)(b, i, step,
+                                                                                             bounds)))]
+  return specs, (segments.q_BT[:, :, None], segments.k_BS[:, None, :]), (segments.first_kv_block,)
+
+
+def _tpu_forward(q_BTHD, k_BSKD, v_BSKD, plan: _Plan, segments: _Segments | None = None):
   B, T, H, D = q_BTHD.shape
   Q, C = plan.block_q, plan.block_k
-  q_spec = pl.BlockSpec((None, None, Q, D), lambda b, h, i, step: (b, h, i, 0))
+  seg_specs, seg_args, prefetch = _tpu_query_major_segments(plan, segments)
+  q_spec = pl.BlockSpec((None, None, Q, D), lambda b, h, i, step, *_: (b, h, i, 0))
   kv_spec = pl.BlockSpec((None, None, C, D), _tpu_kv_map(plan))
   o_BHTD, lse_BH1T = pl.pallas_call(
       functools.partial(_tpu_fwd_kernel, plan=plan),
       grid_spec=pltpu.PrefetchScalarGridSpec(
-          num_scalar_prefetch=0,
+          num_scalar_prefetch=len(prefetch),
           grid=(B, H, T // Q, _max_span(lambda i, ops: _kv_blocks(i, plan, ops), T // Q)),
-          in_specs=[q_spec, kv_spec, kv_spec],
-          out_specs=[q_spec, pl.BlockSpec((None, None, 1, Q), lambda b, h, i, step: (b, h, 0, i))],
+          in_specs=[q_spec, kv_spec, kv_spec, *seg_specs],
+          out_specs=[q_spec, pl.BlockSpec((None, None, 1, Q), lambda b, h, i, step, *_: (b, h, 0, i))],
           scratch_shapes=[pltpu.VMEM((Q, D), jnp.float32), pltpu.VMEM((Q, _LANES), jnp.float32),
                           pltpu.VMEM((Q, _LANES), jnp.float32)]),
       out_shape=[out_struct((B, H, T, D), q_BTHD.dtype, q_BTHD, k_BSKD, v_BSKD),
@@ -647,13 +846,16 @@ def _tpu_forward(q_BTHD, k_BSKD, v_BSKD, plan: _Plan):
           dimension_semantics=('parallel', 'parallel', 'parallel', 'arbitrary')),
       interpret=interpret_param(plan.interpret, 'tpu'),
       name=f'{plan.kernel_name}_fwd',
-  )(_to_bhtd(q_BTHD), _to_bhtd(k_BSKD), _to_bhtd(v_BSKD))
+  )(*prefetch, _to_bhtd(q_BTHD), _to_bhtd(k_BSKD), _to_bhtd(v_BSKD), *seg_args)
   return _to_bhtd(o_BHTD), lse_BH1T[:, :, 0]
 
 
-def _tpu_dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, acc_ref, *, plan: _Plan):
-  i, step = pl.program_id(2), pl.program_id(3)
-  lo, hi = _kv_blocks(i, plan)
+def _tpu_dq_kernel(*refs, plan: _Plan):
+  bounds_ref, inputs, seg_refs, (dq_ref, acc_ref) = _tpu_split(refs, plan, 6)
+  q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref = inputs
+  b, i, step = pl.program_id(0), pl.program_id(2), pl.program_id(3)
+  lo, hi = _kv_blocks(i, plan, first=_tpu_first(bounds_ref, b, i, plan))
+  qseg, kseg = (None, None) if seg_refs is None else (seg_refs[0][...], seg_refs[1][...])
 
   @pl.when(step == 0)
   def _init():
@@ -662,17 +864,19 @@ def _tpu_dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, acc_
   @pl.when(lo + step < hi)
   def _compute():
     acc_ref[...] += _dq_step(q_ref[...], k_ref[...], v_ref[...], do_ref[...], lse_ref[0][:, None],
-                             delta_ref[0][:, None], i, lo + step, plan)
+                             delta_ref[0][:, None], i, lo + step, plan, qseg=qseg, kseg=kseg)
 
   @pl.when(step == pl.num_programs(3) - 1)
   def _finish():
     dq_ref[...] = (acc_ref[...] * plan.sm_scale).astype(dq_ref.dtype)
 
 
-def _tpu_dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref, dk_acc, dv_acc, *,
-                    plan: _Plan):
-  j, g, step = pl.program_id(2), pl.program_id(3), pl.program_id(4)
-  lo, hi = _q_blocks(j, plan)
+def _tpu_dkv_kernel(*refs, plan: _Plan):
+  bounds_ref, inputs, seg_refs, (dk_ref, dv_ref, dk_acc, dv_acc) = _tpu_split(refs, plan, 6)
+  q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref = inputs
+  b, j, g, step = pl.program_id(0), pl.program_id(2), pl.program_id(3), pl.program_id(4)
+  lo, hi = _q_blocks(j, plan, end=_tpu_end(bounds_ref, b, j, plan))
+  kseg, qseg = (None, None) if seg_refs is None else (seg_refs[0][...], seg_refs[1][...])
 
   @pl.when((g == 0) & (step == 0))
   def _init():
@@ -682,7 +886,7 @@ def _tpu_dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_
   @pl.when(lo + step < hi)
   def _compute():
     dk_CD, dv_CD = _dkv_step(q_ref[...], k_ref[...], v_ref[...], do_ref[...], lse_ref[...], delta_ref[...],
-                             lo + step, j, plan)
+                             lo + step, j, plan, qseg=qseg, kseg=kseg)
     dk_acc[...] += dk_CD
     dv_acc[...] += dv_CD
 
@@ -692,7 +896,8 @@ def _tpu_dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_
     dv_ref[...] = dv_acc[...].astype(dv_ref.dtype)
 
 
-def _tpu_backward(q_BTHD, k_BSKD, v_BSKD, do_BTHD, lse_BHT, delta_BHT, plan: _Plan):
+def _tpu_backward(q_BTHD, k_BSKD, v_BSKD, do_BTHD, lse_BHT, delta_BHT, plan: _Plan,
+                  segments: _Segments | None = None):
   B, T, H, D = q_BTHD.shape
   S, K = k_BSKD.shape[1:3]
   G, Q, C = plan.group, plan.block_q, plan.block_k
@@ -702,15 +907,16 @@ def _tpu_backward(q_BTHD, k_BSKD, v_BSKD, do_BTHD, lse_BHT, delta_BHT, plan: _Pl
   # dk/dv tiles.
   lse_BH1T, delta_BH1T = lse_BHT[:, :, None], delta_BHT[:, :, None]
 
-  q_spec = pl.BlockSpec((None, None, Q, D), lambda b, h, i, step: (b, h, i, 0))
+  seg_specs, seg_args, prefetch = _tpu_query_major_segments(plan, segments)
+  q_spec = pl.BlockSpec((None, None, Q, D), lambda b, h, i, step, *_: (b, h, i, 0))
   kv_spec = pl.BlockSpec((None, None, C, D), _tpu_kv_map(plan))
-  row_spec = pl.BlockSpec((None, None, 1, Q), lambda b, h, i, step: (b, h, 0, i))
+  row_spec = pl.BlockSpec((None, None, 1, Q), lambda b, h, i, step, *_: (b, h, 0, i))
   dq_BHTD = pl.pallas_call(
       functools.partial(_tpu_dq_kernel, plan=plan),
       grid_spec=pltpu.PrefetchScalarGridSpec(
-          num_scalar_prefetch=0,
+          num_scalar_prefetch=len(prefetch),
           grid=(B, H, T // Q, _max_span(lambda i, ops: _kv_blocks(i, plan, ops), T // Q)),
-          in_specs=[q_spec, kv_spec, kv_spec, q_spec, row_spec, row_spec],
+          in_specs=[q_spec, kv_spec, kv_spec, q_spec, row_spec, row_spec, *seg_specs],
           out_specs=q_spec,
           scratch_shapes=[pltpu.VMEM((Q, D), jnp.float32)]),
       out_shape=out_struct(q_BHTD.shape, q_BHTD.dtype, q_BHTD, k_BKSD, do_BHTD),
@@ -718,23 +924,32 @@ def _tpu_backward(q_BTHD, k_BSKD, v_BSKD, do_BTHD, lse_BHT, delta_BHT, plan: _Pl
           dimension_semantics=('parallel', 'parallel', 'parallel', 'arbitrary')),
       interpret=interpret,
       name=f'{plan.kernel_name}_dq',
-  )(q_BHTD, k_BKSD, v_BKSD, do_BHTD, lse_BH1T, delta_BH1T)
+  )(*prefetch, q_BHTD, k_BKSD, v_BKSD, do_BHTD, lse_BH1T, delta_BH1T, *seg_args)
 
   # Grid (batch, kv head, key block, query head in group, step); the query block is clamped like the
   # key block of the forward pass.
-  def q_block(j, step):
-    return _clamped(*_q_blocks(j, plan), step)
+  def q_block(b, j, step, *bounds):
+    end = _tpu_end(bounds[0], b, j, plan) if bounds else None
+    return _clamped(*_q_blocks(j, plan, end=end), step)
 
-  group_spec = pl.BlockSpec((None, None, Q, D), lambda b, k, j, g, step: (b, k * G + g, q_block(j, step), 0))
+  group_spec = pl.BlockSpec((None, None, Q, D),
+                            lambda b, k, j, g, step, *bd: (b, k * G + g, q_block(b, j, step, *bd), 0))
   group_row_spec = pl.BlockSpec((None, None, 1, Q),
-                                lambda b, k, j, g, step: (b, k * G + g, 0, q_block(j, step)))
-  kv_block_spec = pl.BlockSpec((None, None, C, D), lambda b, k, j, g, step: (b, k, j, 0))
+                                lambda b, k, j, g, step, *bd: (b, k * G + g, 0, q_block(b, j, step, *bd)))
+  kv_block_spec = pl.BlockSpec((None, None, C, D), lambda b, k, j, g, step, *_: (b, k, j, 0))
+  if segments is None:
+    seg_specs, seg_args, prefetch = [], (), ()
+  else:  # key-major: the key block's ids as a column [C, 1], the visited query block's as a row [1, Q]
+    seg_specs = [pl.BlockSpec((None, C, 1), lambda b, k, j, g, step, bd: (b, j, 0)),
+                 pl.BlockSpec((None, 1, Q), lambda b, k, j, g, step, bd: (b, 0, q_block(b, j, step, bd)))]
+    seg_args, prefetch = (segments.k_BS[:, :, None], segments.q_BT[:, None, :]), (segments.end_q_block,)
   dk_BKSD, dv_BKSD = pl.pallas_call(
       functools.partial(_tpu_dkv_kernel, plan=plan),
       grid_spec=pltpu.PrefetchScalarGridSpec(
-          num_scalar_prefetch=0,
+          num_scalar_prefetch=len(prefetch),
           grid=(B, K, S // C, G, _max_span(lambda j, ops: _q_blocks(j, plan, ops), S // C)),
-          in_specs=[group_spec, kv_block_spec, kv_block_spec, group_spec, group_row_spec, group_row_spec],
+          in_specs=[group_spec, kv_block_spec, kv_block_spec, group_spec, group_row_spec, group_row_spec,
+                    *seg_specs],
           out_specs=[kv_block_spec, kv_block_spec],
           scratch_shapes=[pltpu.VMEM((C, D), jnp.float32), pltpu.VMEM((C, D), jnp.float32)]),
       out_shape=[out_struct(k_BKSD.shape, k_BKSD.dtype, q_BHTD, k_BKSD, do_BHTD)] * 2,
@@ -742,7 +957,7 @@ def _tpu_backward(q_BTHD, k_BSKD, v_BSKD, do_BTHD, lse_BHT, delta_BHT, plan: _Pl
           dimension_semantics=('parallel', 'parallel', 'parallel', 'arbitrary', 'arbitrary')),
       interpret=interpret,
       name=f'{plan.kernel_name}_dkv',
-  )(q_BHTD, k_BKSD, v_BKSD, do_BHTD, lse_BH1T, delta_BH1T)
+  )(*prefetch, q_BHTD, k_BKSD, v_BKSD, do_BHTD, lse_BH1T, delta_BH1T, *seg_args)
   return _to_bhtd(dq_BHTD), _to_bhtd(dk_BKSD), _to_bhtd(dv_BKSD)
 
 

@@ -53,6 +53,20 @@ def check_train(config: ml_collections.ConfigDict, num_devices: int, process_cou
         f'microbatches each divisible by mesh.data * mesh.fsdp = {rows}, and over {process_count} hosts')
   if config.model.mlp == 'moe':
     _check_expert_parallel(config, shape['expert'], micro // rows)
+  _check_packing(config)
+
+
+def _check_packing(config: ml_collections.ConfigDict) -> None:
+  """Document packing needs every layer's attention to keep documents apart."""
+  if config.data.packing == 'concat':
+    return
+  m = config.model
+  variant = attention.REGISTRY[m.attention]
+  if not all(variant.at_layer(m, layer).segments for layer in range(m.num_layers)):
+    honouring = sorted(name for name, v in attention.REGISTRY.items() if v.segments)
+    raise ConfigError(f'data.packing={config.data.packing!r} needs attention that keeps documents apart; '
+                      f'model.attention={m.attention!r} does not yet (those that do: '
+                      f'{", ".join(honouring)}); use data.packing=concat')
 
 
 def _check_expert_parallel(config: ml_collections.ConfigDict, experts_axis: int, rows: int) -> None:

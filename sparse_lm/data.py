@@ -38,6 +38,7 @@ import zlib
 
 import grain
 import numpy as np
+from absl import logging
 
 from sparse_lm import distributed, synthetic
 from sparse_lm import files as files_lib
@@ -48,6 +49,8 @@ from sparse_lm.errors import ConfigError
 # text that follows a piece is not its continuation.
 _TEXT_PIECE_BYTES = 64 * 1024
 _UTF8_MAX_CONTINUATION = 3
+# `data.packing`: how documents become rows (`_pack`).
+PACKINGS = ('concat', 'segments', 'first_fit', 'best_fit')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -720,7 +723,15 @@ def _check_one_source(config) -> None:
     raise ConfigError(f'data.validation_fraction={config.data.validation_fraction} must be in [0, 1)')
   if not isinstance(config.data.read_threads, int) or config.data.read_threads < 0:
     raise ConfigError(f'data.read_threads={config.data.read_threads!r} must be an integer >= 0')
+  if config.data.packing not in PACKINGS:
+    raise ConfigError(f'data.packing={config.data.packing!r} is not one of {", ".join(PACKINGS)}')
+  if config.data.packing_bins < 1:
+    raise ConfigError(f'data.packing_bins={config.data.packing_bins} must be at least 1')
   train, validation = corpus(config, 'train'), corpus(config, 'validation')
+  if train.windows and config.data.packing != 'concat':
+    raise ConfigError(f'data.packing={config.data.packing!r} needs document boundaries, and '
+                      f'data.source={config.data.source!r} has none (its shards are one stream of tokens, '
+                      'read as windows); use data.packing=concat, or prepare its text with sparse_lm.prepare')
   if train.num_bytes is not None:
     train_tokens = train.num_bytes + len(train.documents)  # an EOS after each document
     _check_train_tokens(config, train_tokens)
@@ -766,6 +777,73 @@ def _tokenize(document, tokenizer) -> dict[str, np.ndarray]:
   return {'tokens': np.append(tokens, np.int32(tokenizer.eos_id)).astype(np.int32)}
 
 
+def _document_ids(document, tokenizer) -> list[np.ndarray]:
+  """Each document of an element (a list of them, or one) as BOS, its tokens, EOS: under document
+  packing a document carries its own start, so its first token is predicted from its BOS, not from the
+  end of another document."""
+  documents = document if isinstance(document, list) else [document]
+  bos, eos = np.int32(tokenizer.bos_id), np.int32(tokenizer.eos_id)
+  return [np.concatenate([[bos], _tokenize(d, tokenizer)['tokens'][:-1], [eos]]).astype(np.int32)
+          for d in documents]
+
+
+def _with_starts(document, tokenizer) -> dict[str, np.ndarray]:
+  """The element's documents concatenated, and a 1 at the first token of each: `segments` packing cuts
+  this stream like `concat` does, then numbers the documents inside each row (`_segments`)."""
+  ids = _document_ids(document, tokenizer)
+  tokens = np.concatenate(ids) if ids else np.zeros(0, np.int32)
+  starts = np.zeros(len(tokens), np.int32)
+  starts[np.cumsum([0] + [len(x) for x in ids[:-1]])] = 1 if ids else 0
+  return {'tokens': tokens, 'starts': starts}
+
+
+def _segments(window: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+  """Segment ids (1, 2, ... in the row; a document continued from the row before is a new segment) and
+  positions within each segment, for a window cut from the concatenation."""
+  starts = window['starts'].copy()
+  starts[0] = 1
+  index = np.arange(len(starts), dtype=np.int32)
+  first = np.maximum.accumulate(np.where(starts == 1, index, 0))
+  return {'tokens': window['tokens'], 'segment_ids': np.cumsum(starts, dtype=np.int32),
+          'positions': index - first}
+
+
+class _Truncate(grain.experimental.FlatMapTransform):
+  """An element's documents one by one, each cut to the row (`*_fit` packing); the first cut is said
+  once per process, and all are counted (`truncated_documents`)."""
+
+  max_fan_out = 1 << 20
+
+  def __init__(self, tokenizer, length: int, packing: str):
+    self._tokenizer, self._length, self._packing = tokenizer, length, packing
+
+  def flat_map(self, element) -> list[dict[str, np.ndarray]]:
+    return [self._cut(ids) for ids in _document_ids(element, self._tokenizer)]
+
+  def _cut(self, ids: np.ndarray) -> dict[str, np.ndarray]:
+    if len(ids) > self._length:
+      _TRUNCATED[0] += 1
+      if _TRUNCATED[0] == 1:
+        logging.warning('data.packing=%s: a document of %d tokens is longer than the row (data.seq_len + 1 = '
+                        '%d) and is truncated; so is every such document (counted, not said again)',
+                        self._packing, len(ids), self._length)
+      ids = ids[:self._length]
+    return {'tokens': ids}
+
+
+_TRUNCATED = [0]  # documents cut to the row by *_fit packing in this process
+
+
+def truncated_documents() -> int:
+  """How many documents `first_fit` / `best_fit` packing has cut to the row in this process."""
+  return _TRUNCATED[0]
+
+
+def _fitted(window: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+  return {'tokens': window['tokens'], 'segment_ids': window['tokens_segment_ids'],
+          'positions': window['tokens_positions']}
+
+
 def _checked_window(window: np.ndarray, vocab_size: int, source: str) -> np.ndarray:
   if window.size and int(window.max()) >= vocab_size:
     raise files_lib.FormatError(f'data.source={source!r} holds token id {int(window.max())}, at or above '
@@ -779,24 +857,48 @@ def _is_full(window: dict[str, np.ndarray]) -> bool:
   return window['tokens_segment_ids'][-1] != 0
 
 
-def _pack(documents: grain.MapDataset, tokenizer, config, windows: bool = False) -> grain.IterDataset:
-  """Windows of `seq_len + 1` tokens, cut from the concatenation of the tokenized documents (or, for a
-  pre-tokenized source, its windows as they are, with their ids checked against the vocabulary)."""
+def _pack(documents, tokenizer, config, windows: bool = False, seed: int = 0) -> grain.IterDataset:
+  """Rows of `seq_len + 1` tokens by `data.packing`, each a dict: 'tokens', and under document packing
+  'segment_ids' (0: padding) and 'positions'. `concat` cuts the concatenation of the tokenized documents
+  (each ending in EOS) into rows; `segments` cuts the concatenation of BOS-document-EOS the same way and
+  numbers the documents in each row; `first_fit` / `best_fit` pack whole documents into rows with
+  padding (grain's packers, over `data.packing_bins` rows at a time). A pre-tokenized source of windows
+  gives its windows as they are, with their ids checked against the vocabulary."""
   threads = config.data.read_threads  # each thread keeps about four documents ahead
   read = grain.ReadOptions(num_threads=threads, prefetch_buffer_size=4 * threads)
+
+  def as_iter(dataset):
+    return dataset.to_iter_dataset(read) if isinstance(dataset, grain.MapDataset) else dataset
+
+  length = _window_tokens(config)
+  packing = config.data.packing
   if windows:
     check = functools.partial(_checked_window, vocab_size=tokenizer.vocab_size, source=config.data.source)
-    return documents.map(check).to_iter_dataset(read)
-  tokens = documents.map(functools.partial(_tokenize, tokenizer=tokenizer))
-  if isinstance(tokens, grain.MapDataset):
-    tokens = tokens.to_iter_dataset(read)
-  windows = grain.experimental.ConcatThenSplitIterDataset(
-      tokens, length_struct={'tokens': _window_tokens(config)})
-  return windows.filter(_is_full).map(lambda window: window['tokens'])
+    return as_iter(documents.map(check)).map(lambda window: {'tokens': window})
+  if packing in ('concat', 'segments'):
+    tokenize = _tokenize if packing == 'concat' else _with_starts
+    tokens = as_iter(documents.map(functools.partial(tokenize, tokenizer=tokenizer)))
+    features = {'tokens': length} if packing == 'concat' else {'tokens': length, 'starts': length}
+    rows = grain.experimental.ConcatThenSplitIterDataset(tokens, length_struct=features).filter(_is_full)
+    return rows.map(_segments) if packing == 'segments' else rows.map(lambda row: {'tokens': row['tokens']})
+  split = grain.experimental.FlatMapIterDataset(as_iter(documents), _Truncate(tokenizer, length, packing))
+  packer = (grain.experimental.FirstFitPackIterDataset if packing == 'first_fit' else
+            grain.experimental.BestFitPackIterDataset)
+  return packer(split, length_struct={'tokens': length}, num_packing_bins=config.data.packing_bins,
+                seed=seed, shuffle_bins=True).map(_fitted)
 
 
-def _inputs_targets(tokens_BL: np.ndarray) -> dict[str, np.ndarray]:
-  return {'inputs': tokens_BL[:, :-1], 'targets': tokens_BL[:, 1:]}
+def _inputs_targets(rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+  """The batch of `[b, seq_len + 1]` rows: 'inputs' and 'targets' (shifted by one); under document packing
+  also the inputs' 'segment_ids' and 'positions', and 'loss_mask', 1 where the target is the next token
+  of the input's own document (0 at padding and where a row passes from one document to the next)."""
+  tokens_BL = rows['tokens']
+  batch = {'inputs': tokens_BL[:, :-1], 'targets': tokens_BL[:, 1:]}
+  if 'segment_ids' in rows:
+    seg_BL = rows['segment_ids']
+    batch.update(segment_ids=seg_BL[:, :-1], positions=rows['positions'][:, :-1],
+                 loss_mask=((seg_BL[:, :-1] != 0) & (seg_BL[:, :-1] == seg_BL[:, 1:])).astype(np.int32))
+  return batch
 
 
 def _json_state(state):
@@ -938,8 +1040,8 @@ class _WindowShuffleIterator(grain.DatasetIterator):
     self._position = min(state['pos_in_window'], len(self._window))
 
 
-def _tagged(window: np.ndarray, source: int) -> dict[str, np.ndarray]:
-  return {'tokens': window, 'source': np.int32(source)}
+def _tagged(row: dict[str, np.ndarray], source: int) -> dict[str, np.ndarray]:
+  return {**row, 'source': np.int32(source)}
 
 
 def _shard_stream(parts: list[tuple[grain.MapDataset, float, Corpus]], tokenizer, config, rows: int
@@ -955,7 +1057,7 @@ def _shard_stream(parts: list[tuple[grain.MapDataset, float, Corpus]], tokenizer
       documents = _EpochShuffle(documents, config.train.seed).repeat()
     if source.block > 1:
       documents = documents.batch(source.block, batch_fn=list)
-    streams.append(_pack(documents, tokenizer, config, source.windows).map(
+    streams.append(_pack(documents, tokenizer, config, source.windows, config.train.seed).map(
         functools.partial(_tagged, source=index)))
   mixed = streams[0] if len(streams) == 1 else grain.IterDataset.mix(streams, [w for _, w, _ in parts])
   windows = _WindowShuffle(mixed, config.data.shuffle_buffer, config.train.seed)
@@ -983,10 +1085,12 @@ class ShardedIterator:
     rows = []
     for j, stream in self._streams.items():
       batch = next(stream)
-      for source, count in zip(*np.unique(batch['source'], return_counts=True), strict=True):
-        self._drawn[j][int(source)] += int(count) * (batch['tokens'].shape[1] - 1)
-      rows.append(batch['tokens'])
-    return _inputs_targets(np.concatenate(rows))
+      real = (batch['segment_ids'][:, :-1] != 0).sum(axis=1) if 'segment_ids' in batch else np.full(
+          len(batch['tokens']), batch['tokens'].shape[1] - 1)
+      for source, count in zip(batch['source'], real, strict=True):
+        self._drawn[j][int(source)] += int(count)
+      rows.append(batch)
+    return _inputs_targets({key: np.concatenate([r[key] for r in rows]) for key in rows[0]})
 
   def drawn(self) -> dict[str, int]:
     """Tokens (inputs) drawn from each source so far by this host's shards."""
@@ -1061,8 +1165,8 @@ def eval_batches(config, tokenizer, *, process_index: int = 0, process_count: in
   global_batches = _pack(documents, tokenizer, config, validation.windows).batch(config.train.batch_size,
                                                                               drop_remainder=True)
   rows = slice(process_index * batch_size, (process_index + 1) * batch_size)
-  batches = [_inputs_targets(tokens_BL[rows])
-             for tokens_BL in itertools.islice(global_batches, config.train.eval_batches)]
+  batches = [_inputs_targets({key: value[rows] for key, value in batch.items()})
+             for batch in itertools.islice(global_batches, config.train.eval_batches)]
   if not batches:
     _check_validation_tokens(config, sum(len(_tokenize(text, tokenizer)['tokens']) for text in documents))
   return batches

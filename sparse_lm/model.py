@@ -49,16 +49,16 @@ class Block(nnx.Module):
     self.mlp = mlp.REGISTRY[mlp_name(cfg, layer)](cfg, rngs=rngs)
     self.remat_attention = cfg.remat_attention
 
-  def __call__(self, x_BTD, pos_BT, cache=None, *, update_state: bool = False):
+  def __call__(self, x_BTD, pos_BT, seg_BT=None, cache=None, *, update_state: bool = False):
     if self.remat_attention and cache is None:
       # Only the sublayer's input is kept for the backward, which runs its forward again. What a sparse
       # attention saves for its backward (three branches' K/V and outputs for NSA) is several times its
       # input, while recomputing it costs one more forward of a sublayer whose FLOPs are small.
-      def attend(attn, norm, x_BTD, pos_BT):
-        return attn(norm(x_BTD), pos_BT, update_state=update_state)
-      h_BTD, cache = nnx.remat(attend)(self.attn, self.attn_norm, x_BTD, pos_BT)
+      def attend(attn, norm, x_BTD, pos_BT, seg_BT):
+        return attn(norm(x_BTD), pos_BT, seg_BT, update_state=update_state)
+      h_BTD, cache = nnx.remat(attend)(self.attn, self.attn_norm, x_BTD, pos_BT, seg_BT)
     else:
-      h_BTD, cache = self.attn(self.attn_norm(x_BTD), pos_BT, cache, update_state=update_state)
+      h_BTD, cache = self.attn(self.attn_norm(x_BTD), pos_BT, seg_BT, cache, update_state=update_state)
     x_BTD = x_BTD + h_BTD
     return x_BTD + self.mlp(self.mlp_norm(x_BTD), update_state=update_state), cache
 
@@ -82,31 +82,40 @@ class Transformer(nnx.Module):
     return {'end': jnp.zeros((), jnp.int32),
             'layers': [blk.attn.init_cache(batch, max_len) for blk in self.blocks]}
 
-  def __call__(self, tokens_BT: jax.Array, cache: Cache | None = None, *, update_state: bool = False
-               ) -> tuple[jax.Array, Cache | None]:
+  def __call__(self, tokens_BT: jax.Array, cache: Cache | None = None, *,
+               segment_ids: jax.Array | None = None, positions: jax.Array | None = None,
+               update_state: bool = False) -> tuple[jax.Array, Cache | None]:
     """Float32 logits over the real vocabulary (padding entries masked); with a cache, the tokens
-    continue the cached sequence and the returned cache includes them. `update_state`: the train step's
-    pass, in which layers move their non-parameter state (router thresholds, centroids, biases)."""
-    return self.from_embeddings(self.embed_tokens(tokens_BT), cache, update_state=update_state)
+    continue the cached sequence and the returned cache includes them. `segment_ids` (int32 [B, T], 0
+    for padding) keep each document of a packed row to itself, and `positions` (within each document)
+    restart RoPE at each; None: one document a row, at positions 0, 1, .... `update_state`: the train
+    step's pass, in which layers move their non-parameter state (router thresholds, centroids, biases)."""
+    return self.from_embeddings(self.embed_tokens(tokens_BT), cache, segment_ids=segment_ids,
+                                positions=positions, update_state=update_state)
 
   def embed_tokens(self, tokens_BT: jax.Array) -> jax.Array:
     x_BTD = jnp.take(self.embed[...], tokens_BT, axis=0).astype(self.dtype)
     return sharding.constrain(x_BTD, ('batch', 'length', 'act_embed'))
 
-  def from_embeddings(self, x_BTD: jax.Array, cache: Cache | None = None, *, update_state: bool = False
-                      ) -> tuple[jax.Array, Cache | None]:
+  def from_embeddings(self, x_BTD: jax.Array, cache: Cache | None = None, *,
+                      segment_ids: jax.Array | None = None, positions: jax.Array | None = None,
+                      update_state: bool = False) -> tuple[jax.Array, Cache | None]:
     """The network above the embedding lookup; causality probes differentiate through this."""
     B, T, _ = x_BTD.shape
+    if cache is not None and (segment_ids is not None or positions is not None):
+      raise ValueError('decoding with a cache runs one document a row: no segment_ids or positions')
     start = 0 if cache is None else cache['end']
-    pos_BT = jnp.broadcast_to(start + jnp.arange(T, dtype=jnp.int32), (B, T))
+    pos_BT = (jnp.broadcast_to(start + jnp.arange(T, dtype=jnp.int32), (B, T)) if positions is None
+              else positions.astype(jnp.int32))
+    seg_BT = None if segment_ids is None else segment_ids.astype(jnp.int32)
     new_layers = []
     for i, block in enumerate(self.blocks):
       layer_cache = None if cache is None else cache['layers'][i]
       if self.remat and cache is None:
-        x_BTD, layer_cache = nnx.remat(lambda b, x, p: b(x, p, update_state=update_state))(block, x_BTD,
-                                                                                            pos_BT)
+        x_BTD, layer_cache = nnx.remat(lambda b, x, p, s: b(x, p, s, update_state=update_state))(
+            block, x_BTD, pos_BT, seg_BT)
       else:
-        x_BTD, layer_cache = block(x_BTD, pos_BT, layer_cache, update_state=update_state)
+        x_BTD, layer_cache = block(x_BTD, pos_BT, seg_BT, layer_cache, update_state=update_state)
       new_layers.append(layer_cache)
     x_BTD = self.final_norm(x_BTD)
     if self.unembed is None:

@@ -161,6 +161,8 @@ def attention_per_device(kernel, q_BTHD: jax.Array, k_BSKD: jax.Array, *more):
     heads = None
 
   def spec(x):
+    if x.ndim == 2:  # [B, T] per-token ids (segments): rows split like the batch
+      return PartitionSpec(batch, None)
     if x.ndim == 3:
       return PartitionSpec(batch, heads, None)
     # A `[B, T, 1, ...]` array (lists every kv group shares) goes whole to each device's heads.

@@ -84,8 +84,9 @@ def forward(graphdef, params, batch, model_state=None, *, update_state: bool = F
   was."""
   model = nnx.merge(graphdef, params, {} if model_state is None else model_state)
   # AuxLoss is an nnx.Intermediate: asked for first, its values are not captured again as metrics.
-  (logits_BTV, _), losses, sown = nnx.capture(model, AuxLoss, nnx.Intermediate)(batch['inputs'],
-                                                                                  update_state=update_state)
+  (logits_BTV, _), losses, sown = nnx.capture(model, AuxLoss, nnx.Intermediate)(
+      batch['inputs'], segment_ids=batch.get('segment_ids'), positions=batch.get('positions'),
+      update_state=update_state)
   nll_BT = optax.softmax_cross_entropy_with_integer_labels(logits_BTV, batch['targets'])
   def mean_of_sows(variable):
     return jnp.mean(jnp.stack(variable.value), axis=0)
@@ -95,6 +96,14 @@ def forward(graphdef, params, batch, model_state=None, *, update_state: bool = F
   return nll_BT, aux_loss, metrics, nnx.to_pure_dict(new_model_state)
 
 
+def loss_mask(batch) -> jax.Array:
+  """1.0 where a target counts in the loss and every metric: all of them, except under document packing
+  padding and the step from one document to the next (the batch's 'loss_mask')."""
+  if 'loss_mask' not in batch:
+    return jnp.ones(batch['targets'].shape, jnp.float32)
+  return batch['loss_mask'].astype(jnp.float32)
+
+
 def make_train_step(graphdef, tx, schedule, accum_steps: int, *, skip_nonfinite: bool = False):
   """The step; its metrics hold `finite`, whether the loss and gradient norm were finite. With
   `skip_nonfinite` a step that was not keeps the state it started from (the step counter still advances
@@ -102,7 +111,8 @@ def make_train_step(graphdef, tx, schedule, accum_steps: int, *, skip_nonfinite:
   def loss_fn(params, model_state, batch):
     nll_BT, aux_loss, metrics, model_state = forward(graphdef, params, batch, model_state,
                                                      update_state=True)
-    loss = jnp.mean(nll_BT)
+    mask_BT = loss_mask(batch)
+    loss = jnp.sum(nll_BT * mask_BT) / jnp.maximum(jnp.sum(mask_BT), 1.0)
     return loss + aux_loss, ({'loss': loss, 'aux_loss': aux_loss, **metrics}, model_state)
 
   def grads_of(params, model_state, batch):
@@ -144,8 +154,9 @@ def make_eval_step(graphdef, token_bytes: np.ndarray):
 
   def eval_step(params, model_state, batch):
     nll_BT, _, _, _ = forward(graphdef, params, batch, model_state)
-    return {'nats': jnp.sum(nll_BT), 'tokens': jnp.float32(nll_BT.size),
-            'bytes': jnp.sum(token_bytes_V[batch['targets']])}
+    mask_BT = loss_mask(batch)
+    return {'nats': jnp.sum(nll_BT * mask_BT), 'tokens': jnp.sum(mask_BT),
+            'bytes': jnp.sum(token_bytes_V[batch['targets']] * mask_BT)}
   return eval_step
 
 

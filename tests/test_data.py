@@ -560,6 +560,87 @@ def test_hf_streaming_reads_in_order_holds_out_every_nth_row_and_resumes_exactly
     np.testing.assert_array_equal(np.concatenate([next(h)['inputs'] for h in halves]), batch['inputs'])
 
 
+# ----------------------------------------------------------------------------- document packing
+
+def _documents_source(tmp_path, lengths):
+  """A JSON-lines source of documents of the given byte lengths, each of one repeated letter."""
+  path = tmp_path / 'docs.jsonl'
+  with open(path, 'w') as f:
+    for i, n in enumerate(lengths):
+      f.write(json.dumps({'text': chr(ord('a') + i % 26) * n}) + '\n')
+  return f'jsonl:{path}'
+
+
+def _documents_of(batch, row):
+  """The (segment id, input ids) runs of one row."""
+  seg, inputs = batch['segment_ids'][row], batch['inputs'][row]
+  return [(int(s), [int(t) for t in inputs[seg == s]]) for s in np.unique(seg)]
+
+
+@pytest.mark.parametrize('packing', ['segments', 'first_fit', 'best_fit'])
+def test_document_packing_numbers_documents_and_masks_what_crosses_them(tmp_path, packing):
+  rng = np.random.default_rng(0)
+  config = _config(source=_documents_source(tmp_path, rng.integers(1, 50, 300)), seq_len=64)
+  config.data.packing, config.data.validation_fraction, config.data.num_shards = packing, 0.1, 1
+  iterator = data.make_train_iterator(config, BYTES)
+  for batch in _take(iterator, 5):
+    assert set(batch) == {'inputs', 'targets', 'segment_ids', 'positions', 'loss_mask'}
+    for row in range(4):
+      seg, pos, mask = batch['segment_ids'][row], batch['positions'][row], batch['loss_mask'][row]
+      starts = np.flatnonzero(np.diff(seg, prepend=-1))
+      assert np.all(np.diff(seg[seg > 0]) >= 0)  # one run each, numbered in order
+      for a, b in zip(starts, [*starts[1:], len(seg)], strict=True):
+        if seg[a]:
+          assert list(pos[a:b]) == list(range(b - a)), (packing, seg, pos)  # positions restart
+      inputs, targets = batch['inputs'][row], batch['targets'][row]
+      # A document starts with BOS (or continues one cut at the row before, under `segments`), and the
+      # loss never counts padding or the step from one document to the next.
+      starts_real = [a for a in starts if seg[a]]
+      assert all(inputs[a] == BYTES.bos_id for a in starts_real[1:])
+      inner = np.arange(63)  # the last input's target is beyond the row's segment ids
+      crossing = seg[1:] != seg[:-1]
+      assert np.all(mask[seg == 0] == 0)
+      assert np.all(mask[inner][crossing] == 0)
+      assert np.all(mask[inner][~crossing & (seg[:-1] != 0)] == 1)
+      assert np.all(targets[mask == 1] != BYTES.bos_id)
+    if packing != 'segments':  # whole documents: each run holds one document, start to end
+      for row in range(4):
+        for s, text in _documents_of(batch, row):
+          if s:
+            assert text[0] == BYTES.bos_id and len(set(text[1:-1])) <= 1, text
+  _assert_resumes(config, 4, 3)
+  assert len(data.eval_batches(config, BYTES)) == 3
+
+
+def test_fit_packing_truncates_documents_longer_than_the_row_and_counts_them(tmp_path):
+  config = _config(source=_documents_source(tmp_path, [10] * 50 + [500] * 3), seq_len=64)
+  config.data.packing, config.data.validation_fraction, config.data.num_shards = 'first_fit', 0.1, 1
+  before = data.truncated_documents()
+  batches = _take(data.make_train_iterator(config, BYTES), 30)
+  assert data.truncated_documents() > before
+  assert max(int(b['segment_ids'].max()) for b in batches) > 1
+  assert all(b['inputs'].shape == (4, 64) for b in batches)
+
+
+def test_packing_modes_and_sources_without_documents_are_one_line(tmp_path):
+  config = _config()
+  config.data.packing = 'documents'
+  _raises_one_line(config, "data.packing='documents' is not one of concat, segments, first_fit, best_fit")
+  path = tmp_path / 'tokens.bin'
+  header = np.zeros(256, np.int32)
+  header[:3] = (20240520, 1, 4096)
+  path.write_bytes(header.tobytes() + np.arange(4096, dtype=np.uint16).tobytes())
+  config = _config(source=f'bin:{path}')
+  config.data.packing = 'segments'
+  _raises_one_line(config, "data.packing='segments' needs document boundaries")
+
+
+def test_concat_batches_are_as_before_and_segments_cover_the_same_text():
+  """`concat` batches carry no segments (the model runs one document a row, as it always has)."""
+  batch = next(data.make_train_iterator(_config(), BYTES))
+  assert set(batch) == {'inputs', 'targets'}
+
+
 # ----------------------------------------------------------------------------- shuffling
 
 @pytest.mark.parametrize('size', [41, 40_000])  # a table under _EpochShuffle._TABLE_MAX, grain's above

@@ -74,7 +74,7 @@ def test_layer_follows_the_top_k_rule(block_size, top_k):
 
 
 def _dense(layer, x, pos):
-  return layer._output(layer._attend(*layer._qkv(x, pos)))
+  return layer._output(layer.attend(*layer._qkv(x, pos)))
 
 
 def test_top_k_of_every_token_is_dense_attention_with_full_recall():

@@ -120,11 +120,13 @@ def test_gradient_reaches_only_the_window(backend):
   assert np.all(np.asarray(dq)[:, np.arange(T) != t] == 0), f't={t}, seed={seed}'
 
 
-def _lowered_text(backend, platform, *, causal, window, H, K, D):
+def _lowered_text(backend, platform, *, causal, window, H, K, D, segments=False):
   """Lowers forward and backward with the compiled kernel body (interpret=False) for `platform`."""
   q = jax.ShapeDtypeStruct((2, 256, H, D), jnp.bfloat16)
   kv = jax.ShapeDtypeStruct((2, 256, K, D), jnp.bfloat16)
-  f = functools.partial(flash_attention, causal=causal, window=window, backend=backend, interpret=False)
+  seg = jnp.asarray(np.repeat([1, 2, 3, 0], 64)[None].repeat(2, 0), jnp.int32) if segments else None
+  f = functools.partial(flash_attention, causal=causal, window=window, backend=backend, interpret=False,
+                        segment_ids=seg)
 
   def fwd_and_bwd(q, k, v):
     o, vjp = jax.vjp(f, q, k, v)
@@ -134,9 +136,11 @@ def _lowered_text(backend, platform, *, causal, window, H, K, D):
 
 
 @pytest.mark.parametrize('backend,platform', [('gpu', 'cuda'), ('tpu', 'tpu')])
-@pytest.mark.parametrize('causal,window,H,K,D', [(True, 100, 8, 2, 128), (False, None, 4, 4, 64)])
-def test_compiled_bodies_lower(backend, platform, causal, window, H, K, D):
-  text = _lowered_text(backend, platform, causal=causal, window=window, H=H, K=K, D=D)
+@pytest.mark.parametrize('causal,window,H,K,D,segments', [(True, 100, 8, 2, 128, False),
+                                                          (False, None, 4, 4, 64, False),
+                                                          (True, None, 8, 2, 64, True)])
+def test_compiled_bodies_lower(backend, platform, causal, window, H, K, D, segments):
+  text = _lowered_text(backend, platform, causal=causal, window=window, H=H, K=K, D=D, segments=segments)
   for name in ('flash_attention_fwd', 'flash_attention_dq', 'flash_attention_dkv'):
     assert name in text, name
 
@@ -168,3 +172,78 @@ def test_rejects_mixed_dtypes():
   k = jnp.zeros((1, 8, 2, 16), jnp.float32)
   with pytest.raises(ValueError, match='dtypes'):
     flash_attention(q, k, k)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Segments: packed documents
+
+
+def _packed_segments(rng, B, T, *, padding: bool = True):
+  """Segment ids of rows packed with documents of random lengths (some shorter than a block, some
+  starting mid-block), the last run padding (0) in some rows."""
+  rows = []
+  for _ in range(B):
+    cuts = np.sort(rng.choice(np.arange(1, T), size=int(rng.integers(1, 7)), replace=False))
+    row = np.searchsorted(cuts, np.arange(T), side='right') + 1
+    if padding and rng.random() < 0.5:
+      row[row == row.max()] = 0
+    rows.append(row)
+  return jnp.asarray(np.stack(rows), jnp.int32)
+
+
+# backend, (B, T, H, K, D), window, dtype, (block_q, block_k)
+SEGMENT_CASES = [
+    ('gpu', (2, 128, 4, 2, 16), None, jnp.float32, (32, 32)),
+    ('gpu', (2, 100, 2, 1, 32), 24, jnp.float32, (16, 32)),
+    ('gpu', (1, 96, 4, 2, 16), None, jnp.bfloat16, (32, 16)),
+    ('tpu', (2, 128, 4, 2, 16), None, jnp.float32, (32, 32)),
+    ('tpu', (1, 100, 2, 2, 16), 24, jnp.float32, (64, 32)),
+]
+
+
+@pytest.mark.parametrize('backend,shape,window,dtype,blocks', SEGMENT_CASES)
+def test_segments_kernel_matches_reference(backend, shape, window, dtype, blocks):
+  seed = _seed()
+  B, T, H, K, D = shape
+  q, k, v, do = _inputs(seed, B, T, T, H, K, D, dtype=dtype)
+  seg = _packed_segments(np.random.default_rng(seed), B, T)
+  kernel = functools.partial(flash_attention, window=window, block_q=blocks[0], block_k=blocks[1],
+                             backend=backend, interpret=True, segment_ids=seg)
+  reference = functools.partial(flash_attention_reference, window=window, segment_ids=seg)
+  got = jax.jit(functools.partial(_value_and_grads, kernel))(q, k, v, do)
+  want = _value_and_grads(reference, q, k, v, do)
+  tol = 2e-5 if dtype == jnp.float32 else 5e-2
+  for name, g, w in zip(('o', 'dq', 'dk', 'dv'), got, want, strict=True):
+    np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(w, np.float32), atol=tol, rtol=tol,
+                               err_msg=f'{name}, seed={seed}')
+
+
+@pytest.mark.parametrize('impl', ['xla', 'pallas'])
+def test_each_segment_gets_what_it_gets_alone(impl):
+  """Outputs and gradients of each document of a packed row equal those of the document run alone."""
+  rng = np.random.default_rng(_seed())
+  lengths = [5, 40, 1, 22, 60]  # shorter than a block, starting mid-block, one token
+  T = sum(lengths)
+  q, k, v, do = _inputs(int(rng.integers(1 << 30)), 1, T, T, 4, 2, 16)
+  seg = jnp.asarray(np.repeat(np.arange(1, len(lengths) + 1), lengths)[None], jnp.int32)
+  f = functools.partial(flash_attention, block_q=16, block_k=16, implementation=impl, interpret=True)
+  packed = _value_and_grads(functools.partial(f, segment_ids=seg), q, k, v, do)
+  start = 0
+  for n in lengths:
+    piece = slice(start, start + n)
+    alone = _value_and_grads(f, *(x[:, piece] for x in (q, k, v, do)))
+    for name, g, w in zip(('o', 'dq', 'dk', 'dv'), packed, alone, strict=True):
+      np.testing.assert_allclose(g[:, piece], w, atol=2e-5, rtol=2e-5, err_msg=f'{name}, length {n}')
+    start += n
+
+
+def test_sixteen_documents_cost_a_sixteenth_of_one():
+  """The tiles the kernels compute (their own loop bounds) for a row of sixteen 512-token documents at
+  T=8,192 against one document: the causal triangle of each document instead of the whole row's."""
+  from pallas_kernels.flash_attention import computed_tiles  # pylint: disable=g-import-not-at-top
+  T, blocks = 8192, dict(block_q=128, block_k=128)
+  one = computed_tiles(T, **blocks)
+  sixteen = computed_tiles(T, **blocks, segment_ids=jnp.asarray(np.repeat(np.arange(1, 17), 512)[None]))
+  assert one == 64 * 65 // 2 and sixteen == 16 * (4 * 5 // 2)
+  assert sixteen / one < 1 / 10
+  assert computed_tiles(T, **blocks, segment_ids=jnp.ones((1, T), jnp.int32)) == one

@@ -46,7 +46,7 @@ def test_attention_follows_the_papers_rule(block_size, top_k):
   B, T = 2, 21
   q = rng.standard_normal((B, T, 4, 16))
   k, v = rng.standard_normal((2, B, T, 2, 16))
-  got = jax.jit(layer._attend)(*(jnp.asarray(x, jnp.float32) for x in (q, k, v)))
+  got = jax.jit(layer.attend)(*(jnp.asarray(x, jnp.float32) for x in (q, k, v)))
   np.testing.assert_allclose(got, _naive(q, k, v, block_size, top_k), atol=2e-5, rtol=2e-5)
 
 

@@ -3,7 +3,17 @@ add one line to `sparse_lm.attention.REGISTRY`. The config (its defaults), the c
 the model, the samplers and the contract tests (`tests/test_variants.py`) read only these members.
 
 A variant is built as `Variant(model_config, rngs=...)` and called as
-`(x_BTD, pos_BT, cache=None, *, update_state=False) -> (y_BTD, cache)`.
+`(x_BTD, pos_BT, seg_BT=None, cache=None, *, update_state=False) -> (y_BTD, cache)`.
+
+`pos_BT` are the tokens' positions (RoPE's), `seg_BT` their segment ids: a packed row holds several
+documents (`data.packing`), numbered 1, 2, ... with 0 for padding, and positions restart at each. A variant
+that honours segments (`segments = True`) lets a token see only earlier tokens of its own document, so each
+document of a row gets the outputs it would get alone; None means one document a row. Decoding with a
+cache is always one document a row (`seg_BT` is None).
+
+The dense family (dense attention and the variants built on it) shares three hooks, which is what those
+variants override: `attention_window` (which earlier keys a query sees), `attend` (attention over a whole
+sequence, training or a prompt) and `attend_from_cache` (new tokens against a decoding cache).
 """
 
 from typing import Any, ClassVar
@@ -24,6 +34,10 @@ class Attention(nnx.Module):
   heads_span_width: ClassVar[bool] = True
   # `init_cache` and calls with a cache work (incremental decoding equals the parallel pass).
   decodes: ClassVar[bool] = False
+  # Calls with `seg_BT` keep each document to itself (the contract test checks each document of a packed
+  # row against the document alone); a variant that says False refuses segment ids, and the config check
+  # refuses `data.packing` other than `concat` for it.
+  segments: ClassVar[bool] = False
 
   @staticmethod
   def defaults() -> dict[str, Any]:
@@ -67,12 +81,35 @@ class Attention(nnx.Module):
     the kernels' `implementation`), RoPE's base and the compute dtype."""
     self.kernel, self.rope_theta, self.dtype = cfg.kernel, cfg.rope_theta, jnp.dtype(cfg.dtype)
 
+  @staticmethod
+  def attention_window(cfg: ml_collections.ConfigDict) -> int | None:
+    """The dense family's hook: query `t` sees keys `t - window < s <= t`; None: all earlier ones."""
+    del cfg
+    return None
+
+  def attend(self, q_BTHD: jax.Array, k_BTKD: jax.Array, v_BTKD: jax.Array,
+             seg_BT: jax.Array | None = None) -> jax.Array:
+    """The dense family's hook: attention over a whole sequence (rotated queries and keys), each query
+    keeping to its own segment when `seg_BT` is given."""
+    raise NotImplementedError(f'{type(self).__name__} has no whole-sequence attention hook')
+
+  def attend_from_cache(self, q_BTHD: jax.Array, k_BSKD: jax.Array, v_BSKD: jax.Array,
+                        pos_BT: jax.Array) -> jax.Array:
+    """The dense family's hook: new tokens at `pos_BT` against a cache whose slot s holds position s."""
+    raise NotImplementedError(f'{type(self).__name__} has no decoding hook')
+
+  def refuse_segments(self, seg_BT: jax.Array | None) -> None:
+    """For a variant that does not honour segments yet: one line instead of attention across documents."""
+    if seg_BT is not None and not self.segments:
+      raise ValueError(f'model.attention={type(self).__module__.rsplit(".", 1)[-1]} does not keep documents '
+                       'apart yet; use data.packing=concat')
+
   def init_cache(self, batch: int, max_len: int) -> Any:
     """The decoding cache for `batch` rows of up to `max_len` positions."""
     raise ValueError(f'model.attention={type(self).__name__} cannot decode with a cache')
 
-  def __call__(self, x_BTD: jax.Array, pos_BT: jax.Array, cache: Any = None, *,
-               update_state: bool = False) -> tuple[jax.Array, Any]:
+  def __call__(self, x_BTD: jax.Array, pos_BT: jax.Array, seg_BT: jax.Array | None = None,
+               cache: Any = None, *, update_state: bool = False) -> tuple[jax.Array, Any]:
     """The layer's output and the updated cache (None without one). `update_state`: the train step's
     call, where a layer with non-parameter state (router thresholds, centroids) moves it."""
     raise NotImplementedError

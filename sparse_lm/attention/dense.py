@@ -19,6 +19,7 @@ class Attention(base.Attention):
   """`num_heads` query heads share `num_kv_heads` key/value heads."""
 
   decodes = True
+  segments = True
 
   def __init__(self, cfg: ml_collections.ConfigDict, *, rngs: nnx.Rngs):
     d, hq, hkv, dh = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
@@ -35,12 +36,6 @@ class Attention(base.Attention):
   def check_config(cls, cfg: ml_collections.ConfigDict) -> None:
     cls.attention_window(cfg)
 
-  @staticmethod
-  def attention_window(cfg: ml_collections.ConfigDict) -> int | None:
-    """The keys a query sees, `t - window < s <= t`; None: all earlier ones."""
-    del cfg
-    return None
-
   @classmethod
   def attended_keys(cls, cfg: ml_collections.ConfigDict, seq_len: int) -> float:
     span = cls.attention_window(cfg) or seq_len
@@ -50,12 +45,12 @@ class Attention(base.Attention):
     shape = (batch, max_len) + self.wk.shape[1:]
     return {'k': jnp.zeros(shape, self.dtype), 'v': jnp.zeros(shape, self.dtype)}
 
-  def __call__(self, x_BTD: jax.Array, pos_BT: jax.Array, cache: Cache | None = None, *,
-               update_state: bool = False) -> tuple[jax.Array, Cache | None]:
+  def __call__(self, x_BTD: jax.Array, pos_BT: jax.Array, seg_BT: jax.Array | None = None,
+               cache: Cache | None = None, *, update_state: bool = False) -> tuple[jax.Array, Cache | None]:
     del update_state  # no state besides the parameters
     q_BTHD, k_BTKD, v_BTKD = self._qkv(x_BTD, pos_BT)
     if cache is None:
-      o_BTHD = self._attend(q_BTHD, k_BTKD, v_BTKD)
+      o_BTHD = self.attend(q_BTHD, k_BTKD, v_BTKD, seg_BT)
     else:
       o_BTHD, cache = self._attend_cached(q_BTHD, k_BTKD, v_BTKD, pos_BT, cache)
     return self._output(o_BTHD), cache
@@ -74,14 +69,15 @@ class Attention(base.Attention):
     y_BTD = jnp.einsum('bthk,hkd->btd', o_BTHD, self.wo[...].astype(self.dtype))
     return sharding.constrain(y_BTD, ('batch', 'length', 'act_embed'))
 
-  def _attend(self, q_BTHD, k_BTKD, v_BTKD) -> jax.Array:
-    """Attention over a whole sequence (training, or a prompt without a cache)."""
+  def attend(self, q_BTHD, k_BTKD, v_BTKD, seg_BT=None) -> jax.Array:
     attend = functools.partial(flash_attention, causal=True, window=self.window, implementation=self.kernel)
-    return sharding.attention_per_device(attend, q_BTHD, k_BTKD, v_BTKD)
+    if seg_BT is None:
+      return sharding.attention_per_device(attend, q_BTHD, k_BTKD, v_BTKD)
+    return sharding.attention_per_device(lambda q, k, v, seg: attend(q, k, v, segment_ids=seg),
+                                         q_BTHD, k_BTKD, v_BTKD, seg_BT)
 
-  def _attend_from_cache(self, q_BTHD, k_BSKD, v_BSKD, pos_BT) -> jax.Array:
-    """New tokens at `pos_BT` against a cache whose slot s holds position s; slots not yet written sit
-    beyond every query, so the causal mask hides them."""
+  def attend_from_cache(self, q_BTHD, k_BSKD, v_BSKD, pos_BT) -> jax.Array:
+    # Slots not yet written sit beyond every query, so the causal mask hides them.
     return flash_attention_reference(q_BTHD, k_BSKD, v_BSKD, window=self.window, qpos_BT=pos_BT)
 
   def _attend_cached(self, q_BTHD, k_BTKD, v_BTKD, pos_BT, cache: Cache):
@@ -89,4 +85,4 @@ class Attention(base.Attention):
     start = pos_BT[0, 0]
     k_BSKD = jax.lax.dynamic_update_slice_in_dim(cache['k'], k_BTKD.astype(cache['k'].dtype), start, 1)
     v_BSKD = jax.lax.dynamic_update_slice_in_dim(cache['v'], v_BTKD.astype(cache['v'].dtype), start, 1)
-    return self._attend_from_cache(q_BTHD, k_BSKD, v_BSKD, pos_BT), {'k': k_BSKD, 'v': v_BSKD}
+    return self.attend_from_cache(q_BTHD, k_BSKD, v_BSKD, pos_BT), {'k': k_BSKD, 'v': v_BSKD}

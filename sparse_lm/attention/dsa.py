@@ -71,6 +71,9 @@ class WarmupClock(nnx.Variable):
 class Attention(dense.Attention):
   """Dense attention's projections, a lightning indexer and top-k token (or block) selection."""
 
+  # Not yet: its block or token choices would mix documents (issue 33); it refuses segment ids.
+  segments = False
+
   @staticmethod
   def defaults() -> dict:
     d = ml_collections.ConfigDict()
@@ -272,8 +275,9 @@ class Attention(dense.Attention):
       return sparse_fn(*args)
     return jax.lax.cond(self._in_warmup(), dense_fn, sparse_fn, *args)
 
-  def __call__(self, x_BTD: jax.Array, pos_BT: jax.Array, cache: dict | None = None, *,
-               update_state: bool = False) -> tuple[jax.Array, dict | None]:
+  def __call__(self, x_BTD: jax.Array, pos_BT: jax.Array, seg_BT: jax.Array | None = None,
+               cache: dict | None = None, *, update_state: bool = False) -> tuple[jax.Array, dict | None]:
+    self.refuse_segments(seg_BT)
     q_BTHD, k_BTKD, v_BTKD = self._qkv(x_BTD, pos_BT)
     qi_BTID, w_BTI, ki_BTD = self._indexer(x_BTD, pos_BT)
     if cache is not None:
@@ -281,7 +285,7 @@ class Attention(dense.Attention):
       return self._output(o_BTHD), cache
 
     def dense_stage(q_BTHD, k_BTKD, v_BTKD, qi_BTID, w_BTI, ki_BTD):
-      o_BTHD = self._attend(q_BTHD, k_BTKD, v_BTKD)  # dense attention's
+      o_BTHD = self.attend(q_BTHD, k_BTKD, v_BTKD)  # dense attention's
       kl = self._dense_kl(q_BTHD, k_BTKD, qi_BTID, w_BTI, ki_BTD, pos_BT) if update_state else 0.0
       return o_BTHD, jnp.asarray(kl, jnp.float32)
 

@@ -41,6 +41,9 @@ from sparse_lm.errors import ConfigError, require_positive
 class Attention(dense.Attention):
   """MoBA over dense attention's grouped-query projections; `model.moba` holds the block size and k."""
 
+  # Not yet: its block or token choices would mix documents (issue 33); it refuses segment ids.
+  segments = False
+
   @staticmethod
   def defaults() -> dict:
     m = ml_collections.ConfigDict()
@@ -101,13 +104,14 @@ class Attention(dense.Attention):
     # the scores' gradient): the gate learns nothing, as in the paper.
     return map_query_chunks(one_chunk, (q_BTHD, qpos_BT), (0, -1), chunk=XLA_CHUNK)
 
-  def _attend(self, q_BTHD, k_BTKD, v_BTKD) -> jax.Array:
+  def attend(self, q_BTHD, k_BTKD, v_BTKD, seg_BT=None) -> jax.Array:
+    self.refuse_segments(seg_BT)
     B, T = q_BTHD.shape[:2]
     idx_BTKn = self._choose(q_BTHD, k_BTKD, jnp.broadcast_to(jnp.arange(T), (B, T)))
     attend = functools.partial(selected_attention, block_size=self.block_size, implementation=self.kernel)
     return sharding.attention_per_device(attend, q_BTHD, k_BTKD, v_BTKD, idx_BTKn)
 
-  def _attend_from_cache(self, q_BTHD, k_BSKD, v_BSKD, pos_BT) -> jax.Array:
+  def attend_from_cache(self, q_BTHD, k_BSKD, v_BSKD, pos_BT) -> jax.Array:
     # Blocks of slots not yet written start after every query: never chosen, so their zeros are unread.
     idx_BTKn = self._choose(q_BTHD, k_BSKD, pos_BT)
     return selected_attention_reference(q_BTHD, k_BSKD, v_BSKD, idx_BTKn, block_size=self.block_size,

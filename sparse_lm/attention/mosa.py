@@ -195,6 +195,9 @@ class Threshold(nnx.Variable):
 class Attention(dense.Attention):
   """The paper's MoSA: expert-choice top-k over the whole sequence, hence not causal."""
 
+  # Not yet: its block or token choices would mix documents (issue 33); it refuses segment ids.
+  segments = False
+
   causal = False
   # MoSA heads come beside the few dense heads kept, which need not span d_model (the paper's Tiny
   # model keeps 4 dense heads of 64 in a width of 512).
@@ -262,8 +265,9 @@ class Attention(dense.Attention):
     raise ValueError('model.attention=mosa chooses tokens by a top-k over the whole sequence and cannot '
                      'decode token by token; use mosa_causal')
 
-  def __call__(self, x_BTD: jax.Array, pos_BT: jax.Array, cache: Cache | None = None, *,
-               update_state: bool = False) -> tuple[jax.Array, Cache | None]:
+  def __call__(self, x_BTD: jax.Array, pos_BT: jax.Array, seg_BT: jax.Array | None = None,
+               cache: Cache | None = None, *, update_state: bool = False) -> tuple[jax.Array, Cache | None]:
+    self.refuse_segments(seg_BT)
     del update_state  # the paper's top-k keeps no state
     if cache is not None:
       raise ValueError('model.attention=mosa cannot decode with a cache; use mosa_causal')
@@ -357,15 +361,16 @@ class CausalAttention(Attention):
   def init_cache(self, batch: int, max_len: int) -> Cache:
     return slot_cache(self, batch, max_len, self._slots(max_len), self.mosa.num_heads, self.mosa_wk.shape[-1])
 
-  def __call__(self, x_BTD: jax.Array, pos_BT: jax.Array, cache: Cache | None = None, *,
-               update_state: bool = False) -> tuple[jax.Array, Cache | None]:
+  def __call__(self, x_BTD: jax.Array, pos_BT: jax.Array, seg_BT: jax.Array | None = None,
+               cache: Cache | None = None, *, update_state: bool = False) -> tuple[jax.Array, Cache | None]:
+    self.refuse_segments(seg_BT)
     if cache is None:
       y_BTD, _ = dense.Attention.__call__(self, x_BTD, pos_BT)
       x_BTD = x_BTD.astype(self.dtype)
       logits_BMT = self._router_logits(x_BTD)
       idx_BMS = self._select(logits_BMT, pos_BT, update_state)
       return y_BTD + self._sparse_heads(x_BTD, pos_BT, logits_BMT, idx_BMS), None
-    y_BTD, dense_cache = dense.Attention.__call__(self, x_BTD, pos_BT, cache['dense'])
+    y_BTD, dense_cache = dense.Attention.__call__(self, x_BTD, pos_BT, cache=cache['dense'])
     x_BTD = x_BTD.astype(self.dtype)
     logits_BMT = self._router_logits(x_BTD)
     m, S = self.mosa, cache['k'].shape[1]

@@ -210,8 +210,9 @@ class Attention(base.Attention):
             'v': [jnp.zeros((batch, max_len, K, D), self.dtype) for _ in range(J)],
             'ck': jnp.zeros((batch, C, K, D), self.dtype), 'cv': jnp.zeros((batch, C, K, D), self.dtype)}
 
-  def __call__(self, x_BTD: jax.Array, pos_BT: jax.Array, cache: Cache | None = None, *,
-               update_state: bool = False) -> tuple[jax.Array, Cache | None]:
+  def __call__(self, x_BTD: jax.Array, pos_BT: jax.Array, seg_BT: jax.Array | None = None,
+               cache: Cache | None = None, *, update_state: bool = False) -> tuple[jax.Array, Cache | None]:
+    self.refuse_segments(seg_BT)
     del update_state  # no state besides the parameters
     x_BTD = x_BTD.astype(self.dtype)
     q_BTHD, k_BTJKD, v_BTJKD = self._project(x_BTD, pos_BT)

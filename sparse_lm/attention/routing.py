@@ -61,6 +61,9 @@ def _unit(x: jax.Array) -> jax.Array:
 class Attention(dense.Attention):
   """The paper's routing attention: balanced top-k clusters over the whole sequence, not causal."""
 
+  # Not yet: its block or token choices would mix documents (issue 33); it refuses segment ids.
+  segments = False
+
   causal = False
   heads_span_width = False  # routing heads come beside the model.num_heads local heads
   decodes = False
@@ -138,8 +141,9 @@ class Attention(dense.Attention):
 
   # ------------------------------------------------------------------------- forward
 
-  def __call__(self, x_BTD: jax.Array, pos_BT: jax.Array, cache: Cache | None = None, *,
-               update_state: bool = False) -> tuple[jax.Array, Cache | None]:
+  def __call__(self, x_BTD: jax.Array, pos_BT: jax.Array, seg_BT: jax.Array | None = None,
+               cache: Cache | None = None, *, update_state: bool = False) -> tuple[jax.Array, Cache | None]:
+    self.refuse_segments(seg_BT)
     if cache is not None:
       raise ValueError('model.attention=routing cannot decode with a cache; use routing_causal')
     y_BTD, _ = dense.Attention.__call__(self, x_BTD, pos_BT)
@@ -244,14 +248,15 @@ class CausalAttention(Attention):
     groups = self.routing.num_heads * self.routing.num_clusters
     return slot_cache(self, batch, max_len, self._slots(max_len), groups, self.routing_wqk.shape[-1])
 
-  def __call__(self, x_BTD: jax.Array, pos_BT: jax.Array, cache: Cache | None = None, *,
-               update_state: bool = False) -> tuple[jax.Array, Cache | None]:
+  def __call__(self, x_BTD: jax.Array, pos_BT: jax.Array, seg_BT: jax.Array | None = None,
+               cache: Cache | None = None, *, update_state: bool = False) -> tuple[jax.Array, Cache | None]:
+    self.refuse_segments(seg_BT)
     if cache is None:
       y_BTD, _ = dense.Attention.__call__(self, x_BTD, pos_BT)
       qk_BTRD, v_BTRD, score_BRCT = self._route_inputs(x_BTD, update_state)
       return y_BTD + self._routed(qk_BTRD, v_BTRD, pos_BT, self._clusters(score_BRCT, pos_BT)), None
     rt = self.routing
-    y_BTD, dense_cache = dense.Attention.__call__(self, x_BTD, pos_BT, cache['dense'])
+    y_BTD, dense_cache = dense.Attention.__call__(self, x_BTD, pos_BT, cache=cache['dense'])
     qk_BTRD, v_BTRD, score_BRCT = self._route_inputs(x_BTD, update_state)
     B, T, R, D = qk_BTRD.shape
     C = rt.num_clusters
