@@ -311,14 +311,15 @@ KERNELS = ('flash_attention', 'compressed_attention', 'block_selection', 'select
 def lower_kernel(kernel: str, target: Target, *, batch: int = 1, seq_len: int = 4096, q_heads: int = 8,
                  kv_heads: int = 2, head_dim: int = 128, dtype: str = 'bfloat16', selected: int = 16,
                  block_size: int = 64, cmp_block: int = 32, cmp_stride: int = 16, experts: int = 8,
-                 tokens: int = 2048, **options):
+                 tokens: int = 2048, segments: bool = False, **options):
   """Forward and backward of one kernel (its inputs' gradients, as training needs them; block selection
   has none) lowered for one device of `target`, with the kernel body of that platform. Attention:
   q [B, T, Hq, D], k/v [B, T, Hkv, D] (NSA's selection: `selected` blocks of `block_size` per token;
   DSA's token attention: `tokens` positions per token, the paper's top-k 2048 by default;
   compressed attention and block selection: the compressed keys of blocks of `cmp_block` at stride
   `cmp_stride`); grouped matmul: [B*T, Hq*D] rows over `experts` groups of [Hq*D, Hkv*D] weights.
-  `options` go to the kernel."""
+  `segments`: flash attention with segment ids (packed documents) as one more input. `options` go to
+  the kernel."""
   if kernel not in KERNELS:
     raise ValueError(f'kernel={kernel!r} is not one of {KERNELS}')
   one = jax.sharding.SingleDeviceSharding(target.devices[0])
@@ -343,6 +344,9 @@ def lower_kernel(kernel: str, target: Target, *, batch: int = 1, seq_len: int = 
   elif kernel == 'compressed_attention':
     args = (q, compressed, compressed)
     fn = lambda *a: compressed_attention(*a, **nsa_rules, **options)[0]  # noqa: E731
+  elif kernel == 'flash_attention' and segments:
+    args = (q, kv, kv, arg((batch, seq_len), jnp.int32))
+    fn = lambda q, k, v, seg: flash_attention(q, k, v, segment_ids=seg, **options)  # noqa: E731
   elif kernel == 'flash_attention':
     args = (q, kv, kv)
     fn = functools.partial(flash_attention, **options)
