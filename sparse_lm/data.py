@@ -24,6 +24,7 @@ Evaluation reads the validation split in order, once, and never shuffles.
 """
 
 import codecs
+import collections
 import copy
 import dataclasses
 import functools
@@ -1064,6 +1065,17 @@ def _shard_stream(parts: list[tuple[grain.MapDataset, float, Corpus]], tokenizer
   return _JsonStateIterator(iter(windows.batch(rows, drop_remainder=True)))
 
 
+def document_lengths(segment_ids_BT: np.ndarray) -> dict[int, int]:
+  """Length -> count of the documents (runs of one nonzero segment id) in each row."""
+  B, T = segment_ids_BT.shape
+  flat = np.concatenate([segment_ids_BT, np.full((B, 1), -1)], axis=1).reshape(-1)
+  starts = np.flatnonzero(np.diff(flat, prepend=-2) != 0)
+  runs = np.diff(np.append(starts, len(flat)))
+  real = flat[starts] > 0
+  lengths, counts = np.unique(runs[real], return_counts=True)
+  return dict(zip(lengths.tolist(), counts.tolist(), strict=True))
+
+
 class ShardedIterator:
   """This host's rows of every global batch, from the shards it owns; its state covers those shards.
 
@@ -1077,6 +1089,7 @@ class ShardedIterator:
     self.names = names  # of the sources, by index ('' for a single source)
     # Tokens drawn from each source by each shard: part of the state, so counts survive a resume.
     self._drawn = {j: [0] * len(names) for j in streams}
+    self._lengths = collections.Counter()  # document lengths in the rows since `take_document_lengths`
 
   def __iter__(self):
     return self
@@ -1090,7 +1103,16 @@ class ShardedIterator:
       for source, count in zip(batch['source'], real, strict=True):
         self._drawn[j][int(source)] += int(count)
       rows.append(batch)
-    return _inputs_targets({key: np.concatenate([r[key] for r in rows]) for key in rows[0]})
+    batch = _inputs_targets({key: np.concatenate([r[key] for r in rows]) for key in rows[0]})
+    if 'segment_ids' in batch:
+      self._lengths.update(document_lengths(batch['segment_ids']))
+    return batch
+
+  def take_document_lengths(self) -> dict[int, int]:
+    """The lengths of the documents (segments) in the rows yielded since the last call, length -> count;
+    empty without document packing."""
+    lengths, self._lengths = dict(self._lengths), collections.Counter()
+    return lengths
 
   def drawn(self) -> dict[str, int]:
     """Tokens (inputs) drawn from each source so far by this host's shards."""

@@ -4,7 +4,8 @@ Training FLOPs per token = 6 x (parameters used in matmuls, the unembedding incl
 how often a token uses it: a Mixture-of-Experts token uses only its top-k experts) + the attention
 score and value products, 3 x 4 x layers x query heads x head_dim x (keys each query really attends to,
 averaged over positions: the attention variant says how many). The factor 3 is forward plus the two
-backward matmuls (Kaplan et al. 2020; Hoffmann et al. 2022, App. F).
+backward matmuls (Kaplan et al. 2020; Hoffmann et al. 2022, App. F). Under document packing the
+attention term is counted per document (`DocumentAttention`), from the lengths of the documents trained on.
 
     python -m sparse_lm.flops --config=configs/default.py [--config.KEY=VALUE ...]
 """
@@ -74,6 +75,29 @@ def flops_per_token(config: ml_collections.ConfigDict) -> dict:
   return {**counts, 'seq_len': config.data.seq_len, 'attended_keys_per_query': keys,
           'flops_per_token': {'params': param_flops, 'attention': attention_flops,
                               'total': param_flops + attention_flops}}
+
+
+class DocumentAttention:
+  """The attention FLOPs of packed documents (`data.packing` other than `concat`): each document attends
+  only within itself, so a row's attention work is the sum of its documents' (`attended_keys` at each
+  document's length, times its length), not the whole row's. Memoised by length: packed rows repeat
+  lengths, and a variant's count can be a loop over positions."""
+
+  def __init__(self, config: ml_collections.ConfigDict):
+    m = config.model
+    self._model = m
+    self._layers = [attention_class(m, layer) for layer in range(m.num_layers)]
+    self._per_key = 3 * 4 * m.num_heads * m.head_dim  # forward and backward, per query and key, per layer
+    self._keys = {}  # document length -> keys its queries attend to, summed over queries and layers
+
+  def _document_keys(self, n: int) -> float:
+    if n not in self._keys:
+      self._keys[n] = n * sum(variant.attended_keys(self._model, n) for variant in self._layers)
+    return self._keys[n]
+
+  def flops(self, lengths: dict[int, int]) -> float:
+    """Training FLOPs of the attention products of documents of these lengths (length -> how many)."""
+    return self._per_key * sum(count * self._document_keys(int(n)) for n, count in lengths.items())
 
 
 def main(argv) -> None:

@@ -336,19 +336,33 @@ def prepare(config: ml_collections.ConfigDict, workdir: pathlib.Path):
 
 class Throughput:
   """Tokens/s and model TFLOP/s between two reads of finished steps. The first window of a run
-  includes compilation; evaluation time is left out by `restart`."""
+  includes compilation; evaluation time is left out by `restart`. Under document packing
+  (`documents`: the train iterator's `take_document_lengths` and a `flops.DocumentAttention`) the
+  attention FLOPs are those of the documents the steps trained on, summed over every host."""
 
-  def __init__(self, tokens_per_step: int, flops_per_token: float, start_step: int):
+  def __init__(self, tokens_per_step: int, flops_per_token: float, start_step: int, documents=None):
     self.tokens_per_step, self.flops_per_token = tokens_per_step, flops_per_token
+    self.documents = documents
     self.restart(start_step)
 
   def restart(self, step: int) -> None:
     self.step, self.time = step, time.perf_counter()
+    if self.documents is not None:
+      self.documents[0]()  # the documents of steps before now are not in the next window
+
+  def _flops(self, steps: int) -> float:
+    """The model FLOPs of `steps` steps: all of them per token, or, under document packing, the
+    parameters' per token and attention's per document."""
+    if self.documents is None:
+      return steps * self.tokens_per_step * self.flops_per_token
+    take, attention = self.documents
+    host = attention.flops(take())
+    return steps * self.tokens_per_step * self.flops_per_token + sum(distributed.allgather_json(host))
 
   def measure(self, step: int) -> dict[str, float]:
     now = time.perf_counter()
     tokens_per_second = (step - self.step) * self.tokens_per_step / (now - self.time)
-    tflops = tokens_per_second * self.flops_per_token / 1e12
+    tflops = self._flops(step - self.step) / (now - self.time) / 1e12
     self.restart(step)
     return {'tokens_per_second': tokens_per_second, 'tflops_per_second': tflops,
             'tflops_per_second_per_device': tflops / jax.device_count()}
@@ -421,8 +435,12 @@ def set_up(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> Session:
   train_step, eval_step = sharding.on_mesh(train_step, mesh), sharding.on_mesh(eval_step, mesh)
   writer = MetricsWriter(workdir, total_steps=t.steps, start_step=start_step, is_primary=is_primary,
                          causal=is_causal(config.model))
-  flops_per_token = flops.flops_per_token(config)['flops_per_token']['total']
-  throughput = Throughput(t.batch_size * config.data.seq_len, flops_per_token, start_step)
+  counted = flops.flops_per_token(config)['flops_per_token']
+  if config.data.packing == 'concat':
+    throughput = Throughput(t.batch_size * config.data.seq_len, counted['total'], start_step)
+  else:
+    throughput = Throughput(t.batch_size * config.data.seq_len, counted['params'], start_step,
+                            documents=(train_iter.take_document_lengths, flops.DocumentAttention(config)))
   return Session(config, mesh, eval_data, train_iter, checkpointer, state, start_step, train_step,
                  eval_step, writer, throughput, lock)
 

@@ -4,9 +4,10 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
-from sparse_lm import flops
+from sparse_lm import data, flops
 from tests.conftest import REPO, tiny_config
 
 
@@ -143,3 +144,17 @@ def test_dsa_blocks_count_the_own_block_and_the_chosen_ones():
   c.data.seq_len = 16
   want = (88 + (136 * 36 + 88 * (128 + 3 * 36)) / 768) / 16 + 4 * (128 + 36) / 768
   assert flops.flops_per_token(c)['attended_keys_per_query'] == pytest.approx(want)
+
+
+def test_document_packing_counts_attention_per_document():
+  """Under document packing a row's attention FLOPs are its documents', from the iterator's lengths."""
+  c = tiny_config()
+  documents = flops.DocumentAttention(c)
+  m = c.model
+  per_key = 3 * 4 * m.num_heads * m.head_dim * m.num_layers
+  # Dense causal attention: a document of n tokens makes n (n + 1) / 2 query-key products a layer.
+  assert documents.flops({10: 2, 1: 3}) == per_key * (2 * 55 + 3 * 1)
+  whole = flops.flops_per_token(c)['flops_per_token']['attention'] * c.data.seq_len
+  assert documents.flops({c.data.seq_len: 1}) == pytest.approx(whole)
+  seg = np.array([[1, 1, 1, 2, 2, 0], [1, 2, 2, 2, 2, 2], [3, 3, 3, 3, 3, 3]])
+  assert data.document_lengths(seg) == {3: 1, 2: 1, 1: 1, 5: 1, 6: 1}
