@@ -35,7 +35,7 @@ import tqdm
 from absl import flags, logging
 from flax import nnx
 
-from sparse_lm import cli, data, sample, sharding, synthetic, trainer
+from sparse_lm import attention, cli, data, sample, sharding, synthetic, trainer
 from sparse_lm.errors import ConfigError
 from sparse_lm.model import is_causal
 
@@ -158,14 +158,49 @@ def model_leaks(graphdef, variables, seq_len: int, *, batch: int = 2, positions:
   return {'gradient': gradient, 'perturbation': perturbation}
 
 
+def keeps_documents_apart(model_cfg) -> bool:
+  """Whether every layer's attention honours segment ids (so document packing can train it)."""
+  variant = attention.REGISTRY[model_cfg.attention]
+  return all(variant.at_layer(model_cfg, layer).segments for layer in range(model_cfg.num_layers))
+
+
+def document_leak(graphdef, variables, seq_len: int, *, batch: int = 2, vocab: int = 256,
+                  seed: int = 0) -> float:
+  """How far the outputs of the second document of a packed row move, relative to their size, when the
+  first document's tokens are replaced by others: exactly 0 when the model keeps documents apart. The
+  first document ends a third of the way in, off any block grid of a power of two."""
+  key_x, key_other = jax.random.split(jax.random.key(seed + 1))
+  model = nnx.merge(graphdef, *variables)
+  first = max(1, seq_len // 3 + 1)
+  seg_BT = jnp.broadcast_to((jnp.arange(seq_len) >= first).astype(jnp.int32) + 1, (batch, seq_len))
+  pos_BT = jnp.broadcast_to(jnp.where(jnp.arange(seq_len) >= first, jnp.arange(seq_len) - first,
+                                      jnp.arange(seq_len)), (batch, seq_len))
+  tokens_BT = jax.random.randint(key_x, (batch, seq_len), 0, vocab)
+  other_BT = jnp.where(seg_BT == 1, jax.random.randint(key_other, (batch, seq_len), 0, vocab), tokens_BT)
+
+  @jax.jit
+  def second_document(tokens_BT):
+    logits = nnx.merge(graphdef, *variables)(tokens_BT, segment_ids=seg_BT, positions=pos_BT)[0]
+    return logits[:, first:, :model.vocab_size]
+
+  base, moved = (np.asarray(second_document(t), np.float64) for t in (tokens_BT, other_BT))
+  return float(np.linalg.norm(moved - base) / np.linalg.norm(base))
+
+
 def _run_leaks(run: Run, opts: Options) -> dict[str, float]:
   return model_leaks(run.graphdef, run.variables, run.config.data.seq_len, batch=opts.causality_batch,
                      positions=opts.causality_positions, vocab=_symbol_vocab(run), seed=opts.seed)
 
 
 def causality(run: Run, opts: Options, leaks: dict[str, float]) -> dict:
+  """The probes of causality, and the document probe: `document_leak` (0 for a model that keeps packed
+  documents apart; null for one whose attention refuses segment ids)."""
+  documents = None
+  if keeps_documents_apart(run.config.model):
+    documents = document_leak(run.graphdef, run.variables, run.config.data.seq_len,
+                              batch=opts.causality_batch, vocab=_symbol_vocab(run), seed=opts.seed)
   return {'gradient_leak': leaks['gradient'], 'leak': leaks['gradient'],
-          'perturbation_leak': leaks['perturbation'],
+          'perturbation_leak': leaks['perturbation'], 'document_leak': documents,
           'causal': max(leaks.values()) == 0.0, 'seq_len': run.config.data.seq_len,
           'positions': probe_positions(run.config.data.seq_len, opts.causality_positions)}
 

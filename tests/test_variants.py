@@ -189,7 +189,13 @@ def test_attention_keeps_packed_documents_apart(name, kernel):
   check for document packing (the variants still to do are listed in the README)."""
   if attention.REGISTRY[name].segments:
     _check_documents_as_alone(name, kernel)
+    if kernel == 'xla':  # the evaluation's probe agrees
+      c = variant_config(name)
+      assert evaluate.keeps_documents_apart(c.model)
+      graphdef, *variables = nnx.split(_model(c), nnx.Param, ...)
+      assert evaluate.document_leak(graphdef, variables, 24, seed=fresh_seed()) == 0.0
     return
+  assert not evaluate.keeps_documents_apart(variant_config(name).model)
   c = variant_config(name, kernel=kernel)
   tokens_BT = jnp.zeros((1, 8), jnp.int32)
   with pytest.raises(ValueError, match='does not keep documents apart yet'):
@@ -197,6 +203,17 @@ def test_attention_keeps_packed_documents_apart(name, kernel):
   c.data.packing = 'segments'
   with pytest.raises(ConfigError, match="data.packing='segments' needs attention that keeps documents apart"):
     checks.check_config(c, num_devices=1)
+
+
+def test_document_probe_sees_attention_that_crosses_documents(monkeypatch):
+  """A variant that says it honours segments but attends across documents is caught by the probe."""
+  class Crossing(attention.dense.Attention):
+    def attend(self, q_BTHD, k_BTKD, v_BTKD, seg_BT=None):
+      return super().attend(q_BTHD, k_BTKD, v_BTKD, None)
+
+  monkeypatch.setitem(attention.REGISTRY, 'crossing', Crossing)
+  graphdef, *variables = nnx.split(_model(tiny_config(attention='crossing')), nnx.Param, ...)
+  assert evaluate.document_leak(graphdef, variables, 24, seed=fresh_seed()) > 1e-3
 
 
 @pytest.mark.parametrize('name', MLP)
