@@ -65,7 +65,10 @@ def lower_train_step(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh)
   step = jax.jit(trainer.make_train_step(graphdef, tx, schedule, config.train.grad_accum_steps),
                  in_shardings=(shardings, batch_sh), out_shardings=(shardings, None), donate_argnums=0)
   with jax.set_mesh(mesh):  # as sharding.on_mesh runs the step in training
-    return step.trace(state, {'inputs': rows, 'targets': rows}).lower()
+    batch = {'inputs': rows, 'targets': rows}
+    if config.data.packing != 'concat':  # document packing: the batch carries segments as training's does
+      batch.update(segment_ids=rows, positions=rows, loss_mask=rows)
+    return step.trace(state, batch).lower()
 
 
 def lower_decode_step(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh):

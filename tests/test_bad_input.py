@@ -67,8 +67,8 @@ MISTAKES = [
      r'^sample: --workdir=.*/run: its config.json is not a run config'),
     (['-m', 'sparse_lm.prepare', '--source=stdlib', '--out={tmp}/out'], {'out/thesis.tex': 'mine'},
      r'^prepare: --out=.*/out holds files that are not a prepared corpus \(thesis.tex\)'),
-    (['-m', 'sparse_lm.prepare', '--source=stdlib', '--tokenizer=sentencepiece:512', '--out={tmp}/out'], {},
-     r'^prepare: --tokenizer=.*a tokenizer trained on the fly differs from run to run'),
+    (['-m', 'sparse_lm.prepare', '--source=stdlib', '--tokenizer=bpe:100', '--out={tmp}/out'], {},
+     r'^prepare: --tokenizer=.*VOCAB must be above 257'),
     (['-m', 'sparse_lm.prepare', '--out={tmp}/out'], {}, r'^prepare: flag --source=None: Flag --source must '
      'have a value'),
     (['-m', 'sparse_lm.prepare', '--source=stdlib', '--tokenizer=hf:{tmp}/none.json', '--out={tmp}/out'], {},

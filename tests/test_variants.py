@@ -266,7 +266,8 @@ class CumulativeMean(base.Attention):
     self.wv = param(rngs, (cfg.d_model, cfg.d_model), ('embed', None), stddev=cfg.d_model**-0.5)
     self.gain = cfg.cumulative_mean.gain
 
-  def __call__(self, x_BTD, pos_BT, cache=None, *, update_state=False):
+  def __call__(self, x_BTD, pos_BT, seg_BT=None, cache=None, *, update_state=False):
+    self.refuse_segments(seg_BT)
     v_BTD = x_BTD @ self.wv[...]
     return self.gain * jnp.cumsum(v_BTD, axis=1) / (1 + pos_BT)[..., None], cache
 
