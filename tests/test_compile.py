@@ -92,7 +92,7 @@ def test_gpu_kernels_compile_without_spills(target_name, kernel, head_dim, group
     assert 0 < k['registers'] <= 255 and 0 < k['shared_memory_bytes'] <= gpu.smem_per_block_optin, (name, k)
 
 
-@pytest.mark.parametrize('head_dim', [64, 128])
+@pytest.mark.parametrize('head_dim', [128])  # the most registers and shared memory (D=64 compiles too)
 @pytest.mark.parametrize('target_name', GPU_TARGETS + TPU_TARGETS)
 def test_flash_attention_with_segments_compiles_at_64k(target_name, head_dim):
   """Segment ids (packed documents) in both bodies, forward and backward, at 65,536 tokens: compiled,
