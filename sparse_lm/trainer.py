@@ -346,24 +346,35 @@ class Throughput:
     self.restart(start_step)
 
   def restart(self, step: int) -> None:
-    self.step, self.time = step, time.perf_counter()
+    """A new window from `step` on; the documents fetched so far (none past `step`) are not in it."""
+    self._window_from(step)
     if self.documents is not None:
-      self.documents[0]()  # the documents of steps before now are not in the next window
+      self.documents[0]()
+
+  def _window_from(self, step: int) -> None:
+    self.step, self.time = step, time.perf_counter()
+    self.attention_flops = 0.0  # this host's, of the documents of the steps since `step`
+
+  def note_documents(self) -> None:
+    """Counts the documents of the batches fetched so far; called right after a step is dispatched, so
+    they are exactly the steps' batches (the next one is not fetched yet)."""
+    if self.documents is not None:
+      take, attention = self.documents
+      self.attention_flops += attention.flops(take())
 
   def _flops(self, steps: int) -> float:
     """The model FLOPs of `steps` steps: all of them per token, or, under document packing, the
     parameters' per token and attention's per document."""
+    flops = steps * self.tokens_per_step * self.flops_per_token
     if self.documents is None:
-      return steps * self.tokens_per_step * self.flops_per_token
-    take, attention = self.documents
-    host = attention.flops(take())
-    return steps * self.tokens_per_step * self.flops_per_token + sum(distributed.allgather_json(host))
+      return flops
+    return flops + sum(distributed.allgather_json(self.attention_flops))
 
   def measure(self, step: int) -> dict[str, float]:
     now = time.perf_counter()
     tokens_per_second = (step - self.step) * self.tokens_per_step / (now - self.time)
     tflops = self._flops(step - self.step) / (now - self.time) / 1e12
-    self.restart(step)
+    self._window_from(step)  # the batch fetched after `step` stays counted for the next window
     return {'tokens_per_second': tokens_per_second, 'tflops_per_second': tflops,
             'tflops_per_second_per_device': tflops / jax.device_count()}
 
@@ -467,6 +478,7 @@ class TrainLog:
     self._pending = None  # (step, metrics, tokens drawn per source by this host)
 
   def hold(self, step: int, metrics) -> None:
+    self.throughput.note_documents()
     mixture = len(self.train_iter.names) > 1
     self._pending = (step, metrics, self.train_iter.drawn() if mixture else None)
 

@@ -158,3 +158,31 @@ def test_document_packing_counts_attention_per_document():
   assert documents.flops({c.data.seq_len: 1}) == pytest.approx(whole)
   seg = np.array([[1, 1, 1, 2, 2, 0], [1, 2, 2, 2, 2, 2], [3, 3, 3, 3, 3, 3]])
   assert data.document_lengths(seg) == {3: 1, 2: 1, 1: 1, 5: 1, 6: 1}
+
+
+def test_throughput_counts_the_documents_of_exactly_the_steps_it_measures():
+  """The documents noted when a step is logged are its batches'; the batch fetched for the next step
+  before the line is written belongs to the next window, and a restart drops what came before it."""
+  from sparse_lm import trainer  # pylint: disable=g-import-not-at-top
+
+  fetched = []
+
+  def take():
+    lengths, fetched[:] = dict.fromkeys(fetched, 1), []
+    return lengths
+
+  class Count:
+    def flops(self, lengths):
+      return float(sum(n * c for n, c in lengths.items()))
+
+  t = trainer.Throughput(0, 0.0, 0, documents=(take, Count()))
+  fetched.append(10)  # step 1's batch
+  t.note_documents()
+  fetched.append(20)  # step 2's batch, fetched before step 1's line is written
+  t.measure(1)
+  assert t.attention_flops == 0.0
+  t.note_documents()
+  assert t.attention_flops == 20.0
+  fetched.append(30)
+  t.restart(2)  # an evaluation: the window starts again at step 2
+  assert t.attention_flops == 0.0 and not fetched
