@@ -1,10 +1,11 @@
 """Document packing on this CPU: a train step at T=4,096 on documents of the embedded corpus, with
 `data.packing=segments` against `concat`, on the kernel path (Pallas, interpreted here) and the XLA path,
-and the attention tiles the flash-attention kernels compute for such rows.
+and the attention tiles the kernels compute for such rows.
 
-    python benchmarks/packing.py [--steps=12] [--seq_len=4096] [--variants=dense]
+    python benchmarks/packing.py [--steps=12] [--seq_len=4096] [--variants=dense,nsa]
 
-First, what aligning each document to a block grid would cost in padding, over the embedded corpus.
+First, what aligning each document to a block grid would cost in padding, over the embedded corpus, and
+the tiles each kernel that takes segment ids visits for a row of sixteen documents against one.
 For each variant, path and packing: the median time of the steps after the first two (compilation),
 the loss of the last step, and, for the kernel path, the forward tiles the flash-attention kernels visit
 for the rows trained on (their own loop bounds, `computed_tiles`) against one document a row. A small
@@ -22,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
+from pallas_kernels import block_selection
 from pallas_kernels.flash_attention import computed_tiles
 from sparse_lm import data, optim, trainer
 from sparse_lm.config import base_config
@@ -29,7 +31,7 @@ from sparse_lm.tokenizer import ByteTokenizer
 
 _STEPS = flags.DEFINE_integer('steps', 12, 'Train steps per case (the first two are compilation).')
 _SEQ_LEN = flags.DEFINE_integer('seq_len', 4096, 'Tokens per row.')
-_VARIANTS = flags.DEFINE_list('variants', ['dense'], 'Attention variants that honour segments.')
+_VARIANTS = flags.DEFINE_list('variants', ['dense', 'nsa'], 'Attention variants that honour segments.')
 _BLOCK = 64  # the GPU body's default tile, as the kernel path uses here
 
 
@@ -89,9 +91,29 @@ def _alignment_costs() -> dict:
           'alignment_padding_percent_by_block': costs}
 
 
+def _sixteen_documents() -> dict:
+  """The forward work each kernel that takes segment ids does on a row of sixteen 512-token documents at
+  T=8,192 against one 8,192-token document, in tiles from the kernels' own loop bounds, at the GPU
+  bodies' default blocks and NSA's paper settings (compressed blocks of 32 at stride 16, selection
+  blocks of 64)."""
+  T = 8192
+  seg = jnp.asarray(np.repeat(np.arange(1, 17), 512)[None], jnp.int32)
+  counts = {
+      'flash_attention (64 x 64 tiles)': lambda s: computed_tiles(T, block_q=64, block_k=64, segment_ids=s),
+      'flash_attention (128 x 128 tiles)': lambda s: computed_tiles(T, block_q=128, block_k=128,
+                                                                    segment_ids=s),
+      'compressed_attention (64 x 64 tiles)': lambda s: computed_tiles(
+          T, block_q=64, block_k=64, key_positions=(16, 31), segment_ids=s),
+      'block_selection (64 queries x 16 blocks)': lambda s: block_selection.computed_tiles(
+          T, block_q=64, block_s=16, sel_block=64, segment_ids=s),
+  }
+  return {name: {'sixteen_documents': f(seg), 'one_document': f(None)} for name, f in counts.items()}
+
+
 def main(argv) -> None:
   del argv
   print(json.dumps(_alignment_costs()), flush=True)
+  print(json.dumps({'tiles_at_8192': _sixteen_documents()}), flush=True)
   for variant in _VARIANTS.value:
     for kernel in ('pallas', 'xla'):
       for packing in ('concat', 'segments'):

@@ -17,6 +17,13 @@ probabilities are recomputed, `p[t, h, i] = exp(q_t . ck_i * sm_scale - lse[h, t
   descending score, ties to the lower index; slots past the token's valid blocks are -1.
 The indices carry no gradient (as in the paper): the inputs are `stop_gradient`ed.
 
+Documents. With `segment_ids` (a packed row), query `t` of the segment starting at `a` sees only the
+compressed blocks that begin at or after `a` (and end by `t`), may choose only the selection blocks from
+`ceil(a / l')` on, and its forced "first block" is block `ceil(a / l')`: a document that starts on the
+selection grid (the packer aligns it, `sparse_lm.data`) gets exactly the blocks it gets alone, shifted by
+`a / l'`, and none of another document. The kernels start each query block's tile loop at the tile
+holding its first query's first choosable block, so earlier documents cost nothing.
+
 Kernel. A program takes a query block of Q tokens and loops over tiles of St selection blocks, visiting
 only the tiles up to the last block that the block's last query can select. A tile's Ct = St*U compressed
 blocks (`U = l'/d`) give `p[Q, Ct]`, summed over the G heads (one scores matmul per head). Eq. 9 is two
@@ -55,6 +62,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
@@ -62,7 +70,7 @@ from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels._common import check_implementation, dispatch, in_shard_map, interpret_param, out_struct
 from pallas_kernels._reference import MASK_VALUE, XLA_CHUNK, map_query_chunks
-from pallas_kernels.block_choice import select_blocks
+from pallas_kernels.block_choice import segment_starts, select_blocks
 from pallas_kernels.compressed_attention import block_ends
 
 # (block_q, block_s): query tokens and selection blocks per program step. Not tuned for speed (no accelerator
@@ -109,42 +117,48 @@ def _precision(dtype):
 def block_selection_reference(q_BTHD: jax.Array, ck_BCKD: jax.Array, lse_BHT: jax.Array, *, cmp_block: int,
                               cmp_stride: int, sel_block: int, num_selected: int,
                               sm_scale: float | None = None, pos_BT: jax.Array | None = None,
-                              num_blocks: int | None = None, chunk: int = XLA_CHUNK) -> jax.Array:
+                              num_blocks: int | None = None, segment_ids: jax.Array | None = None,
+                              chunk: int = XLA_CHUNK) -> jax.Array:
   """`block_selection` in XLA, `chunk` queries at a time: `[chunk, C]` probabilities, never `[T, C]`.
 
   `pos_BT`: the queries' positions (default `0..T-1`; decoding passes its own), which decide visibility,
   validity and the forced blocks. `num_blocks`: S, the selection blocks of the keys (default
-  `ceil(T / sel_block)`; decoding passes the cache's). Output `[B, T, K, min(num_selected, S)]` int32.
+  `ceil(T / sel_block)`; decoding passes the cache's). `segment_ids` as for `block_selection` (queries at
+  `0..T-1`). Output `[B, T, K, min(num_selected, S)]` int32.
   """
   q_BTHD, ck_BCKD, lse_BHT = map(lax.stop_gradient, (q_BTHD, ck_BCKD, lse_BHT))
   B, T, H, D = q_BTHD.shape
   if pos_BT is None:
     pos_BT = jnp.broadcast_to(jnp.arange(T), (B, T))
+  start_BT = jnp.zeros((B, T), jnp.int32) if segment_ids is None else segment_starts(segment_ids)
   one_chunk = functools.partial(
       _select_chunk, ck_BCKD, cmp_block=cmp_block, cmp_stride=cmp_stride, sel_block=sel_block,
       num_selected=num_selected, sm_scale=D**-0.5 if sm_scale is None else sm_scale,
       num_blocks=-(-T // sel_block) if num_blocks is None else num_blocks)
   # Padded queries sit at position -1 with lse -inf: they see no block and select nothing.
-  return map_query_chunks(one_chunk, (q_BTHD, lse_BHT.astype(jnp.float32).transpose(0, 2, 1), pos_BT),
-                          (0, -jnp.inf, -1), chunk=chunk)
+  return map_query_chunks(one_chunk, (q_BTHD, lse_BHT.astype(jnp.float32).transpose(0, 2, 1), pos_BT,
+                                      start_BT), (0, -jnp.inf, -1, 0), chunk=chunk)
 
 
-def _select_chunk(ck_BCKD, q_BTHD, lse_BTH, pos_BT, *, cmp_block, cmp_stride, sel_block, num_selected,
-                  sm_scale, num_blocks):
+def _select_chunk(ck_BCKD, q_BTHD, lse_BTH, pos_BT, start_BT, *, cmp_block, cmp_stride, sel_block,
+                  num_selected, sm_scale, num_blocks):
   B, T, H, D = q_BTHD.shape
   C, K = ck_BCKD.shape[1:3]
   end_C = block_ends(C, cmp_block=cmp_block, cmp_stride=cmp_stride)
   s_BKGTC = jnp.einsum('btkgd,bckd->bkgtc', q_BTHD.reshape(B, T, K, H // K, D), ck_BCKD,
                        preferred_element_type=jnp.float32, precision=_precision(q_BTHD.dtype)) * sm_scale
   lse_BKGT1 = lse_BTH.transpose(0, 2, 1).reshape(B, K, H // K, T)[..., None]
-  visible_BKGTC = (end_C[None, None, :] <= pos_BT[:, :, None])[:, None, None] & (lse_BKGT1 > -jnp.inf)
+  inside_BTC = ((end_C[None, None, :] <= pos_BT[:, :, None])
+                & (jnp.arange(C)[None, None, :] * cmp_stride >= start_BT[:, :, None]))
+  visible_BKGTC = inside_BTC[:, None, None] & (lse_BKGT1 > -jnp.inf)
   p_BKGTC = jnp.where(visible_BKGTC, jnp.exp(s_BKGTC - lse_BKGT1), 0.0)
   # NSA Eq. 10: the heads of a group share one selection, so their probabilities add up.
   score_BKTS = selection_scores(p_BKGTC.sum(axis=2), num_blocks, cmp_block=cmp_block, cmp_stride=cmp_stride,
                                 sel_block=sel_block)
   # Eq. 11 with the first and the two local blocks forced (Sec. 4.1).
   return select_blocks(score_BKTS.transpose(0, 2, 1, 3), pos_BT, num_selected=num_selected,
-                       block_size=sel_block, force_first=True, force_local=2)
+                       block_size=sel_block, force_first=True, force_local=2,
+                       first_BT=-(-start_BT // sel_block))
 
 
 # ----------------------------------------------------------------------------- public function
@@ -198,7 +212,8 @@ def block_selection(q_BTHD: jax.Array, ck_BCKD: jax.Array, lse_BHT: jax.Array, *
                     cmp_stride: int, sel_block: int, num_selected: int, sm_scale: float | None = None,
                     block_q: int | None = None, implementation: str = 'pallas', backend: str | None = None,
                     interpret: bool | None = None, block_s: int | None = None,
-                    num_warps: int = GPU_NUM_WARPS, num_stages: int = GPU_NUM_STAGES) -> jax.Array:
+                    num_warps: int = GPU_NUM_WARPS, num_stages: int = GPU_NUM_STAGES,
+                    segment_ids: jax.Array | None = None) -> jax.Array:
   """NSA's selected blocks `[B, T, K, min(num_selected, S)]` int32 (see the module docstring for the rule).
 
   q `[B, T, H, D]` at positions `0..T-1`; ck `[B, C, K, D]` the compressed keys as the compressed branch
@@ -206,7 +221,8 @@ def block_selection(q_BTHD: jax.Array, ck_BCKD: jax.Array, lse_BHT: jax.Array, *
   `block_q` / `block_s`: query tokens and selection blocks per program step (defaults `DEFAULT_BLOCKS`,
   clipped to the sequence); compiled, the Triton body takes powers of two >= 16 and `sel_block /
   cmp_stride` a power of two, the TPU body a `block_q` multiple of 128 and a `block_s` multiple of 8.
-  `num_warps` / `num_stages`: the Triton body's.
+  `num_warps` / `num_stages`: the Triton body's. `segment_ids` `[B, T]` (a packed row, each segment one
+  run): see "Documents" in the module docstring.
   """
   check_implementation(implementation)
   _check_args(q_BTHD, ck_BCKD, lse_BHT, cmp_block, cmp_stride, sel_block, num_selected)
@@ -216,11 +232,13 @@ def block_selection(q_BTHD: jax.Array, ck_BCKD: jax.Array, lse_BHT: jax.Array, *
   rule = dict(cmp_block=cmp_block, cmp_stride=cmp_stride, sel_block=sel_block, num_selected=num_selected,
               sm_scale=sm_scale)
   if implementation == 'xla':
-    return block_selection_reference(q_BTHD, ck_BCKD, lse_BHT, **rule)
+    return block_selection_reference(q_BTHD, ck_BCKD, lse_BHT, segment_ids=segment_ids, **rule)
+  start_BT = jnp.zeros((B, T), jnp.int32) if segment_ids is None else segment_starts(segment_ids)
 
   def build(body: str, interpreted: bool):
     if interpreted and in_shard_map(q_BTHD, ck_BCKD, lse_BHT):  # JAX's interpreter cannot run in shard_map
-      return functools.partial(block_selection_reference, **rule)
+      # The starts are one run per segment too, so they serve as the reference's segment ids.
+      return lambda q, ck, lse, start: block_selection_reference(q, ck, lse, segment_ids=start, **rule)
     default_q, default_s = DEFAULT_BLOCKS[body]
     plan = _Plan(cmp_block=cmp_block, cmp_stride=cmp_stride, sel_block=sel_block,
                  num_out=min(num_selected, S), sm_scale=float(D**-0.5 if sm_scale is None else sm_scale),
@@ -230,9 +248,28 @@ def block_selection(q_BTHD: jax.Array, ck_BCKD: jax.Array, lse_BHT: jax.Array, *
                  backend=body, interpret=interpreted, num_warps=num_warps, num_stages=num_stages)
     _check_plan(plan, D)
     return functools.partial(_BODIES[body], plan)
-  return dispatch(build, (q_BTHD, ck_BCKD, lse_BHT),
+  return dispatch(build, (q_BTHD, ck_BCKD, lse_BHT, start_BT),
                   jax.ShapeDtypeStruct((B, T, K, min(num_selected, S)), jnp.int32), backend=backend,
                   interpret=interpret)
+
+
+def computed_tiles(seq_len: int, *, block_q: int, block_s: int, sel_block: int,
+                   segment_ids=None) -> int:
+  """The (query block, tile of `block_s` selection blocks) steps the kernels compute for one kv group of
+  each row, summed over the rows, from their own loop bounds: each tile is `G * block_q * block_s *
+  sel_block / cmp_stride` score products plus its Eq. 9 and top-n merge."""
+  B = 1 if segment_ids is None else segment_ids.shape[0]
+  plan = _Plan(cmp_block=sel_block, cmp_stride=sel_block, sel_block=sel_block, num_out=1, sm_scale=1.0,
+               q_len=seq_len, num_blocks=-(-seq_len // sel_block), group=1, block_q=block_q,
+               block_s=block_s, backend='gpu', interpret=True, num_warps=1, num_stages=1)
+  starts = (np.zeros((B, seq_len), np.int32) if segment_ids is None
+            else np.asarray(segment_starts(jnp.asarray(segment_ids))))
+  total = 0
+  for b in range(B):
+    for i in range(-(-seq_len // block_q)):
+      first = int(_first_tile(-(-int(starts[b, i * block_q]) // sel_block), plan))
+      total += max(int(_last_tile(i, plan)) - first + 1, 0)
+  return total
 
 
 def _check_args(q, ck, lse, cmp_block, cmp_stride, sel_block, num_selected) -> None:
@@ -285,9 +322,15 @@ def _last_tile(i, plan: _Plan):
   return lax.div(lax.div(last_query, plan.sel_block), plan.block_s)  # lax.div: Mosaic lowers no `//` here
 
 
-def _probs(s, lse, c, t, plan: _Plan):
-  """Eq. 8 recomputed: exp(s - lse) where compressed block `c` is visible to query `t`, else exactly 0."""
-  visible = (c * plan.cmp_stride + plan.cmp_block - 1 <= t) & (lse > -jnp.inf)
+def _first_tile(first, plan: _Plan):
+  """The first tile a query block visits: the one holding its first query's first choosable block."""
+  return lax.div(first, plan.block_s)
+
+
+def _probs(s, lse, c, t, start, plan: _Plan):
+  """Eq. 8 recomputed: exp(s - lse) where compressed block `c` is visible to query `t` (ended, and begun
+  at or after the start of the query's segment), else exactly 0."""
+  visible = (c * plan.cmp_stride + plan.cmp_block - 1 <= t) & (c * plan.cmp_stride >= start) & (lse > -jnp.inf)
   return jnp.where(visible, jnp.exp(s - lse), 0.0)
 
 
@@ -306,11 +349,12 @@ def _eq9_weights(plan: _Plan, key_axis: int):
   return main, spill
 
 
-def _eq11(score, j, t, sel_block: int):
-  """Scores as the merge ranks them: forced blocks (the first, the current and the one before) +inf, blocks
-  starting after the token _INVALID. `j == t // l' or t // l' - 1` is `t < (j + 2) l'` among valid j."""
-  valid = j * sel_block <= t
-  forced = valid & ((j == 0) | (t < (j + 2) * sel_block))
+def _eq11(score, j, t, first, sel_block: int):
+  """Scores as the merge ranks them: forced blocks (the first of the query's segment, the current and the
+  one before) +inf, blocks starting after the token or before `first` _INVALID. `j == t // l' or
+  t // l' - 1` is `t < (j + 2) l'` among valid j."""
+  valid = (j * sel_block <= t) & (j >= first)
+  forced = valid & ((j == first) | (t < (j + 2) * sel_block))
   return jnp.where(forced, jnp.inf, jnp.where(valid, score, _INVALID))
 
 
@@ -365,10 +409,12 @@ def _compressed_keys(ck_BCKD, plan: _Plan):
 # ----------------------------------------------------------------------------- GPU body (Triton)
 
 
-def _gpu_kernel(q_ref, ck_ref, lse_ref, idx_ref, *, plan: _Plan, precision):
+def _gpu_kernel(q_ref, ck_ref, lse_ref, start_ref, idx_ref, *, plan: _Plan, precision):
   i = pl.program_id(0)
   Q, St, Ct = plan.block_q, plan.block_s, plan.block_c
   t_Q1 = i * Q + lax.broadcasted_iota(jnp.int32, (Q, 1), 0)
+  start_Q1 = start_ref[...][:, None]
+  first_Q1 = lax.div(start_Q1 + plan.sel_block - 1, plan.sel_block)
   main_CS, spill_CS = _eq9_weights(plan, key_axis=0)
 
   def tile(k, carry):
@@ -378,22 +424,25 @@ def _gpu_kernel(q_ref, ck_ref, lse_ref, idx_ref, *, plan: _Plan, precision):
 
     def head(g, p_QC):  # NSA Eq. 10: the group's probabilities add up
       s_QC = _nt(q_ref[:, g, :], ck_CD, precision) * plan.sm_scale
-      return p_QC + _probs(s_QC, lse_ref[g, :][:, None], c_1C, t_Q1, plan)
+      return p_QC + _probs(s_QC, lse_ref[g, :][:, None], c_1C, t_Q1, start_Q1, plan)
 
     p_QC = lax.fori_loop(0, plan.group, head, jnp.zeros((Q, Ct), jnp.float32))
     j_QS = k * St + lax.broadcasted_iota(jnp.int32, (Q, St), 1)
-    score_QS = _eq11(_nn(p_QC, main_CS) + spill_QS, j_QS, t_Q1, plan.sel_block)
+    score_QS = _eq11(_nn(p_QC, main_CS) + spill_QS, j_QS, t_Q1, first_Q1, plan.sel_block)
     top_QN, topj_QN = _merge_top(top_QN, topj_QN, score_QS, j_QS.astype(jnp.float32), plan.num_out, axis=1)
     return _nn(p_QC, spill_CS), top_QN, topj_QN
 
   N = plan.width
   init = (jnp.zeros((Q, St), jnp.float32), jnp.full((Q, N), -jnp.inf, jnp.float32),
           jnp.full((Q, N), _NO_BLOCK, jnp.float32))
-  _, top_QN, topj_QN = lax.fori_loop(0, _last_tile(i, plan) + 1, tile, init)
+  # Tiles before the first query's segment hold no choosable block (and spill nothing into the first
+  # visited tile: their compressed blocks start before every query's segment), so they are skipped.
+  lo = _first_tile(jnp.min(first_Q1), plan)
+  _, top_QN, topj_QN = lax.fori_loop(lo, _last_tile(i, plan) + 1, tile, init)
   idx_ref[...] = _indices(top_QN, topj_QN)
 
 
-def _gpu_body(plan: _Plan, q_BTHD, ck_BCKD, lse_BHT):
+def _gpu_body(plan: _Plan, q_BTHD, ck_BCKD, lse_BHT, start_BT):
   B, T, H, D = q_BTHD.shape
   K, G, Q = ck_BCKD.shape[2], plan.group, plan.block_q
   Gp, Tp, N = pl.next_power_of_2(G), plan.padded_len, plan.width
@@ -401,28 +450,32 @@ def _gpu_body(plan: _Plan, q_BTHD, ck_BCKD, lse_BHT):
     q_BTHD = _padded(q_BTHD.reshape(B, T, K, G, D), 3, Gp).reshape(B, T, K * Gp, D)
     lse_BHT = _padded(lse_BHT.reshape(B, K, G, T), 2, Gp, -jnp.inf).reshape(B, K * Gp, T)
   q_BTHD, lse_BHT = _padded(q_BTHD, 1, Tp), _padded(lse_BHT, 2, Tp, -jnp.inf)
+  start_BT = _padded(start_BT, 1, Tp, T)
   ck_BCKD = _compressed_keys(ck_BCKD, plan)
   idx_BTKN = pl.pallas_call(
       functools.partial(_gpu_kernel, plan=plan, precision=_precision(q_BTHD.dtype)),
       grid=(Tp // Q, B, K),
       in_specs=[pl.BlockSpec((None, Q, Gp, D), lambda i, b, k: (b, i, k, 0)),
                 pl.BlockSpec((None, ck_BCKD.shape[1], None, D), lambda i, b, k: (b, 0, k, 0)),
-                pl.BlockSpec((None, Gp, Q), lambda i, b, k: (b, k, i))],
+                pl.BlockSpec((None, Gp, Q), lambda i, b, k: (b, k, i)),
+                pl.BlockSpec((None, Q), lambda i, b, k: (b, i))],
       out_specs=pl.BlockSpec((None, Q, None, N), lambda i, b, k: (b, i, k, 0)),
       out_shape=out_struct((B, Tp, K, N), jnp.int32, q_BTHD, ck_BCKD, lse_BHT),
       compiler_params=plgpu.CompilerParams(num_warps=plan.num_warps, num_stages=plan.num_stages),
       interpret=interpret_param(plan.interpret, 'gpu'),
       name='block_selection',
-  )(q_BTHD, ck_BCKD, lse_BHT)
+  )(q_BTHD, ck_BCKD, lse_BHT, start_BT)
   return idx_BTKN[:, :T, :, :plan.num_out]
 
 
 # ----------------------------------------------------------------------------- TPU body (Mosaic)
 
 
-def _tpu_kernel(q_ref, ck_ref, lse_ref, idx_ref, top_ref, topj_ref, spill_ref, *, plan: _Plan, precision):
-  i, step = pl.program_id(1), pl.program_id(2)
+def _tpu_kernel(first_tile_ref, q_ref, ck_ref, lse_ref, start_ref, idx_ref, top_ref, topj_ref, spill_ref, *,
+                plan: _Plan, precision):
+  b, i, step = pl.program_id(0), pl.program_id(1), pl.program_id(2)
   Q, St, Ct, G = plan.block_q, plan.block_s, plan.block_c, plan.group
+  tile = first_tile_ref[b * pl.num_programs(1) + i] + step
 
   @pl.when(step == 0)
   def _init():
@@ -430,19 +483,21 @@ def _tpu_kernel(q_ref, ck_ref, lse_ref, idx_ref, top_ref, topj_ref, spill_ref, *
     topj_ref[...] = jnp.full(topj_ref.shape, _NO_BLOCK, jnp.float32)
     spill_ref[...] = jnp.zeros(spill_ref.shape, jnp.float32)
 
-  @pl.when(step <= _last_tile(i, plan))
+  @pl.when(tile <= _last_tile(i, plan))
   def _tile():
     t_1Q = i * Q + lax.broadcasted_iota(jnp.int32, (1, Q), 1)
-    c_C1 = step * Ct + lax.broadcasted_iota(jnp.int32, (Ct, 1), 0)
-    j_SQ = step * St + lax.broadcasted_iota(jnp.int32, (St, Q), 0)
+    start_1Q = start_ref[...]
+    first_1Q = lax.div(start_1Q + plan.sel_block - 1, plan.sel_block)
+    c_C1 = tile * Ct + lax.broadcasted_iota(jnp.int32, (Ct, 1), 0)
+    j_SQ = tile * St + lax.broadcasted_iota(jnp.int32, (St, Q), 0)
     main_SC, spill_SC = _eq9_weights(plan, key_axis=1)
     for k in range(ck_ref.shape[0]):  # static heads: Mosaic reads a head out of [Q, H, D] only statically
       ck_CD = ck_ref[k]
       p_CQ = jnp.zeros((Ct, Q), jnp.float32)
       for h in range(k * G, (k + 1) * G):  # NSA Eq. 10: the group's probabilities add up
         s_CQ = _nt(ck_CD, q_ref[:, h, :], precision) * plan.sm_scale
-        p_CQ += _probs(s_CQ, lse_ref[h:h + 1, :], c_C1, t_1Q, plan)
-      score_SQ = _eq11(_nn(main_SC, p_CQ) + spill_ref[k], j_SQ, t_1Q, plan.sel_block)
+        p_CQ += _probs(s_CQ, lse_ref[h:h + 1, :], c_C1, t_1Q, start_1Q, plan)
+      score_SQ = _eq11(_nn(main_SC, p_CQ) + spill_ref[k], j_SQ, t_1Q, first_1Q, plan.sel_block)
       spill_ref[k] = _nn(spill_SC, p_CQ)
       top_ref[k], topj_ref[k] = _merge_top(top_ref[k], topj_ref[k], score_SQ, j_SQ.astype(jnp.float32),
                                            plan.num_out, axis=0)
@@ -452,32 +507,37 @@ def _tpu_kernel(q_ref, ck_ref, lse_ref, idx_ref, top_ref, topj_ref, spill_ref, *
     idx_ref[...] = _indices(top_ref[...], topj_ref[...])
 
 
-def _tpu_body(plan: _Plan, q_BTHD, ck_BCKD, lse_BHT):
+def _tpu_body(plan: _Plan, q_BTHD, ck_BCKD, lse_BHT, start_BT):
   B, T, H, D = q_BTHD.shape
   K, Q, St, Ct = ck_BCKD.shape[2], plan.block_q, plan.block_s, plan.block_c
   Tp, N = plan.padded_len, plan.width
   q_BTHD, lse_BHT = _padded(q_BTHD, 1, Tp), _padded(lse_BHT, 2, Tp, -jnp.inf)
+  # Per query block, the first tile it visits (scalar-prefetched: the tile axis starts there).
+  first_BN = lax.div(start_BT[:, ::Q] + plan.sel_block - 1, plan.sel_block)
+  first_tile = _first_tile(first_BN, plan).reshape(-1)
+  start_B1T = _padded(start_BT, 1, Tp, T)[:, None, :]
   ck_BKCD = _compressed_keys(ck_BCKD, plan).transpose(0, 2, 1, 3)
 
-  def ck_map(b, i, step):  # steps past the query block's last tile re-use its block: nothing is fetched
-    return b, 0, jnp.minimum(step, _last_tile(i, plan)), 0
+  def ck_map(b, i, step, first_tile_ref):  # steps past the block's last tile re-use it: nothing is fetched
+    return b, 0, jnp.minimum(first_tile_ref[b * (Tp // Q) + i] + step, _last_tile(i, plan)), 0
 
   idx_BKNT = pl.pallas_call(
       functools.partial(_tpu_kernel, plan=plan, precision=_precision(q_BTHD.dtype)),
       grid_spec=pltpu.PrefetchScalarGridSpec(
-          num_scalar_prefetch=0,
+          num_scalar_prefetch=1,
           grid=(B, Tp // Q, plan.num_tiles),
-          in_specs=[pl.BlockSpec((None, Q, H, D), lambda b, i, step: (b, i, 0, 0)),
+          in_specs=[pl.BlockSpec((None, Q, H, D), lambda b, i, step, _: (b, i, 0, 0)),
                     pl.BlockSpec((None, K, Ct, D), ck_map),
-                    pl.BlockSpec((None, H, Q), lambda b, i, step: (b, 0, i))],
-          out_specs=pl.BlockSpec((None, K, N, Q), lambda b, i, step: (b, 0, 0, i)),
+                    pl.BlockSpec((None, H, Q), lambda b, i, step, _: (b, 0, i)),
+                    pl.BlockSpec((None, 1, Q), lambda b, i, step, _: (b, 0, i))],
+          out_specs=pl.BlockSpec((None, K, N, Q), lambda b, i, step, _: (b, 0, 0, i)),
           scratch_shapes=[pltpu.VMEM((K, N, Q), jnp.float32), pltpu.VMEM((K, N, Q), jnp.float32),
                           pltpu.VMEM((K, St, Q), jnp.float32)]),
       out_shape=out_struct((B, K, N, Tp), jnp.int32, q_BTHD, ck_BKCD, lse_BHT),
       compiler_params=pltpu.CompilerParams(dimension_semantics=('parallel', 'parallel', 'arbitrary')),
       interpret=interpret_param(plan.interpret, 'tpu'),
       name='block_selection',
-  )(q_BTHD, ck_BKCD, lse_BHT)
+  )(first_tile, q_BTHD, ck_BKCD, lse_BHT, start_B1T)
   return idx_BKNT.transpose(0, 3, 1, 2)[:, :T, :, :plan.num_out]
 
 

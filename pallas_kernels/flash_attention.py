@@ -17,7 +17,8 @@ here makes them so; 0 is padding, a run like any other). The kernels then skip w
 starts its key loop at the block holding the start of its first query's segment, and a key block's
 dk/dv loop stops at the query block holding the end of its last key's segment, so a row of many short
 documents costs about what the documents cost alone. The kernels take segments for self-attention
-(T == S, no `key_positions`); the XLA reference takes any.
+(T == S) and for strided keys (`key_positions`, NSA's compressed keys: key `s` then belongs to the
+segment of position `s * stride`); the XLA reference takes any.
 
 Kernels. The forward pass runs the online softmax over key blocks and saves the log-sum-exp per query;
 the backward pass recomputes the probabilities from it in two kernels, one for dq (per query block, a
@@ -232,9 +233,12 @@ def flash_attention_with_lse(q_BTHD: jax.Array, k_BSKD: jax.Array, v_BSKD: jax.A
   B, T, H, _ = q_BTHD.shape
   S = k_BSKD.shape[1]
   segments = _segment_pair(segment_ids, T, S)
-  if segments is not None and (T != S or key_positions is not None):
-    raise ValueError(f'segment_ids: the kernels take them for self-attention (T == S and no key_positions); '
-                     f'got T={T}, S={S}, key_positions={key_positions}')
+  if segments is not None and key_positions is None and T != S:
+    raise ValueError(f'segment_ids: the kernels take them for self-attention (T == S) or for strided keys '
+                     f'(key_positions); got T={T}, S={S}')
+  if segments is not None and key_positions is not None and (S - 1) * key_positions[0] >= T:
+    raise ValueError(f'segment_ids with key_positions={key_positions}: key {S - 1} starts at position '
+                     f'{(S - 1) * key_positions[0]}, past the {T} queries')
   seg_args = () if segments is None else segments
 
   def build(body: str, interpreted: bool):
@@ -252,21 +256,27 @@ def flash_attention_with_lse(q_BTHD: jax.Array, k_BSKD: jax.Array, v_BSKD: jax.A
 
 
 def computed_tiles(seq_len: int, *, block_q: int, block_k: int, window: int | None = None,
-                   segment_ids=None) -> int:
+                   segment_ids=None, key_positions: tuple[int, int] | None = None) -> int:
   """The (query block, key block) tiles the forward kernel computes for one head of each row, summed over
-  the rows: from the same bounds the kernels loop over (causal self-attention, T == S). A tile is
-  `4 * block_q * block_k * D` FLOPs forward, so this is the kernel's work as its grid does it, not an
-  estimate from the mask."""
+  the rows: from the same bounds the kernels loop over (causal self-attention, T == S; or NSA's
+  compressed keys, `key_positions=(stride, first)`, `(seq_len - first - 1) // stride + 1` of them). A
+  tile is `4 * block_q * block_k * D` FLOPs forward, so this is the kernel's work as its grid does it,
+  not an estimate from the mask."""
   B = 1 if segment_ids is None else segment_ids.shape[0]
+  stride, first = key_positions or (1, 0)
+  kv_len = (seq_len - first - 1) // stride + 1 if key_positions else seq_len
   plan = _Plan(causal=True, window=window, sm_scale=1.0, block_q=block_q, block_k=block_k, q_len=seq_len,
-               kv_len=seq_len, group=1, backend='gpu', interpret=True, segmented=segment_ids is not None)
-  firsts = (np.asarray(_segments(segment_ids, segment_ids, plan).first_kv_block) if segment_ids is not None
-            else None)
+               kv_len=kv_len, group=1, backend='gpu', interpret=True, key_stride=stride, key_first=first,
+               segmented=segment_ids is not None)
+  firsts = None
+  if segment_ids is not None:
+    kseg = segment_ids[:, :kv_len * stride:stride]
+    firsts = np.asarray(_segments(segment_ids, kseg, plan).first_kv_block)
   total = 0
   for b in range(B):
     for i in range(plan.num_q_blocks):
-      first = None if firsts is None else int(firsts[b * plan.num_q_blocks + i])
-      lo, hi = _kv_blocks(i, plan, _Static, first=first)
+      first_block = None if firsts is None else int(firsts[b * plan.num_q_blocks + i])
+      lo, hi = _kv_blocks(i, plan, _Static, first=first_block)
       total += max(hi - lo, 0)
   return total
 
@@ -402,18 +412,23 @@ def _flat_pow2(x_BN: jax.Array) -> jax.Array:
 
 
 def _segments(qseg_BT, kseg_BS, plan: _Plan) -> _Segments:
-  """The bodies' view of self-attention segment ids (T == S): runs by position, their bounds per block."""
+  """The bodies' view of segment ids: runs by query position, their bounds per block. Key `s` belongs to
+  the segment of position `s * key_stride` (itself for self-attention; the first token of its block for
+  NSA's compressed keys, which the caller's `kseg_BS` must match), so a query block's keys start at the
+  first key whose anchor is inside its first query's segment."""
   B, T = qseg_BT.shape
+  S = kseg_BS.shape[1]
   index = jnp.arange(T, dtype=jnp.int32)
   change_BT = jnp.concatenate([jnp.ones((B, 1), bool), qseg_BT[:, 1:] != qseg_BT[:, :-1]], axis=1)
   start_BT = lax.cummax(jnp.where(change_BT, index, 0), axis=1)
   ends_BT = jnp.concatenate([change_BT[:, 1:], jnp.ones((B, 1), bool)], axis=1)
   end_BT = lax.cummin(jnp.where(ends_BT, index, T - 1), axis=1, reverse=True)
   first_q = jnp.minimum(jnp.arange(plan.num_q_blocks) * plan.block_q, T - 1)
-  last_k = jnp.minimum(jnp.arange(plan.num_kv_blocks) * plan.block_k + plan.block_k - 1, T - 1)
-  first_kv_block = lax.div(start_BT[:, first_q], plan.block_k)
-  end_q_block = lax.div(end_BT[:, last_k], plan.block_q) + 1
-  pad_q, pad_k = plan.num_q_blocks * plan.block_q - T, plan.num_kv_blocks * plan.block_k - T
+  last_k = jnp.minimum(jnp.arange(plan.num_kv_blocks) * plan.block_k + plan.block_k - 1, S - 1)
+  first_key_BN = lax.div(start_BT[:, first_q] + plan.key_stride - 1, plan.key_stride)
+  first_kv_block = lax.div(first_key_BN, plan.block_k)
+  end_q_block = lax.div(end_BT[:, last_k * plan.key_stride], plan.block_q) + 1
+  pad_q, pad_k = plan.num_q_blocks * plan.block_q - T, plan.num_kv_blocks * plan.block_k - S
   return _Segments(q_BT=jnp.pad(qseg_BT, ((0, 0), (0, pad_q)), constant_values=-1),
                    k_BS=jnp.pad(kseg_BS, ((0, 0), (0, pad_k)), constant_values=-2),
                    first_kv_block=_flat_pow2(first_kv_block), end_q_block=_flat_pow2(end_q_block))

@@ -318,8 +318,8 @@ def lower_kernel(kernel: str, target: Target, *, batch: int = 1, seq_len: int = 
   DSA's token attention: `tokens` positions per token, the paper's top-k 2048 by default;
   compressed attention and block selection: the compressed keys of blocks of `cmp_block` at stride
   `cmp_stride`); grouped matmul: [B*T, Hq*D] rows over `experts` groups of [Hq*D, Hkv*D] weights.
-  `segments`: flash attention with segment ids (packed documents) as one more input. `options` go to
-  the kernel."""
+  `segments`: segment ids (packed documents) as one more input, for flash attention, compressed
+  attention and block selection. `options` go to the kernel."""
   if kernel not in KERNELS:
     raise ValueError(f'kernel={kernel!r} is not one of {KERNELS}')
   one = jax.sharding.SingleDeviceSharding(target.devices[0])
@@ -332,20 +332,30 @@ def lower_kernel(kernel: str, target: Target, *, batch: int = 1, seq_len: int = 
   kv = arg((batch, seq_len, kv_heads, head_dim))
   compressed = arg((batch, (seq_len - cmp_block) // cmp_stride + 1, kv_heads, head_dim))
   nsa_rules = dict(cmp_block=cmp_block, cmp_stride=cmp_stride)
+  ids = arg((batch, seq_len), jnp.int32)
+  if segments and kernel not in ('flash_attention', 'compressed_attention', 'block_selection'):
+    raise ValueError(f'segments=True: {kernel} takes no segment ids (it attends to the keys it is listed)')
   if kernel == 'block_selection':
     fn = functools.partial(block_selection, **nsa_rules, sel_block=block_size, num_selected=selected,
                            **options)
-    return jax.jit(fn).trace(q, compressed, arg((batch, q_heads, seq_len), jnp.float32)).lower()
+    lse = arg((batch, q_heads, seq_len), jnp.float32)
+    if segments:
+      return jax.jit(lambda q, ck, lse, seg: fn(q, ck, lse, segment_ids=seg)).trace(q, compressed, lse,
+                                                                                    ids).lower()
+    return jax.jit(fn).trace(q, compressed, lse).lower()
   if kernel == 'grouped_matmul':
     width, out_width = q_heads * head_dim, kv_heads * head_dim
     args = (arg((batch * seq_len, width)), arg((experts, width, out_width)))
     sizes = jnp.full((experts,), batch * seq_len // experts, jnp.int32)
     fn = lambda lhs, rhs: grouped_matmul(lhs, rhs, sizes, **options)  # noqa: E731
+  elif kernel == 'compressed_attention' and segments:
+    args = (q, compressed, compressed, ids)
+    fn = lambda q, k, v, seg: compressed_attention(q, k, v, **nsa_rules, segment_ids=seg, **options)[0]  # noqa: E731
   elif kernel == 'compressed_attention':
     args = (q, compressed, compressed)
     fn = lambda *a: compressed_attention(*a, **nsa_rules, **options)[0]  # noqa: E731
   elif kernel == 'flash_attention' and segments:
-    args = (q, kv, kv, arg((batch, seq_len), jnp.int32))
+    args = (q, kv, kv, ids)
     fn = lambda q, k, v, seg: flash_attention(q, k, v, segment_ids=seg, **options)  # noqa: E731
   elif kernel == 'flash_attention':
     args = (q, kv, kv)

@@ -699,6 +699,13 @@ def train_documents(config):
       yield from element if isinstance(element, list) else [element]
 
 
+def document_alignment(config) -> int:
+  """Where documents must start in a packed row: on multiples of this many tokens, the block grid of
+  the model's attention (1 for token-level variants; `sparse_lm.attention.document_alignment`)."""
+  from sparse_lm import attention  # the model side; imported here so that data alone stays light
+  return attention.document_alignment(config.model)
+
+
 def _window_tokens(config) -> int:
   return config.data.seq_len + 1  # inputs and targets overlap in all but one token
 
@@ -788,25 +795,46 @@ def _document_ids(document, tokenizer) -> list[np.ndarray]:
           for d in documents]
 
 
-def _with_starts(document, tokenizer) -> dict[str, np.ndarray]:
-  """The element's documents concatenated, and a 1 at the first token of each: `segments` packing cuts
-  this stream like `concat` does, then numbers the documents inside each row (`_segments`)."""
-  ids = _document_ids(document, tokenizer)
-  tokens = np.concatenate(ids) if ids else np.zeros(0, np.int32)
+def _aligned(ids: np.ndarray, align: int, limit: int | None = None) -> dict[str, np.ndarray]:
+  """A document's ids followed by padding up to a multiple of `align` tokens (no further than `limit`),
+  and 'real': 1 at its tokens, 0 at the padding. The padding belongs to the document's segment (so segment
+  ids stay one run per document) but is never a target (`_inputs_targets`); it makes the next document
+  start on the block grid of a variant whose blocks must not straddle documents (NSA, MoBA)."""
+  size = -(-len(ids) // align) * align
+  if limit is not None:
+    size = max(len(ids), min(size, limit))
+  real = np.zeros(size, np.int32)
+  real[:len(ids)] = 1
+  return {'tokens': np.pad(ids, (0, size - len(ids))).astype(np.int32), 'real': real}
+
+
+def _with_starts(document, tokenizer, align: int = 1) -> dict[str, np.ndarray]:
+  """The element's documents concatenated, each padded to a multiple of `align` (`_aligned`), and a 1
+  at the first token of each: `segments` packing cuts this stream like `concat` does, then numbers the
+  documents inside each row (`_segments`)."""
+  docs = [_aligned(ids, align) for ids in _document_ids(document, tokenizer)]
+  if not docs:
+    return {'tokens': np.zeros(0, np.int32), 'starts': np.zeros(0, np.int32), 'real': np.zeros(0, np.int32)}
+  tokens = np.concatenate([d['tokens'] for d in docs])
   starts = np.zeros(len(tokens), np.int32)
-  starts[np.cumsum([0] + [len(x) for x in ids[:-1]])] = 1 if ids else 0
-  return {'tokens': tokens, 'starts': starts}
+  starts[np.cumsum([0] + [len(d['tokens']) for d in docs[:-1]])] = 1
+  return {'tokens': tokens, 'starts': starts, 'real': np.concatenate([d['real'] for d in docs])}
 
 
-def _segments(window: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+def _segments(window: dict[str, np.ndarray], rows_of_seq_len: bool = False) -> dict[str, np.ndarray]:
   """Segment ids (1, 2, ... in the row; a document continued from the row before is a new segment) and
-  positions within each segment, for a window cut from the concatenation."""
+  positions within each segment, for a window cut from the concatenation. `rows_of_seq_len`: the window
+  is `seq_len` tokens, not `seq_len + 1` (aligned documents: rows must start on the block grid), and one
+  padding token is appended, so the row's last input has no target."""
   starts = window['starts'].copy()
   starts[0] = 1
   index = np.arange(len(starts), dtype=np.int32)
   first = np.maximum.accumulate(np.where(starts == 1, index, 0))
-  return {'tokens': window['tokens'], 'segment_ids': np.cumsum(starts, dtype=np.int32),
-          'positions': index - first}
+  row = {'tokens': window['tokens'], 'segment_ids': np.cumsum(starts, dtype=np.int32),
+         'positions': index - first, 'real': window['real']}
+  if rows_of_seq_len:
+    row = {k: np.append(v, 0).astype(np.int32) for k, v in row.items()}
+  return row
 
 
 class _Truncate(grain.experimental.FlatMapTransform):
@@ -815,8 +843,8 @@ class _Truncate(grain.experimental.FlatMapTransform):
 
   max_fan_out = 1 << 20
 
-  def __init__(self, tokenizer, length: int, packing: str):
-    self._tokenizer, self._length, self._packing = tokenizer, length, packing
+  def __init__(self, tokenizer, length: int, packing: str, align: int = 1):
+    self._tokenizer, self._length, self._packing, self._align = tokenizer, length, packing, align
 
   def flat_map(self, element) -> list[dict[str, np.ndarray]]:
     return [self._cut(ids) for ids in _document_ids(element, self._tokenizer)]
@@ -829,7 +857,7 @@ class _Truncate(grain.experimental.FlatMapTransform):
                         '%d) and is truncated; so is every such document (counted, not said again)',
                         self._packing, len(ids), self._length)
       ids = ids[:self._length]
-    return {'tokens': ids}
+    return _aligned(ids, self._align, limit=self._length)
 
 
 _TRUNCATED = [0]  # documents cut to the row by *_fit packing in this process
@@ -842,7 +870,7 @@ def truncated_documents() -> int:
 
 def _fitted(window: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
   return {'tokens': window['tokens'], 'segment_ids': window['tokens_segment_ids'],
-          'positions': window['tokens_positions']}
+          'positions': window['tokens_positions'], 'real': window['real']}
 
 
 def _checked_window(window: np.ndarray, vocab_size: int, source: str) -> np.ndarray:
@@ -876,16 +904,24 @@ def _pack(documents, tokenizer, config, windows: bool = False, seed: int = 0) ->
   if windows:
     check = functools.partial(_checked_window, vocab_size=tokenizer.vocab_size, source=config.data.source)
     return as_iter(documents.map(check)).map(lambda window: {'tokens': window})
-  if packing in ('concat', 'segments'):
-    tokenize = _tokenize if packing == 'concat' else _with_starts
-    tokens = as_iter(documents.map(functools.partial(tokenize, tokenizer=tokenizer)))
-    features = {'tokens': length} if packing == 'concat' else {'tokens': length, 'starts': length}
+  if packing == 'concat':
+    tokens = as_iter(documents.map(functools.partial(_tokenize, tokenizer=tokenizer)))
+    rows = grain.experimental.ConcatThenSplitIterDataset(tokens, length_struct={'tokens': length})
+    return rows.filter(_is_full).map(lambda row: {'tokens': row['tokens']})
+  align = document_alignment(config)
+  if packing == 'segments':
+    # Aligned documents need rows that start on the block grid: rows of seq_len, not seq_len + 1.
+    length = length if align == 1 else config.data.seq_len
+    tokens = as_iter(documents.map(functools.partial(_with_starts, tokenizer=tokenizer, align=align)))
+    features = {'tokens': length, 'starts': length, 'real': length}
     rows = grain.experimental.ConcatThenSplitIterDataset(tokens, length_struct=features).filter(_is_full)
-    return rows.map(_segments) if packing == 'segments' else rows.map(lambda row: {'tokens': row['tokens']})
-  split = grain.experimental.FlatMapIterDataset(as_iter(documents), _Truncate(tokenizer, length, packing))
+    return rows.map(functools.partial(_segments, rows_of_seq_len=align > 1))
+  split = grain.experimental.FlatMapIterDataset(as_iter(documents),
+                                                _Truncate(tokenizer, length, packing, align))
   packer = (grain.experimental.FirstFitPackIterDataset if packing == 'first_fit' else
             grain.experimental.BestFitPackIterDataset)
-  return packer(split, length_struct={'tokens': length}, num_packing_bins=config.data.packing_bins,
+  return packer(split, length_struct={'tokens': length, 'real': length},
+                num_packing_bins=config.data.packing_bins,
                 seed=seed, shuffle_bins=True).map(_fitted)
 
 
@@ -898,7 +934,8 @@ def _inputs_targets(rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
   if 'segment_ids' in rows:
     seg_BL = rows['segment_ids']
     batch.update(segment_ids=seg_BL[:, :-1], positions=rows['positions'][:, :-1],
-                 loss_mask=((seg_BL[:, :-1] != 0) & (seg_BL[:, :-1] == seg_BL[:, 1:])).astype(np.int32))
+                 loss_mask=((seg_BL[:, :-1] != 0) & (seg_BL[:, :-1] == seg_BL[:, 1:])
+                            & (rows['real'][:, 1:] != 0)).astype(np.int32))
   return batch
 
 

@@ -10,7 +10,13 @@ import numpy as np
 import pytest
 
 from pallas_kernels.block_choice import select_blocks
-from pallas_kernels.block_selection import block_selection, block_selection_reference, selection_scores
+from pallas_kernels.block_selection import (
+  block_selection,
+  block_selection_reference,
+  computed_tiles,
+  selection_scores,
+)
+from pallas_kernels.compressed_attention import compressed_attention_reference
 
 jax.config.update('jax_numpy_rank_promotion', 'raise')
 
@@ -206,6 +212,33 @@ def test_kernel_matches_reference(backend, T, H, K, blocks, n, dtype, block_q, b
   _assert_same_selection(got, want, score_BTKS, blocks[2], f'{backend} {seed=}')
 
 
+@pytest.mark.parametrize('backend,block_q,block_s', [('gpu', 32, 2), ('gpu', 64, 16), ('tpu', 128, 2)])
+def test_kernel_with_segments_matches_reference_and_each_document_alone(backend, block_q, block_s):
+  """Documents on the selection grid (64, 32, 352 and 64 tokens; two halves in row 1): the kernels
+  (skipping earlier documents' tiles, tiles of two blocks so the Eq. 9 carry crosses them) choose what
+  the reference chooses, and a document chooses the blocks it chooses alone, shifted by its start."""
+  l, d, ls, n = 8, 4, 16, 4
+  lengths = ((64, 32, 352, 64), (256, 256))
+  seg = jnp.asarray(np.stack([np.repeat(np.arange(1, len(x) + 1), x) for x in lengths]), jnp.int32)
+  rng = np.random.default_rng(_seed())
+  T, C = 512, (512 - l) // d + 1
+  q, ck, cv = (jnp.asarray(rng.standard_normal(s), jnp.float32) for s in ((2, T, 4, 16), (2, C, 2, 16),
+                                                                            (2, C, 2, 16)))
+  rule = dict(cmp_block=l, cmp_stride=d, sel_block=ls, num_selected=n)
+  _, lse = compressed_attention_reference(q, ck, cv, cmp_block=l, cmp_stride=d, segment_ids=seg)
+  want = np.asarray(block_selection_reference(q, ck, lse, segment_ids=seg, **rule))
+  got = np.asarray(jax.jit(functools.partial(block_selection, backend=backend, interpret=True, block_q=block_q,
+                                             block_s=block_s, segment_ids=seg, **rule))(q, ck, lse))
+  np.testing.assert_array_equal(got, want)
+  for a, m in ((96, 352), (0, 64)):
+    span = slice(a // d, a // d + (m - l) // d + 1)
+    _, lse_alone = compressed_attention_reference(q[:1, a:a + m], ck[:1, span], cv[:1, span], cmp_block=l,
+                                                  cmp_stride=d)
+    alone = np.asarray(block_selection_reference(q[:1, a:a + m], ck[:1, span], lse_alone, **rule))[0]
+    np.testing.assert_array_equal(np.where(alone >= 0, alone + a // ls, -1), want[0, a:a + m])
+  assert ((want[0, 96:448] >= 96 // ls) | (want[0, 96:448] == -1)).all()  # none of the earlier documents
+
+
 def test_no_gradient_flows():
   """The indices carry no gradient: differentiating through them gives zeros (and needs no kernel JVP),
   with the body chosen by the platform lowered for (here the CPU: the GPU body interpreted)."""
@@ -243,3 +276,13 @@ def test_shape_errors():
     block_selection(q, ck, lse, backend='gpu', interpret=False, block_q=24, **_rule(PAPER, 3))
   with pytest.raises(ValueError, match='multiple of 128'):
     block_selection(q, ck, lse, backend='tpu', interpret=False, block_q=64, **_rule(PAPER, 3))
+
+
+def test_kernel_skips_the_tiles_of_earlier_documents():
+  """Sixteen 512-token documents at T=8,192 (64 queries x 16 selection blocks of 64 a tile): each query
+  block visits only its own document's tile, 128 steps, against sum over blocks of (i // 16 + 1) = 576
+  for one document."""
+  seg = jnp.asarray(np.repeat(np.arange(1, 17), 512)[None], jnp.int32)
+  tiles = functools.partial(computed_tiles, 8192, block_q=64, block_s=16, sel_block=64)
+  assert tiles() == 576
+  assert tiles(segment_ids=seg) == 128

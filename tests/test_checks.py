@@ -24,6 +24,11 @@ CASES = [
     ('data.seq_len', lambda c: c.data.update(seq_len=10_000_000)),
     ('data.tokenizer', lambda c: c.data.update(tokenizer='wordpiece')),
     ('data.read_threads', lambda c: c.data.update(read_threads=-1)),
+    # Documents start on NSA's selection grid (4 tokens in the tiny config), so rows hold whole blocks.
+    ('data.seq_len', lambda c: (c.model.update(attention='nsa', nsa={'cmp_block': 4, 'cmp_stride': 2,
+                                                                      'sel_block': 4, 'num_selected': 3,
+                                                                      'window': 5}),
+                                c.data.update(packing='segments', seq_len=30))),
 ]
 
 

@@ -92,23 +92,25 @@ def test_gpu_kernels_compile_without_spills(target_name, kernel, head_dim, group
     assert 0 < k['registers'] <= 255 and 0 < k['shared_memory_bytes'] <= gpu.smem_per_block_optin, (name, k)
 
 
-@pytest.mark.parametrize('head_dim', [128])  # the most registers and shared memory (D=64 compiles too)
+@pytest.mark.parametrize('kernel', ['flash_attention', 'compressed_attention', 'block_selection'])
 @pytest.mark.parametrize('target_name', GPU_TARGETS + TPU_TARGETS)
-def test_flash_attention_with_segments_compiles_at_64k(target_name, head_dim):
-  """Segment ids (packed documents) in both bodies, forward and backward, at 65,536 tokens: compiled,
-  the three kernels, and on GPUs no spills within the registers and shared memory a block has. Peak
-  memory: within 1% of the same call without segments, plus on TPUs the ids' column layouts ([T, 1]
-  int32, which Mosaic's tiling pads to 128 lanes: 32 MiB at 65,536 tokens each, as splash attention's
-  lane-broadcast query ids cost)."""
-  options = dict(seq_len=65536, q_heads=8, kv_heads=2, head_dim=head_dim)
+def test_kernels_with_segments_compile_at_64k(target_name, kernel):
+  """Segment ids (packed documents) in both bodies of each kernel that takes them, forward and backward,
+  at 65,536 tokens and head_dim 128 (the most registers and shared memory; 64 compiles too): compiled,
+  the kernel's own kernels, and on GPUs no spills within the registers and shared memory a block has.
+  Flash attention's peak memory: within 1% of the same call without segments, plus on TPUs the ids'
+  column layouts ([T, 1] int32, which Mosaic's tiling pads to 128 lanes: 32 MiB at 65,536 tokens each,
+  as splash attention's lane-broadcast query ids cost)."""
+  options = dict(seq_len=65536, q_heads=8, kv_heads=2, head_dim=128)
   t = target(target_name)
-  plain, packed = (aot.compile_lowered(aot.lower_kernel('flash_attention', t, segments=seg, **options), t)
-                   for seg in (False, True))
+  packed = aot.compile_lowered(aot.lower_kernel(kernel, t, segments=True, **options), t)
   assert packed.compiled, packed.error
   by_name = {k['name']: k for k in packed.kernels}
-  assert set(by_name) == KERNEL_NAMES['flash_attention']
-  padded_columns = 0 if t.gpu is not None else 2 * 65536 * 128 * 4
-  assert packed.memory['peak_bytes'] <= 1.01 * plain.memory['peak_bytes'] + padded_columns
+  assert set(by_name) == KERNEL_NAMES[kernel]
+  if kernel == 'flash_attention':
+    plain = aot.compile_lowered(aot.lower_kernel(kernel, t, **options), t)
+    padded_columns = 0 if t.gpu is not None else 2 * 65536 * 128 * 4
+    assert packed.memory['peak_bytes'] <= 1.01 * plain.memory['peak_bytes'] + padded_columns
   if t.gpu is not None:
     for name, k in by_name.items():
       assert k['spill_store_bytes'] == 0 and k['spill_load_bytes'] == 0, (name, k)

@@ -65,6 +65,39 @@ def test_kernel_matches_reference(backend, shape, blocks, dtype, tiles):
                                err_msg=f'{name}, seed={seed}')
 
 
+# Documents of 64, 40 (not a multiple of the stride: blocks past its end belong to the next one), 104,
+# 3 and 45 tokens in row 0 and two halves in row 1.
+_LENGTHS = ((64, 40, 104, 3, 45), (128, 128))
+
+
+@pytest.mark.parametrize('backend,tiles', [('gpu', (32, 16)), ('tpu', (128, 128))])
+def test_kernel_with_segments_matches_reference(backend, tiles):
+  """A query sees only the blocks that begin in its segment: the kernels (which also skip the key tiles
+  before it) against the reference, forward and backward, and the reference against a per-query mask."""
+  seed = _seed()
+  l, d = 8, 4
+  seg = jnp.asarray(np.stack([np.repeat(np.arange(1, len(n) + 1), n) for n in _LENGTHS]), jnp.int32)
+  args = _inputs(seed, 2, 256, 4, 2, 16, l, d)
+  kernel = functools.partial(compressed_attention, cmp_block=l, cmp_stride=d, block_q=tiles[0],
+                             block_k=tiles[1], backend=backend, interpret=True, segment_ids=seg)
+  reference = functools.partial(compressed_attention_reference, cmp_block=l, cmp_stride=d, segment_ids=seg)
+  got = jax.jit(functools.partial(_value_and_grads, kernel))(*args)
+  want = _value_and_grads(reference, *args)
+  for name, g, w in zip(('o', 'lse', 'dq', 'dk', 'dv'), got, want, strict=True):
+    np.testing.assert_allclose(np.asarray(g), np.asarray(w), atol=2e-5, rtol=2e-5, err_msg=f'{name} {seed=}')
+  # The mask itself: block c is seen by query t iff it ends by t and begins at or after t's segment start.
+  q, k, v = args[:3]
+  C = k.shape[1]
+  start = np.asarray(jax.vmap(lambda s: jnp.searchsorted(s, s, side='left'))(seg))
+  seen = ((np.arange(C)[None, None] * d + l - 1 <= np.arange(256)[None, :, None])
+          & (np.arange(C)[None, None] * d >= start[:, :, None]))
+  s_BTHC = np.einsum('bthd,bchd->bthc', np.asarray(q), np.repeat(np.asarray(k), 2, axis=2)) * 16**-0.5
+  s_BTHC = np.where(seen[:, :, None], s_BTHC, -np.inf)
+  with np.errstate(invalid='ignore'):
+    lse = np.log(np.exp(s_BTHC).sum(-1)).transpose(0, 2, 1)
+  np.testing.assert_allclose(np.asarray(want[1]), lse, atol=1e-5, rtol=1e-5)
+
+
 def test_reference_is_eq_8_per_query():
   """Each query's softmax over exactly the blocks whose last token is at or before it."""
   l, d, T = 8, 4, 30

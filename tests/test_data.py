@@ -612,6 +612,41 @@ def test_document_packing_numbers_documents_and_masks_what_crosses_them(tmp_path
   assert len(data.eval_batches(config, BYTES)) == 3
 
 
+@pytest.mark.parametrize('packing', ['segments', 'first_fit', 'best_fit'])
+def test_block_attention_gets_documents_on_its_block_grid(tmp_path, packing):
+  """NSA (selection blocks of 16 here) needs each document to start on its block grid: the packer pads
+  the document before, the padding is its document's but never a target, and nothing else changes."""
+  rng = np.random.default_rng(1)
+  config = _config(source=_documents_source(tmp_path, rng.integers(1, 50, 300)), seq_len=64)
+  config.data.packing, config.data.validation_fraction, config.data.num_shards = packing, 0.1, 1
+  config.model.attention, config.model.nsa.sel_block = 'nsa', 16
+  assert data.document_alignment(config) == 16
+  padded = 0
+  for batch in _take(data.make_train_iterator(config, BYTES), 5):
+    assert batch['inputs'].shape == (4, 64)
+    for row in range(4):
+      seg, pos, mask = batch['segment_ids'][row], batch['positions'][row], batch['loss_mask'][row]
+      inputs, targets = batch['inputs'][row], batch['targets'][row]
+      starts = [a for a in np.flatnonzero(np.diff(seg, prepend=-1)) if seg[a]]
+      assert all(a % 16 == 0 for a in starts), (packing, starts)
+      for a in starts[1:]:
+        assert inputs[a] == BYTES.bos_id
+      for s, text in _documents_of(batch, row):
+        if not s:
+          continue
+        where = np.flatnonzero(seg == s)
+        # A document's tokens (BOS, letters, EOS) come first; what follows its EOS is padding.
+        eos = [i for i in where if inputs[i] == BYTES.eos_id]
+        if eos:
+          after = where[where > eos[0]]
+          padded += len(after)
+          assert np.all(mask[after] == 0) and np.all(mask[where[where < eos[0]]] == 1)
+          assert len(set(int(inputs[i]) for i in where[1:]) - {BYTES.eos_id, 0}) <= 1
+      assert np.all(targets[mask == 1] != 0) and np.all(mask[seg == 0] == 0)
+  assert padded > 0
+  _assert_resumes(config, 4, 3)
+
+
 def test_fit_packing_truncates_documents_longer_than_the_row_and_counts_them(tmp_path):
   config = _config(source=_documents_source(tmp_path, [10] * 50 + [500] * 3), seq_len=64)
   config.data.packing, config.data.validation_fraction, config.data.num_shards = 'first_fit', 0.1, 1

@@ -16,6 +16,7 @@ from flax import nnx
 from sparse_lm.attention import dsa
 from sparse_lm.layers import AuxLoss
 from tests.conftest import fresh_seed, run_train, tiny_config, train_losses
+from tests.test_variants import _check_documents_as_alone
 
 jax.config.update('jax_numpy_rank_promotion', 'raise')
 
@@ -189,3 +190,10 @@ def test_dsa_trains_and_its_warm_up_survives_a_resume(tmp_path):
     assert row['blocks/0/attn/dense_warmup'] == float(step <= 14), step
     assert 0 <= row['blocks/1/attn/indexer_recall'] <= 1 and np.isfinite(row['blocks/1/attn/indexer_kl'])
   assert {11, 14, 15, 25} <= set(rows)  # the resumed run logged its steps
+
+
+@pytest.mark.parametrize('kernel', ['pallas', 'xla'])
+def test_blocks_keep_packed_documents_apart(kernel):
+  """Block granularity (blocks of 4, two chosen) under document packing: each document, laid on the block
+  grid as the packer lays it, gets what it gets alone (the registry's contract test runs tokens)."""
+  _check_documents_as_alone('dsa', kernel, adjust=lambda m: m.dsa.update(block_size=4, top_k=8))

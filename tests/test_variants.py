@@ -142,24 +142,42 @@ def test_attention_config_errors_are_one_line_naming_the_key(name):
   _check_config_errors(variant_config(name), attention.REGISTRY[name].defaults())
 
 
-# Documents of a packed row: shorter than a block, starting mid-block, a single token; then padding.
-_DOCUMENTS = (3, 9, 1, 7)
+# Documents of a packed row: shorter than a block, starting mid-block, a single token, one of several
+# blocks; then padding. A variant that needs documents on its block grid (`document_alignment`) gets them
+# as the packer lays them out: each document followed by padding of its own segment up to the grid.
+_DOCUMENTS = (3, 9, 1, 7, 20)
 _PADDING = 4
 
 
-def _check_documents_as_alone(name: str, kernel: str) -> None:
+def _packed_row(align: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[int]]:
+  """Segment ids, positions, the real tokens (1) and each document's start."""
+  seg, pos, real, starts = [], [], [], []
+  for i, n in enumerate(_DOCUMENTS):
+    size = -(-n // align) * align
+    starts.append(len(seg))
+    seg += [i + 1] * size
+    pos += list(range(size))
+    real += [1] * n + [0] * (size - n)
+  seg, pos, real = seg + [0] * _PADDING, pos + list(range(_PADDING)), real + [0] * _PADDING
+  return np.array(seg), np.array(pos), np.array(real), starts
+
+
+def _check_documents_as_alone(name: str, kernel: str, adjust=None) -> None:
   """Each document of a packed row gets the logits it gets alone, and the gradient of a loss summed
-  over the row's documents is the sum of each document's gradient alone."""
+  over the row's documents is the sum of each document's gradient alone. `adjust(model_config)`: settings
+  beyond the variant's tiny ones."""
   c = variant_config(name, kernel=kernel)
+  if name == 'nsa':  # more than the three forced blocks, so that scores choose too
+    c.model.nsa.num_selected = 4
+  if adjust is not None:
+    adjust(c.model)
   model = _model(c)
-  T = sum(_DOCUMENTS) + _PADDING
+  seg, pos, real, starts = _packed_row(attention.document_alignment(c.model))
+  T = len(seg)
   seed = fresh_seed()
   tokens_BT = jax.random.randint(jax.random.key(seed), (1, T), 0, 259)
-  seg = np.concatenate([np.repeat(np.arange(1, len(_DOCUMENTS) + 1), _DOCUMENTS), np.zeros(_PADDING, int)])
-  pos = np.concatenate([np.arange(n) for n in _DOCUMENTS] + [np.arange(_PADDING)])
   seg_BT, pos_BT = jnp.asarray(seg[None], jnp.int32), jnp.asarray(pos[None], jnp.int32)
-  weights_TV = jax.random.normal(jax.random.key(seed + 1), (T, 259)) * (seg != 0)[:, None]
-  starts = np.cumsum((0,) + _DOCUMENTS[:-1])
+  weights_TV = jax.random.normal(jax.random.key(seed + 1), (T, 259)) * real[:, None]
 
   def packed(m):
     return jnp.sum(m(tokens_BT, segment_ids=seg_BT, positions=pos_BT)[0][0, :, :259] * weights_TV)

@@ -2,6 +2,10 @@
 subclass of `base.Attention`, whose members (written once there) are all the rest of the project reads.
 """
 
+import math
+
+import ml_collections
+
 from sparse_lm.attention import base, dense, dsa, moba, mosa, nsa, routing, sliding_window
 
 REGISTRY: dict[str, type[base.Attention]] = {
@@ -15,3 +19,10 @@ REGISTRY: dict[str, type[base.Attention]] = {
     'moba': moba.Attention,
     'dsa': dsa.Attention,
 }
+
+
+def document_alignment(cfg: ml_collections.ConfigDict) -> int:
+  """The token multiple on which every layer's attention needs documents to start in a packed row (the
+  least common multiple of the layers' `document_alignment`; 1 when all work token by token)."""
+  variant = REGISTRY[cfg.attention]
+  return math.lcm(*(variant.at_layer(cfg, layer).document_alignment(cfg) for layer in range(cfg.num_layers)))

@@ -39,6 +39,14 @@ class Attention(nnx.Module):
   # refuses `data.packing` other than `concat` for it.
   segments: ClassVar[bool] = False
 
+  @classmethod
+  def document_alignment(cls, cfg: ml_collections.ConfigDict) -> int:
+    """Under document packing, each document starts at a multiple of this many tokens of its row (the
+    packer pads the document before it, `sparse_lm.data`): a variant whose blocks must not straddle two
+    documents asks for its block size, so that a document's blocks are the blocks it has alone."""
+    del cfg
+    return 1
+
   @staticmethod
   def defaults() -> dict[str, Any]:
     """The `model.*` keys this variant adds to the base config, with their defaults (a sub-config under

@@ -30,6 +30,14 @@ over `s <= t`. Letters of this file: I the indexer's heads (their features D, li
   L > 1 scores a block by its best token (the max of `I` over the block's visible tokens) and chooses
   `top_k / L` blocks with `block_choice.select_blocks` (the query's own block forced, causal inside it),
   attended by `selected_attention`: what a TPU wants, which has no token-gather body.
+- **Documents** (`seg_BT`, a packed row): the indexer scores, and the KL and recall measure, only the
+  earlier tokens of the query's own document (its keys rotated at their positions in the document), so
+  the top-k lists hold none of another document and the attention kernels, which attend exactly the
+  listed keys, need no segment mask: a document's lists are its lists alone, shifted by its start. Tokens
+  need no alignment; blocks (L > 1) are chosen from the first block wholly inside the document
+  (`block_choice.first_block`), and the packer starts each document on the block grid
+  (`document_alignment`) so that a document's blocks are its blocks alone. The dense warm-up keeps to
+  the document by segment ids.
 
 Costs. The indexer is quadratic in FLOPs, as in the paper: `2 * index_heads * (index_head_dim + 1)`
 FLOPs per (query, earlier token), forward only (the top-k is discrete), against `4 * num_heads *
@@ -50,7 +58,7 @@ import ml_collections
 from flax import nnx
 
 from pallas_kernels._reference import MASK_VALUE, map_query_chunks
-from pallas_kernels.block_choice import select_blocks
+from pallas_kernels.block_choice import segment_starts, select_blocks
 from pallas_kernels.flash_attention import flash_attention_reference
 from pallas_kernels.selected_attention import selected_attention, selected_attention_reference
 from pallas_kernels.token_attention import token_attention, token_attention_reference
@@ -71,8 +79,11 @@ class WarmupClock(nnx.Variable):
 class Attention(dense.Attention):
   """Dense attention's projections, a lightning indexer and top-k token (or block) selection."""
 
-  # Not yet: its block or token choices would mix documents (issue 33); it refuses segment ids.
-  segments = False
+  segments = True
+
+  @classmethod
+  def document_alignment(cls, cfg: ml_collections.ConfigDict) -> int:
+    return cfg.dsa.block_size
 
   @staticmethod
   def defaults() -> dict:
@@ -167,12 +178,15 @@ class Attention(dense.Attention):
     relu_BQIX = jax.nn.relu(dots_BQIX * self.dsa.index_head_dim**-0.5)
     return jnp.einsum('bqix,bqi->bqx', relu_BQIX, w_BQI)
 
-  def _select(self, qi_BTID, w_BTI, ki_BSD, qpos_BT) -> jax.Array:
-    """`[B, T, 1, n]` chosen tokens (L = 1) or blocks, one list that every kv group shares; -1: unused."""
+  def _select(self, qi_BTID, w_BTI, ki_BSD, qpos_BT, lo_BT=None) -> jax.Array:
+    """`[B, T, 1, n]` chosen tokens (L = 1) or blocks, one list that every kv group shares; -1: unused.
+    Query t (at key slot `qpos_BT`) chooses among the slots from `lo_BT` (its document's start; 0
+    without documents) to itself."""
     S, L, top_k = ki_BSD.shape[1], self.dsa.block_size, self.dsa.top_k
+    lo_BT = jnp.zeros_like(qpos_BT) if lo_BT is None else lo_BT
 
-    def one_chunk(qi_BQID, w_BQI, pos_BQ):
-      visible_BQS = jnp.arange(S)[None, None, :] <= pos_BQ[:, :, None]
+    def one_chunk(qi_BQID, w_BQI, pos_BQ, lo_BQ):
+      visible_BQS = _span(S, pos_BQ, lo_BQ)
       score_BQS = jnp.where(visible_BQS, self._index_scores(qi_BQID, w_BQI, ki_BSD), -jnp.inf)
       score_BQS = jax.lax.stop_gradient(score_BQS)  # the choice is discrete
       if L == 1:
@@ -182,9 +196,9 @@ class Attention(dense.Attention):
       score_BQNL = jnp.pad(score_BQS, ((0, 0), (0, 0), (0, N * L - S)), constant_values=-jnp.inf)
       block_BQN = jnp.max(score_BQNL.reshape(*score_BQS.shape[:2], N, L), axis=-1)
       return select_blocks(block_BQN[:, :, None], pos_BQ, num_selected=top_k // L, block_size=L,
-                           force_first=False, force_local=1)
+                           force_first=False, force_local=1, first_BT=-(-lo_BQ // L))
     # Padded queries sit at position -1: they see no token and choose nothing.
-    return map_query_chunks(one_chunk, (qi_BTID, w_BTI, qpos_BT), (0, 0, -1),
+    return map_query_chunks(one_chunk, (qi_BTID, w_BTI, qpos_BT, lo_BT), (0, 0, -1, 0),
                             chunk=self._chunk(self.dsa.index_heads * S))
 
   # ----------------------------------------------------------------------------- the indexer's loss
@@ -209,16 +223,18 @@ class Attention(dense.Attention):
     kl_BQ = jnp.sum(jnp.where(p_BQX > 0, p_BQX * (jnp.log(safe_BQX) - log_q_BQX), 0.0), axis=-1)
     return kl_BQ, jnp.any(visible_BQX, axis=-1)
 
-  def _dense_kl(self, q_BTHD, k_BTKD, qi_BTID, w_BTI, ki_BTD, pos_BT):
-    """The warm-up's loss: over every earlier token."""
+  def _dense_kl(self, q_BTHD, k_BTKD, qi_BTID, w_BTI, ki_BTD, pos_BT, lo_BT=None):
+    """The warm-up's loss: over every earlier token (of the query's document)."""
     S = k_BTKD.shape[1]
-    def one_chunk(q_BQHD, qi_BQID, w_BQI, pos_BQ):
-      visible_BQS = jnp.arange(S)[None, None, :] <= pos_BQ[:, :, None]
+    lo_BT = jnp.zeros_like(pos_BT) if lo_BT is None else lo_BT
+
+    def one_chunk(q_BQHD, qi_BQID, w_BQI, pos_BQ, lo_BQ):
+      visible_BQS = _span(S, pos_BQ, lo_BQ)
       return self._kl(self._target(q_BQHD, k_BTKD, visible_BQS), self._index_scores(qi_BQID, w_BQI, ki_BTD),
                       visible_BQS)
     chunk = self._chunk(max(q_BTHD.shape[2], self.dsa.index_heads) * S)
-    return _mean_over_queries(*map_query_chunks(one_chunk, (q_BTHD, qi_BTID, w_BTI, pos_BT), (0, 0, 0, -1),
-                                                chunk=chunk))
+    return _mean_over_queries(*map_query_chunks(one_chunk, (q_BTHD, qi_BTID, w_BTI, pos_BT, lo_BT),
+                                                (0, 0, 0, -1, 0), chunk=chunk))
 
   def _sparse_kl(self, q_BTHD, k_BTKD, qi_BTID, w_BTI, ki_BTD, idx_BT1n, pos_BT):
     """The sparse stage's loss: over the selected tokens only (Sec. 2.1.1, the second stage)."""
@@ -238,17 +254,19 @@ class Attention(dense.Attention):
     return _mean_over_queries(*map_query_chunks(
         one_chunk, (q_BTHD, qi_BTID, w_BTI, idx_BT1n[:, :, 0], pos_BT), (0, 0, 0, -1, -1), chunk=chunk))
 
-  def _recall(self, q_BTHD, k_BTKD, qi_BTID, w_BTI, ki_BTD, pos_BT) -> jax.Array:
+  def _recall(self, q_BTHD, k_BTKD, qi_BTID, w_BTI, ki_BTD, pos_BT, lo_BT=None) -> jax.Array:
     """The share of the dense attention's top-k tokens that the selection covers, over the last
     `recall_queries` queries of each row."""
     B, T = pos_BT.shape
     S, L, R = k_BTKD.shape[1], self.dsa.block_size, min(self.dsa.recall_queries, T)
-    qpos_BR = pos_BT[:, -R:]
-    idx_BRn = self._select(qi_BTID[:, -R:], w_BTI[:, -R:], ki_BTD, qpos_BR)[:, :, 0]
-    visible_BRS = jnp.arange(S)[None, None, :] <= qpos_BR[:, :, None]
+    lo_BT = jnp.zeros_like(pos_BT) if lo_BT is None else lo_BT
+    qpos_BR, lo_BR = pos_BT[:, -R:], lo_BT[:, -R:]
+    idx_BRn = self._select(qi_BTID[:, -R:], w_BTI[:, -R:], ki_BTD, qpos_BR, lo_BR)[:, :, 0]
+    visible_BRS = _span(S, qpos_BR, lo_BR)
     p_BRS = self._target(q_BTHD[:, -R:], k_BTKD, visible_BRS)
     _, top_BRk = jax.lax.top_k(p_BRS, min(self.dsa.top_k, S))
-    wanted_BRk = top_BRk <= qpos_BR[:, :, None]  # fewer earlier tokens than top_k: only those count
+    # Fewer earlier tokens than top_k: only those count.
+    wanted_BRk = jnp.take_along_axis(visible_BRS, top_BRk, axis=-1)
     N = -(-S // L)
     b_B11, r_1R1 = jnp.arange(B)[:, None, None], jnp.arange(R)[None, :, None]
     slot_BRn = jnp.where(idx_BRn >= 0, idx_BRn, N)
@@ -277,22 +295,26 @@ class Attention(dense.Attention):
 
   def __call__(self, x_BTD: jax.Array, pos_BT: jax.Array, seg_BT: jax.Array | None = None,
                cache: dict | None = None, *, update_state: bool = False) -> tuple[jax.Array, dict | None]:
-    self.refuse_segments(seg_BT)
     q_BTHD, k_BTKD, v_BTKD = self._qkv(x_BTD, pos_BT)
     qi_BTID, w_BTI, ki_BTD = self._indexer(x_BTD, pos_BT)
     if cache is not None:
       o_BTHD, cache = self._decode(q_BTHD, k_BTKD, v_BTKD, qi_BTID, w_BTI, ki_BTD, pos_BT, cache)
       return self._output(o_BTHD), cache
+    # Keys are slots of the row: each query sits at its own slot and sees back to its document's start
+    # (the row's start without documents, when the positions are the slots).
+    B, T = pos_BT.shape
+    slot_BT = pos_BT if seg_BT is None else jnp.broadcast_to(jnp.arange(T, dtype=pos_BT.dtype), (B, T))
+    lo_BT = jnp.zeros_like(slot_BT) if seg_BT is None else segment_starts(seg_BT)
 
     def dense_stage(q_BTHD, k_BTKD, v_BTKD, qi_BTID, w_BTI, ki_BTD):
-      o_BTHD = self.attend(q_BTHD, k_BTKD, v_BTKD)  # dense attention's
-      kl = self._dense_kl(q_BTHD, k_BTKD, qi_BTID, w_BTI, ki_BTD, pos_BT) if update_state else 0.0
+      o_BTHD = self.attend(q_BTHD, k_BTKD, v_BTKD, seg_BT)  # dense attention's
+      kl = self._dense_kl(q_BTHD, k_BTKD, qi_BTID, w_BTI, ki_BTD, slot_BT, lo_BT) if update_state else 0.0
       return o_BTHD, jnp.asarray(kl, jnp.float32)
 
     def sparse_stage(q_BTHD, k_BTKD, v_BTKD, qi_BTID, w_BTI, ki_BTD):
-      idx_BT1n = self._select(qi_BTID, w_BTI, ki_BTD, pos_BT)
+      idx_BT1n = self._select(qi_BTID, w_BTI, ki_BTD, slot_BT, lo_BT)
       o_BTHD = self._sparse_attend(q_BTHD, k_BTKD, v_BTKD, idx_BT1n)
-      kl = (self._sparse_kl(q_BTHD, k_BTKD, qi_BTID, w_BTI, ki_BTD, idx_BT1n, pos_BT) if update_state
+      kl = (self._sparse_kl(q_BTHD, k_BTKD, qi_BTID, w_BTI, ki_BTD, idx_BT1n, slot_BT) if update_state
             else 0.0)
       return o_BTHD, jnp.asarray(kl, jnp.float32)
 
@@ -301,7 +323,7 @@ class Attention(dense.Attention):
       self.sow(AuxLoss, 'indexer_kl_aux_loss', self.dsa.kl_weight * kl)
       self.sow(nnx.Intermediate, 'indexer_kl', kl)
       self.sow(nnx.Intermediate, 'indexer_recall',
-               self._recall(q_BTHD, k_BTKD, qi_BTID, w_BTI, ki_BTD, pos_BT))
+               self._recall(q_BTHD, k_BTKD, qi_BTID, w_BTI, ki_BTD, slot_BT, lo_BT))
       self.sow(nnx.Intermediate, 'dense_warmup', self._in_warmup().astype(jnp.float32))
       self.clock[...] = self.clock[...] + 1
     return self._output(o_BTHD), cache
@@ -331,6 +353,12 @@ class Attention(dense.Attention):
       return selected_attention_reference(q_BTHD, cache['k'], cache['v'], idx_BT1n,
                                           block_size=self.dsa.block_size, qpos_BT=pos_BT)
     return self._staged(dense_stage, sparse_stage, q_BTHD, qi_BTID, w_BTI), cache
+
+
+def _span(S: int, pos_BQ, lo_BQ):
+  """`[B, Q, S]`: the key slots `lo <= s <= pos` each query sees."""
+  s_11S = jnp.arange(S)[None, None, :]
+  return (s_11S <= pos_BQ[:, :, None]) & (s_11S >= lo_BQ[:, :, None])
 
 
 def _mean_over_queries(kl_BT, counts_BT):

@@ -18,6 +18,18 @@ the two are the same. The paper's layer-wise hybrid (the last few layers full at
 reports closes most of the gap in supervised fine-tuning): `moba.dense_last_layers` blocks at the top
 of the model run dense attention (`at_layer`).
 
+Documents in a packed row (`seg_BT`): a query chooses only among the blocks of its own document (from
+the document's first block, `block_choice.first_block`), so `selected_attention`, which attends exactly
+the listed blocks, needs no segment mask. How blocks meet document boundaries, and why: the packer starts
+each document on the block grid (`document_alignment`), so a document's blocks, their mean keys and the
+gate's choice are exactly those it has alone. Masking partial blocks instead would change a document's
+block means with where it lands in the row (and leave the tokens of its first partial block without an
+own block); per-document block grids would need a kernel that takes per-document block offsets. The
+cost of aligning is padding, at most `block_size - 1` tokens a document: on the embedded corpus 1.7% of
+a row at the paper's 512 and 0.2% at 64 (`python benchmarks/packing.py`, BENCHMARKS.md), but far more
+on short web documents (a corpus of 300-token documents pads 41% at 512); per-document offsets are the
+way out for such data and are not built.
+
 Memory is linear in T: the block means are `[B, T / block_size, K, D]` and the gate scores are taken
 `XLA_CHUNK` queries at a time (`map_query_chunks`), then only the `[B, T, K, top_k]` indices are kept.
 The gate's FLOPs are T x (T / block_size) dot products a head, a 1 / block_size share of dense
@@ -31,7 +43,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from pallas_kernels._reference import XLA_CHUNK, map_query_chunks
-from pallas_kernels.block_choice import select_blocks
+from pallas_kernels.block_choice import first_block, select_blocks
 from pallas_kernels.selected_attention import selected_attention, selected_attention_reference
 from sparse_lm import sharding
 from sparse_lm.attention import dense
@@ -41,8 +53,11 @@ from sparse_lm.errors import ConfigError, require_positive
 class Attention(dense.Attention):
   """MoBA over dense attention's grouped-query projections; `model.moba` holds the block size and k."""
 
-  # Not yet: its block or token choices would mix documents (issue 33); it refuses segment ids.
-  segments = False
+  segments = True
+
+  @classmethod
+  def document_alignment(cls, cfg: ml_collections.ConfigDict) -> int:
+    return cfg.moba.block_size
 
   @staticmethod
   def defaults() -> dict:
@@ -84,8 +99,9 @@ class Attention(dense.Attention):
     super().__init__(cfg, rngs=rngs)
     self.block_size, self.top_k = cfg.moba.block_size, cfg.moba.top_k
 
-  def _choose(self, q_BTHD, k_BSKD, qpos_BT) -> jax.Array:
-    """`[B, T, K, top_k]` blocks per query and kv group: the gate scores, summed over the group's heads."""
+  def _choose(self, q_BTHD, k_BSKD, qpos_BT, seg_BT=None) -> jax.Array:
+    """`[B, T, K, top_k]` blocks per query and kv group: the gate scores, summed over the group's heads;
+    under `seg_BT`, only blocks of the query's own document."""
     B, T, H, D = q_BTHD.shape
     S, K = k_BSKD.shape[1:3]
     N = -(-S // self.block_size)
@@ -95,19 +111,20 @@ class Attention(dense.Attention):
         B, N, self.block_size, K * D)
     mean_BNKD = jnp.mean(k_BNLX, axis=2, dtype=jnp.float32).reshape(B, N, K, D)
 
-    def one_chunk(q_BQHD, pos_BQ):
+    first_BT = (jnp.zeros_like(qpos_BT) if seg_BT is None else first_block(seg_BT, self.block_size))
+
+    def one_chunk(q_BQHD, pos_BQ, first_BQ):
       q_BQKGD = q_BQHD.reshape(*q_BQHD.shape[:2], K, H // K, D).astype(jnp.float32)
       score_BQKN = jnp.einsum('bqkgd,bnkd->bqkn', q_BQKGD, mean_BNKD)
       return select_blocks(score_BQKN, pos_BQ, num_selected=self.top_k, block_size=self.block_size,
-                           force_first=False, force_local=1)
+                           force_first=False, force_local=1, first_BT=first_BQ)
     # Padded queries sit at position -1 and choose nothing. The choice is discrete (select_blocks stops
     # the scores' gradient): the gate learns nothing, as in the paper.
-    return map_query_chunks(one_chunk, (q_BTHD, qpos_BT), (0, -1), chunk=XLA_CHUNK)
+    return map_query_chunks(one_chunk, (q_BTHD, qpos_BT, first_BT), (0, -1, 0), chunk=XLA_CHUNK)
 
   def attend(self, q_BTHD, k_BTKD, v_BTKD, seg_BT=None) -> jax.Array:
-    self.refuse_segments(seg_BT)
     B, T = q_BTHD.shape[:2]
-    idx_BTKn = self._choose(q_BTHD, k_BTKD, jnp.broadcast_to(jnp.arange(T), (B, T)))
+    idx_BTKn = self._choose(q_BTHD, k_BTKD, jnp.broadcast_to(jnp.arange(T), (B, T)), seg_BT)
     attend = functools.partial(selected_attention, block_size=self.block_size, implementation=self.kernel)
     return sharding.attention_per_device(attend, q_BTHD, k_BTKD, v_BTKD, idx_BTKn)
 

@@ -29,6 +29,27 @@ Where this departs from the paper, and why:
   position, so compressed scores keep RoPE's relative-distance form.
 - The gate is `sigmoid(x W + b)`, a one-layer MLP per head and branch.
 - The top-n indices carry no gradient, as in the paper; `phi` learns through the compressed branch.
+
+Documents in a packed row (`seg_BT`). The three branches keep to the query's document: the window by
+segment ids (`flash_attention`), the compressed branch by seeing only blocks that begin at or after the
+document's start (`compressed_attention`), and selection by choosing only blocks from the document's first
+one, which replaces block 0 as the forced first block (`block_selection`); compressed keys are rotated at
+their last token's position in the document. How blocks meet document boundaries, and why:
+- chosen: each document starts on the selection grid (a multiple of `sel_block`, which `cmp_stride`
+  divides), the packer padding the document before it (`document_alignment`, `sparse_lm.data`). Then a
+  document's compressed and selection blocks are exactly the blocks it has alone, and the branches need
+  only masks and tile bounds, no new block layout, so every kernel keeps its grid. The cost is padding:
+  on the embedded corpus 0.21% of a row's tokens at the paper's 64 (`python benchmarks/packing.py`,
+  BENCHMARKS.md), rising with shorter documents (at most 63 tokens a document).
+- masking partial blocks (documents anywhere, blocks straddling a boundary hidden): no padding, but a
+  document's blocks then depend on where it lands in the row (a block of 32 tokens at stride 16 starting
+  mid-document summarises different tokens than alone), so a document would not be scored as alone, and
+  the tokens of a document's first partial selection block would have no block to select.
+- per-document block positions (a block grid restarting at each document): exact without padding, but the
+  compressed blocks would no longer be a strided slice of the row, so phi, the compressed kernel's key
+  positions and block selection's Eq. 9 weights would all need per-document gathers.
+A row that does not start its documents on the grid is still leak-free (blocks are kept to a document by
+their first token, choices rounded up to whole blocks) but a document then differs from itself alone.
 """
 
 import functools
@@ -58,6 +79,7 @@ class Attention(base.Attention):
   """NSA with grouped-query heads; `model.nsa` holds l, d, l', n, w and whether K/V are shared."""
 
   decodes = True
+  segments = True
 
   def __init__(self, cfg: ml_collections.ConfigDict, *, rngs: nnx.Rngs):
     n = cfg.nsa
@@ -95,6 +117,10 @@ class Attention(base.Attention):
     n.window = 512  # w: the sliding-window branch
     n.shared_kv = False  # one K/V projection for all three branches instead of one each
     return {'nsa': n}
+
+  @classmethod
+  def document_alignment(cls, cfg: ml_collections.ConfigDict) -> int:
+    return cfg.nsa.sel_block  # a multiple of cmp_stride (check_config), so compressed blocks align too
 
   @staticmethod
   def tiny_config() -> dict:
@@ -149,28 +175,34 @@ class Attention(base.Attention):
     h_BNKF = jax.nn.silu(x_BNKX @ getattr(self, f'cmp_w1_{kind}')[...].astype(self.dtype))
     return h_BNKF @ getattr(self, f'cmp_w2_{kind}')[...].astype(self.dtype)
 
-  def _compressed_and_choice(self, q_BTHD, ck_BCKD, cv_BCKD, pos_BT, num_keys: int, fused: bool):
+  def _compressed_and_choice(self, q_BTHD, ck_BCKD, cv_BCKD, pos_BT, num_keys: int, fused: bool,
+                             seg_BT=None):
     """The compressed branch's output and the selected blocks; compressed keys rotated (RoPE) at their
-    blocks' last tokens. `fused`: the kernels (training), else the chunked XLA path."""
+    blocks' last tokens (at those tokens' positions in their documents under `seg_BT`). `fused`: the
+    kernels (training), else the chunked XLA path."""
     n = self.nsa
-    ends_BC = jnp.broadcast_to(block_ends(ck_BCKD.shape[1], cmp_block=n.cmp_block, cmp_stride=n.cmp_stride),
-                               ck_BCKD.shape[:2])
+    ends_C = block_ends(ck_BCKD.shape[1], cmp_block=n.cmp_block, cmp_stride=n.cmp_stride)
+    ends_BC = jnp.broadcast_to(ends_C, ck_BCKD.shape[:2]) if seg_BT is None else pos_BT[:, ends_C]
     ck_BCKD = rope(ck_BCKD, ends_BC, self.rope_theta)
-    o_cmp, lse_BHT = self._compressed_branch(q_BTHD, ck_BCKD, cv_BCKD, pos_BT, fused)
-    return o_cmp, self._block_indices(q_BTHD, ck_BCKD, lse_BHT, pos_BT, num_keys, fused)
+    o_cmp, lse_BHT = self._compressed_branch(q_BTHD, ck_BCKD, cv_BCKD, pos_BT, seg_BT, fused)
+    return o_cmp, self._block_indices(q_BTHD, ck_BCKD, lse_BHT, pos_BT, seg_BT, num_keys, fused)
 
-  def _compressed_branch(self, q_BTHD, ck_BCKD, cv_BCKD, pos_BT, fused: bool):
+  def _compressed_branch(self, q_BTHD, ck_BCKD, cv_BCKD, pos_BT, seg_BT, fused: bool):
     """Eq. 8 over the visible compressed blocks: the output and the log-sum-exp `[B, H, T]` that block
     selection recomputes the probabilities from (`ck_BCKD` already rotated). Linear in memory on both
     paths: the kernel never holds `[T, C]` scores, the XLA path holds them for a chunk of queries."""
     n = self.nsa
+    attend = functools.partial(compressed_attention, cmp_block=n.cmp_block, cmp_stride=n.cmp_stride)
+    if seg_BT is not None:  # a packed row: queries at 0..T-1, blocks kept to each query's document
+      attend = functools.partial(attend, implementation='pallas' if fused else 'xla')
+      return sharding.attention_per_device(lambda q, k, v, seg: attend(q, k, v, segment_ids=seg),
+                                           q_BTHD, ck_BCKD, cv_BCKD, seg_BT)
     if fused:
-      attend = functools.partial(compressed_attention, cmp_block=n.cmp_block, cmp_stride=n.cmp_stride)
       return sharding.attention_per_device(attend, q_BTHD, ck_BCKD, cv_BCKD)
     return compressed_attention_reference(q_BTHD, ck_BCKD, cv_BCKD, cmp_block=n.cmp_block,
                                         cmp_stride=n.cmp_stride, pos_BT=pos_BT)
 
-  def _block_indices(self, q_BTHD, ck_BCKD, lse_BHT, pos_BT, num_keys: int, fused: bool) -> jax.Array:
+  def _block_indices(self, q_BTHD, ck_BCKD, lse_BHT, pos_BT, seg_BT, num_keys: int, fused: bool) -> jax.Array:
     """Eqs. 9-11: the top-n selection blocks per token and kv head, from the compressed probabilities
     recomputed from the log-sum-exp (summed over the heads of a group, Eq. 10). No gradient: the indices
     are discrete, as in the paper."""
@@ -178,6 +210,10 @@ class Attention(base.Attention):
     rules = dict(cmp_block=n.cmp_block, cmp_stride=n.cmp_stride, sel_block=n.sel_block,
                  num_selected=n.num_selected)
     q_BTHD, ck_BCKD, lse_BHT = map(jax.lax.stop_gradient, (q_BTHD, ck_BCKD, lse_BHT))
+    if seg_BT is not None:
+      select = functools.partial(block_selection, implementation='pallas' if fused else 'xla', **rules)
+      return sharding.attention_per_device(lambda q, ck, lse, seg: select(q, ck, lse, segment_ids=seg),
+                                           q_BTHD, ck_BCKD, lse_BHT, seg_BT)
     if fused:
       return sharding.attention_per_device(functools.partial(block_selection, **rules), q_BTHD, ck_BCKD,
                                            lse_BHT)
@@ -212,7 +248,6 @@ class Attention(base.Attention):
 
   def __call__(self, x_BTD: jax.Array, pos_BT: jax.Array, seg_BT: jax.Array | None = None,
                cache: Cache | None = None, *, update_state: bool = False) -> tuple[jax.Array, Cache | None]:
-    self.refuse_segments(seg_BT)
     del update_state  # no state besides the parameters
     x_BTD = x_BTD.astype(self.dtype)
     q_BTHD, k_BTJKD, v_BTJKD = self._project(x_BTD, pos_BT)
@@ -227,18 +262,20 @@ class Attention(base.Attention):
 
     fused = cache is None and self.kernel == 'pallas'
     num_keys = self._branch(k_BSJKD, 'slc').shape[1]
-    o_cmp, idx_BTKn = self._compressed_and_choice(q_BTHD, ck_BCKD, cv_BCKD, pos_BT, num_keys, fused)
+    o_cmp, idx_BTKn = self._compressed_and_choice(q_BTHD, ck_BCKD, cv_BCKD, pos_BT, num_keys, fused, seg_BT)
 
     if cache is None:
-      o_slc, o_win = self._selected_and_window(q_BTHD, k_BSJKD, v_BSJKD, idx_BTKn, pos_BT, fused)
+      o_slc, o_win = self._selected_and_window(q_BTHD, k_BSJKD, v_BSJKD, idx_BTKn, pos_BT, seg_BT, fused)
     else:
       o_slc, o_win = self._selected_and_window_from_cache(q_BTHD, k_BSJKD, v_BSJKD, idx_BTKn, pos_BT)
     o_BTHD = self._mix(x_BTD, o_cmp.astype(self.dtype), o_slc.astype(self.dtype), o_win.astype(self.dtype))
     y_BTD = jnp.einsum('bthk,hkd->btd', o_BTHD, self.wo[...].astype(self.dtype))
     return sharding.constrain(y_BTD, ('batch', 'length', 'act_embed')), cache
 
-  def _selected_and_window(self, q_BTHD, k_BTJKD, v_BTJKD, idx_BTKn, pos_BT, fused: bool):
-    """Eq. 12 and the sliding window over the whole sequence (training, or a prompt without cache)."""
+  def _selected_and_window(self, q_BTHD, k_BTJKD, v_BTJKD, idx_BTKn, pos_BT, seg_BT, fused: bool):
+    """Eq. 12 and the sliding window over the whole sequence (training, or a prompt without cache). The
+    selected blocks are the query's document's already (`block_selection`); the window keeps to it by
+    segment ids."""
     n = self.nsa
     ks_BTKD = rope(self._branch(k_BTJKD, 'slc'), pos_BT, self.rope_theta)
     kw_BTKD = rope(self._branch(k_BTJKD, 'win'), pos_BT, self.rope_theta)
@@ -246,8 +283,11 @@ class Attention(base.Attention):
     implementation = 'pallas' if fused else 'xla'
     selected = functools.partial(selected_attention, block_size=n.sel_block, implementation=implementation)
     window = functools.partial(flash_attention, causal=True, window=n.window, implementation=implementation)
-    return (sharding.attention_per_device(selected, q_BTHD, ks_BTKD, vs_BTKD, idx_BTKn),
-            sharding.attention_per_device(window, q_BTHD, kw_BTKD, vw_BTKD))
+    o_slc = sharding.attention_per_device(selected, q_BTHD, ks_BTKD, vs_BTKD, idx_BTKn)
+    if seg_BT is None:
+      return o_slc, sharding.attention_per_device(window, q_BTHD, kw_BTKD, vw_BTKD)
+    return o_slc, sharding.attention_per_device(lambda q, k, v, seg: window(q, k, v, segment_ids=seg),
+                                                q_BTHD, kw_BTKD, vw_BTKD, seg_BT)
 
   def _selected_and_window_from_cache(self, q_BTHD, k_BSJKD, v_BSJKD, idx_BTKn, pos_BT):
     """The same for new tokens at `pos_BT` over a cache of S positions, reading only the rows attended
