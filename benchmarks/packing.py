@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from pallas_kernels import block_selection
+from pallas_kernels.block_selection import computed_tiles as selection_tiles
 from pallas_kernels.flash_attention import computed_tiles
 from sparse_lm import data, optim, trainer
 from sparse_lm.config import base_config
@@ -104,7 +104,7 @@ def _sixteen_documents() -> dict:
                                                                     segment_ids=s),
       'compressed_attention (64 x 64 tiles)': lambda s: computed_tiles(
           T, block_q=64, block_k=64, key_positions=(16, 31), segment_ids=s),
-      'block_selection (64 queries x 16 blocks)': lambda s: block_selection.computed_tiles(
+      'block_selection (64 queries x 16 blocks)': lambda s: selection_tiles(
           T, block_q=64, block_s=16, sel_block=64, segment_ids=s),
   }
   return {name: {'sixteen_documents': f(seg), 'one_document': f(None)} for name, f in counts.items()}

@@ -21,6 +21,18 @@ non-parameter state the train step moves toward the target share `1 / rho` (as t
 Wang et al. 2024); taken tokens fill a head's slots in position order, and a token whose rank among the
 taken ones exceeds `capacity_factor * (t + 1) / rho` is dropped, a rule that looks only backward. The
 decoding cache keeps each head's chosen keys and values.
+
+Documents in a packed row (`seg_BT`). A head chooses within each document what it would choose from the
+document alone: `mosa` the top `k(n) = min(n, max(2, n // rho))` of each document of n tokens (the first
+token of each document always, with `include_first`), `mosa_causal` by the same threshold with its
+capacity bound counted from each document's start (`document_slots`, `causal_slots`). The chosen tokens
+of all documents fill the head's slots in position order, and slot attention keeps each slot to the
+slots of its own document (segment ids over the slots), so a document's slots see what they see alone.
+Per-document rounding can need more slots than the row's `k(T)` (a document of n < 2 rho tokens still
+takes 2), so under segments a head runs twice its slots (at most T); what still does not fit is dropped
+from the row's last documents and counted (`mosa_dropped_share`). The choice is per document rather
+than over the whole row because a row-wide top-k gives a document a share of slots that depends on its
+neighbours, which is a leak between documents by construction.
 """
 
 import functools
@@ -33,6 +45,7 @@ import ml_collections
 from flax import nnx
 
 from pallas_kernels._reference import MASK_VALUE
+from pallas_kernels.block_choice import segment_starts
 from pallas_kernels.flash_attention import flash_attention
 from sparse_lm import sharding
 from sparse_lm.attention import dense
@@ -132,6 +145,74 @@ def causal_slots(taken_BGT: jax.Array, pos_BT: jax.Array, *, per_token: float, n
   return idx_BGS, keep_BGT
 
 
+def fill_slots(keep_BGT: jax.Array, num_slots: int) -> jax.Array:
+  """`[B, G, S]`: the kept tokens of each group in position order, slot by slot (T where empty); kept
+  tokens past the last slot are dropped."""
+  B, G, T = keep_BGT.shape
+  slot_BGT = jnp.where(keep_BGT, jnp.cumsum(keep_BGT, axis=-1, dtype=jnp.int32) - 1, num_slots)
+  b_B11, g_1G1 = jnp.arange(B)[:, None, None], jnp.arange(G)[None, :, None]
+  t_BGT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32)[None, None, :], (B, G, T))
+  return jnp.full((B, G, num_slots), T, jnp.int32).at[b_B11, g_1G1, slot_BGT].set(t_BGT, mode='drop')
+
+
+def segment_lengths(seg_BT: jax.Array) -> jax.Array:
+  """`[B, T]`: the length of each token's segment (a run of equal ids)."""
+  T = seg_BT.shape[1]
+  end_BT = T - 1 - segment_starts(seg_BT[:, ::-1])[:, ::-1]
+  return end_BT - segment_starts(seg_BT) + 1
+
+
+def document_slots(score_BGT: jax.Array, seg_BT: jax.Array, k_BT: jax.Array, num_slots: int):
+  """Expert choice per document: each group keeps, of every segment, the `k_BT` (given per token, for
+  its segment) tokens of highest score, ties to the lower position, as `jax.lax.top_k` over the segment
+  alone would; they fill the slots in position order (`fill_slots`). Returns `idx_BGS` and `keep_BGT`."""
+  B, G, T = score_BGT.shape
+  start_BGT = jnp.broadcast_to(segment_starts(seg_BT)[:, None, :], (B, G, T))
+  order_BGT = jnp.lexsort((-score_BGT, start_BGT), axis=-1)  # by segment, then score; stable
+  place_BGT = jnp.argsort(order_BGT, axis=-1).astype(jnp.int32)  # each token's place in that order
+  keep_BGT = place_BGT - start_BGT < k_BT[:, None, :]
+  return fill_slots(keep_BGT, num_slots), keep_BGT
+
+
+def _segmented_cummin(x_BGT: jax.Array, first_BT: jax.Array) -> jax.Array:
+  """Running minimum along the last axis, restarting where `first_BT` is set."""
+  def combine(a, b):
+    (fa, xa), (fb, xb) = a, b
+    return fa | fb, jnp.where(fb, xb, jnp.minimum(xa, xb))
+  first_BGT = jnp.broadcast_to(first_BT[:, None, :], x_BGT.shape)
+  return jax.lax.associative_scan(combine, (first_BGT, x_BGT), axis=2)[1]
+
+
+def document_causal_keep(taken_BGT: jax.Array, pos_BT: jax.Array, seg_BT: jax.Array, *,
+                         per_token: float) -> jax.Array:
+  """`causal_ranks`' rule per document: the count of kept tokens and its bound restart at each segment
+  (positions restart there too), so a document keeps what it keeps alone."""
+  T = taken_BGT.shape[-1]
+  first_BT = jnp.arange(T)[None, :] == segment_starts(seg_BT)
+  bound_B1T = jnp.ceil(per_token * (pos_BT + 1).astype(jnp.float32)).astype(jnp.int32)[:, None, :]
+  total_BGT = jnp.cumsum(taken_BGT, axis=-1, dtype=jnp.int32)
+  before_start_BGT = _segmented_cummin(jnp.where(first_BT[:, None, :], total_BGT - taken_BGT, T), first_BT)
+  c_BGT = total_BGT - before_start_BGT  # taken tokens of the segment so far
+  k_BGT = c_BGT + jnp.minimum(0, _segmented_cummin(bound_B1T - c_BGT, first_BT))
+  previous_BGT = jnp.concatenate([jnp.zeros_like(k_BGT[..., :1]), k_BGT[..., :-1]], axis=-1)
+  previous_BGT = jnp.where(first_BT[:, None, :], 0, previous_BGT)
+  return taken_BGT & (k_BGT > previous_BGT)
+
+
+def slot_segments(seg_BT: jax.Array, idx_BGS: jax.Array) -> jax.Array:
+  """`[B, G, S]`: the segment of each slot's token; -1 for empty slots (one run at the end)."""
+  T = seg_BT.shape[1]
+  seg_BGS = seg_BT[jnp.arange(seg_BT.shape[0])[:, None, None], jnp.minimum(idx_BGS, T - 1)]
+  return jnp.where(idx_BGS < T, seg_BGS, -1)
+
+
+def dropped_share(wanted_BGT: jax.Array, idx_BGS: jax.Array) -> jax.Array:
+  """The share of the tokens a document packing wanted in slots that did not fit."""
+  T = wanted_BGT.shape[-1]
+  placed = jnp.sum(idx_BGS < T)
+  return 1 - placed / jnp.maximum(jnp.sum(wanted_BGT), 1)
+
+
 def gather_slots(x_BTX: jax.Array, idx_BGS: jax.Array) -> jax.Array:
   """`[B, G, S, X]`: the token of each slot (empty slots read the last token; their outputs drop)."""
   T = x_BTX.shape[1]
@@ -155,11 +236,19 @@ def slot_cache(layer: dense.Attention, batch: int, max_len: int, slots: int, gro
 
 
 def slot_attention(q_BSGD: jax.Array, k_BSGD: jax.Array, v_BSGD: jax.Array, *, kernel: str,
-                   window: int | None = None) -> jax.Array:
+                   window: int | None = None, seg_BGS: jax.Array | None = None) -> jax.Array:
   """Causal attention over each group's slots; slots are in position order, so slot order is position
-  order, and empty slots come last, where no filled slot sees them."""
+  order, and empty slots come last, where no filled slot sees them. `seg_BGS`: the slots' segments
+  (`slot_segments`), which differ between groups, so the groups then run as rows of their own."""
   attend = functools.partial(flash_attention, causal=True, window=window, implementation=kernel)
-  return sharding.attention_per_device(attend, q_BSGD, k_BSGD, v_BSGD)
+  if seg_BGS is None:
+    return sharding.attention_per_device(attend, q_BSGD, k_BSGD, v_BSGD)
+  B, S, G, D = q_BSGD.shape
+  def rows(x_BSGD):
+    return x_BSGD.transpose(0, 2, 1, 3).reshape(B * G, S, 1, D)
+  o_XS1D = sharding.attention_per_device(lambda q, k, v, seg: attend(q, k, v, segment_ids=seg),
+                                         rows(q_BSGD), rows(k_BSGD), rows(v_BSGD), seg_BGS.reshape(B * G, S))
+  return o_XS1D.reshape(B, G, S, D).transpose(0, 2, 1, 3)
 
 
 def cached_slot_attention(q_BTGD, k_BTGD, v_BTGD, rank_BTG, keep_BTG, cache: Cache, *,
@@ -195,9 +284,7 @@ class Threshold(nnx.Variable):
 class Attention(dense.Attention):
   """The paper's MoSA: expert-choice top-k over the whole sequence, hence not causal."""
 
-  # Not yet: its block or token choices would mix documents (issue 33); it refuses segment ids.
-  segments = False
-
+  segments = True
   causal = False
   # MoSA heads come beside the few dense heads kept, which need not span d_model (the paper's Tiny
   # model keeps 4 dense heads of 64 in a width of 512).
@@ -267,15 +354,32 @@ class Attention(dense.Attention):
 
   def __call__(self, x_BTD: jax.Array, pos_BT: jax.Array, seg_BT: jax.Array | None = None,
                cache: Cache | None = None, *, update_state: bool = False) -> tuple[jax.Array, Cache | None]:
-    self.refuse_segments(seg_BT)
     del update_state  # the paper's top-k keeps no state
     if cache is not None:
       raise ValueError('model.attention=mosa cannot decode with a cache; use mosa_causal')
-    y_BTD, _ = super().__call__(x_BTD, pos_BT)
+    y_BTD, _ = super().__call__(x_BTD, pos_BT, seg_BT)
     x_BTD = x_BTD.astype(self.dtype)
     logits_BMT = self._router_logits(x_BTD)
-    idx_BMS = self._select(logits_BMT, pos_BT)
-    return y_BTD + self._sparse_heads(x_BTD, pos_BT, logits_BMT, idx_BMS), None
+    idx_BMS = self._select(logits_BMT, pos_BT) if seg_BT is None else self._select_per_document(
+        logits_BMT, pos_BT, seg_BT)
+    return y_BTD + self._sparse_heads(x_BTD, pos_BT, logits_BMT, idx_BMS, seg_BT), None
+
+  def _document_slots(self, seq_len: int) -> int:
+    """Slots a head runs on a packed row: twice its own (per-document rounding), at most T."""
+    capacity = self.mosa.capacity_factor if self.causal else None  # as `capacity_factor` says
+    return min(seq_len, 2 * head_slots(seq_len, self.mosa.sparsity, capacity))
+
+  def _select_per_document(self, logits_BMT, pos_BT, seg_BT) -> jax.Array:
+    """Expert choice within each document: `k(n)` of each document of n tokens (`document_slots`)."""
+    score_BMT = logits_BMT
+    if self.mosa.include_first:
+      score_BMT = jnp.where((pos_BT == 0)[:, None, :], jnp.inf, score_BMT)
+    n_BT = segment_lengths(seg_BT)
+    k_BT = jnp.minimum(n_BT, jnp.maximum(2, n_BT // self.mosa.sparsity))
+    idx_BMS, keep_BMT = document_slots(jax.lax.stop_gradient(score_BMT), seg_BT, k_BT,
+                                       self._document_slots(logits_BMT.shape[-1]))
+    self.sow(nnx.Intermediate, 'mosa_dropped_share', dropped_share(keep_BMT, idx_BMS))
+    return idx_BMS
 
   def _router_logits(self, x_BTD):
     return jnp.einsum('btd,dm->bmt', x_BTD, self.mosa_router[...].astype(self.dtype),
@@ -304,12 +408,13 @@ class Attention(dense.Attention):
     pos_XS = pos_BSM.transpose(0, 2, 1).reshape(B * M, S)
     return rope(x_XS1D, pos_XS, self.rope_theta).reshape(B, M, S, D).transpose(0, 2, 1, 3)
 
-  def _sparse_heads(self, x_BTD, pos_BT, logits_BMT, idx_BMS) -> jax.Array:
+  def _sparse_heads(self, x_BTD, pos_BT, logits_BMT, idx_BMS, seg_BT=None) -> jax.Array:
     B, T, _ = x_BTD.shape
     x_BMSD = gather_slots(x_BTD, idx_BMS)
     pos_BSM = gather_slots(pos_BT[..., None], idx_BMS)[..., 0].transpose(0, 2, 1)
     q_BSMD, k_BSMD, v_BSMD = self._project(x_BMSD, pos_BSM, 'bmsd,dmh->bsmh')
-    o_BSMD = slot_attention(q_BSMD, k_BSMD, v_BSMD, kernel=self.kernel)
+    o_BSMD = slot_attention(q_BSMD, k_BSMD, v_BSMD, kernel=self.kernel,
+                            seg_BGS=None if seg_BT is None else slot_segments(seg_BT, idx_BMS))
     r_BMS = jax.nn.sigmoid(jnp.take_along_axis(logits_BMT, jnp.minimum(idx_BMS, T - 1), axis=-1))
     y_BMSD = jnp.einsum('bsmh,mhd->bmsd', o_BSMD, self.mosa_wo[...].astype(self.dtype))
     return scatter_slots(y_BMSD * r_BMS[..., None].astype(self.dtype), idx_BMS, T)
@@ -358,18 +463,26 @@ class CausalAttention(Attention):
                                  num_slots=self._slots(logits_BMT.shape[-1]))
     return idx_BMS
 
+  def _select_per_document(self, logits_BMT, pos_BT, seg_BT, update_state: bool = False) -> jax.Array:
+    m = self.mosa
+    keep_BMT = document_causal_keep(self._taken(logits_BMT, pos_BT, update_state), pos_BT, seg_BT,
+                                    per_token=m.capacity_factor / m.sparsity)
+    idx_BMS = fill_slots(keep_BMT, self._document_slots(logits_BMT.shape[-1]))
+    self.sow(nnx.Intermediate, 'mosa_dropped_share', dropped_share(keep_BMT, idx_BMS))
+    return idx_BMS
+
   def init_cache(self, batch: int, max_len: int) -> Cache:
     return slot_cache(self, batch, max_len, self._slots(max_len), self.mosa.num_heads, self.mosa_wk.shape[-1])
 
   def __call__(self, x_BTD: jax.Array, pos_BT: jax.Array, seg_BT: jax.Array | None = None,
                cache: Cache | None = None, *, update_state: bool = False) -> tuple[jax.Array, Cache | None]:
-    self.refuse_segments(seg_BT)
     if cache is None:
-      y_BTD, _ = dense.Attention.__call__(self, x_BTD, pos_BT)
+      y_BTD, _ = dense.Attention.__call__(self, x_BTD, pos_BT, seg_BT)
       x_BTD = x_BTD.astype(self.dtype)
       logits_BMT = self._router_logits(x_BTD)
-      idx_BMS = self._select(logits_BMT, pos_BT, update_state)
-      return y_BTD + self._sparse_heads(x_BTD, pos_BT, logits_BMT, idx_BMS), None
+      idx_BMS = (self._select(logits_BMT, pos_BT, update_state) if seg_BT is None else
+                 self._select_per_document(logits_BMT, pos_BT, seg_BT, update_state))
+      return y_BTD + self._sparse_heads(x_BTD, pos_BT, logits_BMT, idx_BMS, seg_BT), None
     y_BTD, dense_cache = dense.Attention.__call__(self, x_BTD, pos_BT, cache=cache['dense'])
     x_BTD = x_BTD.astype(self.dtype)
     logits_BMT = self._router_logits(x_BTD)

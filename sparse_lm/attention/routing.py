@@ -26,6 +26,14 @@ pass), lays each cluster's tokens out in position order (sorted, chunked cluster
 the last `window` tokens of its own cluster before it. A token whose rank in its cluster reaches
 `capacity_factor * (t + 1) / C` is dropped (zero from this head), a rule that only looks back. It decodes
 with a cache of each cluster's keys and values.
+
+Documents in a packed row (`seg_BT`): the local heads keep to the document by segment ids; a centroid
+takes, of each document of n tokens, its `max(1, n // C)` nearest (`routing`), or a document's tokens are
+kept by the capacity rule counted from the document's start (`routing_causal`), as the document alone
+would; the clusters' slots then attend only to slots of their own document. As for MoSA (see mosa.py),
+a cluster runs twice its slots under segments for the per-document rounding, and what still does not fit
+is dropped and counted (`routing_dropped_share`). A row-wide choice would give a document a share of each
+cluster that depends on the other documents in its row.
 """
 
 import math
@@ -40,8 +48,14 @@ from sparse_lm.attention.mosa import (
   cached_slot_attention,
   causal_ranks,
   causal_slots,
+  document_causal_keep,
+  document_slots,
+  dropped_share,
+  fill_slots,
+  segment_lengths,
   slot_attention,
   slot_cache,
+  slot_segments,
 )
 from sparse_lm.errors import ConfigError, require_positive
 from sparse_lm.layers import AuxLoss, output_stddev, param, rope
@@ -61,9 +75,7 @@ def _unit(x: jax.Array) -> jax.Array:
 class Attention(dense.Attention):
   """The paper's routing attention: balanced top-k clusters over the whole sequence, not causal."""
 
-  # Not yet: its block or token choices would mix documents (issue 33); it refuses segment ids.
-  segments = False
-
+  segments = True
   causal = False
   heads_span_width = False  # routing heads come beside the model.num_heads local heads
   decodes = False
@@ -143,13 +155,13 @@ class Attention(dense.Attention):
 
   def __call__(self, x_BTD: jax.Array, pos_BT: jax.Array, seg_BT: jax.Array | None = None,
                cache: Cache | None = None, *, update_state: bool = False) -> tuple[jax.Array, Cache | None]:
-    self.refuse_segments(seg_BT)
     if cache is not None:
       raise ValueError('model.attention=routing cannot decode with a cache; use routing_causal')
-    y_BTD, _ = dense.Attention.__call__(self, x_BTD, pos_BT)
+    y_BTD, _ = dense.Attention.__call__(self, x_BTD, pos_BT, seg_BT)
     qk_BTRD, v_BTRD, score_BRCT = self._route_inputs(x_BTD, update_state)
-    idx_BGS = self._clusters(score_BRCT, pos_BT)
-    return y_BTD + self._routed(qk_BTRD, v_BTRD, pos_BT, idx_BGS), None
+    idx_BGS = (self._clusters(score_BRCT, pos_BT) if seg_BT is None else
+               self._document_clusters(score_BRCT, pos_BT, seg_BT))
+    return y_BTD + self._routed(qk_BTRD, v_BTRD, pos_BT, idx_BGS, seg_BT), None
 
   def _route_inputs(self, x_BTD, update_state: bool = False):
     """Unit query/keys, values and the scores against the centroids; sows the commitment loss and, with
@@ -186,10 +198,21 @@ class Attention(dense.Attention):
     _, idx_BRCw = jax.lax.top_k(score_BRCT, max(1, T // C))
     return jnp.sort(idx_BRCw, axis=-1).astype(jnp.int32).reshape(B, R * C, -1)
 
+  def _document_clusters(self, score_BRCT, pos_BT, seg_BT) -> jax.Array:
+    """Balanced clusters per document: each centroid's `max(1, n // C)` best tokens of each document."""
+    del pos_BT
+    B, R, C, T = score_BRCT.shape
+    n_BT = segment_lengths(seg_BT)
+    score_BGT = jax.lax.stop_gradient(score_BRCT).reshape(B, R * C, T)
+    idx_BGS, keep_BGT = document_slots(score_BGT, seg_BT, jnp.maximum(1, n_BT // C),
+                                       min(T, 2 * max(1, T // C)))
+    self.sow(nnx.Intermediate, 'routing_dropped_share', dropped_share(keep_BGT, idx_BGS))
+    return idx_BGS
+
   def _window(self) -> int | None:
     return None
 
-  def _routed(self, qk_BTRD, v_BTRD, pos_BT, idx_BGS) -> jax.Array:
+  def _routed(self, qk_BTRD, v_BTRD, pos_BT, idx_BGS, seg_BT=None) -> jax.Array:
     """Attention within each group's slots (group g = head g // C, cluster g % C), outputs averaged over
     the groups that took a token."""
     B, T, R, D = qk_BTRD.shape
@@ -198,8 +221,9 @@ class Attention(dense.Attention):
     tok_BGS = jnp.minimum(idx_BGS, T - 1)
     qk_BSGD = self._rope(qk_BTRD[b_B11, tok_BGS, r_1G1] * D**0.5, pos_BT[b_B11, tok_BGS])
     v_BSGD = v_BTRD[b_B11, tok_BGS, r_1G1].transpose(0, 2, 1, 3)
-    o_BGSD = slot_attention(qk_BSGD, qk_BSGD, v_BSGD, kernel=self.kernel,
-                            window=self._window()).transpose(0, 2, 1, 3)
+    seg_BGS = None if seg_BT is None else slot_segments(seg_BT, idx_BGS)
+    o_BGSD = slot_attention(qk_BSGD, qk_BSGD, v_BSGD, kernel=self.kernel, window=self._window(),
+                            seg_BGS=seg_BGS).transpose(0, 2, 1, 3)
     sum_BTRD = jnp.zeros((B, T, R, D), o_BGSD.dtype).at[b_B11, idx_BGS, r_1G1].add(o_BGSD, mode='drop')
     count_BTR = jnp.zeros((B, T, R), o_BGSD.dtype).at[b_B11, idx_BGS, r_1G1].add(1.0, mode='drop')
     o_BTRD = sum_BTRD / jnp.maximum(count_BTR, 1.0)[..., None]
@@ -244,17 +268,29 @@ class CausalAttention(Attention):
              1 - jnp.sum(keep_BGT) / (taken_BGT.shape[0] * taken_BGT.shape[-1] * rt.num_heads))
     return idx_BGS
 
+  def _document_clusters(self, score_BRCT, pos_BT, seg_BT) -> jax.Array:
+    rt = self.routing
+    taken_BGT = self._taken(score_BRCT)
+    keep_BGT = document_causal_keep(taken_BGT, pos_BT, seg_BT, per_token=rt.capacity_factor / rt.num_clusters)
+    T = score_BRCT.shape[-1]
+    idx_BGS = fill_slots(keep_BGT, min(T, 2 * self._slots(T)))
+    placed = jnp.sum(idx_BGS < T)
+    self.sow(nnx.Intermediate, 'routing_dropped_share',
+             1 - placed / (taken_BGT.shape[0] * T * rt.num_heads))
+    return idx_BGS
+
   def init_cache(self, batch: int, max_len: int) -> Cache:
     groups = self.routing.num_heads * self.routing.num_clusters
     return slot_cache(self, batch, max_len, self._slots(max_len), groups, self.routing_wqk.shape[-1])
 
   def __call__(self, x_BTD: jax.Array, pos_BT: jax.Array, seg_BT: jax.Array | None = None,
                cache: Cache | None = None, *, update_state: bool = False) -> tuple[jax.Array, Cache | None]:
-    self.refuse_segments(seg_BT)
     if cache is None:
-      y_BTD, _ = dense.Attention.__call__(self, x_BTD, pos_BT)
+      y_BTD, _ = dense.Attention.__call__(self, x_BTD, pos_BT, seg_BT)
       qk_BTRD, v_BTRD, score_BRCT = self._route_inputs(x_BTD, update_state)
-      return y_BTD + self._routed(qk_BTRD, v_BTRD, pos_BT, self._clusters(score_BRCT, pos_BT)), None
+      idx_BGS = (self._clusters(score_BRCT, pos_BT) if seg_BT is None else
+                 self._document_clusters(score_BRCT, pos_BT, seg_BT))
+      return y_BTD + self._routed(qk_BTRD, v_BTRD, pos_BT, idx_BGS, seg_BT), None
     rt = self.routing
     y_BTD, dense_cache = dense.Attention.__call__(self, x_BTD, pos_BT, cache=cache['dense'])
     qk_BTRD, v_BTRD, score_BRCT = self._route_inputs(x_BTD, update_state)
