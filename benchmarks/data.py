@@ -7,7 +7,8 @@ of 1-6 KB (`--mb` of them, and ten times that for the memory check), a byte-leve
 trained on them with the `tokenizers` trainer, and nanoGPT `.bin` shards of the same tokens. Reported:
 
 - the train iterator alone (`make_train_iterator`, batch 64 x 2,048, shuffling on), in tokens/s, for
-  `tokens:` (prepared shards), `bin:` (nanoGPT shards) and `jsonl:` tokenized on the fly. The first
+  `tokens:` (prepared shards, cut as `concat` and as `segments`, the default), `bin:` (nanoGPT shards)
+  and `jsonl:` tokenized on the fly (`concat`, as first recorded). The first
   batch fills each of the 64 shard streams' shuffle windows (`data.shuffle_buffer`, 256 windows); the
   rate is over the next `--batches` (256 by default, which includes one refill of every window), so it
   is the steady rate, not the start-up;
@@ -90,9 +91,9 @@ def _bpe(scratch: pathlib.Path, corpus: pathlib.Path) -> pathlib.Path:
   return path
 
 
-def _config(source: str, tokenizer_spec: str = 'byte'):
+def _config(source: str, tokenizer_spec: str = 'byte', packing: str = 'concat'):
   c = base_config()
-  c.data.source, c.data.tokenizer = source, tokenizer_spec
+  c.data.source, c.data.tokenizer, c.data.packing = source, tokenizer_spec, packing
   c.data.seq_len, c.train.batch_size, c.data.validation_fraction = SEQ_LEN, BATCH, HELD_OUT
   data.resolve_tokenizer(c)
   return c
@@ -168,6 +169,8 @@ def main(argv) -> None:
     for k, part in enumerate(np.array_split(stream, 4)):
       files.write_bin(str(bin_dir / f'train_{k:03d}.bin'), part)
   for name, config in (('tokens: (prepared shards)', _config(f'tokens:{scratch / "tokens_w1"}')),
+                       ('tokens: (prepared shards), data.packing=segments',
+                        _config(f'tokens:{scratch / "tokens_w1"}', packing='segments')),
                        ('bin: (nanoGPT shards)', _config(f'bin:{bin_dir}/*.bin', f'hf:{bpe}')),
                        ('jsonl: on the fly, BPE', _config(f'jsonl:{one}', f'hf:{bpe}')),
                        ('jsonl: on the fly, bytes', _config(f'jsonl:{one}'))):

@@ -2,7 +2,7 @@
 `data.packing=segments` against `concat`, on the kernel path (Pallas, interpreted here) and the XLA path,
 and the attention tiles the kernels compute for such rows.
 
-    python benchmarks/packing.py [--steps=12] [--seq_len=4096] [--variants=dense,nsa]
+    python benchmarks/packing.py [--steps=12] [--seq_len=4096] [--variants=dense,nsa] [--kernels=pallas,xla]
 
 First, what aligning each document to a block grid would cost in padding, over the embedded corpus, and
 the tiles each kernel that takes segment ids visits for a row of sixteen documents against one.
@@ -32,6 +32,7 @@ from sparse_lm.tokenizer import ByteTokenizer
 _STEPS = flags.DEFINE_integer('steps', 12, 'Train steps per case (the first two are compilation).')
 _SEQ_LEN = flags.DEFINE_integer('seq_len', 4096, 'Tokens per row.')
 _VARIANTS = flags.DEFINE_list('variants', ['dense', 'nsa'], 'Attention variants that honour segments.')
+_KERNELS = flags.DEFINE_list('kernels', ['pallas', 'xla'], 'Paths: pallas (interpreted here) and xla.')
 _BLOCK = 64  # the GPU body's default tile, as the kernel path uses here
 
 
@@ -115,7 +116,7 @@ def main(argv) -> None:
   print(json.dumps(_alignment_costs()), flush=True)
   print(json.dumps({'tiles_at_8192': _sixteen_documents()}), flush=True)
   for variant in _VARIANTS.value:
-    for kernel in ('pallas', 'xla'):
+    for kernel in _KERNELS.value:
       for packing in ('concat', 'segments'):
         print(json.dumps(_case(variant, kernel, packing)), flush=True)
 

@@ -124,8 +124,8 @@ def attention_with_lse_reference(q_BTHD: jax.Array, k_BSKD: jax.Array, v_BSKD: j
   S = k_BSKD.shape[1]
   scale = D**-0.5 if sm_scale is None else sm_scale
   segments = _segment_pair(segment_ids, T, S)
-  if window is not None and window < S == T and qpos_BT is None and kpos_BS is None and segments is None:
-    return _local_reference(q_BTHD, k_BSKD, v_BSKD, window, scale)
+  if window is not None and window < S == T and qpos_BT is None and kpos_BS is None:
+    return _local_reference(q_BTHD, k_BSKD, v_BSKD, window, scale, segments)
   if kpos_BS is None:
     stride, first = key_positions or (1, 0)
     kpos_BS = jnp.broadcast_to(jnp.arange(S) * stride + first, (B, S))
@@ -164,9 +164,10 @@ def _masked_softmax_attention(q_BTHD, k_BSKD, v_BSKD, keep_BTS, scale: float):
   return o_BTKGD.reshape(B, T, H, D).astype(q_BTHD.dtype), lse_BKGT.reshape(B, H, T)
 
 
-def _local_reference(q_BTHD, k_BTKD, v_BTKD, window: int, scale: float):
+def _local_reference(q_BTHD, k_BTKD, v_BTKD, window: int, scale: float, segments=None):
   """Causal sliding-window attention in chunks of `window` queries (N of them), each seeing its own
-  chunk and the one before: `[N, window, 2 window]` scores instead of `[T, T]`."""
+  chunk and the one before: `[N, window, 2 window]` scores instead of `[T, T]`; `segments` (queries'
+  and keys' ids) masked there too."""
   B, T, H, D = q_BTHD.shape
   K = k_BTKD.shape[2]
   N = -(-T // window)
@@ -182,7 +183,15 @@ def _local_reference(q_BTHD, k_BTKD, v_BTKD, window: int, scale: float):
   kpos_NL = jnp.arange(N)[:, None] * window - window + jnp.arange(2 * window)[None, :]
   keep_NQL = _keep(qpos_NQ[:, :, None], kpos_NL[:, None, :], causal=True, window=window)
   keep_NQL &= (kpos_NL >= 0)[:, None]
-  keep_XQL = jnp.broadcast_to(keep_NQL[None], (B, N, window, 2 * window)).reshape(B * N, window, 2 * window)
+  keep_BNQL = jnp.broadcast_to(keep_NQL[None], (B, N, window, 2 * window))
+  if segments is not None:
+    qseg_BT, kseg_BT = segments
+    qseg_BNQ = jnp.pad(qseg_BT, ((0, 0), (0, N * window - T)), constant_values=-1).reshape(B, N, window)
+    kseg_BNQ = jnp.pad(kseg_BT, ((0, 0), (0, N * window - T)), constant_values=-2).reshape(B, N, window)
+    kseg_BNL = jnp.concatenate([jnp.pad(kseg_BNQ, ((0, 0), (1, 0), (0, 0)), constant_values=-2)[:, :-1],
+                                kseg_BNQ], axis=2)
+    keep_BNQL &= qseg_BNQ[..., None] == kseg_BNL[:, :, None, :]
+  keep_XQL = keep_BNQL.reshape(B * N, window, 2 * window)
   o_XQHD, lse_XHQ = _masked_softmax_attention(q_XQHD, k_XLKD, v_XLKD, keep_XQL, scale)
   o_BTHD = o_XQHD.reshape(B, N * window, H, D)[:, :T]
   lse_BHT = lse_XHQ.reshape(B, N, H, window).transpose(0, 2, 1, 3).reshape(B, H, N * window)[..., :T]

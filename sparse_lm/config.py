@@ -54,11 +54,13 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.tokenizer = 'byte'
   c.data.validation_fraction = 0.02  # of documents, for sources without a validation split
   c.data.shuffle_buffer = 256  # packed sequences shuffled in a window of this many, per shard
-  # How documents become rows of seq_len + 1 tokens (sparse_lm/data.py `_pack`): 'concat' (cut from the
-  # concatenation, attention crossing documents), 'segments' (the same cut, each document a segment that
-  # attention and RoPE positions keep to), 'first_fit' / 'best_fit' (whole documents packed into rows
-  # with padding by grain's packers, over `packing_bins` rows at a time; a longer document is truncated).
-  c.data.packing = 'concat'
+  # How documents become rows of seq_len + 1 tokens (sparse_lm/data.py `_pack`): 'segments' (cut from the
+  # concatenation, each document a segment that attention and RoPE positions keep to; the default: no
+  # token attends to an unrelated document, and none is spent on padding), 'concat' (the same cut,
+  # attention crossing documents; what `bin:` shards, which have no boundaries, need), 'first_fit' /
+  # 'best_fit' (whole documents packed into rows with padding by grain's packers, over `packing_bins`
+  # rows at a time; a longer document is truncated).
+  c.data.packing = 'segments'
   c.data.packing_bins = 64
   # grain threads reading documents ahead, per shard. 0 reads them in the training loop's thread: right for
   # the in-memory sources, where threads only contend for the GIL; a tfds source on a slow disk wants some.

@@ -17,6 +17,8 @@ BYTES = tokenizer_lib.ByteTokenizer()
 def _config(source=f'text:{CORPUS_FILE}', seq_len=64, batch_size=4, seed=0):
   config = config_lib.base_config()
   config.data.source = source
+  if source.startswith('bin:'):  # windows without document boundaries: concatenation only
+    config.data.packing = 'concat'
   config.data.seq_len = seq_len
   config.data.shuffle_buffer = 16
   config.train.batch_size = batch_size

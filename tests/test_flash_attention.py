@@ -9,7 +9,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels.flash_attention import flash_attention, flash_attention_reference
+from pallas_kernels.flash_attention import (
+  attention_with_lse_reference,
+  flash_attention,
+  flash_attention_reference,
+)
 
 jax.config.update('jax_numpy_rank_promotion', 'raise')
 
@@ -247,3 +251,20 @@ def test_sixteen_documents_cost_a_sixteenth_of_one():
   assert one == 64 * 65 // 2 and sixteen == 16 * (4 * 5 // 2)
   assert sixteen / one < 1 / 10
   assert computed_tiles(T, **blocks, segment_ids=jnp.ones((1, T), jnp.int32)) == one
+
+
+@pytest.mark.parametrize('window', [5, 16, 40])
+def test_windowed_reference_with_segments_equals_the_general_path(window):
+  """The XLA path's sliding window in chunks (linear in T) keeps to segments as the per-query path does."""
+  rng = np.random.default_rng(_seed())
+  B, T, H, K, D = 2, 100, 4, 2, 8
+  q, k, v = (jnp.asarray(rng.standard_normal(s), jnp.float32) for s in ((B, T, H, D), (B, T, K, D),
+                                                                        (B, T, K, D)))
+  seg = jnp.asarray(np.stack([np.repeat([1, 2, 3, 0], [30, 13, 50, 7]), np.repeat([1, 2], [64, 36])]),
+                    jnp.int32)
+  positions = jnp.broadcast_to(jnp.arange(T), (B, T))
+  chunked = attention_with_lse_reference(q, k, v, window=window, segment_ids=seg)
+  general = attention_with_lse_reference(q, k, v, window=window, segment_ids=seg, qpos_BT=positions,
+                                         kpos_BS=positions)  # explicit positions: per-query masks
+  for got, want in zip(chunked, general, strict=True):
+    np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)

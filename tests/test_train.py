@@ -289,7 +289,7 @@ def test_trains_on_nanogpt_token_shards_and_resumes_exactly(tmp_path):
   for k, part in enumerate(np.array_split(tokens, 3)):
     files.write_bin(str(tmp_path / f'shard_{k:03d}.bin'), part)
   flags = (f'--config.data.source=bin:{tmp_path}/shard_*.bin', f'--config.data.tokenizer=hf:{path}',
-           '--config.train.steps=20')
+           '--config.data.packing=concat', '--config.train.steps=20')
   run_train(tmp_path / 'whole', *flags)
   losses = train_losses(tmp_path / 'whole')
   # One batch's loss is noisy (+-0.3 here): the last five steps' mean is checked against a uniform guess.

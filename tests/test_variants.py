@@ -18,6 +18,7 @@ from sparse_lm.errors import ConfigError
 from sparse_lm.layers import param
 from sparse_lm.model import Transformer, is_causal
 from tests.conftest import (
+  CORPUS_FILE,
   assert_decoding_equals_parallel,
   assert_same_loss_and_grads,
   fresh_seed,
@@ -202,25 +203,16 @@ def _check_documents_as_alone(name: str, kernel: str, adjust=None) -> None:
 @pytest.mark.parametrize('kernel', ['pallas', 'xla'])
 @pytest.mark.parametrize('name', ATTENTION)
 def test_attention_keeps_packed_documents_apart(name, kernel):
-  """The segments contract: a variant that honours segment ids gives each document of a packed row what
-  it gives that document alone; one that does not yet refuses them in one line, and so does the config
-  check for document packing (the variants still to do are listed in the README)."""
-  if attention.REGISTRY[name].segments:
-    _check_documents_as_alone(name, kernel)
-    if kernel == 'xla':  # the evaluation's probe agrees
-      c = variant_config(name)
-      assert evaluate.keeps_documents_apart(c.model)
-      graphdef, *variables = nnx.split(_model(c), nnx.Param, ...)
-      assert evaluate.document_leak(graphdef, variables, 24, seed=fresh_seed()) == 0.0
-    return
-  assert not evaluate.keeps_documents_apart(variant_config(name).model)
-  c = variant_config(name, kernel=kernel)
-  tokens_BT = jnp.zeros((1, 8), jnp.int32)
-  with pytest.raises(ValueError, match='does not keep documents apart yet'):
-    _model(c)(tokens_BT, segment_ids=jnp.ones((1, 8), jnp.int32), positions=jnp.zeros((1, 8), jnp.int32))
-  c.data.packing = 'segments'
-  with pytest.raises(ConfigError, match="data.packing='segments' needs attention that keeps documents apart"):
-    checks.check_config(c, num_devices=1)
+  """The segments contract, which every registered variant meets: each document of a packed row gets
+  what it gets alone, and the evaluation's document probe sees no leak (a variant that does not honour
+  segment ids is refused instead: `test_a_variant_that_mixes_documents_is_refused`)."""
+  assert attention.REGISTRY[name].segments
+  _check_documents_as_alone(name, kernel)
+  if kernel == 'xla':  # the evaluation's probe agrees
+    c = variant_config(name)
+    assert evaluate.keeps_documents_apart(c.model)
+    graphdef, *variables = nnx.split(_model(c), nnx.Param, ...)
+    assert evaluate.document_leak(graphdef, variables, 24, seed=fresh_seed()) == 0.0
 
 
 def test_document_probe_sees_attention_that_crosses_documents(monkeypatch):
@@ -296,8 +288,23 @@ def registered(monkeypatch):
   return 'cumulative_mean'
 
 
+def test_a_variant_that_mixes_documents_is_refused(registered):
+  """A variant that does not honour segment ids (the throwaway's running mean crosses documents) refuses
+  them in one line, and the config check refuses document packing for it, naming the way out."""
+  c = variant_config(registered)
+  assert not evaluate.keeps_documents_apart(c.model)
+  tokens_BT = jnp.zeros((1, 8), jnp.int32)
+  with pytest.raises(ValueError, match='does not keep documents apart yet'):
+    _model(c)(tokens_BT, segment_ids=jnp.ones((1, 8), jnp.int32), positions=jnp.zeros((1, 8), jnp.int32))
+  c.data.source = f'text:{CORPUS_FILE}'
+  with pytest.raises(ConfigError, match="data.packing='segments' needs attention that keeps documents apart"
+                                        ".*use data.packing=concat"):
+    checks.check_config(c, num_devices=1)
+
+
 def test_a_new_variant_is_one_class_and_one_registry_line(registered):
   c = variant_config(registered)
+  c.data.packing = 'concat'  # its running mean crosses documents: it trains on concatenated rows
   assert c.model.cumulative_mean.gain == 1.0  # its default reached the base config
   _check_config_errors(c, CumulativeMean.defaults())
   _check_flop_hooks(registered, c)
