@@ -61,6 +61,9 @@ class Corpus:
   documents: grain.MapDataset  # of str (or a list of them, or token ids), read on access
   num_bytes: int | None  # UTF-8 bytes of all documents; None where only reading everything would tell
   windows: bool = False  # the elements are already windows of seq_len + 1 token ids (pre-tokenized)
+  # Each document and its EOS are exactly one row (the synthetic tasks): under document packing a row is
+  # then one segment, the example, as `concat` cuts it.
+  whole_rows: bool = False
   # Shuffled documents read and packed this many at a time (one batched read, one element of the packer):
   # short pre-tokenized documents would otherwise cost more in grain's per-element work than in reading.
   block: int = 1
@@ -610,7 +613,8 @@ def _mqar_source(arg: str, config, split: str) -> Corpus:
     raise ConfigError(f'data.source=mqar: num_kv_pairs={pairs} does not fit data.seq_len='
                       f'{config.data.seq_len} and vocab={args["vocab"]}')
   size = _SYNTHETIC_SIZES[split]
-  return Corpus(grain.MapDataset.range(size).map(example), num_bytes=size * config.data.seq_len)
+  return Corpus(grain.MapDataset.range(size).map(example), num_bytes=size * config.data.seq_len,
+                whole_rows=True)
 
 
 def _passkey_source(arg: str, config, split: str) -> Corpus:
@@ -627,7 +631,8 @@ def _passkey_source(arg: str, config, split: str) -> Corpus:
     raise ConfigError(f'data.source=passkey: data.seq_len={config.data.seq_len} must be at least '
                       f'{shortest} to hold the key and question, and digits at least 1')
   size = _SYNTHETIC_SIZES[split]
-  return Corpus(grain.MapDataset.range(size).map(example), num_bytes=size * config.data.seq_len)
+  return Corpus(grain.MapDataset.range(size).map(example), num_bytes=size * config.data.seq_len,
+                whole_rows=True)
 
 
 # `data.source` is 'NAME' or 'NAME:ARG'; each source maps (ARG, config, split) to a Corpus.
@@ -886,7 +891,16 @@ def _is_full(window: dict[str, np.ndarray]) -> bool:
   return window['tokens_segment_ids'][-1] != 0
 
 
-def _pack(documents, tokenizer, config, windows: bool = False, seed: int = 0) -> grain.IterDataset:
+def _one_segment(row: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+  """A row that is one whole example, as one segment (`Corpus.whole_rows`)."""
+  tokens = row['tokens']
+  ones = np.ones(len(tokens), np.int32)
+  return {'tokens': tokens, 'segment_ids': ones, 'positions': np.arange(len(tokens), dtype=np.int32),
+          'real': ones}
+
+
+def _pack(documents, tokenizer, config, windows: bool = False, seed: int = 0,
+          whole_rows: bool = False) -> grain.IterDataset:
   """Rows of `seq_len + 1` tokens by `data.packing`, each a dict: 'tokens', and under document packing
   'segment_ids' (0: padding) and 'positions'. `concat` cuts the concatenation of the tokenized documents
   (each ending in EOS) into rows; `segments` cuts the concatenation of BOS-document-EOS the same way and
@@ -904,10 +918,11 @@ def _pack(documents, tokenizer, config, windows: bool = False, seed: int = 0) ->
   if windows:
     check = functools.partial(_checked_window, vocab_size=tokenizer.vocab_size, source=config.data.source)
     return as_iter(documents.map(check)).map(lambda window: {'tokens': window})
-  if packing == 'concat':
+  if packing == 'concat' or whole_rows:  # whole rows: the cut is the same, each row one segment
     tokens = as_iter(documents.map(functools.partial(_tokenize, tokenizer=tokenizer)))
     rows = grain.experimental.ConcatThenSplitIterDataset(tokens, length_struct={'tokens': length})
-    return rows.filter(_is_full).map(lambda row: {'tokens': row['tokens']})
+    rows = rows.filter(_is_full).map(lambda row: {'tokens': row['tokens']})
+    return rows if packing == 'concat' else rows.map(_one_segment)
   align = document_alignment(config)
   if packing == 'segments':
     # Aligned documents need rows that start on the block grid: rows of seq_len, not seq_len + 1.
@@ -1095,7 +1110,8 @@ def _shard_stream(parts: list[tuple[grain.MapDataset, float, Corpus]], tokenizer
       documents = _EpochShuffle(documents, config.train.seed).repeat()
     if source.block > 1:
       documents = documents.batch(source.block, batch_fn=list)
-    streams.append(_pack(documents, tokenizer, config, source.windows, config.train.seed).map(
+    streams.append(_pack(documents, tokenizer, config, source.windows, config.train.seed,
+                         source.whole_rows).map(
         functools.partial(_tagged, source=index)))
   mixed = streams[0] if len(streams) == 1 else grain.IterDataset.mix(streams, [w for _, w, _ in parts])
   windows = _WindowShuffle(mixed, config.data.shuffle_buffer, config.train.seed)
@@ -1221,8 +1237,8 @@ def eval_batches(config, tokenizer, *, process_index: int = 0, process_count: in
   batch_size = _host_batch_size(config, process_count)
   validation = corpus(config, 'validation')
   documents = validation.documents
-  global_batches = _pack(documents, tokenizer, config, validation.windows).batch(config.train.batch_size,
-                                                                              drop_remainder=True)
+  global_batches = _pack(documents, tokenizer, config, validation.windows,
+                         whole_rows=validation.whole_rows).batch(config.train.batch_size, drop_remainder=True)
   rows = slice(process_index * batch_size, (process_index + 1) * batch_size)
   batches = [_inputs_targets({key: value[rows] for key, value in batch.items()})
              for batch in itertools.islice(global_batches, config.train.eval_batches)]

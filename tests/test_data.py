@@ -193,6 +193,7 @@ def test_epochs_are_reshuffled(tmp_path):
   config = _config(source=_write_letter_files(tmp_path, num_files=9, size=33), seq_len=16, batch_size=1)
   config.data.validation_fraction = 1 / 9
   config.data.shuffle_buffer = 1
+  config.data.packing = 'concat'  # the window arithmetic above
   letters = sorted(text[0] for text in data.corpus(config, 'train').documents)
   assert len(letters) == 8 and not set(letters) & {t[0] for t in data.corpus(config, 'validation').documents}
   rows = [batch['inputs'][0] for batch in _take(data.make_train_iterator(config, BYTES), 4 * 16)]
@@ -672,10 +673,15 @@ def test_packing_modes_and_sources_without_documents_are_one_line(tmp_path):
   _raises_one_line(config, "data.packing='segments' needs document boundaries")
 
 
-def test_concat_batches_are_as_before_and_segments_cover_the_same_text():
-  """`concat` batches carry no segments (the model runs one document a row, as it always has)."""
-  batch = next(data.make_train_iterator(_config(), BYTES))
-  assert set(batch) == {'inputs', 'targets'}
+def test_concat_batches_carry_no_segments_and_segments_is_the_default():
+  """`concat` batches carry no segments (the model runs one document a row); the default packing keeps
+  documents apart."""
+  config = _config()
+  assert config.data.packing == 'segments'
+  assert set(next(data.make_train_iterator(config, BYTES))) == {'inputs', 'targets', 'segment_ids',
+                                                                'positions', 'loss_mask'}
+  config.data.packing = 'concat'
+  assert set(next(data.make_train_iterator(config, BYTES))) == {'inputs', 'targets'}
 
 
 # ----------------------------------------------------------------------------- shuffling

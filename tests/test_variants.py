@@ -168,6 +168,7 @@ def _check_documents_as_alone(name: str, kernel: str, adjust=None) -> None:
   over the row's documents is the sum of each document's gradient alone. `adjust(model_config)`: settings
   beyond the variant's tiny ones."""
   c = variant_config(name, kernel=kernel)
+  c.model.num_layers = 1  # a leak shows in the first layer; one layer halves the interpreted kernels' compile
   if name == 'nsa':  # more than the three forced blocks, so that scores choose too
     c.model.nsa.num_selected = 4
   if adjust is not None:
@@ -194,7 +195,9 @@ def _check_documents_as_alone(name: str, kernel: str, adjust=None) -> None:
   for a, n, want in zip(starts, _DOCUMENTS, alone_logits, strict=True):
     np.testing.assert_allclose(np.asarray(logits_TV)[a:a + n], want, atol=2e-5, rtol=2e-5,
                                err_msg=f'document at {a} of {n} tokens')
-  np.testing.assert_allclose(loss_p, loss_a, rtol=2e-5, atol=2e-5)
+  # A float32 sum of T x V terms of either sign: its error scales with the sum of their sizes.
+  scale = float(jnp.sum(jnp.abs(logits_TV * weights_TV)))
+  np.testing.assert_allclose(loss_p, loss_a, rtol=0, atol=1e-6 * scale)
   for gp, ga in zip(jax.tree.leaves(grads_p), jax.tree.leaves(grads_a), strict=True):
     # Float32 sums over the documents in another order: errors scale with the leaf's largest entry.
     np.testing.assert_allclose(gp, ga, atol=2e-5 * max(1.0, float(np.abs(ga).max())), rtol=2e-4)
@@ -212,7 +215,9 @@ def test_attention_keeps_packed_documents_apart(name, kernel):
     c = variant_config(name)
     assert evaluate.keeps_documents_apart(c.model)
     graphdef, *variables = nnx.split(_model(c), nnx.Param, ...)
-    assert evaluate.document_leak(graphdef, variables, 24, seed=fresh_seed()) == 0.0
+    # 0 up to float rounding: where a document's slots or chunks move with the other document (MoSA,
+    # routing), sums of the same terms group differently (seen: 1.8e-7); a crossing variant is > 1e-3.
+    assert evaluate.document_leak(graphdef, variables, 24, seed=fresh_seed()) < 1e-5
 
 
 def test_document_probe_sees_attention_that_crosses_documents(monkeypatch):
