@@ -330,7 +330,8 @@ def _first_tile(first, plan: _Plan):
 def _probs(s, lse, c, t, start, plan: _Plan):
   """Eq. 8 recomputed: exp(s - lse) where compressed block `c` is visible to query `t` (ended, and begun
   at or after the start of the query's segment), else exactly 0."""
-  visible = (c * plan.cmp_stride + plan.cmp_block - 1 <= t) & (c * plan.cmp_stride >= start) & (lse > -jnp.inf)
+  first_token = c * plan.cmp_stride
+  visible = (first_token + plan.cmp_block - 1 <= t) & (first_token >= start) & (lse > -jnp.inf)
   return jnp.where(visible, jnp.exp(s - lse), 0.0)
 
 

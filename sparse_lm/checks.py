@@ -69,9 +69,9 @@ def _check_packing(config: ml_collections.ConfigDict) -> None:
                       f'{", ".join(honouring)}); use data.packing=concat')
   align = attention.document_alignment(m)
   if config.data.seq_len % align:
-    raise ConfigError(f'data.packing={config.data.packing!r} with model.attention={m.attention!r} starts each '
-                      f'document on its block grid of {align} tokens, so data.seq_len={config.data.seq_len} '
-                      f'must be a multiple of {align}')
+    raise ConfigError(f'data.packing={config.data.packing!r} with model.attention={m.attention!r} starts '
+                      f'each document on its block grid of {align} tokens, so data.seq_len='
+                      f'{config.data.seq_len} must be a multiple of {align}')
 
 
 def _check_expert_parallel(config: ml_collections.ConfigDict, experts_axis: int, rows: int) -> None:

@@ -227,8 +227,9 @@ def test_kernel_with_segments_matches_reference_and_each_document_alone(backend,
   rule = dict(cmp_block=l, cmp_stride=d, sel_block=ls, num_selected=n)
   _, lse = compressed_attention_reference(q, ck, cv, cmp_block=l, cmp_stride=d, segment_ids=seg)
   want = np.asarray(block_selection_reference(q, ck, lse, segment_ids=seg, **rule))
-  got = np.asarray(jax.jit(functools.partial(block_selection, backend=backend, interpret=True, block_q=block_q,
-                                             block_s=block_s, segment_ids=seg, **rule))(q, ck, lse))
+  kernel = functools.partial(block_selection, backend=backend, interpret=True, block_q=block_q,
+                             block_s=block_s, segment_ids=seg, **rule)
+  got = np.asarray(jax.jit(kernel)(q, ck, lse))
   np.testing.assert_array_equal(got, want)
   for a, m in ((96, 352), (0, 64)):
     span = slice(a // d, a // d + (m - l) // d + 1)
