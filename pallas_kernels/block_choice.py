@@ -29,6 +29,12 @@ def segment_starts(seg_BT: jax.Array) -> jax.Array:
   return lax.cummax(jnp.where(change_BT, jnp.arange(T, dtype=jnp.int32), 0), axis=1)
 
 
+def segment_ends(seg_BT: jax.Array) -> jax.Array:
+  """`[B, T]`: the last position of each token's segment."""
+  T = seg_BT.shape[1]
+  return T - 1 - segment_starts(seg_BT[:, ::-1])[:, ::-1]
+
+
 def first_block(seg_BT: jax.Array, block_size: int) -> jax.Array:
   """`[B, T]`: the first block wholly inside each token's segment (its start rounded up to the grid)."""
   return -(-segment_starts(seg_BT) // block_size)

@@ -55,6 +55,7 @@ from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels._common import check_implementation, dispatch, in_shard_map, interpret_param, out_struct
 from pallas_kernels._reference import MASK_VALUE, XLA_CHUNK, map_query_chunks
+from pallas_kernels.block_choice import segment_ends, segment_starts
 
 # (block_q, block_k), used by the forward and both backward kernels. Not tuned for speed (no accelerator was
 # at hand); the GPU choice is the one that compiles without register spills. Deviceless compiles for H100
@@ -427,11 +428,7 @@ def _segments(qseg_BT, kseg_BS, plan: _Plan) -> _Segments:
   first key whose anchor is inside its first query's segment."""
   B, T = qseg_BT.shape
   S = kseg_BS.shape[1]
-  index = jnp.arange(T, dtype=jnp.int32)
-  change_BT = jnp.concatenate([jnp.ones((B, 1), bool), qseg_BT[:, 1:] != qseg_BT[:, :-1]], axis=1)
-  start_BT = lax.cummax(jnp.where(change_BT, index, 0), axis=1)
-  ends_BT = jnp.concatenate([change_BT[:, 1:], jnp.ones((B, 1), bool)], axis=1)
-  end_BT = lax.cummin(jnp.where(ends_BT, index, T - 1), axis=1, reverse=True)
+  start_BT, end_BT = segment_starts(qseg_BT), segment_ends(qseg_BT)
   first_q = jnp.minimum(jnp.arange(plan.num_q_blocks) * plan.block_q, T - 1)
   last_k = jnp.minimum(jnp.arange(plan.num_kv_blocks) * plan.block_k + plan.block_k - 1, S - 1)
   first_key_BN = lax.div(start_BT[:, first_q] + plan.key_stride - 1, plan.key_stride)

@@ -45,7 +45,7 @@ import ml_collections
 from flax import nnx
 
 from pallas_kernels._reference import MASK_VALUE
-from pallas_kernels.block_choice import segment_starts
+from pallas_kernels.block_choice import segment_ends, segment_starts
 from pallas_kernels.flash_attention import flash_attention
 from sparse_lm import sharding
 from sparse_lm.attention import dense
@@ -157,9 +157,7 @@ def fill_slots(keep_BGT: jax.Array, num_slots: int) -> jax.Array:
 
 def segment_lengths(seg_BT: jax.Array) -> jax.Array:
   """`[B, T]`: the length of each token's segment (a run of equal ids)."""
-  T = seg_BT.shape[1]
-  end_BT = T - 1 - segment_starts(seg_BT[:, ::-1])[:, ::-1]
-  return end_BT - segment_starts(seg_BT) + 1
+  return segment_ends(seg_BT) - segment_starts(seg_BT) + 1
 
 
 def document_slots(score_BGT: jax.Array, seg_BT: jax.Array, k_BT: jax.Array, num_slots: int):
