@@ -98,15 +98,20 @@ def fresh_seed() -> int:
   return int(np.random.default_rng().integers(1 << 30))
 
 
-def assert_decoding_equals_parallel(model, T: int, P: int, B: int = 2) -> dict:
-  """Prefills P random tokens, then decodes one token at a time from the cache (sized past T, as a
-  sampler sizes it): every position's logits equal the parallel forward pass. Returns the final cache."""
+def assert_decoding_equals_parallel(model, T: int, P: int, B: int = 2, chunk: int = 3) -> dict:
+  """Prefills P random tokens (the whole-sequence path, kernels included), continues with `chunk` tokens
+  in one call (the cached path for several tokens), then decodes one token at a time, from a cache sized
+  past T as a sampler sizes it: every position's logits equal the parallel forward pass. Returns the
+  final cache."""
   tokens_BT = jax.random.randint(jax.random.key(fresh_seed()), (B, T), 0, 259)
   call = nnx.jit(lambda model, tokens, cache: model(tokens, cache))
   parallel_BTV, _ = call(model, tokens_BT, None)
   logits_BPV, cache = call(model, tokens_BT[:, :P], model.init_cache(B, T + 3))
-  steps = [logits_BPV]
-  for t in range(P, T):
+  steps, done = [logits_BPV], P
+  if chunk > 1 and P + chunk < T:
+    logits_BCV, cache = call(model, tokens_BT[:, P:P + chunk], cache)
+    steps, done = steps + [logits_BCV], P + chunk
+  for t in range(done, T):
     logits_B1V, cache = call(model, tokens_BT[:, t:t + 1], cache)
     steps.append(logits_B1V)
   np.testing.assert_allclose(jnp.concatenate(steps, 1)[..., :259], parallel_BTV[..., :259],

@@ -77,8 +77,8 @@ def test_compressed_branch_is_zero_before_the_first_block_completes(kernel):
   layer = nsa.Attention(c.model, rngs=nnx.Rngs(fresh_seed()))
   q_BTHD = jax.random.normal(jax.random.key(fresh_seed()), (1, 12, 4, 16))
   ck_BCKD = jax.random.normal(jax.random.key(fresh_seed()), (1, 2, 2, 16))
-  o_BTHD, idx_BTKn = layer._compressed_and_choice(q_BTHD, ck_BCKD, ck_BCKD, jnp.arange(12)[None], 12,
-                                                  kernel == 'pallas')
+  o_BTHD, idx_BTKn, _ = layer._compressed_and_choice(q_BTHD, ck_BCKD, ck_BCKD, jnp.arange(12)[None], 12,
+                                                     kernel == 'pallas')
   assert np.all(np.asarray(o_BTHD[:, :7]) == 0)
   assert np.all(np.abs(np.asarray(o_BTHD[:, 7:])).sum(-1) > 0)
   assert np.all(np.asarray(idx_BTKn[:, :4]) <= 0) and np.all(np.asarray(idx_BTKn[:, :, :, 0]) >= 0)

@@ -123,9 +123,13 @@ def test_attention_is_causal_or_flagged_and_measured(name):
   _check_causality(variant_config(name))
 
 
+@pytest.mark.parametrize('kernel', ['xla', 'pallas'])
 @pytest.mark.parametrize('name', ATTENTION)
-def test_attention_decodes_from_its_cache_as_in_the_parallel_pass(name):
-  _check_decoding(name, variant_config(name))
+def test_attention_decodes_from_its_cache_as_in_the_parallel_pass(name, kernel):
+  """With `pallas`, the prompt is prefilled through the kernels (interpreted here), as on an accelerator."""
+  if kernel == 'pallas' and not attention.REGISTRY[name].decodes:
+    pytest.skip('does not decode')
+  _check_decoding(name, variant_config(name, kernel=kernel))
 
 
 @pytest.mark.parametrize('name', ATTENTION)

@@ -101,9 +101,11 @@ class Attention(nnx.Module):
     keeping to its own segment when `seg_BT` is given."""
     raise NotImplementedError(f'{type(self).__name__} has no whole-sequence attention hook')
 
-  def attend_from_cache(self, q_BTHD: jax.Array, k_BSKD: jax.Array, v_BSKD: jax.Array,
-                        pos_BT: jax.Array) -> jax.Array:
-    """The dense family's hook: new tokens at `pos_BT` against a cache whose slot s holds position s."""
+  def attend_from_cache(self, q_BTHD: jax.Array, k_BTKD: jax.Array, v_BTKD: jax.Array, pos_BT: jax.Array,
+                        cache: dict) -> tuple[jax.Array, dict]:
+    """The dense family's hook: new tokens at `pos_BT` (their rotated keys and values) against a cache
+    whose row s holds position s, and the cache with them written; a prompt into an empty cache runs
+    `attend` instead (`kv_cache.prefill_or_extend`)."""
     raise NotImplementedError(f'{type(self).__name__} has no decoding hook')
 
   def refuse_segments(self, seg_BT: jax.Array | None) -> None:

@@ -7,9 +7,9 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
-from pallas_kernels.flash_attention import flash_attention, flash_attention_reference
+from pallas_kernels.flash_attention import flash_attention
 from sparse_lm import sharding
-from sparse_lm.attention import base
+from sparse_lm.attention import base, kv_cache
 from sparse_lm.layers import output_stddev, param, rope
 
 Cache = dict[str, jax.Array]
@@ -42,7 +42,10 @@ class Attention(base.Attention):
     return sum(min(t + 1, span) for t in range(seq_len)) / seq_len
 
   def init_cache(self, batch: int, max_len: int) -> Cache:
-    shape = (batch, max_len) + self.wk.shape[1:]
+    """Rotated keys and values, one row a position; with a window, a ring of `window` rows (all that
+    decoding reads)."""
+    rows = max_len if self.window is None else min(max_len, self.window)
+    shape = (batch, rows) + self.wk.shape[1:]
     return {'k': jnp.zeros(shape, self.dtype), 'v': jnp.zeros(shape, self.dtype)}
 
   def __call__(self, x_BTD: jax.Array, pos_BT: jax.Array, seg_BT: jax.Array | None = None,
@@ -76,13 +79,37 @@ class Attention(base.Attention):
     return sharding.attention_per_device(lambda q, k, v, seg: attend(q, k, v, segment_ids=seg),
                                          q_BTHD, k_BTKD, v_BTKD, seg_BT)
 
-  def attend_from_cache(self, q_BTHD, k_BSKD, v_BSKD, pos_BT) -> jax.Array:
-    # Slots not yet written sit beyond every query, so the causal mask hides them.
-    return flash_attention_reference(q_BTHD, k_BSKD, v_BSKD, window=self.window, qpos_BT=pos_BT)
+  def attend_from_cache(self, q_BTHD, k_BTKD, v_BTKD, pos_BT, cache: Cache) -> tuple[jax.Array, Cache]:
+    """New tokens at `pos_BT` against the rows cached before them and their own rows, then written:
+    reading first lets the step update the cache in place (`kv_cache.after`)."""
+    S = cache['k'].shape[1]
+    s_11S = jnp.arange(S)[None, None, :]
+    keep_BTS = s_11S < pos_BT[:, :1, None]  # the cached rows: every query sees all of them
+    keep_BTT = pos_BT[:, None, :] <= pos_BT[:, :, None]  # the new rows: causal among themselves
+    o_BTHD = kv_cache.attend(q_BTHD, cache['k'], cache['v'], keep_BTS, new=(k_BTKD, v_BTKD, keep_BTT))
+    k_BTKD, v_BTKD = kv_cache.after(k_BTKD, o_BTHD), kv_cache.after(v_BTKD, o_BTHD)
+    return o_BTHD, self._written(cache, k_BTKD, v_BTKD, pos_BT)
 
   def _attend_cached(self, q_BTHD, k_BTKD, v_BTKD, pos_BT, cache: Cache):
-    # All rows decode in step, so the first new token's position is the write offset.
-    start = pos_BT[0, 0]
-    k_BSKD = jax.lax.dynamic_update_slice_in_dim(cache['k'], k_BTKD.astype(cache['k'].dtype), start, 1)
-    v_BSKD = jax.lax.dynamic_update_slice_in_dim(cache['v'], v_BTKD.astype(cache['v'].dtype), start, 1)
-    return self.attend_from_cache(q_BTHD, k_BSKD, v_BSKD, pos_BT), {'k': k_BSKD, 'v': v_BSKD}
+    """A prompt into an empty cache runs `attend` (the kernels), then writes the cache; other calls
+    write first and attend from the cache (`kv_cache`). All rows decode in step, so the first new
+    token's position is the write offset."""
+    def prefill(q_BTHD, k_BTKD, v_BTKD, pos_BT, cache):
+      return self.attend(q_BTHD, k_BTKD, v_BTKD), self._written(cache, k_BTKD, v_BTKD, pos_BT)
+
+    def extend(q_BTHD, k_BTKD, v_BTKD, pos_BT, cache):
+      if self.window is None:
+        return self.attend_from_cache(q_BTHD, k_BTKD, v_BTKD, pos_BT, cache)
+      o_BTHD, ring_k, ring_v = kv_cache.window_attend(q_BTHD, cache['k'], cache['v'], k_BTKD, v_BTKD, pos_BT,
+                                                      self.window)
+      return o_BTHD, {**cache, 'k': ring_k, 'v': ring_v}
+    return kv_cache.prefill_or_extend(pos_BT[0, 0], q_BTHD.shape[1], prefill, extend,
+                                      q_BTHD, k_BTKD, v_BTKD, pos_BT, cache)
+
+  def _written(self, cache: Cache, k_BTKD, v_BTKD, pos_BT) -> Cache:
+    """The cache with the new tokens' rows (a ring's slots with a window)."""
+    if self.window is None:
+      write = functools.partial(kv_cache.write_rows, start=pos_BT[0, 0])
+      return {**cache, 'k': write(cache['k'], k_BTKD), 'v': write(cache['v'], v_BTKD)}
+    return {**cache, 'k': kv_cache.ring_write(cache['k'], k_BTKD, pos_BT),
+            'v': kv_cache.ring_write(cache['v'], v_BTKD, pos_BT)}

@@ -99,18 +99,21 @@ class Attention(dense.Attention):
     super().__init__(cfg, rngs=rngs)
     self.block_size, self.top_k = cfg.moba.block_size, cfg.moba.top_k
 
-  def _choose(self, q_BTHD, k_BSKD, qpos_BT, seg_BT=None) -> jax.Array:
-    """`[B, T, K, top_k]` blocks per query and kv group: the gate scores, summed over the group's heads;
-    under `seg_BT`, only blocks of the query's own document."""
-    B, T, H, D = q_BTHD.shape
-    S, K = k_BSKD.shape[1:3]
+  def _block_means(self, k_BSKD) -> jax.Array:
+    """`[B, N, K, D]` float32 mean keys of the blocks (a last partial block padded with zeros)."""
+    B, S, K, D = k_BSKD.shape
     N = -(-S // self.block_size)
     # Averaged with K and D as one minor axis: a TPU lays `[.., K, D]` with K < 8 out padded (decoding
     # from a 64K cache, v5p, planned 4.0 GiB of temporaries so against 0.2 GiB this way).
     k_BNLX = jnp.pad(k_BSKD, ((0, 0), (0, N * self.block_size - S), (0, 0), (0, 0))).reshape(
         B, N, self.block_size, K * D)
-    mean_BNKD = jnp.mean(k_BNLX, axis=2, dtype=jnp.float32).reshape(B, N, K, D)
+    return jnp.mean(k_BNLX, axis=2, dtype=jnp.float32).reshape(B, N, K, D)
 
+  def _choose(self, q_BTHD, mean_BNKD, qpos_BT, seg_BT=None) -> jax.Array:
+    """`[B, T, K, top_k]` blocks per query and kv group from the blocks' mean keys: the gate scores,
+    summed over the group's heads; under `seg_BT`, only blocks of the query's own document."""
+    H, D = q_BTHD.shape[2:]
+    K = mean_BNKD.shape[2]
     first_BT = (jnp.zeros_like(qpos_BT) if seg_BT is None else first_block(seg_BT, self.block_size))
 
     def one_chunk(q_BQHD, pos_BQ, first_BQ):
@@ -124,12 +127,34 @@ class Attention(dense.Attention):
 
   def attend(self, q_BTHD, k_BTKD, v_BTKD, seg_BT=None) -> jax.Array:
     B, T = q_BTHD.shape[:2]
-    idx_BTKn = self._choose(q_BTHD, k_BTKD, jnp.broadcast_to(jnp.arange(T), (B, T)), seg_BT)
+    idx_BTKn = self._choose(q_BTHD, self._block_means(k_BTKD), jnp.broadcast_to(jnp.arange(T), (B, T)),
+                            seg_BT)
     attend = functools.partial(selected_attention, block_size=self.block_size, implementation=self.kernel)
     return sharding.attention_per_device(attend, q_BTHD, k_BTKD, v_BTKD, idx_BTKn)
 
-  def attend_from_cache(self, q_BTHD, k_BSKD, v_BSKD, pos_BT) -> jax.Array:
+  # ----------------------------------------------------------------------------- decoding
+
+  def init_cache(self, batch: int, max_len: int) -> dense.Cache:
+    """Dense attention's rows and, per block, the float32 sum of its keys: the gate reads the
+    `max_len / block_size` block means, not the keys (a 512th of them at the paper's block size)."""
+    K, D = self.wk.shape[1:]
+    return {**super().init_cache(batch, max_len),
+            'ksum': jnp.zeros((batch, -(-max_len // self.block_size), K, D), jnp.float32)}
+
+  def _written(self, cache: dense.Cache, k_BTKD, v_BTKD, pos_BT) -> dense.Cache:
+    cache = super()._written(cache, k_BTKD, v_BTKD, pos_BT)
+    k_BTKD = k_BTKD.astype(jnp.float32)
+    if k_BTKD.shape[1] == 1:  # one row of sums, read, added to and written in place
+      block = pos_BT[0, 0] // self.block_size
+      row_B1KD = jax.lax.dynamic_slice_in_dim(cache['ksum'], block, 1, 1) + k_BTKD
+      return {**cache, 'ksum': jax.lax.dynamic_update_slice_in_dim(cache['ksum'], row_B1KD, block, 1)}
+    return {**cache, 'ksum': cache['ksum'].at[:, pos_BT[0] // self.block_size].add(k_BTKD)}
+
+  def attend_from_cache(self, q_BTHD, k_BTKD, v_BTKD, pos_BT, cache: dense.Cache):
+    """Written first, then read: the gate reads the block sums and the attention gathers the chosen
+    blocks, small reads that need no ordering to keep the update in place."""
+    cache = self._written(cache, k_BTKD, v_BTKD, pos_BT)
     # Blocks of slots not yet written start after every query: never chosen, so their zeros are unread.
-    idx_BTKn = self._choose(q_BTHD, k_BSKD, pos_BT)
-    return selected_attention_reference(q_BTHD, k_BSKD, v_BSKD, idx_BTKn, block_size=self.block_size,
-                                        qpos_BT=pos_BT)
+    idx_BTKn = self._choose(q_BTHD, cache['ksum'] / self.block_size, pos_BT)
+    return selected_attention_reference(q_BTHD, cache['k'], cache['v'], idx_BTKn, block_size=self.block_size,
+                                        qpos_BT=pos_BT), cache

@@ -59,16 +59,17 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
+from pallas_kernels.block_choice import select_blocks
 from pallas_kernels.block_selection import block_selection, block_selection_reference
 from pallas_kernels.compressed_attention import (
   block_ends,
   compressed_attention,
   compressed_attention_reference,
 )
-from pallas_kernels.flash_attention import flash_attention, flash_attention_reference
+from pallas_kernels.flash_attention import flash_attention
 from pallas_kernels.selected_attention import selected_attention, selected_attention_reference
 from sparse_lm import sharding
-from sparse_lm.attention import base
+from sparse_lm.attention import base, kv_cache
 from sparse_lm.errors import ConfigError, require_positive
 from sparse_lm.layers import output_stddev, param, rope
 
@@ -175,17 +176,22 @@ class Attention(base.Attention):
     h_BNKF = jax.nn.silu(x_BNKX @ getattr(self, f'cmp_w1_{kind}')[...].astype(self.dtype))
     return h_BNKF @ getattr(self, f'cmp_w2_{kind}')[...].astype(self.dtype)
 
-  def _compressed_and_choice(self, q_BTHD, ck_BCKD, cv_BCKD, pos_BT, num_keys: int, fused: bool,
-                             seg_BT=None):
-    """The compressed branch's output and the selected blocks; compressed keys rotated (RoPE) at their
-    blocks' last tokens (at those tokens' positions in their documents under `seg_BT`). `fused`: the
-    kernels (training), else the chunked XLA path."""
+  def _rotated_compressed(self, ck_BCKD, pos_BT, seg_BT=None) -> jax.Array:
+    """Compressed keys rotated (RoPE) at their blocks' last tokens (at those tokens' positions in their
+    documents under `seg_BT`)."""
     n = self.nsa
     ends_C = block_ends(ck_BCKD.shape[1], cmp_block=n.cmp_block, cmp_stride=n.cmp_stride)
     ends_BC = jnp.broadcast_to(ends_C, ck_BCKD.shape[:2]) if seg_BT is None else pos_BT[:, ends_C]
-    ck_BCKD = rope(ck_BCKD, ends_BC, self.rope_theta)
+    return rope(ck_BCKD, ends_BC, self.rope_theta)
+
+  def _compressed_and_choice(self, q_BTHD, ck_BCKD, cv_BCKD, pos_BT, num_keys: int, fused: bool,
+                             seg_BT=None):
+    """The compressed branch's output and the selected blocks over a whole sequence, from compressed
+    keys not yet rotated; `fused`: the kernels, else the chunked XLA path. Also the rotated keys."""
+    ck_BCKD = self._rotated_compressed(ck_BCKD, pos_BT, seg_BT)
     o_cmp, lse_BHT = self._compressed_branch(q_BTHD, ck_BCKD, cv_BCKD, pos_BT, seg_BT, fused)
-    return o_cmp, self._block_indices(q_BTHD, ck_BCKD, lse_BHT, pos_BT, seg_BT, num_keys, fused)
+    idx_BTKn = self._block_indices(q_BTHD, ck_BCKD, lse_BHT, pos_BT, seg_BT, num_keys, fused)
+    return o_cmp, idx_BTKn, ck_BCKD
 
   def _compressed_branch(self, q_BTHD, ck_BCKD, cv_BCKD, pos_BT, seg_BT, fused: bool):
     """Eq. 8 over the visible compressed blocks: the output and the log-sum-exp `[B, H, T]` that block
@@ -228,23 +234,11 @@ class Attention(base.Attention):
     v_BTJKD = jnp.einsum('btd,djkh->btjkh', x_BTD, self.wv[...].astype(self.dtype))
     return q_BTHD, k_BTJKD, v_BTJKD
 
-  def _branch(self, kv, name: str) -> jax.Array:
-    """One branch's keys or values: from `[B, T, J, K, D]` (a forward pass) or from a cache's list of J
-    `[B, S, K, D]` arrays (J = 1 when the branches share K/V)."""
-    shared = (len(kv) if isinstance(kv, list) else kv.shape[2]) == 1
-    j = 0 if shared else ('cmp', 'slc', 'win').index(name)
-    return kv[j] if isinstance(kv, list) else kv[:, :, j]
+  def _branch(self, kv_BTJKD, name: str) -> jax.Array:
+    """One branch's keys or values `[B, T, K, D]` (the one shared when J = 1)."""
+    return kv_BTJKD[:, :, 0 if kv_BTJKD.shape[2] == 1 else ('cmp', 'slc', 'win').index(name)]
 
   # ------------------------------------------------------------------------- forward
-
-  def init_cache(self, batch: int, max_len: int) -> Cache:
-    """Raw K/V as one `[B, S, K, D]` array per branch, so that decoding slices and gathers a branch's
-    rows without copying the other branches, and the compressed blocks."""
-    _, J, K, D = self.wk.shape
-    C = self._num_compressed(max_len)
-    return {'k': [jnp.zeros((batch, max_len, K, D), self.dtype) for _ in range(J)],
-            'v': [jnp.zeros((batch, max_len, K, D), self.dtype) for _ in range(J)],
-            'ck': jnp.zeros((batch, C, K, D), self.dtype), 'cv': jnp.zeros((batch, C, K, D), self.dtype)}
 
   def __call__(self, x_BTD: jax.Array, pos_BT: jax.Array, seg_BT: jax.Array | None = None,
                cache: Cache | None = None, *, update_state: bool = False) -> tuple[jax.Array, Cache | None]:
@@ -252,90 +246,173 @@ class Attention(base.Attention):
     x_BTD = x_BTD.astype(self.dtype)
     q_BTHD, k_BTJKD, v_BTJKD = self._project(x_BTD, pos_BT)
     if cache is None:
-      k_BSJKD, v_BSJKD = k_BTJKD, v_BTJKD
-      C = self._num_compressed(k_BSJKD.shape[1])
-      ck_BCKD = self._compress(self._branch(k_BSJKD, 'cmp'), C, 'k')
-      cv_BCKD = self._compress(self._branch(v_BSJKD, 'cmp'), C, 'v')
+      outs, _ = self._sequence(q_BTHD, k_BTJKD, v_BTJKD, pos_BT, seg_BT)
     else:
-      cache = self._extend_cache(k_BTJKD, v_BTJKD, pos_BT[0, 0], cache)
-      k_BSJKD, v_BSJKD, ck_BCKD, cv_BCKD = cache['k'], cache['v'], cache['ck'], cache['cv']
-
-    fused = cache is None and self.kernel == 'pallas'
-    num_keys = self._branch(k_BSJKD, 'slc').shape[1]
-    o_cmp, idx_BTKn = self._compressed_and_choice(q_BTHD, ck_BCKD, cv_BCKD, pos_BT, num_keys, fused, seg_BT)
-
-    if cache is None:
-      o_slc, o_win = self._selected_and_window(q_BTHD, k_BSJKD, v_BSJKD, idx_BTKn, pos_BT, seg_BT, fused)
-    else:
-      o_slc, o_win = self._selected_and_window_from_cache(q_BTHD, k_BSJKD, v_BSJKD, idx_BTKn, pos_BT)
-    o_BTHD = self._mix(x_BTD, o_cmp.astype(self.dtype), o_slc.astype(self.dtype), o_win.astype(self.dtype))
+      outs, cache = kv_cache.prefill_or_extend(pos_BT[0, 0], q_BTHD.shape[1], self._prefill, self._extend,
+                                               q_BTHD, k_BTJKD, v_BTJKD, pos_BT, cache)
+    o_BTHD = self._mix(x_BTD, *(o.astype(self.dtype) for o in outs))
     y_BTD = jnp.einsum('bthk,hkd->btd', o_BTHD, self.wo[...].astype(self.dtype))
     return sharding.constrain(y_BTD, ('batch', 'length', 'act_embed')), cache
 
-  def _selected_and_window(self, q_BTHD, k_BTJKD, v_BTJKD, idx_BTKn, pos_BT, seg_BT, fused: bool):
-    """Eq. 12 and the sliding window over the whole sequence (training, or a prompt without cache). The
-    selected blocks are the query's document's already (`block_selection`); the window keeps to it by
-    segment ids."""
+  def _sequence(self, q_BTHD, k_BTJKD, v_BTJKD, pos_BT, seg_BT=None):
+    """The three branches over a whole sequence (training, or a prompt into an empty cache): the
+    kernels when `model.kernel` is `pallas`. Also returns what a cache keeps of them: the rotated
+    compressed keys and values and the rotated keys of the selection and window branches."""
     n = self.nsa
+    fused = self.kernel == 'pallas'
+    T = q_BTHD.shape[1]
+    C = self._num_compressed(T)
+    cv_BCKD = self._compress(self._branch(v_BTJKD, 'cmp'), C, 'v')
+    o_cmp, idx_BTKn, ck_BCKD = self._compressed_and_choice(
+        q_BTHD, self._compress(self._branch(k_BTJKD, 'cmp'), C, 'k'), cv_BCKD, pos_BT, T, fused, seg_BT)
     ks_BTKD = rope(self._branch(k_BTJKD, 'slc'), pos_BT, self.rope_theta)
     kw_BTKD = rope(self._branch(k_BTJKD, 'win'), pos_BT, self.rope_theta)
     vs_BTKD, vw_BTKD = self._branch(v_BTJKD, 'slc'), self._branch(v_BTJKD, 'win')
     implementation = 'pallas' if fused else 'xla'
     selected = functools.partial(selected_attention, block_size=n.sel_block, implementation=implementation)
     window = functools.partial(flash_attention, causal=True, window=n.window, implementation=implementation)
+    # The selected blocks are the query's document's already (`block_selection`); the window keeps to
+    # it by segment ids.
     o_slc = sharding.attention_per_device(selected, q_BTHD, ks_BTKD, vs_BTKD, idx_BTKn)
     if seg_BT is None:
-      return o_slc, sharding.attention_per_device(window, q_BTHD, kw_BTKD, vw_BTKD)
-    return o_slc, sharding.attention_per_device(lambda q, k, v, seg: window(q, k, v, segment_ids=seg),
-                                                q_BTHD, kw_BTKD, vw_BTKD, seg_BT)
+      o_win = sharding.attention_per_device(window, q_BTHD, kw_BTKD, vw_BTKD)
+    else:
+      o_win = sharding.attention_per_device(lambda q, k, v, seg: window(q, k, v, segment_ids=seg),
+                                            q_BTHD, kw_BTKD, vw_BTKD, seg_BT)
+    return (o_cmp, o_slc, o_win), {'ck': ck_BCKD, 'cv': cv_BCKD, 'ks': ks_BTKD, 'kw': kw_BTKD}
 
-  def _selected_and_window_from_cache(self, q_BTHD, k_BSJKD, v_BSJKD, idx_BTKn, pos_BT):
-    """The same for new tokens at `pos_BT` over a cache of S positions, reading only the rows attended
-    to: the selected blocks are gathered and then rotated, and the window branch sees the last
-    `window + T - 1` positions (the cache keeps keys un-rotated, as phi wants them)."""
+  # ------------------------------------------------------------------------- decoding
+
+  def init_cache(self, batch: int, max_len: int) -> Cache:
+    """What decoding reads, and no more: the selection branch's rotated keys and values, one row a
+    position (any block may be chosen); the compressed keys (rotated) and values, one a `cmp_stride`;
+    the compression branch's raw rows only for the last `cmp_block` positions (a ring: a block is
+    compressed once, when its last token arrives); and, with separate branch K/V, the window branch's
+    last `window` rows (a ring). With `nsa.shared_kv` the window reads the selection branch's rows.
+    At 65,536 positions and the paper's sizes that is 1.13x dense attention's cache, against 3.13x
+    for three branches' full K/V."""
+    _, J, K, D = self.wk.shape
     n = self.nsa
-    B, T = pos_BT.shape
 
-    def rotate(k_BKXD, kpos_BKX):  # rope's "heads" axis of 1: each gathered row has its own position
-      D = k_BKXD.shape[-1]
-      return rope(k_BKXD.reshape(B, -1, 1, D), kpos_BKX.reshape(B, -1), self.rope_theta).reshape(k_BKXD.shape)
-    o_slc = selected_attention_reference(q_BTHD, self._branch(k_BSJKD, 'slc'), self._branch(v_BSJKD, 'slc'),
-                                         idx_BTKn, block_size=n.sel_block, qpos_BT=pos_BT,
-                                         key_transform=rotate)
-    S = self._branch(k_BSJKD, 'win').shape[1]
-    span = min(S, n.window + T - 1)
-    lo = jnp.clip(pos_BT[0, -1] + 1 - span, 0, S - span)  # the new tokens share their positions per row
-    kpos_BL = jnp.broadcast_to(lo + jnp.arange(span), (B, span))
-    kw_BLKD, vw_BLKD = (jax.lax.dynamic_slice_in_dim(self._branch(x, 'win'), lo, span, 1)
-                        for x in (k_BSJKD, v_BSJKD))
-    kw_BLKD = rope(kw_BLKD, kpos_BL, self.rope_theta)
-    return o_slc, flash_attention_reference(q_BTHD, kw_BLKD, vw_BLKD, window=n.window, qpos_BT=pos_BT,
-                                            kpos_BS=kpos_BL)
+    def rows(length):
+      return jnp.zeros((batch, length, K, D), self.dtype)
+    C = self._num_compressed(max_len)
+    cache = {'k': rows(max_len), 'v': rows(max_len), 'ck': rows(C), 'cv': rows(C),
+             'rk': rows(min(n.cmp_block, max_len)), 'rv': rows(min(n.cmp_block, max_len))}
+    if J > 1:
+      cache.update(wk=rows(min(n.window, max_len)), wv=rows(min(n.window, max_len)))
+    return cache
 
-  def _extend_cache(self, k_BTJKD, v_BTJKD, start, cache: Cache) -> Cache:
-    """Writes the new tokens' raw K/V, then (re)computes every compressed block that ends among them.
+  def _prefill(self, q_BTHD, k_BTJKD, v_BTJKD, pos_BT, cache: Cache):
+    """A prompt into an empty cache: the whole-sequence path, then its pieces written to the cache."""
+    outs, got = self._sequence(q_BTHD, k_BTJKD, v_BTJKD, pos_BT)
+    start = pos_BT[0, 0]
+    new = {'k': kv_cache.write_rows(cache['k'], got['ks'], start),
+           'v': kv_cache.write_rows(cache['v'], self._branch(v_BTJKD, 'slc'), start),
+           'ck': kv_cache.write_rows(cache['ck'], got['ck'], start),
+           'cv': kv_cache.write_rows(cache['cv'], got['cv'], start),
+           'rk': kv_cache.ring_write(cache['rk'], self._branch(k_BTJKD, 'cmp'), pos_BT),
+           'rv': kv_cache.ring_write(cache['rv'], self._branch(v_BTJKD, 'cmp'), pos_BT)}
+    if 'wk' in cache:
+      new.update(wk=kv_cache.ring_write(cache['wk'], got['kw'], pos_BT),
+                 wv=kv_cache.ring_write(cache['wv'], self._branch(v_BTJKD, 'win'), pos_BT))
+    return outs, new
 
-    The compressed blocks computed are a fixed number starting at the first one that can end in this
-    call; blocks among them that are not complete yet hold placeholder values no query can see (their
-    last token is in the future) and are recomputed when they complete.
-    """
+  def _extend(self, q_BTHD, k_BTJKD, v_BTJKD, pos_BT, cache: Cache):
+    """New tokens after the cached ones (one, when decoding), reading only what they attend to: the
+    compressed blocks, the rows of the chosen blocks (gathered) and the window's rows. The compressed
+    blocks and the rings are read before they are written (`kv_cache.after`), which keeps their
+    updates in place."""
+    n = self.nsa
+    start, S, C = pos_BT[0, 0], cache['k'].shape[1], cache['ck'].shape[1]
+    qpos_BT1 = pos_BT[:, :, None]
+    # Eq. 8 over the blocks that ended before these tokens and those that end among them (computed
+    # here), then Eqs. 9-11 from the same probabilities (Eq. 10 sums a group's heads).
+    ck_BNKD, cv_BNKD, index_N, rings = self._new_compressed(k_BTJKD, v_BTJKD, pos_BT, cache)
+    ends_C = block_ends(C, cmp_block=n.cmp_block, cmp_stride=n.cmp_stride)
+    ends_N = index_N * n.cmp_stride + n.cmp_block - 1
+    keep_BTC = (ends_C[None, None, :] <= qpos_BT1) & (ends_C < start)[None, None, :]
+    keep_BTN = jnp.broadcast_to(ends_N[None, None, :] <= qpos_BT1, (*pos_BT.shape, len(ends_N)))
+    o_cmp, p_BCTK, p_BNTK = kv_cache.attend(q_BTHD, cache['ck'], cache['cv'], keep_BTC,
+                                            new=(ck_BNKD, cv_BNKD, keep_BTN), probabilities=True)
+    p_BCTK = p_BCTK.at[:, index_N].add(p_BNTK, mode='drop')
+    idx_BTKn = select_blocks(self._selection_scores(p_BCTK, -(-S // n.sel_block)), pos_BT,
+                             num_selected=n.num_selected, block_size=n.sel_block, force_first=True,
+                             force_local=2)
+    cache = {**cache, **rings,
+             'ck': cache['ck'].at[:, index_N].set(kv_cache.after(ck_BNKD, o_cmp, p_BCTK), mode='drop'),
+             'cv': cache['cv'].at[:, index_N].set(kv_cache.after(cv_BNKD, o_cmp, p_BCTK), mode='drop')}
+    # Eq. 12 over the chosen blocks' rows, gathered from the cache once the new rows are in it.
+    ks_BTKD = rope(self._branch(k_BTJKD, 'slc'), pos_BT, self.rope_theta)
+    cache['k'] = kv_cache.write_rows(cache['k'], ks_BTKD, start)
+    cache['v'] = kv_cache.write_rows(cache['v'], self._branch(v_BTJKD, 'slc'), start)
+    if pos_BT.shape[1] == 1:
+      o_slc = kv_cache.attend_blocks(q_BTHD, cache['k'], cache['v'], idx_BTKn, block_size=n.sel_block,
+                                     pos_BT=pos_BT)
+    else:
+      o_slc = selected_attention_reference(q_BTHD, cache['k'], cache['v'], idx_BTKn, block_size=n.sel_block,
+                                           qpos_BT=pos_BT)
+    if 'wk' in cache:  # the window branch's own rows, in its ring
+      kw_BTKD = rope(self._branch(k_BTJKD, 'win'), pos_BT, self.rope_theta)
+      o_win, cache['wk'], cache['wv'] = kv_cache.window_attend(
+          q_BTHD, cache['wk'], cache['wv'], kw_BTKD, self._branch(v_BTJKD, 'win'), pos_BT, n.window)
+    else:  # shared K/V: the last `window + T - 1` rows of the selection branch's
+      B, T = pos_BT.shape
+      span = min(S, n.window + T - 1)
+      lo = jnp.clip(pos_BT[0, -1] + 1 - span, 0, S - span)
+      kpos_11X = (lo + jnp.arange(span))[None, None, :]
+      kw_BXKD, vw_BXKD = (jax.lax.dynamic_slice_in_dim(cache[name], lo, span, 1) for name in ('k', 'v'))
+      keep_BTX = (kpos_11X <= qpos_BT1) & (kpos_11X > qpos_BT1 - n.window)
+      o_win = kv_cache.attend(q_BTHD, kw_BXKD, vw_BXKD, keep_BTX)
+    return (o_cmp, o_slc, o_win), cache
+
+  def _selection_scores(self, p_BCTK, num_blocks: int) -> jax.Array:
+    """Eq. 9 for a few tokens, on probabilities laid out blocks first `[B, C, T, K]` (as decoding's
+    scores are): stride unit u sums the compressed blocks covering it (`u - m`, `m < l / d`), a selection
+    block its `l' / d` units. Returns `[B, T, K, num_blocks]`."""
+    n = self.nsa
+    cover, per_block = n.cmp_block // n.cmp_stride, n.sel_block // n.cmp_stride
+    C, U = p_BCTK.shape[1], num_blocks * per_block
+    padded_BXTK = jnp.pad(p_BCTK, ((0, 0), (cover - 1, max(0, U - C)), (0, 0), (0, 0)))
+    units_BUTK = sum(padded_BXTK[:, cover - 1 - m:cover - 1 - m + U] for m in range(cover))
+    B, _, T, K = units_BUTK.shape
+    return units_BUTK.reshape(B, num_blocks, per_block, T, K).sum(axis=2).transpose(0, 2, 3, 1)
+
+  def _new_compressed(self, k_BTJKD, v_BTJKD, pos_BT, cache: Cache):
+    """The compressed blocks that end among the new tokens (keys rotated at their last token), their
+    indices `[N]`, and the raw rings with the new tokens written: phi on the ring's last rows and the
+    new ones.
+
+    A fixed number N of blocks is computed, from the first that can end among the new tokens; those
+    that do not end yet are placeholders no query sees (their last token is in the future), computed
+    again when they end. Indices past the cache's last block are dropped when written."""
     l, stride = self.nsa.cmp_block, self.nsa.cmp_stride
-    def write(bufs, new_BTJKD):
-      return [jax.lax.dynamic_update_slice_in_dim(buf_BSKD, new_BTJKD[:, :, j].astype(self.dtype), start, 1)
-              for j, buf_BSKD in enumerate(bufs)]
-    k_BSJKD, v_BSJKD = write(cache['k'], k_BTJKD), write(cache['v'], v_BTJKD)
-    C = cache['ck'].shape[1]
-    if not C:
-      return {'k': k_BSJKD, 'v': v_BSJKD, 'ck': cache['ck'], 'cv': cache['cv']}
-    num_new = min((k_BTJKD.shape[1] - 1) // stride + 1, C)
-    first = jnp.clip(-((l - 1 - start) // stride), 0, C - num_new)  # ceil((start - l + 1) / d)
-    span = (num_new - 1) * stride + l
-
-    def recompress(c_BCKD, buf_BSJKD, kind):
-      raw_BXKD = jax.lax.dynamic_slice_in_dim(self._branch(buf_BSJKD, 'cmp'), first * stride, span, 1)
-      return jax.lax.dynamic_update_slice_in_dim(c_BCKD, self._compress(raw_BXKD, num_new, kind), first, 1)
-    return {'k': k_BSJKD, 'v': v_BSJKD, 'ck': recompress(cache['ck'], k_BSJKD, 'k'),
-            'cv': recompress(cache['cv'], v_BSJKD, 'v')}
+    start, (B, T) = pos_BT[0, 0], pos_BT.shape
+    C, R = cache['ck'].shape[1], cache['rk'].shape[1]
+    N = max(1, min((T - 1) // stride + 1, C))
+    first = jnp.maximum(-((l - 1 - start) // stride), 0)  # ceil((start - l + 1) / d): ends at >= start
+    span = (N - 1) * stride + l
+    # The raw rows at positions start - R .. start + T - 1, then zeros for the placeholders' missing rows.
+    order_R = (start - R + jnp.arange(R)) % R
+    offset = first * stride - (start - R)
+    index_N = first + jnp.arange(N)
+    ends_BN = jnp.broadcast_to(index_N * stride + l - 1, (B, N))
+    ends = ends_BN[0, 0] == start  # (one token) the block ending there is computed, else a placeholder
+    new, rings = {}, {}
+    for kind, kv_BTJKD in (('k', k_BTJKD), ('v', v_BTJKD)):
+      raw_BTKD = self._branch(kv_BTJKD, 'cmp')
+      ring_BRKD = cache[f'r{kind}']
+      raw_BXKD = jnp.concatenate([ring_BRKD[:, order_R], raw_BTKD.astype(self.dtype),
+                                  jnp.zeros((B, span, *raw_BTKD.shape[2:]), self.dtype)], axis=1)
+      raw_BXKD = jax.lax.dynamic_slice_in_dim(raw_BXKD, offset, span, 1)
+      if T == 1:  # a block ends at one token in d: phi runs then, and its weights are read then
+        c_BNKD = jax.lax.cond(ends, functools.partial(self._compress, num_blocks=N, kind=kind),
+                              lambda x: jnp.zeros((B, N, *x.shape[2:]), self.dtype), raw_BXKD)
+      else:
+        c_BNKD = self._compress(raw_BXKD, N, kind)
+      new[kind] = (rope(c_BNKD, ends_BN, self.rope_theta) if kind == 'k' else c_BNKD).astype(self.dtype)
+      rings[f'r{kind}'] = kv_cache.ring_write(ring_BRKD, kv_cache.after(raw_BTKD, raw_BXKD), pos_BT)
+    return new['k'], new['v'], index_N, rings
 
   def _mix(self, x_BTD, o_cmp, o_slc, o_win) -> jax.Array:
     """Eq. 5: per head, a sigmoid gate for each branch."""
