@@ -38,6 +38,7 @@ from jax.extend.core import Literal
 from sparse_lm import model as model_lib
 from sparse_lm.config import base_config
 
+FLAGS = flags.FLAGS
 DECODING = ('dense', 'sliding_window', 'nsa', 'moba', 'dsa', 'mosa_causal', 'routing_causal')
 
 
@@ -93,8 +94,9 @@ def _sub_jaxprs(eqn):
   return []
 
 
-def _reads(jaxpr, tracked: set) -> int:
-  """Bytes read from the variables in `tracked` (and their views and updated copies) by `jaxpr`."""
+def _reads(jaxpr, tracked: set) -> tuple[int, list[bool]]:
+  """Bytes read from the variables in `tracked` (and their views and updated copies) by `jaxpr`, and
+  which of its outputs are such views or copies (a cache passed through)."""
   tracked = set(tracked)
 
   def is_tracked(v):
@@ -107,13 +109,15 @@ def _reads(jaxpr, tracked: set) -> int:
     name = eqn.primitive.name
     subs = _sub_jaxprs(eqn)
     if subs:
-      costs = []
+      costs, passed = [], [False] * len(eqn.outvars)
       for inner, times, mapping in subs:
         inner_tracked = {inner.invars[i] for i, j in enumerate(mapping)
                          if i < len(inner.invars) and is_tracked(eqn.invars[j])}
-        costs.append(times * _reads(inner, inner_tracked))
+        cost, out_tracked = _reads(inner, inner_tracked)
+        costs.append(times * cost)
+        passed = [a or b for a, b in zip(passed, out_tracked[-len(passed):], strict=False)]
       total += max(costs) if name == 'cond' else sum(costs)
-      tracked.update(eqn.outvars)  # a nested program's outputs may be the (updated) cache
+      tracked.update(v for v, p in zip(eqn.outvars, passed, strict=False) if p)
     elif name in _SLICES:
       if is_tracked(eqn.invars[0]):
         total += sum(_nbytes(v.aval) for v in eqn.outvars)
@@ -125,7 +129,7 @@ def _reads(jaxpr, tracked: set) -> int:
       tracked.update(eqn.outvars)
     else:
       total += sum(_nbytes(v.aval) for v in ins)
-  return total
+  return total, [is_tracked(v) for v in jaxpr.outvars]
 
 
 def cache_reads(step, *args, cache_argnum: int) -> int:
@@ -134,7 +138,7 @@ def cache_reads(step, *args, cache_argnum: int) -> int:
   leaves = [jax.tree.leaves(a) for a in args]
   first = sum(len(x) for x in leaves[:cache_argnum])
   invars = closed.jaxpr.invars[first:first + len(leaves[cache_argnum])]
-  return _reads(closed.jaxpr, set(invars))
+  return _reads(closed.jaxpr, set(invars))[0]
 
 
 def ideal_bytes(c, length: int, *, itemsize: int = 4) -> float:
@@ -261,42 +265,41 @@ def plot(rows: list[dict], path: str) -> None:
   fig.savefig(path, dpi=120)
 
 
-_LENGTHS = flags.DEFINE_list('lengths', ['4096', '16384', '65536', '131072'], 'Cache lengths.')
-_BATCHES = flags.DEFINE_list('batches', ['1', '16'], 'Sequences decoded together.')
-_VARIANTS = flags.DEFINE_list('variants', list(DECODING), 'Variants to time.')
-_REPEATS = flags.DEFINE_integer('repeats', 3, 'Timed calls per case (best kept).')
-_OUT = flags.DEFINE_string('out', 'results/decode.jsonl', 'JSON lines, appended.')
-_PLOT = flags.DEFINE_string('plot', None, 'Where to write the plot (PNG).')
-_MAX_CACHE_GIB = flags.DEFINE_float('max_cache_gib', 12.0, 'Cases whose cache exceeds this are skipped.')
-
-
 def main(argv) -> None:
   del argv
   rows = []
-  for batch in map(int, _BATCHES.value):
-    for variant in _VARIANTS.value:
-      for length in map(int, _LENGTHS.value):
+  for batch in map(int, FLAGS.batches):
+    for variant in FLAGS.variants:
+      for length in map(int, FLAGS.lengths):
         c = bench_config(variant)
         model = model_lib.Transformer(c.model, rngs=nnx.Rngs(0))
         size = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(
             jax.eval_shape(lambda model=model, batch=batch, length=length: model.init_cache(batch, length))))
         del model
-        if size > _MAX_CACHE_GIB.value * 2**30:
+        if size > FLAGS.max_cache_gib * 2**30:
           print(json.dumps({'variant': variant, 'batch': batch, 'length': length,
                             'skipped': f'cache {size / 2**30:.1f} GiB > --max_cache_gib'}), flush=True)
           continue
-        row = {**measure(c, batch, length, _REPEATS.value), 'date': time.strftime('%Y-%m-%d'),
+        row = {**measure(c, batch, length, FLAGS.repeats), 'date': time.strftime('%Y-%m-%d'),
                'machine': f'{jax.devices()[0].platform}, {jax.device_count()} device(s)'}
         rows.append(row)
         print(json.dumps(row), flush=True)
-        if _OUT.value:
-          pathlib.Path(_OUT.value).parent.mkdir(parents=True, exist_ok=True)
-          with open(_OUT.value, 'a', encoding='utf-8') as f:
+        if FLAGS.out:
+          pathlib.Path(FLAGS.out).parent.mkdir(parents=True, exist_ok=True)
+          with open(FLAGS.out, 'a', encoding='utf-8') as f:
             f.write(json.dumps(row) + '\n')
   print(table(rows))
-  if _PLOT.value:
-    plot(rows, _PLOT.value)
+  if FLAGS.plot:
+    plot(rows, FLAGS.plot)
 
 
 if __name__ == '__main__':
+  # Defined only for the command, so that benchmarks/gpu_check.py can import this module.
+  _LENGTHS = flags.DEFINE_list('lengths', ['4096', '16384', '65536', '131072'], 'Cache lengths.')
+  _BATCHES = flags.DEFINE_list('batches', ['1', '16'], 'Sequences decoded together.')
+  _VARIANTS = flags.DEFINE_list('variants', list(DECODING), 'Variants to time.')
+  _REPEATS = flags.DEFINE_integer('repeats', 3, 'Timed calls per case (best kept).')
+  _OUT = flags.DEFINE_string('out', 'results/decode.jsonl', 'JSON lines, appended.')
+  _PLOT = flags.DEFINE_string('plot', None, 'Where to write the plot (PNG).')
+  _MAX_CACHE_GIB = flags.DEFINE_float('max_cache_gib', 12.0, 'Cases whose cache exceeds this are skipped.')
   app.run(main)

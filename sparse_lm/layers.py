@@ -41,8 +41,11 @@ class RMSNorm(nnx.Module):
     return y_BTD.astype(x_BTD.dtype)
 
 
-def rope(x_BTHD: jax.Array, pos_BT: jax.Array, theta: float) -> jax.Array:
-  """Rotary position embedding (Su et al. 2021) on the two halves of the head dimension."""
+def rope(x_BTHD: jax.Array, pos_BT: jax.Array, theta: float, rotated: int | None = None) -> jax.Array:
+  """Rotary position embedding (Su et al. 2021) on the two halves of the head dimension; `rotated`:
+  only the first this many features (split in halves), the rest pass unrotated (partial RoPE)."""
+  if rotated is not None and rotated < x_BTHD.shape[-1]:
+    return jnp.concatenate([rope(x_BTHD[..., :rotated], pos_BT, theta), x_BTHD[..., rotated:]], axis=-1)
   half = x_BTHD.shape[-1] // 2
   freq_F = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
   angle_BTF = pos_BT.astype(jnp.float32)[:, :, None] * freq_F[None, None, :]

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from sparse_lm import attention, checks, config, evaluate, flops, mlp, trainer
+from sparse_lm import attention, checks, config, evaluate, flops, mlp, sample, trainer
 from sparse_lm.attention import base
 from sparse_lm.errors import ConfigError
 from sparse_lm.layers import param
@@ -130,6 +130,21 @@ def test_attention_decodes_from_its_cache_as_in_the_parallel_pass(name, kernel):
   if kernel == 'pallas' and not attention.REGISTRY[name].decodes:
     pytest.skip('does not decode')
   _check_decoding(name, variant_config(name, kernel=kernel))
+
+
+@pytest.mark.parametrize('name', [n for n in ATTENTION if attention.REGISTRY[n].decodes])
+def test_a_prompt_into_an_empty_cache_runs_the_kernels(name):
+  """Prefill is the training path: with `model.kernel=pallas` a prompt's program calls the Pallas kernels
+  (the branch taken when the cache is empty), as a train step's does."""
+  model = _model(variant_config(name, kernel='pallas'))
+  graphdef, state = nnx.split(model)
+  call = sample._merged(graphdef, (state,))  # as the sampler calls the model
+
+  def program(T: int) -> str:
+    prompt_BT = jnp.zeros((2, T), jnp.int32)
+    return str(jax.make_jaxpr(lambda tokens: call(tokens, model.init_cache(2, 12)))(prompt_BT))
+  assert 'pallas_call' in program(9)
+  assert 'pallas_call' not in program(1)  # one token reads the cache directly
 
 
 @pytest.mark.parametrize('name', ATTENTION)

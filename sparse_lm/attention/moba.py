@@ -46,7 +46,7 @@ from pallas_kernels._reference import XLA_CHUNK, map_query_chunks
 from pallas_kernels.block_choice import first_block, select_blocks
 from pallas_kernels.selected_attention import selected_attention, selected_attention_reference
 from sparse_lm import sharding
-from sparse_lm.attention import dense
+from sparse_lm.attention import dense, kv_cache
 from sparse_lm.errors import ConfigError, require_positive
 
 
@@ -156,5 +156,8 @@ class Attention(dense.Attention):
     cache = self._written(cache, k_BTKD, v_BTKD, pos_BT)
     # Blocks of slots not yet written start after every query: never chosen, so their zeros are unread.
     idx_BTKn = self._choose(q_BTHD, cache['ksum'] / self.block_size, pos_BT)
+    if pos_BT.shape[1] == 1:  # the chosen blocks, gathered as slices of the cache
+      return kv_cache.attend_blocks(q_BTHD, cache['k'], cache['v'], idx_BTKn, block_size=self.block_size,
+                                    pos_BT=pos_BT), cache
     return selected_attention_reference(q_BTHD, cache['k'], cache['v'], idx_BTKn, block_size=self.block_size,
                                         qpos_BT=pos_BT), cache
