@@ -12,9 +12,11 @@ what a step reads does not depend on them), then times decoding at its last 16 p
 compressed block at one token in 16), jitted with the cache donated: the mean per token of the best of
 `--repeats` runs, after a warm-up call.
 
-`read`: bytes the step reads from the cache per layer and sequence, counted from the step's program
-(`cache_reads`: each cache array's readers in the jaxpr; a slice or gather reads its output, any other
-reader the whole array; parameters and activations are not counted). Not XLA's cost analysis, which
+`ms/step`: time per decoding step of the whole batch (per token of each sequence); `tokens/s`: the
+batch's tokens per second. `read`: bytes the step reads from the cache per layer and sequence,
+counted from the step's program (`cache_reads`: each cache array's readers in the jaxpr; a slice or
+gather reads its output, any other reader the whole array; parameters and activations are not
+counted). Not XLA's cost analysis, which
 counts an in-place cache update as a read of the whole buffer. `ideal`: what the variant's rule needs
 (`ideal_bytes`). The slope (time per extra cached token, between the shortest and the longest length)
 is what grows with context; its ratio to dense's is the speed-up that long contexts approach.
@@ -214,9 +216,11 @@ def measure(c, batch: int, length: int, repeats: int = 3, steps: int = 16) -> di
     logits.block_until_ready()
     times.append((time.perf_counter() - start) / steps)
   del cache
-  return {'variant': c.model.attention, 'batch': batch, 'length': length, 'ms_per_token': 1e3 * min(times),
-          'read_bytes_per_layer': read, 'ideal_bytes_per_layer': ideal_bytes(c, length),
-          'cache_bytes_per_layer': cache_bytes, 'first_call_s': compile_s}
+  ms = 1e3 * min(times)
+  return {'variant': c.model.attention, 'batch': batch, 'length': length, 'ms_per_token': ms,
+          'tokens_per_s': 1e3 * batch / ms, 'read_bytes_per_layer': read,
+          'ideal_bytes_per_layer': ideal_bytes(c, length), 'cache_bytes_per_layer': cache_bytes,
+          'cache_bytes_per_token_per_layer': cache_bytes / length, 'first_call_s': compile_s}
 
 
 def slopes(rows: list[dict]) -> dict:
@@ -231,12 +235,13 @@ def slopes(rows: list[dict]) -> dict:
 
 def table(rows: list[dict]) -> str:
   s = slopes(rows)
-  lines = ['| variant | batch | cache | ms/token | read KiB/layer | ideal KiB/layer | cache KiB/layer |',
-           '|---|---|---|---|---|---|---|']
+  lines = ['| variant | batch | cache | ms/step | tokens/s | read KiB/layer | ideal KiB/layer | '
+           'cache B/token/layer |',
+           '|---|---|---|---|---|---|---|---|']
   for r in sorted(rows, key=lambda r: (r['batch'], DECODING.index(r['variant']), r['length'])):
     lines.append(f"| {r['variant']} | {r['batch']} | {r['length']} | {r['ms_per_token']:.2f} | "
-                 f"{r['read_bytes_per_layer'] / 1024:.0f} | {r['ideal_bytes_per_layer'] / 1024:.0f} | "
-                 f"{r['cache_bytes_per_layer'] / 1024:.0f} |")
+                 f"{r['tokens_per_s']:.0f} | {r['read_bytes_per_layer'] / 1024:.0f} | "
+                 f"{r['ideal_bytes_per_layer'] / 1024:.0f} | {r['cache_bytes_per_token_per_layer']:.0f} |")
   lines += ['', '| variant | batch | ms per 1K cached tokens | dense / this |', '|---|---|---|---|']
   for (variant, batch), slope in sorted(s.items(), key=lambda kv: (kv[0][1], DECODING.index(kv[0][0]))):
     dense = s.get(('dense', batch))

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from pallas_kernels.block_selection import selection_scores
 from sparse_lm.attention import nsa
 from sparse_lm.layers import rope
 from sparse_lm.model import Transformer
@@ -122,3 +123,15 @@ def test_decoding_selection_rotates_gathered_keys_as_rotating_the_cache_would():
   rotated = rope(k, jnp.broadcast_to(jnp.arange(S), (B, S)), 1e4)
   want = selected_attention_reference(q, rotated, v, idx_BTKn, block_size=block, qpos_BT=qpos_BT)
   np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize('l, d, sel', [(32, 16, 64), (4, 2, 4), (16, 2, 4), (32, 16, 16)])
+def test_decodings_eq9_equals_the_kernels_reference(l, d, sel):
+  """Decoding scores selection blocks from probabilities laid out blocks first, by rows of l'/d units;
+  the same Eq. 9 as `block_selection.selection_scores`, for any block sizes."""
+  layer = nsa.Attention(_nsa_config('xla', cmp_block=l, cmp_stride=d, sel_block=sel).model, rngs=nnx.Rngs(0))
+  for S in (1000, 37):
+    C, N = (S - l) // d + 1, -(-S // sel)
+    p_BCTK = jax.random.uniform(jax.random.key(fresh_seed()), (2, C, 3, 2))
+    want = selection_scores(p_BCTK.transpose(0, 3, 2, 1), N, cmp_block=l, cmp_stride=d, sel_block=sel)
+    np.testing.assert_allclose(layer._selection_scores(p_BCTK, N), want.transpose(0, 2, 1, 3), atol=1e-5)

@@ -21,8 +21,22 @@ over `s <= t`. Letters of this file: I the indexer's heads (their features D, li
   this trains the whole model during the warm-up. The step count is the layer's `WarmupClock` (model
   state, checkpointed, so a resumed run stays in the stage it was in); it counts the steps applied, so
   a step skipped as non-finite does not count. With no warm-up the model is sparse from step 0.
-  Indexer scale (untuned; the paper's is not given in the text): the dot products by
-  `index_head_dim ** -0.5`, the weights by `index_heads ** -0.5`.
+- **The index front end** follows DeepSeek's public inference code (deepseek-ai/DeepSeek-V3.2-Exp,
+  `inference/model.py`, class `Indexer`): the index key goes through a LayerNorm (`k_norm`, gain and
+  bias; `dsa.key_norm`), RoPE rotates only the first `qk_rope_head_dim` = 64 index features of queries
+  and keys (`dsa.index_rope_dim`), the rest unrotated, and in the non-interleaved (half-split) layout:
+  the repository's 2025-11-17 update corrected an earlier version of that file that rotated the
+  indexer's features interleaved ("rope in indexer is not interleaved"), which is the layout this
+  file's `rope` uses. The scaling constants are that file's: the weights times `n_heads ** -0.5` and
+  the scores times `head_dim ** -0.5` (`softmax_scale`), here applied inside the ReLU, which a positive
+  factor passes through unchanged; the top-k is over `relu(q . k)` summed with those weights, as
+  `fp8_index` computes. Not followed: the reference quantises queries and keys to FP8 with per-block
+  scales after a Hadamard rotation (`rotate_activation`, orthogonal, so it changes nothing but the
+  quantisation error); here index keys are kept in `dsa.index_dtype` (bfloat16 by default: a 64-feature
+  key is 128 bytes a token in the decoding cache), in training and decoding alike, so that cached
+  decoding chooses what the parallel pass chooses. With random weights the former front end (no
+  LayerNorm, every feature rotated) chose overlapping sets of only 48-68% of tokens with this one
+  (issue 34's measurement); DSA runs before 2026-12-07 used the former.
 - **Metrics** (train steps): `indexer_kl` (the loss term before `dsa.kl_weight`) and `indexer_recall`,
   the share of the dense attention's top-k tokens (mean over heads) that the indexer's selection covers,
   measured on the last `dsa.recall_queries` queries of each row (the ones with the most candidates).

@@ -57,6 +57,7 @@ import functools
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 from flax import nnx
 
 from pallas_kernels.block_choice import select_blocks
@@ -367,16 +368,29 @@ class Attention(base.Attention):
     return (o_cmp, o_slc, o_win), cache
 
   def _selection_scores(self, p_BCTK, num_blocks: int) -> jax.Array:
-    """Eq. 9 for a few tokens, on probabilities laid out blocks first `[B, C, T, K]` (as decoding's
-    scores are): stride unit u sums the compressed blocks covering it (`u - m`, `m < l / d`), a selection
-    block its `l' / d` units. Returns `[B, T, K, num_blocks]`."""
+    """Eq. 9 for a few tokens, from probabilities laid out blocks first `[B, C, T, K]` (as decoding's
+    scores are). Selection block j covers stride units `j m .. j m + m - 1` (m = l' / d), and unit u is
+    covered by compressed blocks `u - cover + 1 .. u` (cover = l / d): so block j weighs the compressed
+    blocks from `j m - cover + 1` on, a window of `m + cover - 1`, by how many of its units each covers.
+    With the probabilities padded by `cover - 1` in front and cut into rows of m, that window is row j
+    and the first `cover - 1` of row j + 1: two weighted sums over rows, blocks last. Returns
+    `[B, T, K, num_blocks]`."""
     n = self.nsa
-    cover, per_block = n.cmp_block // n.cmp_stride, n.sel_block // n.cmp_stride
-    C, U = p_BCTK.shape[1], num_blocks * per_block
-    padded_BXTK = jnp.pad(p_BCTK, ((0, 0), (cover - 1, max(0, U - C)), (0, 0), (0, 0)))
-    units_BUTK = sum(padded_BXTK[:, cover - 1 - m:cover - 1 - m + U] for m in range(cover))
-    B, _, T, K = units_BUTK.shape
-    return units_BUTK.reshape(B, num_blocks, per_block, T, K).sum(axis=2).transpose(0, 2, 3, 1)
+    cover, m = n.cmp_block // n.cmp_stride, n.sel_block // n.cmp_stride
+    weights = np.convolve(np.ones(m), np.ones(cover))  # the window's weights: 1, 2, ..., 2, 1
+    span = len(weights)
+    shifts = -(-span // m)  # rows the window reaches
+    B, C, T, K = p_BCTK.shape
+    rows = num_blocks + shifts - 1
+    padded_BTKX = jnp.pad(p_BCTK.transpose(0, 2, 3, 1),
+                          ((0, 0), (0, 0), (0, 0), (cover - 1, max(0, rows * m - C - cover + 1))))
+    r_BTKRM = padded_BTKX[..., :rows * m].reshape(B, T, K, rows, m)
+    score_BTKN = 0
+    for o in range(shifts):  # row j + o holds the window's weights o m .. o m + m - 1
+      width = min(m, span - o * m)
+      score_BTKN += jnp.einsum('btknm,m->btkn', r_BTKRM[:, :, :, o:o + num_blocks, :width],
+                               jnp.asarray(weights[o * m:o * m + width], p_BCTK.dtype))
+    return score_BTKN
 
   def _new_compressed(self, k_BTJKD, v_BTJKD, pos_BT, cache: Cache):
     """The compressed blocks that end among the new tokens (keys rotated at their last token), their
