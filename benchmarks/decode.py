@@ -262,8 +262,8 @@ def plot(rows: list[dict], path: str) -> None:
                    if r['variant'] == variant and r['batch'] == batch)
       if pts:
         ax.plot(*zip(*pts, strict=True), marker='o', label=variant)
-    ax.set(xscale='log', yscale='log', xlabel='cache length (tokens)', ylabel='ms per step (a token per sequence)',
-           title=f'batch {batch}')
+    ax.set(xscale='log', yscale='log', xlabel='cache length (tokens)',
+           ylabel='ms per step (a token per sequence)', title=f'batch {batch}')
     ax.grid(True, which='both', alpha=0.3)
   axes[0][0].legend()
   fig.tight_layout()
