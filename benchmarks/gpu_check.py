@@ -36,6 +36,7 @@ from absl import app, flags
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))  # this folder's decode.py
 import decode  # noqa: E402  pylint: disable=g-import-not-at-top
+import timing  # noqa: E402  pylint: disable=g-import-not-at-top
 
 from pallas_kernels.block_choice import select_blocks  # noqa: E402
 from pallas_kernels.block_selection import block_selection  # noqa: E402
@@ -56,7 +57,7 @@ _TOLERANCE = {'bfloat16': 2e-2, 'float32': 2e-4}
 
 
 def _dtype():
-  return jnp.float32 if jax.default_backend() == 'cpu' else jnp.bfloat16
+  return timing.device_dtype()
 
 
 def _normal(key, shape, dtype):
@@ -64,13 +65,7 @@ def _normal(key, shape, dtype):
 
 
 def _median_s(fn, *args) -> float:
-  jax.block_until_ready(fn(*args))
-  times = []
-  for _ in range(_REPEATS.value):
-    start = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - start)
-  return float(np.median(times))
+  return timing.median_seconds(fn, *args, repeats=_REPEATS.value)
 
 
 # ----------------------------------------------------------------------------- 1. correctness

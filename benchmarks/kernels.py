@@ -13,13 +13,12 @@ pattern needs (4 * D per visible query-key pair forward, 2.5 times that for the 
 Pallas kernels run in interpret mode, which measures correctness plumbing, not speed.
 """
 
-import statistics
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
+from timing import device_dtype, median_seconds  # this folder, which a script run puts first on sys.path
 
 from pallas_kernels.flash_attention import flash_attention
 from pallas_kernels.grouped_matmul import grouped_matmul
@@ -36,13 +35,7 @@ _PEAK = flags.DEFINE_float('peak_tflops', 0.0, "The device's bf16 peak, to print
 
 
 def _median_seconds(fn, *args) -> float:
-  jax.block_until_ready(fn(*args))
-  times = []
-  for _ in range(_REPEATS.value):
-    start = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - start)
-  return statistics.median(times)
+  return median_seconds(fn, *args, repeats=_REPEATS.value)
 
 
 def _timed(forward, args, flops_fwd: float) -> dict[str, float]:
@@ -57,7 +50,7 @@ def _timed(forward, args, flops_fwd: float) -> dict[str, float]:
 
 
 def _dtype():
-  return jnp.float32 if jax.default_backend() == 'cpu' else jnp.bfloat16
+  return device_dtype()
 
 
 def _qkv(T: int):
