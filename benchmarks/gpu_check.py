@@ -225,7 +225,8 @@ def layer_timings(tiny: bool, T: int) -> list[dict]:
     try:
       row['fwd_ms'] = 1e3 * _median_s(jax.jit(lambda p, x, g=graphdef, pos=pos: nnx.merge(g, p)(x, pos)[0]),
                                       params, x)
-      row['fwd_bwd_ms'] = 1e3 * _median_s(jax.jit(jax.grad(loss, argnums=(0, 1))), params, x)
+      if not tiny or variant == 'dense':  # --tiny: the backward's code path once (interpreting is slow)
+        row['fwd_bwd_ms'] = 1e3 * _median_s(jax.jit(jax.grad(loss, argnums=(0, 1))), params, x)
     except Exception as e:  # pylint: disable=broad-except
       row['error'] = f'{type(e).__name__}: {e}'[:1000]
     rows.append(row)
