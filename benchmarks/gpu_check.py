@@ -140,8 +140,8 @@ def correctness(tiny: bool) -> list[dict]:
   rows.append(_checked('selected_attention', lambda impl: functools.partial(
       selected_attention, block_size=sel, implementation=impl), (q, k, v, idx), (0, 1, 2), dt))
   tok = _lists(8, B, T, 1, min(T, 8 if tiny else 256), T, 1)
-  token = functools.partial(token_attention)
-  rows.append(_checked('token_attention', lambda impl: functools.partial(token, implementation=impl),
+  token = functools.partial(functools.partial, token_attention)
+  rows.append(_checked('token_attention', lambda impl: token(implementation=impl),
                        (q, k, v, tok), (0, 1, 2), dt))
   M, Kd, N, G = (64, 32, 32, 4) if tiny else (4096, 512, 1024, 8)
   cuts = np.sort(np.r_[0, np.random.default_rng(0).integers(0, M, G - 1), M])

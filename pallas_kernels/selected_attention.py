@@ -97,24 +97,23 @@ class _Plan:
 
 def selected_attention_reference(q_BTHD, k_BSKD, v_BSKD, block_indices_BTKn, *, block_size: int,
                                  sm_scale: float | None = None, qpos_BT: jax.Array | None = None,
-                                 key_transform=None, chunk: int | None = XLA_CHUNK) -> jax.Array:
+                                 chunk: int | None = XLA_CHUNK) -> jax.Array:
   """The same rule in XLA, gathering each (token, kv group)'s selected K/V rows: memory
   O(chunk * n * block_size) a call, no `[T, S]` mask, `chunk` queries at a time (`map_query_chunks`;
   None: all at once). `qpos_BT` places the queries (default `0..T-1`; decoding asks at the end of a
-  cache of S positions); `key_transform(k_BKXD, kpos_BKX)` is applied to the gathered key rows and
-  their positions (NSA decoding rotates them, its cache keeping keys un-rotated)."""
+  cache of S positions)."""
   B, T = q_BTHD.shape[:2]
   if qpos_BT is None:
     qpos_BT = jnp.broadcast_to(jnp.arange(T), (B, T))
   def one_chunk(q_BQHD, idx_BQKn, pos_BQ):
-    return _gathered_attention(q_BQHD, k_BSKD, v_BSKD, idx_BQKn, pos_BQ, block_size, sm_scale, key_transform)
+    return _gathered_attention(q_BQHD, k_BSKD, v_BSKD, idx_BQKn, pos_BQ, block_size, sm_scale)
   if chunk is None:
     return one_chunk(q_BTHD, block_indices_BTKn, qpos_BT)
   # Padded queries sit at position -1 and select nothing, so they see no key.
   return map_query_chunks(one_chunk, (q_BTHD, block_indices_BTKn, qpos_BT), (0, -1, -1), chunk=chunk)
 
 
-def _gathered_attention(q_BTHD, k_BSKD, v_BSKD, j_BTKn, qpos_BT, L: int, sm_scale, key_transform):
+def _gathered_attention(q_BTHD, k_BSKD, v_BSKD, j_BTKn, qpos_BT, L: int, sm_scale):
   B, T, H, D = q_BTHD.shape
   K, n = k_BSKD.shape[2], j_BTKn.shape[-1]
   scale = D**-0.5 if sm_scale is None else sm_scale
@@ -125,10 +124,7 @@ def _gathered_attention(q_BTHD, k_BSKD, v_BSKD, j_BTKn, qpos_BT, L: int, sm_scal
   def take(x_BSKD):  # rows of each kv head along S, without laying K/V out head-major first
     rows_BXKD = jnp.take_along_axis(x_BSKD, kpos_BKX.transpose(0, 2, 1)[..., None], axis=1, mode='clip')
     return rows_BXKD.transpose(0, 2, 1, 3)
-  k_BKXD = take(k_BSKD)
-  if key_transform is not None:
-    k_BKXD = key_transform(k_BKXD, kpos_BKX)
-  k_BKTnLD, v_BKTnLD = k_BKXD.reshape(B, K, T, n, L, D), take(v_BSKD).reshape(B, K, T, n, L, D)
+  k_BKTnLD, v_BKTnLD = take(k_BSKD).reshape(B, K, T, n, L, D), take(v_BSKD).reshape(B, K, T, n, L, D)
   earlier_111nn = jnp.tril(jnp.ones((n, n), bool), -1)[None, None, None]
   repeat_BTKn = jnp.any((j_BTKn[..., :, None] == j_BTKn[..., None, :]) & earlier_111nn, axis=-1)
   visible_BTKnL = (((j_BTKn >= 0) & ~repeat_BTKn)[..., None]

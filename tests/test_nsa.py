@@ -105,26 +105,6 @@ def test_nsa_model_trains_on_the_embedded_corpus(tmp_path):
   assert config['model']['attention'] == 'nsa'
 
 
-def test_decoding_selection_rotates_gathered_keys_as_rotating_the_cache_would():
-  """The decoding path's `key_transform` (rotate only the gathered rows of an un-rotated cache) equals
-  rotating every key first, at queries placed at the end of the cache."""
-  from pallas_kernels.selected_attention import selected_attention_reference
-  rng = np.random.default_rng(fresh_seed())
-  B, S, T, H, K, D, block, n = 2, 40, 3, 4, 2, 8, 4, 3
-  q = jnp.asarray(rng.standard_normal((B, T, H, D)), jnp.float32)
-  k, v = (jnp.asarray(rng.standard_normal((B, S, K, D)), jnp.float32) for _ in range(2))
-  idx_BTKn = jnp.asarray(rng.integers(-1, S // block, (B, T, K, n)), jnp.int32)
-  qpos_BT = jnp.broadcast_to(S - T + jnp.arange(T), (B, T))
-
-  def rotate(k_BKXD, kpos_BKX):
-    return rope(k_BKXD.reshape(B, -1, 1, D), kpos_BKX.reshape(B, -1), 1e4).reshape(k_BKXD.shape)
-  got = selected_attention_reference(q, k, v, idx_BTKn, block_size=block, qpos_BT=qpos_BT,
-                                     key_transform=rotate)
-  rotated = rope(k, jnp.broadcast_to(jnp.arange(S), (B, S)), 1e4)
-  want = selected_attention_reference(q, rotated, v, idx_BTKn, block_size=block, qpos_BT=qpos_BT)
-  np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
-
-
 @pytest.mark.parametrize('l, d, sel', [(32, 16, 64), (4, 2, 4), (16, 2, 4), (32, 16, 16)])
 def test_decodings_eq9_equals_the_kernels_reference(l, d, sel):
   """Decoding scores selection blocks from probabilities laid out blocks first, by rows of l'/d units;

@@ -394,7 +394,7 @@ class Attention(dense.Attention):
     args = (q_BTHD, k_BTKD, v_BTKD, qi_BTID, w_BTI, ki_BTD, pos_BT, cache)
     return kv_cache.prefill_or_extend(pos_BT[0, 0], q_BTHD.shape[1], self._prefill, self._extend, *args)
 
-  def _written(self, cache, k_BTKD, v_BTKD, pos_BT, ki_BTD=None):
+  def _written(self, cache, k_BTKD, v_BTKD, pos_BT, ki_BTD):
     cache = super()._written(cache, k_BTKD, v_BTKD, pos_BT)
     return {**cache, 'ki': kv_cache.write_rows(cache['ki'], ki_BTD, pos_BT[0, 0])}
 
