@@ -228,16 +228,25 @@ class Attention(dense.Attention):
     dots_BQIX = jnp.einsum(spec, qi_BQID, ki_BXD, preferred_element_type=jnp.float32)
     return jnp.einsum('bqix,bqi->bqx', jax.nn.relu(dots_BQIX * scale), w_BQI)
 
-  def _select(self, qi_BTID, w_BTI, ki_BSD, qpos_BT, lo_BT=None) -> jax.Array:
+  def _select(self, qi_BTID, w_BTI, ki_BSD, qpos_BT, lo_BT=None, new_ki_BTD=None) -> jax.Array:
     """`[B, T, 1, n]` chosen tokens (L = 1) or blocks, one list that every kv group shares; -1: unused.
     Query t (at key slot `qpos_BT`) chooses among the slots from `lo_BT` (its document's start; 0
-    without documents) to itself."""
+    without documents) to itself. With `new_ki_BTD` (decoding), `ki_BSD` is the cache before the new
+    tokens, whose index keys go to slots `qpos_BT[0]`: scored apart, so the cache is read before it is
+    written."""
     S, L, top_k = ki_BSD.shape[1], self.dsa.block_size, self.dsa.top_k
     lo_BT = jnp.zeros_like(qpos_BT) if lo_BT is None else lo_BT
 
+    def scores(qi_BQID, w_BQI):
+      score_BQS = self._index_scores(qi_BQID, w_BQI, ki_BSD)
+      if new_ki_BTD is None:
+        return score_BQS
+      new_BQT = self._index_scores(qi_BQID, w_BQI, new_ki_BTD)
+      return jax.lax.dynamic_update_slice_in_dim(score_BQS, new_BQT, qpos_BT[0, 0], axis=2)
+
     def one_chunk(qi_BQID, w_BQI, pos_BQ, lo_BQ):
       visible_BQS = _span(S, pos_BQ, lo_BQ)
-      score_BQS = jnp.where(visible_BQS, self._index_scores(qi_BQID, w_BQI, ki_BSD), -jnp.inf)
+      score_BQS = jnp.where(visible_BQS, scores(qi_BQID, w_BQI), -jnp.inf)
       score_BQS = jax.lax.stop_gradient(score_BQS)  # the choice is discrete
       if L == 1:
         top_BQn, idx_BQn = jax.lax.top_k(score_BQS, min(top_k, S))
@@ -409,7 +418,10 @@ class Attention(dense.Attention):
     return o_BTHD, self._written(cache, k_BTKD, v_BTKD, pos_BT, ki_BTD)
 
   def _extend(self, q_BTHD, k_BTKD, v_BTKD, qi_BTID, w_BTI, ki_BTD, pos_BT, cache):
-    cache = self._written(cache, k_BTKD, v_BTKD, pos_BT, ki_BTD)
+    # K and V are written first (the chosen rows are gathered, which XLA orders after an in-place write);
+    # the index keys after the indexer has scored the whole cache (`kv_cache.after`).
+    ki_BSD = cache['ki']
+    cache = super()._written(cache, k_BTKD, v_BTKD, pos_BT)
     B, T = pos_BT.shape
     S, L = cache['k'].shape[1], self.dsa.block_size
 
@@ -419,7 +431,7 @@ class Attention(dense.Attention):
       return kv_cache.attend(q_BTHD, cache['k'], cache['v'], keep_BTS)
 
     def sparse_stage(q_BTHD, qi_BTID, w_BTI):
-      idx_BT1n = self._select(qi_BTID, w_BTI, cache['ki'], pos_BT)
+      idx_BT1n = self._select(qi_BTID, w_BTI, ki_BSD, pos_BT, new_ki_BTD=ki_BTD)
       if T > 1:  # a chunk of tokens after cached ones: each its own list, a chunk of queries at a time
         if L == 1:
           return token_attention_reference(q_BTHD, cache['k'], cache['v'], idx_BT1n, qpos_BT=pos_BT)
@@ -434,7 +446,9 @@ class Attention(dense.Attention):
       rows_Bn11 = jnp.clip(idx_Bn, 0, S - 1)[:, :, None, None]
       k_BnKD, v_BnKD = (jnp.take_along_axis(cache[name], rows_Bn11, axis=1) for name in ('k', 'v'))
       return kv_cache.attend(q_BTHD, k_BnKD, v_BnKD, (idx_Bn >= 0)[:, None, :])
-    return self._staged(dense_stage, sparse_stage, q_BTHD, qi_BTID, w_BTI), cache
+    o_BTHD = self._staged(dense_stage, sparse_stage, q_BTHD, qi_BTID, w_BTI)
+    ki_BTD = kv_cache.after(ki_BTD, o_BTHD)
+    return o_BTHD, {**cache, 'ki': kv_cache.write_rows(ki_BSD, ki_BTD, pos_BT[0, 0])}
 
 
 def _span(S: int, pos_BQ, lo_BQ):
