@@ -20,6 +20,7 @@ initialises a backend (`sparse_lm/compile.py` and `tests/conftest.py` do).
 import dataclasses
 import functools
 import glob
+import math
 import os
 import pathlib
 import re
@@ -177,6 +178,7 @@ class Report:
   memory: dict
   kernels: list[dict]
   bytes_accessed: int | None = None  # XLA's cost model: bytes one execution reads and writes
+  collectives: dict = dataclasses.field(default_factory=dict)  # `collectives(...)` of the program
 
   def to_json(self) -> dict:
     return dataclasses.asdict(self)
@@ -202,12 +204,95 @@ def compile_lowered(lowered, target: Target) -> Report:
     shutil.rmtree(dump, ignore_errors=True)
     return Report(False, one_line(e), time.perf_counter() - start, {}, [])
   seconds = time.perf_counter() - start
+  hlo = compiled.as_text()
   try:
-    kernels = (gpu_kernels(compiled.as_text(), pathlib.Path(dump), target.gpu) if target.platform == 'cuda'
-               else tpu_kernels(compiled.as_text()))
+    kernels = (gpu_kernels(hlo, pathlib.Path(dump), target.gpu) if target.platform == 'cuda'
+               else tpu_kernels(hlo))
   finally:
     shutil.rmtree(dump, ignore_errors=True)
-  return Report(True, None, seconds, memory(compiled, target), kernels, bytes_accessed(compiled))
+  return Report(True, None, seconds, memory(compiled, target), kernels, bytes_accessed(compiled),
+                collectives(hlo, len(target.devices)))
+
+
+_COMPUTATION = re.compile(r'^(?:ENTRY )?%(\S+) .*\{$')
+_COLLECTIVE_OPS = ('all-gather', 'all-reduce', 'reduce-scatter', 'all-to-all', 'ragged-all-to-all',
+                   'collective-permute')
+_INSTRUCTION = re.compile(r'^\s*(?:ROOT )?%\S+ = (.*?) ((?:' + '|'.join(_COLLECTIVE_OPS) +
+                          r')(?:-start)?|while|call|conditional|fusion|async-start)\((.*)$')
+_ARRAY = re.compile(r'\b([a-z]+\d*(?:e\d+m\d+[a-z]*)?)\[([\d,]*)\]')
+_ITEMSIZE = {'pred': 1, 's8': 1, 'u8': 1, 's16': 2, 'u16': 2, 'f16': 2, 'bf16': 2, 's32': 4, 'u32': 4,
+             'f32': 4, 's64': 8, 'u64': 8, 'f64': 8, 'c64': 8, 'c128': 16}
+
+
+def collectives(hlo_text: str, num_devices: int) -> dict:
+  """The bytes each device sends in one execution's collectives, read from the optimized program: per
+  operation, what a ring algorithm sends over groups of n devices (all-gather: (n-1)/n of the result;
+  reduce-scatter: (n-1)/n of the operand; all-reduce: twice (n-1)/n; all-to-all: (n-1)/n; a permute:
+  its operand), a loop's body times its known trip count (1 where the compiler knows none), each branch
+  of a conditional once (an upper bound). `{'bytes_per_device', 'by_op': {op: bytes}, 'count'}`."""
+  own, calls, current = {}, {}, None
+  for line in hlo_text.splitlines():
+    header = _COMPUTATION.match(line)
+    if header:
+      current = header.group(1)
+      own[current], calls[current] = [], []
+      if line.startswith('ENTRY'):
+        own['__entry__'] = current
+      continue
+    if current is None or ' = ' not in line:
+      continue
+    match = _INSTRUCTION.match(line)
+    if not match:
+      continue
+    shape, op, rest = match.groups()
+    if op in ('while', 'call', 'conditional', 'fusion', 'async-start'):
+      trips = re.search(r'"known_trip_count":\{"n":"(\d+)"', rest)
+      for callee in re.findall(r'(?:body|calls|to_apply|branch_computations=\{[^}]*|true_computation|'
+                               r'false_computation)=?%([\w.-]+)', rest):
+        calls[current].append((callee, int(trips.group(1)) if trips and op == 'while' else 1))
+      for callee in re.findall(r'branch_computations=\{([^}]*)\}', rest):
+        calls[current] += [(name.strip().lstrip('%'), 1) for name in callee.split(',')]
+      continue
+    sizes = [math.prod(int(d) for d in dims.split(',') if d) * _ITEMSIZE.get(dtype, 4)
+             for dtype, dims in _ARRAY.findall(shape)]
+    base = op.removesuffix('-start')
+    if op.endswith('-start') and base in ('all-gather', 'reduce-scatter', 'collective-permute') \
+        and len(sizes) >= 2:
+      half = len(sizes) // 2
+      sizes = sizes[half:] if base == 'all-gather' else sizes[:half]
+    nbytes = sum(sizes)
+    n = _group_size(rest, num_devices)
+    share = (n - 1) / n if n > 1 else 0.0
+    sent = {'all-gather': nbytes * share, 'reduce-scatter': nbytes * share, 'all-reduce': 2 * nbytes * share,
+            'all-to-all': nbytes * share, 'ragged-all-to-all': nbytes * share,
+            'collective-permute': float(nbytes)}[base]
+    own[current].append((base, sent))
+  by_op: dict[str, float] = {}
+  count = 0
+
+  def visit(name: str, times: int, depth: int = 0) -> None:
+    nonlocal count
+    if depth > 64 or name not in own:
+      return
+    for base, sent in own[name]:
+      by_op[base] = by_op.get(base, 0.0) + sent * times
+      count += times
+    for callee, trips in calls.get(name, ()):
+      visit(callee, times * trips, depth + 1)
+  if '__entry__' in own:
+    visit(own['__entry__'], 1)
+  return {'bytes_per_device': sum(by_op.values()), 'by_op': by_op, 'count': count}
+
+
+def _group_size(attributes: str, num_devices: int) -> int:
+  """Devices per replica group: `[groups,n]<=[...]` (iota), `{{0,1,..},..}` (explicit) or all."""
+  iota = re.search(r'replica_groups=\[(\d+),(\d+)\]', attributes)
+  if iota:
+    return int(iota.group(2))
+  explicit = re.search(r'replica_groups=\{\{([\d,]*)\}', attributes)
+  if explicit:
+    return len(explicit.group(1).split(','))
+  return num_devices
 
 
 def bytes_accessed(compiled) -> int | None:

@@ -2,6 +2,7 @@
 
     python -m sparse_lm.compile --config=configs/nsa_100m.py --target=h100x8 [--step=train|decode]
         [--memory_fraction=0.9] [--config.KEY=VALUE ...]
+    python -m sparse_lm.compile --config=configs/nsa_1b.py --target=h100x8 --fit [--fit_compiles=24]
 
 Targets: `h100`, `a100` (one GPU), `h100x8` (GPUs per host), `h100x8x2` (hosts), and TPU topologies
 (`v5e:2x2`, `v5p:2x2x1`, `v6e:2x4`, ...). The config's `mesh.*` spans the target's devices. Prints one
@@ -13,6 +14,10 @@ compiled and fits. A compile, not a run: nothing here says how fast the step is.
 `--step=decode` compiles one cached decoding step of `train.batch_size` sequences with a cache of
 `data.seq_len` positions. `fits` compares the peak with `--memory_fraction` of the device's memory
 (JAX preallocates 75% on GPUs unless XLA_PYTHON_CLIENT_MEM_FRACTION says otherwise).
+
+`--fit` searches for a plan that fits instead (`sparse_lm/plan.py` says how it searches and ranks):
+each tried plan's extrapolated peak goes to stderr, the chosen plan's overrides last; the JSON on stdout
+holds its full-depth report and every tried plan.
 """
 
 import json
@@ -35,6 +40,7 @@ from sparse_lm import (  # noqa: E402
   tokenizer,
   trainer,
 )
+from sparse_lm import plan as plan_lib  # noqa: E402
 from sparse_lm.errors import ConfigError  # noqa: E402
 from sparse_lm.layers import AuxLoss  # noqa: E402
 
@@ -118,7 +124,7 @@ def compile_config(config: ml_collections.ConfigDict, target_name: str, *, step:
           'num_devices': len(target.devices), 'num_hosts': target.num_hosts, 'mesh': dict(mesh.shape),
           'step': step, 'compiled': report.compiled, 'error': report.error,
           'memory_per_device': report.memory, 'memory_limit_bytes': limit, 'fits': fits,
-          'bytes_accessed_per_device': report.bytes_accessed,
+          'bytes_accessed_per_device': report.bytes_accessed, 'collectives': report.collectives,
           'compile_seconds': round(report.compile_seconds, 2), 'kernels': report.kernels,
           'kernel_calls': sum(k.get('calls', 1) for k in report.kernels)}
 
@@ -127,10 +133,45 @@ _CONFIG = cli.config_flag('compile')
 _TARGET = flags.DEFINE_string('target', 'h100', f'What to compile for: {aot.target_names_help()}.')
 _STEP = flags.DEFINE_string('step', 'train', f'Which step: one of {STEPS}.')
 _FRACTION = flags.DEFINE_float('memory_fraction', 0.9, 'Share of device memory the step may use.')
+_FIT = flags.DEFINE_bool('fit', False, 'Search for a plan (mesh, recomputation, gradient accumulation) '
+                         'that fits the target, by compiling (sparse_lm/plan.py); prints its overrides.')
+_FIT_COMPILES = flags.DEFINE_integer('fit_compiles', 24, 'With --fit: at most this many plans compiled '
+                                     '(two reduced-depth compiles each), before the full-depth check.')
+
+
+def fit(config: ml_collections.ConfigDict, target_name: str, *, memory_fraction: float = 0.9,
+        max_compiles: int = 24, log=print) -> dict:
+  """`plan.search` for the train step on a target: the plan that fits, its full report and every tried
+  plan; raises ConfigError when none fits."""
+  if not 0 < memory_fraction <= 1:
+    raise ConfigError(f'--memory_fraction={memory_fraction} must be in (0, 1]')
+  if max_compiles < 1:
+    raise ConfigError(f'--fit_compiles={max_compiles} must be at least 1')
+  target = aot.get_target(target_name)
+  checks.check_model(config.model)
+  with config.unlocked():
+    config.model.vocab_size = config.model.vocab_size or tokenizer.vocab_size_for(config)
+  limit = int(memory_fraction * target.memory_bytes)
+  log(f'searching plans for {target.name} ({len(target.devices)} devices, {limit / aot.GIB:.1f} GiB each); '
+      'peaks extrapolated from reduced depths:')
+  def compile_fn(c):
+    return compile_config(c, target_name, memory_fraction=memory_fraction)
+  return plan_lib.search(config, target, compile_fn, limit_bytes=limit, max_compiles=max_compiles, log=log)
 
 
 def main(argv) -> None:
   del argv
+  if _FIT.value:
+    if _STEP.value != 'train':
+      sys.exit(f'fit error: --fit plans the train step; --step={_STEP.value} cannot be combined with it')
+    try:
+      found = fit(_CONFIG.value, _TARGET.value, memory_fraction=_FRACTION.value,
+                  max_compiles=_FIT_COMPILES.value, log=lambda line: print(line, file=sys.stderr))
+    except (ConfigError, aot.TargetError) as error:
+      sys.exit(f'fit error: {error}')
+    print(json.dumps(found, indent=2))
+    print(f'plan for {_TARGET.value}: ' + ' '.join(found['overrides']), file=sys.stderr)
+    return
   try:
     report = compile_config(_CONFIG.value, _TARGET.value, step=_STEP.value, memory_fraction=_FRACTION.value)
   except (ConfigError, aot.TargetError) as error:

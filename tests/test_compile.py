@@ -266,3 +266,32 @@ def test_command_refuses_bad_input_in_one_line(flags, match):
   assert run.returncode != 0 and not run.stdout
   last = run.stderr.strip().splitlines()[-1]
   assert last.startswith('compile error:') and match in last, run.stderr[-1000:]
+
+
+def test_fit_finds_a_plan_where_the_shipped_one_does_not_fit():
+  # dense 100m at 4 layers: 1.15 GiB per device as shipped (8-way data parallel); 1% of an H100 is 0.8 GiB.
+  flags = ('--config=configs/dense_100m.py', '--target=h100x8', '--config.model.num_layers=4',
+           '--config.train.batch_size=32', '--memory_fraction=0.01')
+  assert _compile_command(*flags).returncode != 0  # the shipped plan does not fit
+  run = _compile_command(*flags, '--fit', '--fit_compiles=6')
+  assert run.returncode == 0, run.stderr[-2000:]
+  found = json.loads(run.stdout)
+  assert found['report']['fits'] and found['report']['compiled']
+  assert found['report']['memory_per_device']['peak_bytes'] <= found['report']['memory_limit_bytes']
+  assert found['report']['collectives']['bytes_per_device'] > 0
+  tried = [row for row in found['tried'] if row['compiled']]
+  assert len(tried) >= 2 and any(not row['fits'] for row in tried)
+  assert all(f'{row["peak_bytes"] / 2**30:.1f} GiB' in run.stderr for row in tried)
+  last = run.stderr.strip().splitlines()[-1]
+  assert last.startswith('plan for h100x8: --config.mesh.data=') and ' '.join(found['overrides']) in last
+  # The printed overrides, applied as a user would, compile and fit.
+  check = _compile_command(*flags, *found['overrides'])
+  assert check.returncode == 0, check.stderr[-1000:]
+
+
+def test_fit_refuses_bad_input_in_one_line():
+  run = _compile_command('--config=configs/dense_1m.py', '--target=h100x8', '--fit', '--step=decode')
+  last = run.stderr.strip().splitlines()[-1]
+  assert run.returncode != 0 and 'fit error: --fit plans the train step' in last
+  run = _compile_command('--config=configs/dense_1m.py', '--target=h100x8', '--fit', '--fit_compiles=0')
+  assert run.returncode != 0 and 'fit error: --fit_compiles=0' in run.stderr.strip().splitlines()[-1]
