@@ -54,6 +54,24 @@ def check_train(config: ml_collections.ConfigDict, num_devices: int, process_cou
   if config.model.mlp == 'moe':
     _check_expert_parallel(config, shape['expert'], micro // rows)
   _check_packing(config)
+  _check_context(config, shape['context'])
+
+
+def _check_context(config: ml_collections.ConfigDict, devices: int) -> None:
+  """Context parallelism (sparse_lm/context.py) splits each sequence into 2 x mesh.context chunks and
+  needs every layer's attention to run split."""
+  if devices == 1:
+    return
+  m = config.model
+  variant = attention.REGISTRY[m.attention]
+  if not all(variant.at_layer(m, layer).context_parallel for layer in range(m.num_layers)):
+    able = sorted(name for name, v in attention.REGISTRY.items() if v.context_parallel)
+    raise ConfigError(f'mesh.context={devices}: model.attention={m.attention!r} does not run with its '
+                      f'sequences split yet (those that do: {", ".join(able)}); use mesh.context=1')
+  if config.data.seq_len % (2 * devices):
+    raise ConfigError(f'mesh.context={devices} cuts each sequence into {2 * devices} equal chunks (an early '
+                      f'and a late one a device), so data.seq_len={config.data.seq_len} must be a multiple '
+                      f'of {2 * devices}')
 
 
 def _check_packing(config: ml_collections.ConfigDict) -> None:

@@ -115,6 +115,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.mesh.fsdp = 1
   c.mesh.tensor = 1
   c.mesh.expert = 1
+  c.mesh.context = 1  # devices each sequence is split over (context parallelism, sparse_lm/context.py)
   # Of the data and fsdp sizes above, how many ways each is split *across* granules (TPU slices, or
   # hosts where devices have no slice): the slow network (DCN) carries only these axes' traffic, and
   # tensor and expert stay within a granule. 1 and 1: one granule, or jax.make_mesh's default order,

@@ -43,6 +43,16 @@ RUNGS = {
 }
 CPU_RUNGS = ('100k', '300k', '1m', '3m', '10m')
 
+# Plans for the accelerator rungs whose data-parallel train step does not fit 8 devices, found by
+# `python -m sparse_lm.compile --config=configs/<variant>_<rung>.py --target=h100x8 --fit` and confirmed
+# by full compiles on h100x8 and v5p:2x2x2 (BENCHMARKS.md, "Plans"; results/compile/plans.jsonl):
+# (variant, rung) -> mesh axes, what the backward recomputes ('none', 'attention', 'block') and
+# gradient accumulation. The rest ship 8-way data parallel, no recomputation, no accumulation.
+PLANS: dict[tuple[str, str], dict] = {}
+# Overrides ('mesh.fsdp': 8, ...) for v5p:2x2x2 where its plan differs from h100x8's, given as
+# `--config.KEY=VALUE` in the config file's docstring.
+V5P_OVERRIDES: dict[tuple[str, str], dict[str, object]] = {}
+
 
 def apply_shape(c: ml_collections.ConfigDict, *, num_layers: int, d_model: int, num_heads: int,
                 num_kv_heads: int) -> None:
@@ -71,7 +81,17 @@ def dense_config(name: str) -> ml_collections.ConfigDict:
   params = flops.param_counts(_sized(c))['total_params']
   tokens_per_step = c.train.batch_size * c.data.seq_len
   c.train.steps = max(c.train.warmup_steps + 1, round(TOKENS_PER_PARAM * params / tokens_per_step))
+  ship_plan(c, 'dense', name)
   return c
+
+
+def ship_plan(c: ml_collections.ConfigDict, variant: str, rung: str) -> None:
+  """The rung's plan from `PLANS` (or 8-way data parallel), replacing whatever plan `c` had."""
+  plan = PLANS.get((variant, rung), {})
+  c.mesh.update(data=-1, fsdp=1, tensor=1, expert=1, **plan.get('mesh', {}))
+  recompute = plan.get('recompute', 'none')
+  c.model.remat, c.model.remat_attention = recompute == 'block', recompute == 'attention'
+  c.train.grad_accum_steps = plan.get('grad_accum', 1)
 
 
 def _sized(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -84,6 +104,7 @@ def nsa_config(name: str) -> ml_collections.ConfigDict:
   """The rung with NSA at the same parameter count (`to_nsa`), data and steps."""
   c = dense_config(name)
   to_nsa(c, small=name in CPU_RUNGS)
+  ship_plan(c, 'nsa', name)
   return c
 
 
@@ -91,6 +112,7 @@ def moe_config(name: str) -> ml_collections.ConfigDict:
   """The rung with fine-grained MoE MLPs at the same active size (`to_moe`), data and steps."""
   c = dense_config(name)
   to_moe(c, small=name in CPU_RUNGS)
+  ship_plan(c, 'moe', name)
   return c
 
 
@@ -99,6 +121,7 @@ def mosa_config(name: str, *, causal: bool = False, sparsity: int | None = None)
   `name` at sparsity rho"; `causal`: mosa_causal."""
   c = dense_config(name)
   to_mosa(c, small=name in CPU_RUNGS, causal=causal, sparsity=sparsity)
+  ship_plan(c, c.model.attention, name)
   return c
 
 
@@ -106,6 +129,7 @@ def variant_config(name: str, variant: str) -> ml_collections.ConfigDict:
   """The rung turned into `variant` by its `VARIANTS` recipe (MoBA, DSA, ...), same data and steps."""
   c = dense_config(name)
   VARIANTS[variant](c, small=name in CPU_RUNGS)
+  ship_plan(c, variant, name)
   return c
 
 
@@ -113,6 +137,7 @@ def routing_config(name: str, *, causal: bool = False) -> ml_collections.ConfigD
   """The rung with half its heads routing heads (`to_routing`); `causal`: routing_causal."""
   c = dense_config(name)
   to_routing(c, small=name in CPU_RUNGS, causal=causal)
+  ship_plan(c, c.model.attention, name)
   return c
 
 

@@ -2,7 +2,8 @@
 
     python -m sparse_lm.compile --config=configs/nsa_1b.py --target=h100x8 --fit [--fit_compiles=24]
 
-A plan is the mesh (`data`, `fsdp`, `tensor`, `expert`), what the backward recomputes (`none`;
+A plan is the mesh (`data`, `fsdp`, `tensor`, `expert`, and `context` where every layer's attention
+runs with its sequences split, sparse_lm/context.py), what the backward recomputes (`none`;
 `attention`: each attention sublayer, `model.remat_attention`; `block`: each whole block, `model.remat`)
 and `train.grad_accum_steps`, at the config's global batch. The search:
 
@@ -35,7 +36,7 @@ import math
 
 import ml_collections
 
-from sparse_lm import aot, checks, flops, sharding
+from sparse_lm import aot, attention, checks, flops, sharding
 from sparse_lm.errors import ConfigError
 
 RECOMPUTE = ('none', 'attention', 'block')
@@ -51,7 +52,7 @@ SPEEDS = {'h100': (989e12, 450e9), 'a100': (312e12, 300e9), 'v5p': (459e12, 600e
 
 @dataclasses.dataclass(frozen=True)
 class Plan:
-  mesh: tuple[int, ...]  # sizes in sharding.MESH_AXES order
+  mesh: tuple[int, ...]  # sizes in sharding.MESH_AXES order (data, fsdp, tensor, expert, context)
   recompute: str
   grad_accum: int
 
@@ -94,13 +95,15 @@ def candidate_plans(config: ml_collections.ConfigDict, num_devices: int, num_hos
   divisors = [d for d in range(1, num_devices + 1) if num_devices % d == 0]
   heads = math.gcd(m.num_heads, m.num_kv_heads)
   experts = m.moe.num_experts if m.mlp == 'moe' else 1
+  variant = attention.REGISTRY[m.attention]
+  splits = divisors if all(variant.at_layer(m, i).context_parallel for i in range(m.num_layers)) else [1]
   plans = []
-  for tensor, expert, fsdp in itertools.product(divisors, divisors, divisors):
-    if heads % tensor or experts % expert or num_devices % (tensor * expert * fsdp):
+  for tensor, expert, fsdp, ctx in itertools.product(divisors, divisors, divisors, splits):
+    if heads % tensor or experts % expert or num_devices % (tensor * expert * fsdp * ctx):
       continue
-    data = num_devices // (tensor * expert * fsdp)
+    data = num_devices // (tensor * expert * fsdp * ctx)
     for recompute, accum in itertools.product(RECOMPUTE, ACCUM):
-      plan = Plan((data, fsdp, tensor, expert), recompute, accum)
+      plan = Plan((data, fsdp, tensor, expert, ctx), recompute, accum)
       try:
         checks.check_train(plan.apply(config), num_devices, num_hosts)
       except ConfigError:
@@ -129,7 +132,9 @@ def prior_bytes(config: ml_collections.ConfigDict, plan: Plan, params: int) -> f
   """Bytes a device sends per step in the collectives the plan's mesh implies (ring algorithms): fsdp
   gathers the weights for the forward and the backward of every microbatch and reduce-scatters the
   gradients; data all-reduces the gradients once; tensor all-reduces two activations per block forward
-  and two backward; expert exchanges each MoE block's tokens twice each way."""
+  and two backward; expert exchanges each MoE block's tokens twice each way; context passes each
+  device's keys and values around the ring, once forward and twice backward (the keys, values and their
+  gradients)."""
   m, d = config.model, plan.mesh_dict()
   act = 2 if m.dtype == 'bfloat16' else 4
   share = lambda n: (n - 1) / n  # noqa: E731
@@ -141,6 +146,8 @@ def prior_bytes(config: ml_collections.ConfigDict, plan: Plan, params: int) -> f
   total += m.num_layers * 4 * 2 * activation * share(d['tensor'])
   if m.mlp == 'moe':
     total += m.num_layers / m.moe.every * 4 * activation * m.moe.top_k * share(d['expert'])
+  kv_rows = activation / m.d_model * 2 * m.num_kv_heads * m.head_dim / d['context']  # K and V, one pass
+  total += m.num_layers * 3 * kv_rows * (d['context'] - 1)
   return total
 
 
@@ -164,7 +171,7 @@ class MemoryModel:
     m, d = self.config.model, plan.mesh_dict()
     state = 16 * self.params / (d['fsdp'] * d['tensor'] * d['expert'])
     rows = self.config.train.batch_size / (d['data'] * d['fsdp'] * plan.grad_accum)
-    tokens = rows * self.config.data.seq_len
+    tokens = rows * self.config.data.seq_len / d['context']
     return state, tokens * m.d_model * m.num_layers / d['tensor']
 
   def observe(self, plan: Plan, peak_bytes: float) -> None:

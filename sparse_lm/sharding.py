@@ -10,6 +10,8 @@ each logical name to mesh axes:
 - heads, the MLP hidden width and the vocabulary are split over `tensor` (Megatron-style): the
   attention and MLP matmuls run on a slice of heads or hidden units and end in one reduction.
 - `expert` is reserved for Mixture-of-Experts weights.
+- `length` (a sequence's tokens) is split over `context`: context parallelism (`sparse_lm/context.py`),
+  where attention passes keys and values around the axis's devices.
 
 A dimension whose size the mesh axes do not divide is replicated instead of split: correctness first,
 and small test models (2 kv heads on a 4-way tensor axis) still run.
@@ -27,7 +29,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from sparse_lm.errors import ConfigError
 
-MESH_AXES = ('data', 'fsdp', 'tensor', 'expert')
+MESH_AXES = ('data', 'fsdp', 'tensor', 'expert', 'context')
 
 RULES: dict[str, tuple[str, ...]] = {
     'batch': ('data', 'fsdp'),
@@ -37,12 +39,13 @@ RULES: dict[str, tuple[str, ...]] = {
     'kv_heads': ('tensor',),
     'mlp': ('tensor',),
     'expert': ('expert',),
+    'length': ('context',),
 }
 
 
 def mesh_shape(mesh_config: ml_collections.ConfigDict, num_devices: int) -> tuple[int, ...]:
   """Resolves `-1` ("the rest") and checks that the axis sizes multiply to the device count."""
-  sizes = {name: int(mesh_config[name]) for name in MESH_AXES}
+  sizes = {name: int(mesh_config.get(name, 1)) for name in MESH_AXES}  # configs before `context`: 1
   free = [name for name, size in sizes.items() if size == -1]
   if len(free) > 1 or any(size == 0 or size < -1 for size in sizes.values()):
     raise ConfigError(
@@ -93,7 +96,7 @@ def logical_to_spec(names: Sequence[str | None], shape: Sequence[int], mesh: Mes
   """Mesh axes for each dimension, replicating a dimension its mesh axes would not divide."""
   spec = []
   for name, size in zip(names, shape, strict=True):
-    axes = tuple(a for a in RULES.get(name, ()) if mesh.shape[a] > 1)
+    axes = tuple(a for a in RULES.get(name, ()) if mesh.shape.get(a, 1) > 1)
     if not axes or size % math.prod(mesh.shape[a] for a in axes):
       spec.append(None)
     else:
@@ -111,7 +114,11 @@ def param_shardings(abstract_state: nnx.State, mesh: Mesh):
 
 
 def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
-  return NamedSharding(mesh, PartitionSpec(RULES['batch'], *(None,) * (ndim - 1)))
+  """Rows over the batch axes; a row's tokens (`[B, T, ...]` arrays) over `context` where it is used."""
+  rest = [None] * (ndim - 1)
+  if rest and mesh.shape.get('context', 1) > 1:
+    rest[0] = 'context'
+  return NamedSharding(mesh, PartitionSpec(RULES['batch'], *rest))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
@@ -143,7 +150,8 @@ def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
   return jax.lax.with_sharding_constraint(x, logical_to_spec(names, x.shape, mesh))
 
 
-def attention_per_device(kernel, q_BTHD: jax.Array, k_BSKD: jax.Array, *more):
+def attention_per_device(kernel, q_BTHD: jax.Array, k_BSKD: jax.Array, *more, split_length: bool = False,
+                         out_shape=None):
   """Runs an attention kernel on each device's share of a train step: rows split like the batch, heads
   over `tensor` when both the query and the kv heads divide (a device's query heads then find their kv
   heads on the same device), the sequence whole (a kernel sees every key). The kernel takes q and k
@@ -151,7 +159,9 @@ def attention_per_device(kernel, q_BTHD: jax.Array, k_BSKD: jax.Array, *more):
   `[B, heads, T]` (log-sum-exps), or `[B, T, 1, ...]` for one array all heads share. A Pallas
   kernel is a custom call that XLA's partitioner cannot split (Mosaic refuses to compile; a Triton call
   would gather its operands and run whole on every device), so it is placed by hand with `shard_map`.
-  A plain call outside a context mesh."""
+  A plain call outside a context mesh. `split_length`: the sequence stays split over `context` too (the
+  kernel is a context-parallel one, `sparse_lm/context.py`), whose collectives need the axis, so it gives
+  its output's `out_shape` (a tree of ShapeDtypeStructs) instead of having it traced outside one."""
   mesh = active_mesh()
   if mesh is None:
     return kernel(q_BTHD, k_BSKD, *more)
@@ -160,15 +170,17 @@ def attention_per_device(kernel, q_BTHD: jax.Array, k_BSKD: jax.Array, *more):
   if logical_to_spec(('kv_heads',), k_BSKD.shape[2:3], mesh)[0] != heads:
     heads = None
 
+  length = 'context' if split_length and mesh.shape.get('context', 1) > 1 else None
+
   def spec(x):
     if x.ndim == 2:  # [B, T] per-token ids (segments): rows split like the batch
-      return PartitionSpec(batch, None)
+      return PartitionSpec(batch, length)
     if x.ndim == 3:
-      return PartitionSpec(batch, heads, None)
+      return PartitionSpec(batch, heads, length)
     # A `[B, T, 1, ...]` array (lists every kv group shares) goes whole to each device's heads.
-    return PartitionSpec(batch, None, heads if x.shape[2] > 1 else None, None)
+    return PartitionSpec(batch, length, heads if x.shape[2] > 1 else None, None)
   args = (q_BTHD, k_BSKD, *more)
-  out_specs = jax.tree.map(spec, jax.eval_shape(kernel, *args))
+  out_specs = jax.tree.map(spec, out_shape or jax.eval_shape(kernel, *args))
   return jax.shard_map(kernel, in_specs=tuple(map(spec, args)), out_specs=out_specs)(*args)
 
 

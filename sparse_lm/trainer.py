@@ -18,7 +18,18 @@ from absl import logging
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from sparse_lm import checkpoint, checks, data, distributed, flops, optim, rundir, sharding, tokenizer
+from sparse_lm import (
+  checkpoint,
+  checks,
+  context,
+  data,
+  distributed,
+  flops,
+  optim,
+  rundir,
+  sharding,
+  tokenizer,
+)
 from sparse_lm.checkpoint import Checkpointer
 from sparse_lm.errors import ConfigError
 from sparse_lm.layers import AuxLoss
@@ -83,11 +94,16 @@ def forward(graphdef, params, batch, model_state=None, *, update_state: bool = F
   pass: moved by the layers that keep such state with `update_state` (the train step), otherwise as it
   was."""
   model = nnx.merge(graphdef, params, {} if model_state is None else model_state)
+  split = context.size()
+  if split > 1:  # each device's share of a row: an early and a late chunk (sparse_lm/context.py)
+    batch = context.reorder(batch, split)
   # AuxLoss is an nnx.Intermediate: asked for first, its values are not captured again as metrics.
   (logits_BTV, _), losses, sown = nnx.capture(model, AuxLoss, nnx.Intermediate)(
       batch['inputs'], segment_ids=batch.get('segment_ids'), positions=batch.get('positions'),
       update_state=update_state)
   nll_BT = optax.softmax_cross_entropy_with_integer_labels(logits_BTV, batch['targets'])
+  if split > 1:  # back to the batch's order, in which the caller's masks are
+    nll_BT = context.restore(nll_BT, split)
   def mean_of_sows(variable):
     return jnp.mean(jnp.stack(variable.value), axis=0)
   aux_loss = sum((mean_of_sows(v) for _, v in nnx.to_flat_state(losses)), jnp.zeros((), jnp.float32))

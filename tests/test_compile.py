@@ -295,3 +295,34 @@ def test_fit_refuses_bad_input_in_one_line():
   assert run.returncode != 0 and 'fit error: --fit plans the train step' in last
   run = _compile_command('--config=configs/dense_1m.py', '--target=h100x8', '--fit', '--fit_compiles=0')
   assert run.returncode != 0 and 'fit error: --fit_compiles=0' in run.stderr.strip().splitlines()[-1]
+
+
+# ----------------------------------------------------------------------------- shipped plans
+
+PLAN_TARGETS = ('h100x8', 'v5p:2x2x2')
+
+
+def _shipped_1b(variant: str, target_name: str):
+  config = ladder.moe_config('1b') if variant == 'moe' else ladder.variant_config('1b', variant)
+  if target_name.startswith('v5p'):
+    for key, value in ladder.V5P_OVERRIDES.get((variant, '1b'), {}).items():
+      section, name = key.split('.')
+      config[section][name] = value
+  return config
+
+
+@pytest.mark.parametrize('variant', ['dense', 'nsa', 'moba', 'dsa', 'moe'])
+@pytest.mark.parametrize('target_name', PLAN_TARGETS)
+def test_the_1b_rung_fits_eight_devices_with_its_shipped_plan(target_name, variant):
+  """The plan each 1b config ships (sparse_lm/ladder.py PLANS; on v5p with its documented override)
+  compiles and fits, by the planner's reduced-depth extrapolation (which overestimates: full-depth
+  compiles are in BENCHMARKS.md, "Plans")."""
+  from sparse_lm import compile as aot_compile  # noqa: PLC0415
+  from sparse_lm import plan  # noqa: PLC0415
+  config = _shipped_1b(variant, target_name)
+  target = aot.get_target(target_name)
+  result = plan.evaluate(config, plan.shipped_plan(config, 8), target,
+                         lambda c: aot_compile.compile_config(c, target_name))
+  limit = 0.9 * target.memory_bytes
+  assert result['compiled'], result['error']
+  assert result['peak_bytes'] <= limit, f'{result["peak_bytes"] / aot.GIB:.1f} GiB > {limit / aot.GIB:.1f}'

@@ -51,6 +51,8 @@ def test_candidate_plans_split_heads_experts_and_rows_evenly():
   plans = plan.candidate_plans(dense, 8)
   assert {p.mesh[2] for p in plans} == {1, 2, 4}  # tensor: divides the 4 kv heads
   assert {p.mesh[3] for p in plans} == {1}  # no experts to split
+  assert {p.mesh[4] for p in plans} == {1, 2, 4, 8}  # dense attention runs with its sequences split
+  assert {p.mesh[4] for p in plan.candidate_plans(ladder.nsa_config('100m'), 8)} == {1}  # NSA does not yet
   assert {p.recompute for p in plans} == set(plan.RECOMPUTE)
   for p in plans:
     assert math.prod(p.mesh) == 8
@@ -61,7 +63,7 @@ def test_candidate_plans_split_heads_experts_and_rows_evenly():
 
 
 def test_overrides_round_trip_through_the_config():
-  p = plan.Plan((2, 2, 2, 1), 'attention', 4)
+  p = plan.Plan((2, 2, 2, 1, 1), 'attention', 4)
   c = p.apply(ladder.dense_config('100m'))
   assert plan.shipped_plan(c, 8) == p
   assert '--config.model.remat_attention=True' in p.overrides()

@@ -13,7 +13,7 @@ from tests.conftest import tiny_config
 def test_mesh_shape_resolves_the_rest_and_rejects_mismatches():
   mesh = tiny_config().mesh
   mesh.update(data=-1, fsdp=4, tensor=2)
-  assert sharding.mesh_shape(mesh, 16) == (2, 4, 2, 1)
+  assert sharding.mesh_shape(mesh, 16) == (2, 4, 2, 1, 1)  # data, fsdp, tensor, expert, context
   with pytest.raises(ConfigError, match='mesh'):
     sharding.mesh_shape(mesh, 12)
   mesh.update(data=3)
@@ -22,7 +22,7 @@ def test_mesh_shape_resolves_the_rest_and_rejects_mismatches():
 
 
 class FakeMesh:
-  shape = {'data': 2, 'fsdp': 4, 'tensor': 2, 'expert': 1}
+  shape = {'data': 2, 'fsdp': 4, 'tensor': 2, 'expert': 1, 'context': 1}
 
 
 def test_rules_split_weights_and_replicate_what_does_not_divide():
@@ -31,6 +31,9 @@ def test_rules_split_weights_and_replicate_what_does_not_divide():
       PartitionSpec('fsdp', 'tensor', None)
   assert sharding.logical_to_spec(('batch', 'length'), (16, 8), mesh) == \
       PartitionSpec(('data', 'fsdp'), None)
+  mesh.shape = {**FakeMesh.shape, 'context': 4}  # a sequence's tokens split over the context axis
+  assert sharding.logical_to_spec(('batch', 'length', 'act_embed'), (16, 8, 64), mesh) == \
+      PartitionSpec(('data', 'fsdp'), 'context', None)
   # 3 kv heads cannot split 2 ways, so that dimension stays whole on every device.
   assert sharding.logical_to_spec(('embed', 'kv_heads', 'head_dim'), (64, 3, 16), mesh) == \
       PartitionSpec('fsdp', None, None)

@@ -38,6 +38,9 @@ class Attention(nnx.Module):
   # row against the document alone); a variant that says False refuses segment ids, and the config check
   # refuses `data.packing` other than `concat` for it.
   segments: ClassVar[bool] = False
+  # Runs with each sequence split over the mesh's `context` axis (`mesh.context > 1`, sparse_lm/context.py):
+  # its whole-sequence call takes the zigzag-ordered tokens of the train step and their positions.
+  context_parallel: ClassVar[bool] = False
 
   @classmethod
   def document_alignment(cls, cfg: ml_collections.ConfigDict) -> int:

@@ -8,7 +8,7 @@ import ml_collections
 from flax import nnx
 
 from pallas_kernels.flash_attention import flash_attention
-from sparse_lm import sharding
+from sparse_lm import context, sharding
 from sparse_lm.attention import base, kv_cache
 from sparse_lm.layers import output_stddev, param, rope
 
@@ -20,6 +20,7 @@ class Attention(base.Attention):
 
   decodes = True
   segments = True
+  context_parallel = True
 
   def __init__(self, cfg: ml_collections.ConfigDict, *, rngs: nnx.Rngs):
     d, hq, hkv, dh = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
@@ -52,7 +53,12 @@ class Attention(base.Attention):
                cache: Cache | None = None, *, update_state: bool = False) -> tuple[jax.Array, Cache | None]:
     del update_state  # no state besides the parameters
     q_BTHD, k_BTKD, v_BTKD = self._qkv(x_BTD, pos_BT)
-    if cache is None:
+    if cache is None and context.size() > 1:  # keys and values around the context axis's ring
+      if not self.context_parallel:
+        raise ValueError(f'{type(self).__module__} does not run with its sequences split (mesh.context)')
+      o_BTHD = context.ring_attention(q_BTHD, k_BTKD, v_BTKD, pos_BT, seg_BT, window=self.window,
+                                      implementation=self.kernel)
+    elif cache is None:
       o_BTHD = self.attend(q_BTHD, k_BTKD, v_BTKD, seg_BT)
     else:
       o_BTHD, cache = self._attend_cached(q_BTHD, k_BTKD, v_BTKD, pos_BT, cache)

@@ -96,6 +96,8 @@ class WarmupClock(nnx.Variable):
 class Attention(dense.Attention):
   """Dense attention's projections, a lightning indexer and top-k token (or block) selection."""
 
+  context_parallel = False  # chooses keys over the whole sequence: not split yet (sparse_lm/context.py)
+
   segments = True
 
   @classmethod

@@ -53,6 +53,8 @@ from sparse_lm.errors import ConfigError, require_positive
 class Attention(dense.Attention):
   """MoBA over dense attention's grouped-query projections; `model.moba` holds the block size and k."""
 
+  context_parallel = False  # chooses keys over the whole sequence: not split yet (sparse_lm/context.py)
+
   segments = True
 
   @classmethod

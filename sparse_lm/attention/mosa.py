@@ -282,6 +282,8 @@ class Threshold(nnx.Variable):
 class Attention(dense.Attention):
   """The paper's MoSA: expert-choice top-k over the whole sequence, hence not causal."""
 
+  context_parallel = False  # chooses keys over the whole sequence: not split yet (sparse_lm/context.py)
+
   segments = True
   causal = False
   # MoSA heads come beside the few dense heads kept, which need not span d_model (the paper's Tiny

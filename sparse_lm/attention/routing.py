@@ -75,6 +75,8 @@ def _unit(x: jax.Array) -> jax.Array:
 class Attention(dense.Attention):
   """The paper's routing attention: balanced top-k clusters over the whole sequence, not causal."""
 
+  context_parallel = False  # chooses keys over the whole sequence: not split yet (sparse_lm/context.py)
+
   segments = True
   causal = False
   heads_span_width = False  # routing heads come beside the model.num_heads local heads

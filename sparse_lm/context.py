@@ -1,0 +1,149 @@
+"""Context parallelism: each sequence split over the mesh's `context` axis (`mesh.context`).
+
+Layout, balanced for causal work. With C devices on the axis, a row of T tokens is cut into 2C chunks of
+c = T / (2C); device r holds chunks r and 2C - 1 - r, an early one and a late one, so every device has
+the same causal work (the "zigzag" of Megatron-LM's context parallelism; Liu et al. 2023's ring attention
+with the load balancing of Brandon et al. 2023, "Striped Attention", done by chunks). `zigzag(T, C)` is
+that order. `trainer.forward` (the train and eval steps' pass) reorders each batch along T into it
+(`reorder`), runs the model on the reordered tokens and returns the per-token losses in the batch's
+order again (`restore`): positions (RoPE's, and the masks') and segment ids travel with the tokens, and
+every layer but attention treats tokens independently, so nothing else changes; under the mesh,
+`length` is split over `context` (`sharding.RULES`), so each device holds its two chunks.
+
+Attention (`ring_attention`, the dense family's): keys and values pass around the ring of the C devices
+(`ppermute`, which XLA overlaps with the step's compute), each device attending its queries to the
+chunks it holds at each of C steps and merging the partial outputs by their log-sum-exps. On the kernel
+path (`model.kernel=pallas`, no segments, no window) the zigzag makes every step's mask static: at step
+0 a device's own chunks (two causal kernel calls), then from an earlier device both of its query chunks
+against that device's early chunk, from a later device its late query chunk against both of that
+device's chunks (unmasked calls; `lax.cond` picks which), so no masked tile is computed and every
+device does the same work. Otherwise (the XLA path, segments, a window) each step runs the XLA
+reference with explicit query and key positions and segment pairs.
+
+The other variants choose keys over the whole sequence (NSA's compressed blocks, MoBA's block means,
+DSA's indexer, MoSA's and routing's choices) and do not run under `mesh.context > 1` yet: the config
+check says so in one line.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from pallas_kernels.flash_attention import attention_with_lse_reference, flash_attention_with_lse
+from sparse_lm import sharding
+
+AXIS = 'context'
+
+
+def size() -> int:
+  """Devices on the context axis of the mesh a step is traced under (1 outside one)."""
+  mesh = sharding.active_mesh()
+  return 1 if mesh is None or AXIS not in mesh.shape else mesh.shape[AXIS]
+
+
+def zigzag(T: int, C: int) -> np.ndarray:
+  """The token order under a context axis of C devices: chunk r, then chunk 2C-1-r, for r = 0..C-1."""
+  if T % (2 * C):
+    raise ValueError(f'a sequence of {T} tokens does not split into 2 x {C} equal chunks')
+  chunks = np.arange(T).reshape(2 * C, T // (2 * C))
+  return np.concatenate([np.concatenate([chunks[r], chunks[2 * C - 1 - r]]) for r in range(C)])
+
+
+def reorder(batch: dict, C: int) -> dict:
+  """The batch's `[B, T]` arrays in the zigzag order along T, with explicit `positions` (the slots'
+  own where the batch had none) so that RoPE and the masks follow the tokens."""
+  T = batch['inputs'].shape[1]
+  order = zigzag(T, C)
+  out = dict(batch)
+  if 'positions' not in out:
+    out['positions'] = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), batch['inputs'].shape)
+  return {k: (jnp.take(v, order, axis=1) if getattr(v, 'ndim', 0) >= 2 and v.shape[1] == T else v)
+          for k, v in out.items()}
+
+
+def restore(x_BT, C: int):
+  """`[B, T, ...]` values of zigzag-ordered tokens back in the natural order."""
+  return jnp.take(x_BT, np.argsort(zigzag(x_BT.shape[1], C)), axis=1)
+
+
+def ring_attention(q_BTHD, k_BTKD, v_BTKD, pos_BT, seg_BT=None, *, window: int | None = None,
+                   implementation: str = 'pallas'):
+  """Causal attention of a zigzag-ordered sequence split over the context axis (module docstring):
+  `[B, T, H, D]` queries, `[B, T, K, D]` keys and values, the tokens' positions `[B, T]` and segment ids
+  (or None), under the step's mesh. Equal to attention over the whole sequence in natural order."""
+  C = size()
+  kernel_path = implementation != 'xla' and seg_BT is None and window is None
+
+  def per_device(q, k, v, pos, *seg):
+    seg = seg[0] if seg else None
+    if kernel_path:
+      return _zigzag_ring(q, k, v, C, implementation)
+    return _general_ring(q, k, v, pos, seg, C, window)
+  args = (q_BTHD, k_BTKD, v_BTKD, pos_BT) + (() if seg_BT is None else (seg_BT,))
+  out = jax.ShapeDtypeStruct(q_BTHD.shape, q_BTHD.dtype)
+  return sharding.attention_per_device(per_device, *args, split_length=True, out_shape=out)
+
+
+def _merge(o_BTHD, lse_BHT, o2_BTHD, lse2_BHT):
+  """Two partial attentions over disjoint keys as one (float32 weights; -inf: no keys)."""
+  lse = jnp.logaddexp(lse_BHT, lse2_BHT)
+  safe = jnp.where(jnp.isfinite(lse), lse, 0.0)
+
+  def weight(part):
+    return jnp.where(jnp.isfinite(part), jnp.exp(part - safe), 0.0).transpose(0, 2, 1)[..., None]
+  o = o_BTHD.astype(jnp.float32) * weight(lse_BHT) + o2_BTHD.astype(jnp.float32) * weight(lse2_BHT)
+  return o, lse
+
+
+def _next(x, C: int):
+  """`x` from the previous device of the ring (device r receives device r-1's)."""
+  return jax.lax.ppermute(x, AXIS, [(i, (i + 1) % C) for i in range(C)])
+
+
+def _general_ring(q, k, v, pos, seg, C: int, window):
+  """Any layout, segments and window: each step masks by the explicit positions and segments."""
+  attend = functools.partial(attention_with_lse_reference, causal=True, window=window)
+  o, lse = None, None
+  held = (k, v, pos) if seg is None else (k, v, pos, seg)
+  for step in range(C):
+    kk, vv, kpos = held[:3]
+    segments = None if seg is None else (seg, held[3])
+    o_s, lse_s = attend(q, kk, vv, qpos_BT=pos, kpos_BS=kpos, segment_ids=segments)
+    o, lse = (o_s.astype(jnp.float32), lse_s) if o is None else _merge(o, lse, o_s, lse_s)
+    if step < C - 1:
+      held = _next(held, C)
+  return o.astype(q.dtype)
+
+
+def _zigzag_ring(q, k, v, C: int, implementation: str):
+  """The kernel path: the zigzag layout's static masks (module docstring), no masked tile computed."""
+  c = q.shape[1] // 2
+  attend = functools.partial(flash_attention_with_lse, implementation=implementation)
+  r = jax.lax.axis_index(AXIS)
+  # Step 0, the device's own chunks: the early queries causally on the early keys; the late queries on
+  # the early keys and causally on the late ones (aligned to the end of the keys).
+  o_early, lse_early = attend(q[:, :c], k[:, :c], v[:, :c], causal=True)
+  o_late, lse_late = attend(q[:, c:], k, v, causal=True)
+  o = jnp.concatenate([o_early, o_late], axis=1).astype(jnp.float32)
+  lse = jnp.concatenate([lse_early, lse_late], axis=2)
+  B, _, H, D = q.shape
+
+  def from_earlier(kk, vv):  # every query of this device sees the earlier device's early chunk
+    o_s, lse_s = attend(q, kk[:, :c], vv[:, :c], causal=False)
+    return o_s.astype(jnp.float32), lse_s
+
+  def from_later(kk, vv):  # only the late queries see the later device's chunks, both of them
+    o_s, lse_s = attend(q[:, c:], kk, vv, causal=False)
+    none_o = jnp.zeros((B, c, H, D), jnp.float32)
+    none_lse = jnp.full((B, H, c), -jnp.inf, jnp.float32)
+    return (jnp.concatenate([none_o, o_s.astype(jnp.float32)], axis=1),
+            jnp.concatenate([none_lse, lse_s], axis=2))
+  held = (k, v)
+  for step in range(1, C):
+    held = _next(held, C)
+    source = (r - step) % C
+    o_s, lse_s = jax.lax.cond(source < r, from_earlier, from_later, *held)
+    o, lse = _merge(o, lse, o_s, lse_s)
+  return o.astype(q.dtype)

@@ -1,0 +1,78 @@
+"""Context parallelism (`mesh.context`, sparse_lm/context.py): every registered attention variant either
+gives, with each sequence split over 8 CPU devices, the loss and gradients of one device, or refuses the
+split in one line."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from sparse_lm import checks, context
+from sparse_lm.attention import REGISTRY
+from sparse_lm.errors import ConfigError
+from tests.conftest import REPO, run_train, tiny_config, train_losses
+
+SPLIT = sorted(name for name, variant in REGISTRY.items() if variant.context_parallel)
+UNSPLIT = sorted(set(REGISTRY) - set(SPLIT))
+
+
+def test_the_zigzag_gives_each_device_an_early_and_a_late_chunk():
+  order = context.zigzag(16, 4)  # 8 chunks of 2: device r holds chunks r and 7 - r
+  assert order.tolist() == [0, 1, 14, 15, 2, 3, 12, 13, 4, 5, 10, 11, 6, 7, 8, 9]
+  x = np.arange(2 * 16).reshape(2, 16)
+  reordered = context.reorder({'inputs': x, 'targets': x}, 4)
+  assert reordered['positions'].tolist() == [order.tolist()] * 2
+  np.testing.assert_array_equal(context.restore(reordered['inputs'], 4), x)
+  # Causal work per device (keys each query sees) is the same on every device.
+  work = [sum(order[i] + 1 for i in range(4 * r, 4 * r + 4)) for r in range(4)]
+  assert len(set(work)) == 1, work
+
+
+def test_split_variants_match_one_device_on_both_paths_with_and_without_documents():
+  cases = [[name, kernel, ctx, data, segments, seed]
+           for name in SPLIT
+           for seed, (kernel, ctx, data, segments) in enumerate(
+               [('xla', 8, 1, True), ('xla', 4, 2, False), ('pallas', 8, 1, False), ('pallas', 4, 2, True)])]
+  env = {**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=8', 'JAX_PLATFORMS': 'cpu'}
+  run = subprocess.run([sys.executable, '-m', 'tests.context_parity', json.dumps(cases)], cwd=REPO, env=env,
+                       capture_output=True, text=True, timeout=900)
+  assert run.returncode == 0, run.stderr[-3000:]
+  rows = [json.loads(line) for line in run.stdout.splitlines()]
+  assert [row['case'] for row in rows] == [c[:5] for c in cases]
+  for row in rows:
+    assert row['tokens_split'] == 'context', row  # the batch really is split along its tokens
+    assert row['permutes'] > 0, row  # keys and values pass around the ring
+    assert row['loss_split'] == pytest.approx(row['loss_one'], rel=1e-5), row
+    assert row['grad_rel_diff'] < 1e-4, row
+
+
+@pytest.mark.parametrize('attention', UNSPLIT)
+def test_other_variants_refuse_the_split_in_one_line(attention):
+  config = tiny_config(attention=attention, **REGISTRY[attention].tiny_config())
+  config.mesh.update(data=1, context=8)
+  with pytest.raises(ConfigError, match=rf"^mesh.context=8: model.attention='{attention}' does not run with "
+                     r"its sequences split yet \(those that do: " + ', '.join(SPLIT)) as error:
+    checks.check_train(config, 8, 1)
+  assert '\n' not in str(error.value)
+
+
+def test_a_sequence_that_does_not_split_evenly_is_refused():
+  config = tiny_config()
+  config.mesh.update(data=1, context=8)
+  config.data.seq_len = 72  # 16 chunks of 4.5
+  with pytest.raises(ConfigError, match=r'mesh.context=8 cuts each sequence into 16 equal chunks .* '
+                     r'data.seq_len=72 must be a multiple of 16'):
+    checks.check_train(config, 8, 1)
+
+
+def test_training_with_split_sequences_follows_one_device(tmp_path):
+  steps = ('--config.train.steps=6', '--config.train.eval_every=6', '--config.checkpoint.every_steps=6')
+  run_train(tmp_path / 'one', *steps)
+  run_train(tmp_path / 'split', *steps, '--config.mesh.context=4', '--config.mesh.data=2', devices=8)
+  one, split = train_losses(tmp_path / 'one'), train_losses(tmp_path / 'split')
+  assert sorted(split) == sorted(one) == list(range(1, 7))
+  for step, loss in one.items():
+    assert split[step] == pytest.approx(loss, rel=2e-4, abs=2e-4), step
