@@ -4,6 +4,10 @@ Same parameter count as configs/dense_300m.py (a narrower MLP pays for the index
 the same data and steps; `sparse_lm.ladder.to_dsa` gives its settings at this size.
 
     python train.py --config=configs/dsa_300m.py --workdir=runs/dsa_300m
+
+Plan for 8 devices (`python -m sparse_lm.compile --config=configs/dsa_300m.py --target=h100x8 --fit`):
+gradient accumulation 4 (44.1 GiB on h100x8);
+it fits a TPU v5p 8-chip slice as shipped (with `--config.model.dsa.block_size=64`, DSA's TPU route).
 """
 
 from sparse_lm import ladder

@@ -45,10 +45,22 @@ CPU_RUNGS = ('100k', '300k', '1m', '3m', '10m')
 
 # Plans for the accelerator rungs whose data-parallel train step does not fit 8 devices, found by
 # `python -m sparse_lm.compile --config=configs/<variant>_<rung>.py --target=h100x8 --fit` and confirmed
-# by full compiles on h100x8 and v5p:2x2x2 (BENCHMARKS.md, "Plans"; results/compile/plans.jsonl):
+# by a full compile on h100x8 and a reduced-depth one on v5p:2x2x2 (BENCHMARKS.md, "Plans that fit";
+# results/compile/plans/):
 # (variant, rung) -> mesh axes, what the backward recomputes ('none', 'attention', 'block') and
 # gradient accumulation. The rest ship 8-way data parallel, no recomputation, no accumulation.
-PLANS: dict[tuple[str, str], dict] = {}
+PLANS: dict[tuple[str, str], dict] = {
+    # h100x8 at full depth (2026-12-07): peak GiB per device of 71.7 allowed.
+    ('dense', '1b'): {'grad_accum': 2},  # 57.3
+    ('nsa', '1b'): {'grad_accum': 4},  # 44.9
+    ('moba', '1b'): {'grad_accum': 2},  # 57.5
+    ('dsa', '1b'): {'grad_accum': 4},  # 61.3
+    ('moe', '1b'): {'mesh': {'data': 2, 'fsdp': 4}, 'grad_accum': 4},  # 56.4
+    ('moe', '300m'): {'grad_accum': 2},  # 51.7
+    ('dsa', '300m'): {'grad_accum': 4},  # 44.1
+    # Fits h100x8 without (61.5) but not v5p:2x2x2 (102.7 of 85.5; TPU's buffers are larger here).
+    ('nsa', '300m'): {'grad_accum': 2},
+}
 # Overrides ('mesh.fsdp': 8, ...) for v5p:2x2x2 where its plan differs from h100x8's, given as
 # `--config.KEY=VALUE` in the config file's docstring.
 V5P_OVERRIDES: dict[tuple[str, str], dict[str, object]] = {}
@@ -88,7 +100,7 @@ def dense_config(name: str) -> ml_collections.ConfigDict:
 def ship_plan(c: ml_collections.ConfigDict, variant: str, rung: str) -> None:
   """The rung's plan from `PLANS` (or 8-way data parallel), replacing whatever plan `c` had."""
   plan = PLANS.get((variant, rung), {})
-  c.mesh.update(data=-1, fsdp=1, tensor=1, expert=1, **plan.get('mesh', {}))
+  c.mesh.update({'data': -1, 'fsdp': 1, 'tensor': 1, 'expert': 1, 'context': 1, **plan.get('mesh', {})})
   recompute = plan.get('recompute', 'none')
   c.model.remat, c.model.remat_attention = recompute == 'block', recompute == 'attention'
   c.train.grad_accum_steps = plan.get('grad_accum', 1)

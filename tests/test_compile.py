@@ -216,8 +216,10 @@ def _step_kernels(variant: str, target_name: str) -> set[str]:
   return STEP_KERNELS[variant]
 
 
-@pytest.mark.parametrize('variant', sorted(STEP_CONFIGS))
-@pytest.mark.parametrize('target_name', ['h100x8', TPU_SLICE])
+# On the TPU slice only the variant with no 1b config: the others' TPU train steps are compiled by
+# the shipped-plan test below (v5p, 8 chips), which checks their kernels too.
+@pytest.mark.parametrize('target_name,variant', [('h100x8', v) for v in sorted(STEP_CONFIGS)] +
+                         [(TPU_SLICE, 'routing_causal')])
 def test_train_step_compiles_on_eight_devices(target_name, variant):
   from sparse_lm import compile as aot_compile  # noqa: PLC0415
   report = aot_compile.compile_config(_step_config(variant, target_name), target_name)
@@ -308,6 +310,8 @@ def _shipped_1b(variant: str, target_name: str):
     for key, value in ladder.V5P_OVERRIDES.get((variant, '1b'), {}).items():
       section, name = key.split('.')
       config[section][name] = value
+    if variant == 'dsa':  # no token-gather body on TPU: selection in blocks of 64 (to_dsa's docstring)
+      config.model.dsa.block_size = 64
   return config
 
 
@@ -315,14 +319,18 @@ def _shipped_1b(variant: str, target_name: str):
 @pytest.mark.parametrize('target_name', PLAN_TARGETS)
 def test_the_1b_rung_fits_eight_devices_with_its_shipped_plan(target_name, variant):
   """The plan each 1b config ships (sparse_lm/ladder.py PLANS; on v5p with its documented override)
-  compiles and fits, by the planner's reduced-depth extrapolation (which overestimates: full-depth
-  compiles are in BENCHMARKS.md, "Plans")."""
+  compiles and fits, by the planner's reduced-depth extrapolation with a 5% margin (it came within -5.5%
+  to +4.4% of full compiles, which are in BENCHMARKS.md, "Plans", and take minutes each)."""
   from sparse_lm import compile as aot_compile  # noqa: PLC0415
   from sparse_lm import plan  # noqa: PLC0415
   config = _shipped_1b(variant, target_name)
   target = aot.get_target(target_name)
   result = plan.evaluate(config, plan.shipped_plan(config, 8), target,
                          lambda c: aot_compile.compile_config(c, target_name))
-  limit = 0.9 * target.memory_bytes
+  limit = 0.95 * 0.9 * target.memory_bytes
   assert result['compiled'], result['error']
   assert result['peak_bytes'] <= limit, f'{result["peak_bytes"] / aot.GIB:.1f} GiB > {limit / aot.GIB:.1f}'
+  # The variant's own kernels are in the step (DSA sparse from step 0: no dense stage's flash attention).
+  want = _step_kernels(variant, TPU_SLICE if target_name.startswith('v5p') else target_name)
+  want = want - {'flash_attention_fwd'} if variant == 'dsa' else want
+  assert want <= set(result['kernels']), result['kernels']
