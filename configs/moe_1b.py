@@ -5,7 +5,8 @@ sparse_lm/ladder.py, moe_config).
     python -m sparse_lm.flops --config=configs/moe_1b.py   # total and active parameters
 
 Plan for 8 devices (`python -m sparse_lm.compile --config=configs/moe_1b.py --target=h100x8 --fit`):
-mesh data 2 x fsdp 4, gradient accumulation 4 (56.4 GiB on h100x8); it fits a TPU v5p 8-chip slice as shipped.
+mesh fsdp 4 (data 2 on 8 devices), gradient accumulation 4 (56.4 GiB on h100x8);
+it fits a TPU v5p 8-chip slice as shipped.
 """
 
 from sparse_lm import ladder

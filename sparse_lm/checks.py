@@ -63,11 +63,10 @@ def _check_context(config: ml_collections.ConfigDict, devices: int) -> None:
   if devices == 1:
     return
   m = config.model
-  variant = attention.REGISTRY[m.attention]
-  if not all(variant.at_layer(m, layer).context_parallel for layer in range(m.num_layers)):
-    able = sorted(name for name, v in attention.REGISTRY.items() if v.context_parallel)
+  if not attention.every_layer(m, 'context_parallel'):
+    able = ', '.join(attention.having('context_parallel'))
     raise ConfigError(f'mesh.context={devices}: model.attention={m.attention!r} does not run with its '
-                      f'sequences split yet (those that do: {", ".join(able)}); use mesh.context=1')
+                      f'sequences split yet (those that do: {able}); use mesh.context=1')
   if config.data.seq_len % (2 * devices):
     raise ConfigError(f'mesh.context={devices} cuts each sequence into {2 * devices} equal chunks (an early '
                       f'and a late one a device), so data.seq_len={config.data.seq_len} must be a multiple '
@@ -79,12 +78,10 @@ def _check_packing(config: ml_collections.ConfigDict) -> None:
   if config.data.packing == 'concat':
     return
   m = config.model
-  variant = attention.REGISTRY[m.attention]
-  if not all(variant.at_layer(m, layer).segments for layer in range(m.num_layers)):
-    honouring = sorted(name for name, v in attention.REGISTRY.items() if v.segments)
+  if not attention.every_layer(m, 'segments'):
     raise ConfigError(f'data.packing={config.data.packing!r} needs attention that keeps documents apart; '
                       f'model.attention={m.attention!r} does not yet (those that do: '
-                      f'{", ".join(honouring)}); use data.packing=concat')
+                      f'{", ".join(attention.having("segments"))}); use data.packing=concat')
   align = attention.document_alignment(m)
   if config.data.seq_len % align:
     raise ConfigError(f'data.packing={config.data.packing!r} with model.attention={m.attention!r} starts '

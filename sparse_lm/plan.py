@@ -97,8 +97,7 @@ def candidate_plans(config: ml_collections.ConfigDict, num_devices: int, num_hos
   divisors = [d for d in range(1, num_devices + 1) if num_devices % d == 0]
   heads = math.gcd(m.num_heads, m.num_kv_heads)
   experts = m.moe.num_experts if m.mlp == 'moe' else 1
-  variant = attention.REGISTRY[m.attention]
-  splits = divisors if all(variant.at_layer(m, i).context_parallel for i in range(m.num_layers)) else [1]
+  splits = divisors if attention.every_layer(m, 'context_parallel') else [1]
   plans = []
   for tensor, expert, fsdp, ctx in itertools.product(divisors, divisors, divisors, splits):
     if heads % tensor or experts % expert or num_devices % (tensor * expert * fsdp * ctx):

@@ -26,3 +26,15 @@ def document_alignment(cfg: ml_collections.ConfigDict) -> int:
   least common multiple of the layers' `document_alignment`; 1 when all work token by token)."""
   variant = REGISTRY[cfg.attention]
   return math.lcm(*(variant.at_layer(cfg, layer).document_alignment(cfg) for layer in range(cfg.num_layers)))
+
+
+def every_layer(cfg: ml_collections.ConfigDict, capability: str) -> bool:
+  """Whether every layer's attention class has `capability` (a ClassVar of `base.Attention`, such as
+  `segments` or `context_parallel`): a hybrid has it only if all its kinds do."""
+  variant = REGISTRY[cfg.attention]
+  return all(getattr(variant.at_layer(cfg, layer), capability) for layer in range(cfg.num_layers))
+
+
+def having(capability: str) -> list[str]:
+  """The registered variants that have `capability`, by name (for the one-line errors that list them)."""
+  return sorted(name for name, variant in REGISTRY.items() if getattr(variant, capability))
