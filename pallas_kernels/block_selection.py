@@ -118,19 +118,23 @@ def block_selection_reference(q_BTHD: jax.Array, ck_BCKD: jax.Array, lse_BHT: ja
                               cmp_stride: int, sel_block: int, num_selected: int,
                               sm_scale: float | None = None, pos_BT: jax.Array | None = None,
                               num_blocks: int | None = None, segment_ids: jax.Array | None = None,
-                              chunk: int = XLA_CHUNK) -> jax.Array:
+                              starts_BT: jax.Array | None = None, chunk: int = XLA_CHUNK) -> jax.Array:
   """`block_selection` in XLA, `chunk` queries at a time: `[chunk, C]` probabilities, never `[T, C]`.
 
   `pos_BT`: the queries' positions (default `0..T-1`; decoding passes its own), which decide visibility,
   validity and the forced blocks. `num_blocks`: S, the selection blocks of the keys (default
   `ceil(T / sel_block)`; decoding passes the cache's). `segment_ids` as for `block_selection` (queries at
-  `0..T-1`). Output `[B, T, K, min(num_selected, S)]` int32.
+  `0..T-1`). `starts_BT`: instead, the position where each query's segment starts (queries placed by
+  `pos_BT`, as a context-parallel share of a row is). Output `[B, T, K, min(num_selected, S)]` int32.
   """
   q_BTHD, ck_BCKD, lse_BHT = map(lax.stop_gradient, (q_BTHD, ck_BCKD, lse_BHT))
   B, T, H, D = q_BTHD.shape
   if pos_BT is None:
     pos_BT = jnp.broadcast_to(jnp.arange(T), (B, T))
-  start_BT = jnp.zeros((B, T), jnp.int32) if segment_ids is None else segment_starts(segment_ids)
+  if starts_BT is not None:
+    start_BT = starts_BT.astype(jnp.int32)
+  else:
+    start_BT = jnp.zeros((B, T), jnp.int32) if segment_ids is None else segment_starts(segment_ids)
   one_chunk = functools.partial(
       _select_chunk, ck_BCKD, cmp_block=cmp_block, cmp_stride=cmp_stride, sel_block=sel_block,
       num_selected=num_selected, sm_scale=D**-0.5 if sm_scale is None else sm_scale,

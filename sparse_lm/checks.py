@@ -71,6 +71,11 @@ def _check_context(config: ml_collections.ConfigDict, devices: int) -> None:
     raise ConfigError(f'mesh.context={devices} cuts each sequence into {2 * devices} equal chunks (an early '
                       f'and a late one a device), so data.seq_len={config.data.seq_len} must be a multiple '
                       f'of {2 * devices}')
+  align = attention.context_alignment(m)
+  if (config.data.seq_len // (2 * devices)) % align:
+    raise ConfigError(f'mesh.context={devices} with model.attention={m.attention!r} needs chunks of a '
+                      f'multiple of {align} tokens, so data.seq_len={config.data.seq_len} must be a '
+                      f'multiple of {2 * devices * align}')
 
 
 def _check_packing(config: ml_collections.ConfigDict) -> None:

@@ -20,9 +20,18 @@ device's chunks (unmasked calls; `lax.cond` picks which), so no masked tile is c
 device does the same work. Otherwise (the XLA path, segments, a window) each step runs the XLA
 reference with explicit query and key positions and segment pairs.
 
-The other variants choose keys over the whole sequence (NSA's compressed blocks, MoBA's block means,
-DSA's indexer, MoSA's and routing's choices) and do not run under `mesh.context > 1` yet: the config
-check says so in one line.
+NSA, MoBA and DSA use the helpers below instead of the ring: their choices range over the whole sequence,
+so each device gathers what they choose from (`gather_sequence`: NSA's compressed blocks, 1/d of the
+sequence, and its selection branch's keys and values; MoBA's keys and values, whose block means its gate
+reads; DSA's index keys and its keys and values), fetches the rows just before or after its chunks
+(`neighbours`: NSA's window halo, the rows a compressed block reaches into), and runs its queries at
+their places in the row (`natural_rows`). All-gathers rather than a ring here: a choice can land on any
+earlier chunk, so every device needs every chunk within the step anyway; what a ring would save is the
+transient memory of holding them all at once (BENCHMARKS.md measures the cost).
+
+MoSA and routing (and their causal forms), whose heads pick their tokens (MoSA) or cluster them (routing)
+over the whole sequence at once, do not run under `mesh.context > 1` yet: the config check says so in one
+line.
 """
 
 import functools
@@ -84,6 +93,73 @@ def ring_attention(q_BTHD, k_BTKD, v_BTKD, pos_BT, seg_BT=None, *, window: int |
   args = (q_BTHD, k_BTKD, v_BTKD, pos_BT) + (() if seg_BT is None else (seg_BT,))
   out = jax.ShapeDtypeStruct(q_BTHD.shape, q_BTHD.dtype)
   return sharding.attention_per_device(per_device, *args, split_length=True, out_shape=out)
+
+
+# ----------------------------------------------------------------------------- inside a device's share
+# Helpers for the per-device functions of variants that choose keys over the whole sequence (NSA): each
+# runs under `shard_map` on its device's `[B, 2c, ...]` share (its early chunk, then its late one).
+
+
+def natural_rows(C: int, c: int) -> jax.Array:
+  """`[2c]`: the positions in the row (natural order) of this device's tokens."""
+  r = jax.lax.axis_index(AXIS)
+  return jnp.concatenate([r * c + jnp.arange(c), (2 * C - 1 - r) * c + jnp.arange(c)]).astype(jnp.int32)
+
+
+def gather_chunks(x_BL, C: int) -> jax.Array:
+  """Every device's share `[B, 2c, ...]` as all `2C` chunks in the row's order, `[B, 2C, c, ...]` (an
+  all-gather over the context axis; its transpose, in the backward, a reduce-scatter)."""
+  B, L = x_BL.shape[:2]
+  g = jax.lax.all_gather(x_BL.reshape(B, 2, L // 2, *x_BL.shape[2:]), AXIS, axis=0)  # [C, B, 2, c, ...]
+  # Device r's early chunk is chunk r, its late one chunk 2C - 1 - r.
+  return jnp.moveaxis(jnp.concatenate([g[:, :, 0], g[::-1, :, 1]], axis=0), 0, 1)
+
+
+def gather_sequence(x_BL, C: int) -> jax.Array:
+  """Every device's share as the whole sequence in natural order, `[B, T, ...]`."""
+  g = gather_chunks(x_BL, C)
+  return g.reshape(g.shape[0], -1, *g.shape[3:])
+
+
+def neighbours(x_BL, C: int, width: int, *, after: bool) -> jax.Array:
+  """`[B, 2, width, ...]`: for each of this device's two chunks, the `width` rows of the sequence just
+  before it (`after=False`: the window's halo) or just after it (the rows a block starting in the chunk
+  reaches into), zeros past either end of the sequence. Gathers only each chunk's first or last
+  `min(width, c)` rows from every device, so a halo wider than a chunk spans several chunks."""
+  B, L = x_BL.shape[:2]
+  c = L // 2
+  m = min(width, c)
+  k = -(-width // m)  # chunks a halo spans
+  chunks = x_BL.reshape(B, 2, c, *x_BL.shape[2:])
+  ends = chunks[:, :, :m] if after else chunks[:, :, c - m:]
+  every = gather_chunks(ends.reshape(B, 2 * m, *x_BL.shape[2:]), C)  # [B, 2C, m, ...]
+  pad = [(0, 0)] * every.ndim
+  pad[1] = (0, k) if after else (k, 0)
+  every = jnp.pad(every, pad)
+  r = jax.lax.axis_index(AXIS)
+  out = []
+  for j in (r, 2 * C - 1 - r):  # this device's chunks, by their index in the row
+    near = jax.lax.dynamic_slice_in_dim(every, j + 1 if after else j, k, axis=1)  # chunks j+1.. or ..j-1
+    near = near.reshape(B, k * m, *x_BL.shape[2:])
+    out.append(near[:, :width] if after else near[:, k * m - width:])
+  return jnp.stack(out, axis=1)
+
+
+def per_share(fn, *args, out_shape, replicated: tuple = ()):
+  """`fn` on each device's share under `shard_map`: `[B, T, ...]` arrays (and outputs, `out_shape`)
+  split by rows over the batch axes and by tokens over the context axis, every other dimension whole
+  (heads included: a variant whose per-device function mixes heads or has heads of its own, such as
+  DSA's indexer); `replicated` arrays go whole to every device, after the rest."""
+  mesh = sharding.active_mesh()
+  batch = sharding.logical_to_spec(('batch',), args[0].shape[:1], mesh)[0]
+
+  def spec(x):
+    return jax.sharding.PartitionSpec(batch, AXIS, *([None] * (len(x.shape) - 2)))
+  in_specs = tuple(map(spec, args)) + (jax.sharding.PartitionSpec(),) * len(replicated)
+  return jax.shard_map(fn, in_specs=in_specs, out_specs=jax.tree.map(spec, out_shape))(*args, *replicated)
+
+
+# ----------------------------------------------------------------------------- the ring
 
 
 def _merge(o_BTHD, lse_BHT, o2_BTHD, lse2_BHT):

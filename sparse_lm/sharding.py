@@ -151,7 +151,7 @@ def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
 
 
 def attention_per_device(kernel, q_BTHD: jax.Array, k_BSKD: jax.Array, *more, split_length: bool = False,
-                         out_shape=None):
+                         out_shape=None, replicated: tuple = ()):
   """Runs an attention kernel on each device's share of a train step: rows split like the batch, heads
   over `tensor` when both the query and the kv heads divide (a device's query heads then find their kv
   heads on the same device), the sequence whole (a kernel sees every key). The kernel takes q and k
@@ -161,10 +161,11 @@ def attention_per_device(kernel, q_BTHD: jax.Array, k_BSKD: jax.Array, *more, sp
   would gather its operands and run whole on every device), so it is placed by hand with `shard_map`.
   A plain call outside a context mesh. `split_length`: the sequence stays split over `context` too (the
   kernel is a context-parallel one, `sparse_lm/context.py`), whose collectives need the axis, so it gives
-  its output's `out_shape` (a tree of ShapeDtypeStructs) instead of having it traced outside one."""
+  its output's `out_shape` (a tree of ShapeDtypeStructs) instead of having it traced outside one.
+  `replicated`: arrays every device gets whole (weights the kernel applies), passed after the rest."""
   mesh = active_mesh()
   if mesh is None:
-    return kernel(q_BTHD, k_BSKD, *more)
+    return kernel(q_BTHD, k_BSKD, *more, *replicated)
   batch = logical_to_spec(('batch',), q_BTHD.shape[:1], mesh)[0]
   heads = logical_to_spec(('q_heads',), q_BTHD.shape[2:3], mesh)[0]
   if logical_to_spec(('kv_heads',), k_BSKD.shape[2:3], mesh)[0] != heads:
@@ -180,8 +181,9 @@ def attention_per_device(kernel, q_BTHD: jax.Array, k_BSKD: jax.Array, *more, sp
     # A `[B, T, 1, ...]` array (lists every kv group shares) goes whole to each device's heads.
     return PartitionSpec(batch, length, heads if x.shape[2] > 1 else None, None)
   args = (q_BTHD, k_BSKD, *more)
-  out_specs = jax.tree.map(spec, out_shape or jax.eval_shape(kernel, *args))
-  return jax.shard_map(kernel, in_specs=tuple(map(spec, args)), out_specs=out_specs)(*args)
+  out_specs = jax.tree.map(spec, out_shape or jax.eval_shape(kernel, *args, *replicated))
+  in_specs = tuple(map(spec, args)) + (PartitionSpec(),) * len(replicated)
+  return jax.shard_map(kernel, in_specs=in_specs, out_specs=out_specs)(*args, *replicated)
 
 
 def global_batch(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:

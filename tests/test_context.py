@@ -16,7 +16,8 @@ from sparse_lm.errors import ConfigError
 from tests.conftest import REPO, run_train, tiny_config, train_losses
 
 SPLIT = sorted(name for name, variant in REGISTRY.items() if variant.context_parallel)
-assert SPLIT == ['dense', 'sliding_window']  # the dense family's own attention; the rest choose keys
+assert SPLIT == ['dense', 'dsa', 'moba', 'nsa', 'sliding_window']
+GATHERING = ('dsa', 'moba', 'nsa')  # choose keys over the whole sequence: gather what they choose from
 UNSPLIT = sorted(set(REGISTRY) - set(SPLIT))
 
 
@@ -32,20 +33,40 @@ def test_the_zigzag_gives_each_device_an_early_and_a_late_chunk():
   assert len(set(work)) == 1, work
 
 
+# (kernel, mesh.context, mesh.data, documents, overrides of model.<attention>) per variant. The ring's
+# kernel and XLA paths differ in every combination; the gathering variants' split path is one (XLA
+# references at the rows' positions), so two cases each; DSA's also with its dense warm-up and blocks.
+# DSA keeps index keys in float32 here: in bfloat16 (its default) the indexer's gradients differ by
+# bfloat16 rounding (0.3-0.8% of their largest value; the loss and metrics do not).
+RING_CASES = [('xla', 8, 1, True, {}), ('xla', 4, 2, False, {}), ('pallas', 8, 1, False, {}),
+              ('pallas', 4, 2, True, {})]
+CASES = {'dense': RING_CASES, 'sliding_window': RING_CASES,
+         'nsa': [('xla', 8, 1, True, {}), ('pallas', 4, 2, False, {})],
+         'moba': [('xla', 8, 1, True, {}), ('pallas', 4, 2, False, {})],
+         'dsa': [('xla', 8, 1, True, {'index_dtype': 'float32'}),
+                 ('pallas', 4, 2, False, {'index_dtype': 'float32', 'dense_warmup_steps': 5}),
+                 ('pallas', 8, 1, True, {'index_dtype': 'float32', 'block_size': 4, 'top_k': 8})]}
+
+
 def test_split_variants_match_one_device_on_both_paths_with_and_without_documents():
-  cases = [[name, kernel, ctx, data, segments, seed]
-           for name in SPLIT
-           for seed, (kernel, ctx, data, segments) in enumerate(
-               [('xla', 8, 1, True), ('xla', 4, 2, False), ('pallas', 8, 1, False), ('pallas', 4, 2, True)])]
+  assert sorted(CASES) == SPLIT
+  cases = [[name, kernel, ctx, data, segments, seed, overrides]
+           for name in SPLIT for seed, (kernel, ctx, data, segments, overrides) in enumerate(CASES[name])]
   env = {**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=8', 'JAX_PLATFORMS': 'cpu'}
   run = subprocess.run([sys.executable, '-m', 'tests.context_parity', json.dumps(cases)], cwd=REPO, env=env,
-                       capture_output=True, text=True, timeout=900)
+                       capture_output=True, text=True, timeout=1800)
   assert run.returncode == 0, run.stderr[-3000:]
   rows = [json.loads(line) for line in run.stdout.splitlines()]
   assert [row['case'] for row in rows] == [c[:5] for c in cases]
   for row in rows:
+    assert row['metrics_split'].keys() == row['metrics_one'].keys(), row
+    for name, value in row['metrics_one'].items():  # DSA's indexer KL and recall, say
+      assert row['metrics_split'][name] == pytest.approx(value, rel=1e-5, abs=1e-6), (name, row)
     assert row['tokens_split'] == 'context', row  # the batch really is split along its tokens
-    assert row['permutes'] > 0, row  # keys and values pass around the ring
+    if row['case'][0] in GATHERING:
+      assert row['gathers'] > 0, row
+    else:  # keys and values pass around the ring
+      assert row['permutes'] > 0, row
     assert row['loss_split'] == pytest.approx(row['loss_one'], rel=1e-5), row
     assert row['grad_rel_diff'] < 1e-4, row
 
@@ -66,6 +87,15 @@ def test_a_sequence_that_does_not_split_evenly_is_refused():
   config.data.seq_len = 72  # 16 chunks of 4.5
   with pytest.raises(ConfigError, match=r'mesh.context=8 cuts each sequence into 16 equal chunks .* '
                      r'data.seq_len=72 must be a multiple of 16'):
+    checks.check_train(config, 8, 1)
+
+
+def test_nsa_refuses_chunks_that_split_a_compressed_block_in_one_line():
+  config = tiny_config(attention='nsa', **REGISTRY['nsa'].tiny_config())  # cmp_stride 2
+  config.mesh.update(data=1, context=8)
+  config.data.seq_len = 48  # 16 chunks of 3
+  with pytest.raises(ConfigError, match=r"^mesh.context=8 with model.attention='nsa' needs chunks of a "
+                     r"multiple of 2 tokens, so data.seq_len=48 must be a multiple of 32$"):
     checks.check_train(config, 8, 1)
 
 

@@ -38,3 +38,10 @@ def every_layer(cfg: ml_collections.ConfigDict, capability: str) -> bool:
 def having(capability: str) -> list[str]:
   """The registered variants that have `capability`, by name (for the one-line errors that list them)."""
   return sorted(name for name, variant in REGISTRY.items() if getattr(variant, capability))
+
+
+def context_alignment(cfg: ml_collections.ConfigDict) -> int:
+  """Tokens each chunk of a sequence split over `mesh.context` must be a multiple of (the least common
+  multiple of the layers' `context_alignment`)."""
+  variant = REGISTRY[cfg.attention]
+  return math.lcm(*(variant.at_layer(cfg, layer).context_alignment(cfg) for layer in range(cfg.num_layers)))

@@ -50,6 +50,13 @@ class Attention(nnx.Module):
     del cfg
     return 1
 
+  @classmethod
+  def context_alignment(cls, cfg: ml_collections.ConfigDict) -> int:
+    """Under `mesh.context`, each of a sequence's 2 x mesh.context chunks must be a multiple of this
+    many tokens (NSA: its compression stride, so that every compressed block starts in one chunk)."""
+    del cfg
+    return 1
+
   @staticmethod
   def defaults() -> dict[str, Any]:
     """The `model.*` keys this variant adds to the base config, with their defaults (a sub-config under

@@ -53,16 +53,21 @@ class Attention(base.Attention):
                cache: Cache | None = None, *, update_state: bool = False) -> tuple[jax.Array, Cache | None]:
     del update_state  # no state besides the parameters
     q_BTHD, k_BTKD, v_BTKD = self._qkv(x_BTD, pos_BT)
-    if cache is None and context.size() > 1:  # keys and values around the context axis's ring
+    if cache is None and context.size() > 1:
       if not self.context_parallel:
         raise ValueError(f'{type(self).__module__} does not run with its sequences split (mesh.context)')
-      o_BTHD = context.ring_attention(q_BTHD, k_BTKD, v_BTKD, pos_BT, seg_BT, window=self.window,
-                                      implementation=self.kernel)
+      o_BTHD = self.attend_split(q_BTHD, k_BTKD, v_BTKD, pos_BT, seg_BT)
     elif cache is None:
       o_BTHD = self.attend(q_BTHD, k_BTKD, v_BTKD, seg_BT)
     else:
       o_BTHD, cache = self._attend_cached(q_BTHD, k_BTKD, v_BTKD, pos_BT, cache)
     return self._output(o_BTHD), cache
+
+  def attend_split(self, q_BTHD, k_BTKD, v_BTKD, pos_BT, seg_BT=None) -> jax.Array:
+    """`attend` with each sequence split over the context axis, zigzag-ordered (sparse_lm/context.py):
+    keys and values around the axis's ring."""
+    return context.ring_attention(q_BTHD, k_BTKD, v_BTKD, pos_BT, seg_BT, window=self.window,
+                                  implementation=self.kernel)
 
   def _qkv(self, x_BTD, pos_BT) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Queries, keys (both rotated) and values in the compute dtype."""

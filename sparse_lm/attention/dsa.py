@@ -53,6 +53,14 @@ over `s <= t`. Letters of this file: I the indexer's heads (their features D, li
   (`document_alignment`) so that a document's blocks are its blocks alone. The dense warm-up keeps to
   the document by segment ids.
 
+Context parallelism (`mesh.context`, sparse_lm/context.py; `_split`): every device gathers the index keys
+(one head of `index_head_dim`, the paper's cheap part to move) and the keys and values whole (a query may
+choose any earlier token), then scores, chooses and attends for its own queries at their places in the
+row with the XLA references; the indexer's KL and recall are returned per query and averaged over the
+whole batch, as on one device. Gathering the keys and values whole holds 2 x T x Hkv x D values a layer
+at once; fetching only the chosen rows (at most T / C x top_k a device, usually far fewer distinct) is
+the step after.
+
 Costs. The indexer is quadratic in FLOPs, as in the paper: `2 * index_heads * (index_head_dim + 1)`
 FLOPs per (query, earlier token), forward only (the top-k is discrete), against `4 * num_heads *
 head_dim` for dense attention's two matmuls forward; the paper's 64 x 128 indexer in FP8 is cheap per
@@ -71,11 +79,13 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
+from pallas_kernels._common import vary_alike
 from pallas_kernels._reference import MASK_VALUE, map_query_chunks
 from pallas_kernels.block_choice import segment_starts, select_blocks
+from pallas_kernels.flash_attention import attention_with_lse_reference
 from pallas_kernels.selected_attention import selected_attention, selected_attention_reference
 from pallas_kernels.token_attention import token_attention, token_attention_reference
-from sparse_lm import sharding
+from sparse_lm import context, sharding
 from sparse_lm.attention import dense, kv_cache
 from sparse_lm.errors import ConfigError, require_positive
 from sparse_lm.layers import AuxLoss, param, rope
@@ -96,7 +106,7 @@ class WarmupClock(nnx.Variable):
 class Attention(dense.Attention):
   """Dense attention's projections, a lightning indexer and top-k token (or block) selection."""
 
-  context_parallel = False  # chooses keys over the whole sequence: not split yet (sparse_lm/context.py)
+  context_parallel = True
 
   segments = True
 
@@ -285,7 +295,8 @@ class Attention(dense.Attention):
     return kl_BQ, jnp.any(visible_BQX, axis=-1)
 
   def _dense_kl(self, q_BTHD, k_BTKD, qi_BTID, w_BTI, ki_BTD, pos_BT, lo_BT=None):
-    """The warm-up's loss: over every earlier token (of the query's document)."""
+    """The warm-up's loss: over every earlier token (of the query's document). Per query: the KL and
+    whether it counts (`_mean_over_queries` averages them)."""
     S = k_BTKD.shape[1]
     lo_BT = jnp.zeros_like(pos_BT) if lo_BT is None else lo_BT
 
@@ -294,11 +305,11 @@ class Attention(dense.Attention):
       return self._kl(self._target(q_BQHD, k_BTKD, visible_BQS), self._index_scores(qi_BQID, w_BQI, ki_BTD),
                       visible_BQS)
     chunk = self._chunk(max(q_BTHD.shape[2], self.dsa.index_heads) * S)
-    return _mean_over_queries(*map_query_chunks(one_chunk, (q_BTHD, qi_BTID, w_BTI, pos_BT, lo_BT),
-                                                (0, 0, 0, -1, 0), chunk=chunk))
+    return map_query_chunks(one_chunk, (q_BTHD, qi_BTID, w_BTI, pos_BT, lo_BT), (0, 0, 0, -1, 0), chunk=chunk)
 
   def _sparse_kl(self, q_BTHD, k_BTKD, qi_BTID, w_BTI, ki_BTD, idx_BT1n, pos_BT):
-    """The sparse stage's loss: over the selected tokens only (Sec. 2.1.1, the second stage)."""
+    """The sparse stage's loss: over the selected tokens only (Sec. 2.1.1, the second stage). Per query,
+    as `_dense_kl`."""
     L = self.dsa.block_size
 
     def one_chunk(q_BQHD, qi_BQID, w_BQI, idx_BQn, pos_BQ):
@@ -312,14 +323,21 @@ class Attention(dense.Attention):
                       visible_BQX)
     X, K, D = idx_BT1n.shape[-1] * L, k_BTKD.shape[2], k_BTKD.shape[3]
     chunk = self._chunk(X * (max(q_BTHD.shape[2], self.dsa.index_heads) + K * D + ki_BTD.shape[-1]))
-    return _mean_over_queries(*map_query_chunks(
-        one_chunk, (q_BTHD, qi_BTID, w_BTI, idx_BT1n[:, :, 0], pos_BT), (0, 0, 0, -1, -1), chunk=chunk))
+    return map_query_chunks(one_chunk, (q_BTHD, qi_BTID, w_BTI, idx_BT1n[:, :, 0], pos_BT), (0, 0, 0, -1, -1),
+                            chunk=chunk)
 
   def _recall(self, q_BTHD, k_BTKD, qi_BTID, w_BTI, ki_BTD, pos_BT, lo_BT=None) -> jax.Array:
     """The share of the dense attention's top-k tokens that the selection covers, over the last
     `recall_queries` queries of each row."""
-    B, T = pos_BT.shape
-    S, L, R = k_BTKD.shape[1], self.dsa.block_size, min(self.dsa.recall_queries, T)
+    R = min(self.dsa.recall_queries, pos_BT.shape[1])
+    covered_BR, wanted_BR = self._recall_terms(q_BTHD, k_BTKD, qi_BTID, w_BTI, ki_BTD, pos_BT, lo_BT, R)
+    return jnp.sum(covered_BR) / jnp.maximum(jnp.sum(wanted_BR), 1)
+
+  def _recall_terms(self, q_BTHD, k_BTKD, qi_BTID, w_BTI, ki_BTD, pos_BT, lo_BT, R: int):
+    """For each of the last R queries: how many of the dense attention's top-k tokens the selection
+    covers, and how many it wants (fewer than top_k while fewer tokens are visible)."""
+    B = pos_BT.shape[0]
+    S, L = k_BTKD.shape[1], self.dsa.block_size
     lo_BT = jnp.zeros_like(pos_BT) if lo_BT is None else lo_BT
     qpos_BR, lo_BR = pos_BT[:, -R:], lo_BT[:, -R:]
     idx_BRn = self._select(qi_BTID[:, -R:], w_BTI[:, -R:], ki_BTD, qpos_BR, lo_BR)[:, :, 0]
@@ -333,7 +351,7 @@ class Attention(dense.Attention):
     slot_BRn = jnp.where(idx_BRn >= 0, idx_BRn, N)
     chosen_BRN = jnp.zeros((B, R, N + 1), bool).at[b_B11, r_1R1, slot_BRn].set(True)
     covered_BRk = jnp.take_along_axis(chosen_BRN, top_BRk // L, axis=-1)
-    return jnp.sum(covered_BRk & wanted_BRk) / jnp.maximum(jnp.sum(wanted_BRk), 1)
+    return jnp.sum(covered_BRk & wanted_BRk, axis=-1), jnp.sum(wanted_BRk, axis=-1)
 
   # ----------------------------------------------------------------------------- the layer
 
@@ -367,27 +385,101 @@ class Attention(dense.Attention):
     slot_BT = pos_BT if seg_BT is None else jnp.broadcast_to(jnp.arange(T, dtype=pos_BT.dtype), (B, T))
     lo_BT = jnp.zeros_like(slot_BT) if seg_BT is None else segment_starts(seg_BT)
 
+    no_kl = jnp.zeros((B, T), jnp.float32), jnp.zeros((B, T), bool)
+
     def dense_stage(q_BTHD, k_BTKD, v_BTKD, qi_BTID, w_BTI, ki_BTD):
       o_BTHD = self.attend(q_BTHD, k_BTKD, v_BTKD, seg_BT)  # dense attention's
-      kl = self._dense_kl(q_BTHD, k_BTKD, qi_BTID, w_BTI, ki_BTD, slot_BT, lo_BT) if update_state else 0.0
-      return o_BTHD, jnp.asarray(kl, jnp.float32)
+      kl = self._dense_kl(q_BTHD, k_BTKD, qi_BTID, w_BTI, ki_BTD, slot_BT, lo_BT) if update_state else no_kl
+      return o_BTHD, kl
 
     def sparse_stage(q_BTHD, k_BTKD, v_BTKD, qi_BTID, w_BTI, ki_BTD):
       idx_BT1n = self._select(qi_BTID, w_BTI, ki_BTD, slot_BT, lo_BT)
       o_BTHD = self._sparse_attend(q_BTHD, k_BTKD, v_BTKD, idx_BT1n)
       kl = (self._sparse_kl(q_BTHD, k_BTKD, qi_BTID, w_BTI, ki_BTD, idx_BT1n, slot_BT) if update_state
-            else 0.0)
-      return o_BTHD, jnp.asarray(kl, jnp.float32)
+            else no_kl)
+      return o_BTHD, kl
 
-    o_BTHD, kl = self._staged(dense_stage, sparse_stage, q_BTHD, k_BTKD, v_BTKD, qi_BTID, w_BTI, ki_BTD)
+    if context.size() > 1:
+      o_BTHD, kl, recall = self._split(q_BTHD, k_BTKD, v_BTKD, qi_BTID, w_BTI, ki_BTD, seg_BT, update_state)
+    else:
+      o_BTHD, kl = self._staged(dense_stage, sparse_stage, q_BTHD, k_BTKD, v_BTKD, qi_BTID, w_BTI, ki_BTD)
+      kl = _mean_over_queries(*kl) if update_state else jnp.zeros((), jnp.float32)
+      recall = self._recall(q_BTHD, k_BTKD, qi_BTID, w_BTI, ki_BTD, slot_BT, lo_BT) if update_state else None
     if update_state:  # the train step: the indexer's loss, its metrics, and the warm-up's clock
       self.sow(AuxLoss, 'indexer_kl_aux_loss', self.dsa.kl_weight * kl)
       self.sow(nnx.Intermediate, 'indexer_kl', kl)
-      self.sow(nnx.Intermediate, 'indexer_recall',
-               self._recall(q_BTHD, k_BTKD, qi_BTID, w_BTI, ki_BTD, slot_BT, lo_BT))
+      self.sow(nnx.Intermediate, 'indexer_recall', recall)
       self.sow(nnx.Intermediate, 'dense_warmup', self._in_warmup().astype(jnp.float32))
       self.clock[...] = self.clock[...] + 1
     return self._output(o_BTHD), cache
+
+  def _split(self, q_BTHD, k_BTKD, v_BTKD, qi_BTID, w_BTI, ki_BTD, seg_BT, update_state: bool):
+    """The layer under `mesh.context` (sparse_lm/context.py), each sequence split in its zigzag order:
+    every device gathers the index keys (one small head) and the keys and values whole (its queries
+    may choose any earlier token), then scores, chooses and attends for its own queries at their
+    places in the row, with the XLA references (the kernels place queries at 0..T-1). The indexer's
+    loss and recall come back per query and are averaged over the whole batch here, as one device
+    averages them. Returns the output, the KL and the recall (None outside a train step)."""
+    C, R = context.size(), min(self.dsa.recall_queries, q_BTHD.shape[1])
+    L, documents = self.dsa.block_size, seg_BT is not None
+
+    def share(q_BLHD, k_BLKD, v_BLKD, qi_BLID, w_BLI, ki_BLD, *rest):
+      seg_BL = rest[0] if documents else None
+      warmup = rest[-1]
+      B, c = q_BLHD.shape[0], q_BLHD.shape[1] // 2
+      rows_L = context.natural_rows(C, c)
+      rows_BL = jnp.broadcast_to(rows_L, (B, 2 * c))
+      k_BTKD, v_BTKD, ki_BTD = (context.gather_sequence(x, C) for x in (k_BLKD, v_BLKD, ki_BLD))
+      T = k_BTKD.shape[1]
+      seg_all = None if seg_BL is None else context.gather_sequence(seg_BL, C)
+      lo_BL = jnp.zeros_like(rows_BL) if seg_BL is None else segment_starts(seg_all)[:, rows_L]
+      no_kl = jnp.zeros(rows_BL.shape, jnp.float32), jnp.zeros(rows_BL.shape, bool)
+
+      def dense_stage():
+        o_BLHD, _ = attention_with_lse_reference(
+            q_BLHD, k_BTKD, v_BTKD, causal=True, qpos_BT=rows_BL,
+            kpos_BS=jnp.broadcast_to(jnp.arange(T), (B, T)),
+            segment_ids=None if seg_BL is None else (seg_BL, seg_all))
+        kl = (self._dense_kl(q_BLHD, k_BTKD, qi_BLID, w_BLI, ki_BTD, rows_BL, lo_BL) if update_state
+              else no_kl)
+        return alike(o_BLHD, kl)
+
+      def sparse_stage():
+        idx_BL1n = self._select(qi_BLID, w_BLI, ki_BTD, rows_BL, lo_BL)
+        o_BLHD = selected_attention_reference(q_BLHD, k_BTKD, v_BTKD, idx_BL1n, block_size=L, qpos_BT=rows_BL)
+        kl = (self._sparse_kl(q_BLHD, k_BTKD, qi_BLID, w_BLI, ki_BTD, idx_BL1n, rows_BL) if update_state
+              else no_kl)
+        return alike(o_BLHD, kl)
+
+      def alike(o_BLHD, kl):  # both branches of the cond vary over the same mesh axes as the queries
+        _, o_BLHD, *kl = vary_alike(q_BLHD, o_BLHD, *kl)
+        return o_BLHD, tuple(kl)
+      if self.dsa.dense_warmup_steps == 0:
+        o_BLHD, (kl_BL, counts_BL) = sparse_stage()
+      else:
+        o_BLHD, (kl_BL, counts_BL) = jax.lax.cond(warmup, dense_stage, sparse_stage)
+      # Recall on the row's last R queries: those of this device's late chunk at positions >= T - R,
+      # all among its chunk's last min(R, c).
+      covered_BL = wanted_BL = jnp.zeros(rows_BL.shape, jnp.int32)
+      if update_state:
+        m = min(R, c)
+        covered_Bm, wanted_Bm = self._recall_terms(q_BLHD, k_BTKD, qi_BLID, w_BLI, ki_BTD, rows_BL, lo_BL, m)
+        late_Bm = rows_BL[:, -m:] >= T - R
+        pad = ((0, 0), (2 * c - m, 0))
+        covered_BL = jnp.pad(jnp.where(late_Bm, covered_Bm, 0), pad).astype(jnp.int32)
+        wanted_BL = jnp.pad(jnp.where(late_Bm, wanted_Bm, 0), pad).astype(jnp.int32)
+      return o_BLHD, kl_BL, counts_BL, covered_BL, wanted_BL
+    B, T = q_BTHD.shape[:2]
+    args = (q_BTHD, k_BTKD, v_BTKD, qi_BTID, w_BTI, ki_BTD) + (() if seg_BT is None else (seg_BT,))
+    out = (jax.ShapeDtypeStruct(q_BTHD.shape, q_BTHD.dtype), jax.ShapeDtypeStruct((B, T), jnp.float32),
+           jax.ShapeDtypeStruct((B, T), bool), jax.ShapeDtypeStruct((B, T), jnp.int32),
+           jax.ShapeDtypeStruct((B, T), jnp.int32))
+    o_BTHD, kl_BT, counts_BT, covered_BT, wanted_BT = context.per_share(
+        share, *args, out_shape=out, replicated=(self._in_warmup(),))
+    if not update_state:
+      return o_BTHD, jnp.zeros((), jnp.float32), None
+    return (o_BTHD, _mean_over_queries(kl_BT, counts_BT),
+            jnp.sum(covered_BT) / jnp.maximum(jnp.sum(wanted_BT), 1))
 
   # ----------------------------------------------------------------------------- decoding
 

@@ -30,6 +30,11 @@ a row at the paper's 512 and 0.2% at 64 (`python benchmarks/packing.py`, BENCHMA
 on short web documents (a corpus of 300-token documents pads 41% at 512); per-document offsets are the
 way out for such data and are not built.
 
+Context parallelism (`mesh.context`, `attend_split`): every device gathers the keys and values whole (a
+query may choose any begun block), takes the block means from them, and chooses and attends for its own
+queries at their places in the row. Gathering only the block means and then the chosen blocks is the
+step after.
+
 Memory is linear in T: the block means are `[B, T / block_size, K, D]` and the gate scores are taken
 `XLA_CHUNK` queries at a time (`map_query_chunks`), then only the `[B, T, K, top_k]` indices are kept.
 The gate's FLOPs are T x (T / block_size) dot products a head, a 1 / block_size share of dense
@@ -45,7 +50,7 @@ import ml_collections
 from pallas_kernels._reference import XLA_CHUNK, map_query_chunks
 from pallas_kernels.block_choice import first_block, select_blocks
 from pallas_kernels.selected_attention import selected_attention, selected_attention_reference
-from sparse_lm import sharding
+from sparse_lm import context, sharding
 from sparse_lm.attention import dense, kv_cache
 from sparse_lm.errors import ConfigError, require_positive
 
@@ -53,8 +58,7 @@ from sparse_lm.errors import ConfigError, require_positive
 class Attention(dense.Attention):
   """MoBA over dense attention's grouped-query projections; `model.moba` holds the block size and k."""
 
-  context_parallel = False  # chooses keys over the whole sequence: not split yet (sparse_lm/context.py)
-
+  context_parallel = True
   segments = True
 
   @classmethod
@@ -111,12 +115,14 @@ class Attention(dense.Attention):
         B, N, self.block_size, K * D)
     return jnp.mean(k_BNLX, axis=2, dtype=jnp.float32).reshape(B, N, K, D)
 
-  def _choose(self, q_BTHD, mean_BNKD, qpos_BT, seg_BT=None) -> jax.Array:
+  def _choose(self, q_BTHD, mean_BNKD, qpos_BT, seg_BT=None, first_BT=None) -> jax.Array:
     """`[B, T, K, top_k]` blocks per query and kv group from the blocks' mean keys: the gate scores,
-    summed over the group's heads; under `seg_BT`, only blocks of the query's own document."""
+    summed over the group's heads; under `seg_BT`, only blocks of the query's own document (or from
+    `first_BT`, each query's document's first block, where the queries are not the row's 0..T-1)."""
     H, D = q_BTHD.shape[2:]
     K = mean_BNKD.shape[2]
-    first_BT = (jnp.zeros_like(qpos_BT) if seg_BT is None else first_block(seg_BT, self.block_size))
+    if first_BT is None:
+      first_BT = (jnp.zeros_like(qpos_BT) if seg_BT is None else first_block(seg_BT, self.block_size))
 
     def one_chunk(q_BQHD, pos_BQ, first_BQ):
       q_BQKGD = q_BQHD.reshape(*q_BQHD.shape[:2], K, H // K, D).astype(jnp.float32)
@@ -133,6 +139,28 @@ class Attention(dense.Attention):
                             seg_BT)
     attend = functools.partial(selected_attention, block_size=self.block_size, implementation=self.kernel)
     return sharding.attention_per_device(attend, q_BTHD, k_BTKD, v_BTKD, idx_BTKn)
+
+  def attend_split(self, q_BTHD, k_BTKD, v_BTKD, pos_BT, seg_BT=None) -> jax.Array:
+    """Under `mesh.context` (sparse_lm/context.py): the gate may choose any begun block, so every device
+    gathers the keys and values whole (all-gathers over the axis, transient, a layer at a time), takes
+    the block means from them and chooses and attends for its own queries at their places in the row.
+    The chosen blocks are attended with `selected_attention`'s XLA reference (its kernels place the
+    queries at 0..T-1)."""
+    del pos_BT  # the rows' own positions decide; RoPE is in the keys already
+    C = context.size()
+
+    def share(q_BLHD, k_BLKD, v_BLKD, *seg):
+      B, L = q_BLHD.shape[:2]
+      rows_L = context.natural_rows(C, L // 2)
+      rows_BL = jnp.broadcast_to(rows_L, (B, L))
+      k_BTKD, v_BTKD = context.gather_sequence(k_BLKD, C), context.gather_sequence(v_BLKD, C)
+      first_BL = first_block(context.gather_sequence(seg[0], C), self.block_size)[:, rows_L] if seg else None
+      idx_BLKn = self._choose(q_BLHD, self._block_means(k_BTKD), rows_BL, first_BT=first_BL)
+      return selected_attention_reference(q_BLHD, k_BTKD, v_BTKD, idx_BLKn, block_size=self.block_size,
+                                          qpos_BT=rows_BL)
+    args = (q_BTHD, k_BTKD, v_BTKD) + (() if seg_BT is None else (seg_BT,))
+    return sharding.attention_per_device(share, *args, split_length=True,
+                                         out_shape=jax.ShapeDtypeStruct(q_BTHD.shape, q_BTHD.dtype))
 
   # ----------------------------------------------------------------------------- decoding
 

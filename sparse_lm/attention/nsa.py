@@ -50,6 +50,18 @@ their last token's position in the document. How blocks meet document boundaries
   positions and block selection's Eq. 9 weights would all need per-document gathers.
 A row that does not start its documents on the grid is still leak-free (blocks are kept to a document by
 their first token, choices rounded up to whole blocks) but a document then differs from itself alone.
+
+Context parallelism (`mesh.context`, sparse_lm/context.py): each device holds an early and a late chunk of
+every row (c tokens each, a multiple of d). It runs phi on the compressed blocks that start in its chunks
+(the last l - d rows of a block come from the next chunk's device) and all-gathers the results, so every
+device holds the T/d compressed keys and values in the row's order; the compressed branch and block
+selection then run for its own queries at their places in the row, with the gathered blocks' segments.
+A query's selected blocks can be anywhere before it, so the selection branch's keys and values are
+all-gathered (2 x T x Hkv x D values a layer, transient; a ring passing them, as dense attention's does,
+would hold 1/C of that and is the next step). The window attends over each chunk with the w rows before
+it, fetched from the devices that hold them. The compressed branch, block selection and the selected
+branch run their chunked XLA references there (the kernels place queries at 0..T-1 only); the window runs
+the flash kernel.
 """
 
 import functools
@@ -60,16 +72,16 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from pallas_kernels.block_choice import select_blocks
+from pallas_kernels.block_choice import segment_starts, select_blocks
 from pallas_kernels.block_selection import block_selection, block_selection_reference
 from pallas_kernels.compressed_attention import (
   block_ends,
   compressed_attention,
   compressed_attention_reference,
 )
-from pallas_kernels.flash_attention import flash_attention
+from pallas_kernels.flash_attention import attention_with_lse_reference, flash_attention
 from pallas_kernels.selected_attention import selected_attention, selected_attention_reference
-from sparse_lm import sharding
+from sparse_lm import context, sharding
 from sparse_lm.attention import base, kv_cache
 from sparse_lm.errors import ConfigError, require_positive
 from sparse_lm.layers import output_stddev, param, rope
@@ -82,6 +94,7 @@ class Attention(base.Attention):
 
   decodes = True
   segments = True
+  context_parallel = True
 
   def __init__(self, cfg: ml_collections.ConfigDict, *, rngs: nnx.Rngs):
     n = cfg.nsa
@@ -123,6 +136,10 @@ class Attention(base.Attention):
   @classmethod
   def document_alignment(cls, cfg: ml_collections.ConfigDict) -> int:
     return cfg.nsa.sel_block  # a multiple of cmp_stride (check_config), so compressed blocks align too
+
+  @classmethod
+  def context_alignment(cls, cfg: ml_collections.ConfigDict) -> int:
+    return cfg.nsa.cmp_stride  # each chunk computes the compressed blocks that start in it
 
   @staticmethod
   def tiny_config() -> dict:
@@ -169,13 +186,11 @@ class Attention(base.Attention):
   def _compress(self, raw_BXKD: jax.Array, num_blocks: int, kind: str) -> jax.Array:
     """phi (Eq. 7) on the first `num_blocks` blocks of `raw_BXKD` (blocks start every d positions)."""
     l, stride = self.nsa.cmp_block, self.nsa.cmp_stride
-    B, _, K, D = raw_BXKD.shape
     idx_NL = jnp.arange(num_blocks)[:, None] * stride + jnp.arange(l)[None, :]
-    blocks_BNLKD = raw_BXKD[:, idx_NL]
-    pos_11L1D = getattr(self, f'cmp_pos_{kind}')[...].astype(self.dtype)[None, None, :, None, :]
-    x_BNKX = (blocks_BNLKD + pos_11L1D).transpose(0, 1, 3, 2, 4).reshape(B, num_blocks, K, l * D)
-    h_BNKF = jax.nn.silu(x_BNKX @ getattr(self, f'cmp_w1_{kind}')[...].astype(self.dtype))
-    return h_BNKF @ getattr(self, f'cmp_w2_{kind}')[...].astype(self.dtype)
+    return _phi(raw_BXKD[:, idx_NL], *self._phi_weights(kind))
+
+  def _phi_weights(self, kind: str) -> tuple[jax.Array, jax.Array, jax.Array]:
+    return tuple(getattr(self, f'cmp_{name}_{kind}')[...].astype(self.dtype) for name in ('pos', 'w1', 'w2'))
 
   def _rotated_compressed(self, ck_BCKD, pos_BT, seg_BT=None) -> jax.Array:
     """Compressed keys rotated (RoPE) at their blocks' last tokens (at those tokens' positions in their
@@ -246,7 +261,9 @@ class Attention(base.Attention):
     del update_state  # no state besides the parameters
     x_BTD = x_BTD.astype(self.dtype)
     q_BTHD, k_BTJKD, v_BTJKD = self._project(x_BTD, pos_BT)
-    if cache is None:
+    if cache is None and context.size() > 1:
+      outs = self._split_sequence(q_BTHD, k_BTJKD, v_BTJKD, pos_BT, seg_BT)
+    elif cache is None:
       outs, _ = self._sequence(q_BTHD, k_BTJKD, v_BTJKD, pos_BT, seg_BT)
     else:
       outs, cache = kv_cache.prefill_or_extend(pos_BT[0, 0], q_BTHD.shape[1], self._prefill, self._extend,
@@ -281,6 +298,87 @@ class Attention(base.Attention):
       o_win = sharding.attention_per_device(lambda q, k, v, seg: window(q, k, v, segment_ids=seg),
                                             q_BTHD, kw_BTKD, vw_BTKD, seg_BT)
     return (o_cmp, o_slc, o_win), {'ck': ck_BCKD, 'cv': cv_BCKD, 'ks': ks_BTKD, 'kw': kw_BTKD}
+
+  # ------------------------------------------------------------------------- context parallelism
+
+  def _split_sequence(self, q_BTHD, k_BTJKD, v_BTJKD, pos_BT, seg_BT=None):
+    """The three branches with each sequence split over the context axis, in its zigzag order (module
+    docstring, "Context parallelism"): each device computes its own tokens' outputs."""
+    C = context.size()
+    ks_BTKD = rope(self._branch(k_BTJKD, 'slc'), pos_BT, self.rope_theta)
+    kw_BTKD = rope(self._branch(k_BTJKD, 'win'), pos_BT, self.rope_theta)
+    args = [q_BTHD, self._branch(k_BTJKD, 'cmp'), self._branch(v_BTJKD, 'cmp'), ks_BTKD,
+            self._branch(v_BTJKD, 'slc'), kw_BTKD, self._branch(v_BTJKD, 'win'), pos_BT]
+    if seg_BT is not None:
+      args.append(seg_BT)
+    out = (jax.ShapeDtypeStruct(q_BTHD.shape, q_BTHD.dtype),) * 3
+    return sharding.attention_per_device(functools.partial(self._share, C, seg_BT is not None), *args,
+                                         split_length=True, out_shape=out,
+                                         replicated=self._phi_weights('k') + self._phi_weights('v'))
+
+  def _share(self, C: int, documents: bool, q_BLHD, rk_BLKD, rv_BLKD, ks_BLKD, vs_BLKD, kw_BLKD, vw_BLKD,
+             pos_BL, *rest):
+    """One device's share (L = 2c tokens: its early chunk, then its late one) under `shard_map`."""
+    n = self.nsa
+    l, d, w = n.cmp_block, n.cmp_stride, n.window
+    seg_BL = rest[0] if documents else None
+    phi_k, phi_v = rest[-6:-3], rest[-3:]
+    B, L, H, D = q_BLHD.shape
+    K, c = rk_BLKD.shape[2], L // 2
+    T = 2 * C * c
+    rows_L = context.natural_rows(C, c)
+    rows_BL = jnp.broadcast_to(rows_L, (B, L))
+    implementation = 'pallas' if self.kernel == 'pallas' else 'xla'
+    # Compressed blocks: each chunk computes those that start in it (c / d, reaching l - d rows into the
+    # next chunk), then every device gathers all of them (1 / d of the sequence) in the row's order.
+    num_compressed = self._num_compressed(T)
+    idx_NL = jnp.arange(c // d)[:, None] * d + jnp.arange(l)[None, :]
+
+    def compressed(raw_BLKD, weights):
+      ext_B2XKD = raw_BLKD.reshape(B, 2, c, K, D)
+      if l > d:
+        ext_B2XKD = jnp.concatenate([ext_B2XKD, context.neighbours(raw_BLKD, C, l - d, after=True)], axis=2)
+      mine_BNKD = _phi(ext_B2XKD[:, :, idx_NL].reshape(B, 2 * (c // d), l, K, D), *weights)
+      return context.gather_sequence(mine_BNKD, C)[:, :num_compressed]
+    pos_BT = seg_BT = starts_BL = block_seg = None
+    if documents:
+      pos_BT, seg_BT = context.gather_sequence(pos_BL, C), context.gather_sequence(seg_BL, C)
+      starts_BL = segment_starts(seg_BT)[:, rows_L]
+      block_seg = (seg_BL, seg_BT[:, :num_compressed * d:d])
+    ck_BCKD = self._rotated_compressed(compressed(rk_BLKD, phi_k), pos_BT, seg_BT)
+    cv_BCKD = compressed(rv_BLKD, phi_v)
+    # Eq. 8 and Eqs. 9-11 for this device's queries at their places in the row.
+    o_cmp, lse_BHL = attention_with_lse_reference(q_BLHD, ck_BCKD, cv_BCKD, causal=True,
+                                                  key_positions=(d, l - 1), qpos_BT=rows_BL,
+                                                  segment_ids=block_seg)
+    sg = jax.lax.stop_gradient
+    idx_BLKn = block_selection_reference(
+        sg(q_BLHD), sg(ck_BCKD), sg(lse_BHL), cmp_block=l, cmp_stride=d, sel_block=n.sel_block,
+        num_selected=n.num_selected, pos_BT=rows_BL, num_blocks=-(-T // n.sel_block), starts_BT=starts_BL)
+    # Eq. 12: the chosen blocks may be anywhere before the query, so the selection branch's keys and
+    # values are gathered whole.
+    o_slc = selected_attention_reference(q_BLHD, context.gather_sequence(ks_BLKD, C),
+                                         context.gather_sequence(vs_BLKD, C), idx_BLKn,
+                                         block_size=n.sel_block, qpos_BT=rows_BL)
+    # The window: each chunk with the w rows before it (its halo, from the devices holding them) as
+    # self-attention over w + c rows, the halo's rows as queries too (dropped), so the window kernel
+    # runs unchanged; a halo before the row's start is a segment of its own (-1), seen by nothing.
+    own_BL = jnp.ones((B, L), jnp.int32) if seg_BL is None else seg_BL
+    halo_seg = context.neighbours(own_BL, C, w, after=False)
+    starts = (rows_L[0], rows_L[c])
+    halo_seg = jnp.stack([jnp.where(a - w + jnp.arange(w) >= 0, halo_seg[:, i], -1)
+                          for i, a in enumerate(starts)], axis=1)
+    halos = [context.neighbours(x, C, w, after=False) for x in (kw_BLKD, vw_BLKD)]
+    window = functools.partial(flash_attention, causal=True, window=w, implementation=implementation)
+    o_win = []
+    for i in range(2):
+      part = slice(i * c, (i + 1) * c)
+      q_BXHD = jnp.concatenate([jnp.zeros((B, w, H, D), q_BLHD.dtype), q_BLHD[:, part]], axis=1)
+      k_BXKD, v_BXKD = (jnp.concatenate([halo[:, i], x[:, part]], axis=1)
+                        for halo, x in zip(halos, (kw_BLKD, vw_BLKD), strict=True))
+      o_win.append(window(q_BXHD, k_BXKD, v_BXKD,
+                          segment_ids=jnp.concatenate([halo_seg[:, i], own_BL[:, part]], axis=1))[:, w:])
+    return o_cmp, o_slc, jnp.concatenate(o_win, axis=1)
 
   # ------------------------------------------------------------------------- decoding
 
@@ -434,3 +532,11 @@ class Attention(base.Attention):
     logits_BTHJ = jnp.einsum('btd,dhj->bthj', x_BTD, self.w_gate[...].astype(self.dtype))
     g_BTHJ = jax.nn.sigmoid(logits_BTHJ + self.b_gate[...].astype(self.dtype).reshape(H, 3)[None, None])
     return g_BTHJ[..., 0:1] * o_cmp + g_BTHJ[..., 1:2] * o_slc + g_BTHJ[..., 2:3] * o_win
+
+
+def _phi(blocks_BNLKD: jax.Array, pos_LD: jax.Array, w1_XF: jax.Array, w2_FD: jax.Array) -> jax.Array:
+  """Eq. 7's phi on blocks of l raw rows: the position-in-block encoding added, the block flattened per
+  kv head, then the two-layer MLP. `[B, N, K, D]`."""
+  B, N, l, K, D = blocks_BNLKD.shape
+  x_BNKX = (blocks_BNLKD + pos_LD[None, None, :, None, :]).transpose(0, 1, 3, 2, 4).reshape(B, N, K, l * D)
+  return jax.nn.silu(x_BNKX @ w1_XF) @ w2_FD
