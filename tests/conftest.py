@@ -180,3 +180,14 @@ def train_steps_logged(workdir) -> list[int]:
   """The step of every training line of metrics.jsonl, in order (a resumed run must not repeat one)."""
   rows = map(json.loads, (pathlib.Path(workdir) / 'metrics.jsonl').read_text().splitlines())
   return [row['step'] for row in rows if 'loss' in row]
+
+
+def pytest_collection_modifyitems(config, items):
+  """Tests marked `slow` (compiles that take minutes each and repeat what a faster test checks closely)
+  run only when asked for: `-m slow`, or SPARSE_LM_SLOW=1 with any selection."""
+  if 'slow' in (config.getoption('markexpr') or '') or os.environ.get('SPARSE_LM_SLOW') == '1':
+    return
+  skip = pytest.mark.skip(reason='slow: run with -m slow or SPARSE_LM_SLOW=1')
+  for item in items:
+    if 'slow' in item.keywords:
+      item.add_marker(skip)

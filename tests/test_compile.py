@@ -275,7 +275,7 @@ def test_fit_finds_a_plan_where_the_shipped_one_does_not_fit():
   flags = ('--config=configs/dense_100m.py', '--target=h100x8', '--config.model.num_layers=4',
            '--config.train.batch_size=32', '--memory_fraction=0.01')
   assert _compile_command(*flags).returncode != 0  # the shipped plan does not fit
-  run = _compile_command(*flags, '--fit', '--fit_compiles=6')
+  run = _compile_command(*flags, '--fit', '--fit_compiles=4')  # the fourth plan tried fits
   assert run.returncode == 0, run.stderr[-2000:]
   found = json.loads(run.stdout)
   assert found['report']['fits'] and found['report']['compiled']
@@ -315,8 +315,16 @@ def _shipped_1b(variant: str, target_name: str):
   return config
 
 
-@pytest.mark.parametrize('variant', ['dense', 'nsa', 'moba', 'dsa', 'moe'])
-@pytest.mark.parametrize('target_name', PLAN_TARGETS)
+# On v5p, where every 1b plan has a wide margin (45.0-57.8 GiB of 85.5, extrapolated; BENCHMARKS.md), the
+# default run checks the two whose TPU step differs from the GPU's (DSA's blocks of 64, MoE's fsdp mesh);
+# dense, NSA and MoBA take about 2 minutes each there and run with `-m slow`.
+SLOW_ON_V5P = ('dense', 'nsa', 'moba')
+
+
+@pytest.mark.parametrize('target_name,variant', [
+    pytest.param(target, variant, marks=[pytest.mark.slow] if target.startswith('v5p')
+                 and variant in SLOW_ON_V5P else [])
+    for target in PLAN_TARGETS for variant in ('dense', 'nsa', 'moba', 'dsa', 'moe')])
 def test_the_1b_rung_fits_eight_devices_with_its_shipped_plan(target_name, variant):
   """The plan each 1b config ships (sparse_lm/ladder.py PLANS; on v5p with its documented override)
   compiles and fits, by the planner's reduced-depth extrapolation with a 5% margin (it came within -5.5%
