@@ -6,7 +6,8 @@ parallelism: compiled, not run.
         [--plot=benchmarks/lengths.png]
 
 For each target, variant and split (`mesh.context`: 1 is 8-way data parallelism, one sequence per
-device; 8 is one sequence over all 8 devices), the sequence doubles from `--start` until the train step
+device; 8 is one sequence over all 8 devices; on v5p:2x2x2, two hosts of 4 chips that each load their
+own rows, 4 is one sequence per host), the sequence doubles from `--start` until the train step
 no longer fits (or `--stop`). Every step recomputes whole blocks in the backward (`model.remat`, the least
 activation memory the project offers) with packing off (`data.packing=concat`); each length is compiled
 at one and two layers and extrapolated to the full 16 (`sparse_lm.plan.evaluate`, within about 5% of a
