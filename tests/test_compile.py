@@ -316,14 +316,9 @@ def _shipped_1b(variant: str, target_name: str):
 
 
 # On v5p, where every 1b plan has a wide margin (45.0-57.8 GiB of 85.5, extrapolated; BENCHMARKS.md), the
-# default run checks the two whose TPU step differs from the GPU's (DSA's blocks of 64, MoE's fsdp mesh);
-# dense, NSA and MoBA take about 2 minutes each there and run with `-m slow`.
-SLOW_ON_V5P = ('dense', 'nsa', 'moba')
-
-
+# checks take 2-3 minutes each and run with `-m slow`; the default run checks the tighter h100x8 plans.
 @pytest.mark.parametrize('target_name,variant', [
-    pytest.param(target, variant, marks=[pytest.mark.slow] if target.startswith('v5p')
-                 and variant in SLOW_ON_V5P else [])
+    pytest.param(target, variant, marks=[pytest.mark.slow] if target.startswith('v5p') else [])
     for target in PLAN_TARGETS for variant in ('dense', 'nsa', 'moba', 'dsa', 'moe')])
 def test_the_1b_rung_fits_eight_devices_with_its_shipped_plan(target_name, variant):
   """The plan each 1b config ships (sparse_lm/ladder.py PLANS; on v5p with its documented override)
