@@ -78,7 +78,8 @@ def plot(rows: list[dict], path: str) -> None:
       pts = sorted((r['seq_len'], r['peak_gib']) for r in rows if r['target'] == target
                    and r['variant'] == variant and r['context'] == split and r.get('compiled'))
       if pts:
-        ax.plot(*zip(*pts, strict=True), marker='o', linestyle='-' if split == 1 else '--',
+        colour = f'C{sorted({r["variant"] for r in rows}).index(variant)}'  # one colour a variant
+        ax.plot(*zip(*pts, strict=True), marker='o', linestyle='-' if split == 1 else '--', color=colour,
                 label=f'{variant}, context {split}')
     limits = {r['limit_gib'] for r in rows if r['target'] == target}
     for limit in limits:
