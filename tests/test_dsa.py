@@ -124,11 +124,11 @@ def test_kl_is_the_papers_in_both_stages():
   x, pos = _inputs()
   q, k, _ = layer._qkv(x, pos)
   parts = layer._indexer(x, pos)
-  dense_kl = layer._dense_kl(q, k, *parts, pos)
+  dense_kl = dsa._mean_over_queries(*layer._dense_kl(q, k, *parts, pos))  # per query, then the mean
   np.testing.assert_allclose(dense_kl, _numpy_kl(layer, x, pos, lambda b, t: list(range(t + 1))), rtol=1e-4)
   idx = layer._select(*parts, pos)
   chosen = np.asarray(idx)[:, :, 0]
-  sparse_kl = layer._sparse_kl(q, k, *parts, idx, pos)
+  sparse_kl = dsa._mean_over_queries(*layer._sparse_kl(q, k, *parts, idx, pos))
   want = _numpy_kl(layer, x, pos, lambda b, t: sorted(int(s) for s in chosen[b, t] if s >= 0))
   np.testing.assert_allclose(sparse_kl, want, rtol=1e-4, atol=1e-7)
 
