@@ -33,19 +33,19 @@ def test_the_zigzag_gives_each_device_an_early_and_a_late_chunk():
   assert len(set(work)) == 1, work
 
 
-# (kernel, mesh.context, mesh.data, documents, overrides of model.<attention>) per variant. The ring's
-# kernel and XLA paths differ in every combination; the gathering variants' split path is one (XLA
-# references at the rows' positions), so two cases each; DSA's also with its dense warm-up and blocks.
-# DSA keeps index keys in float32 here: in bfloat16 (its default) the indexer's gradients differ by
-# bfloat16 rounding (0.3-0.8% of their largest value; the loss and metrics do not).
-RING_CASES = [('xla', 8, 1, True, {}), ('xla', 4, 2, False, {}), ('pallas', 8, 1, False, {}),
-              ('pallas', 4, 2, True, {})]
-CASES = {'dense': RING_CASES, 'sliding_window': RING_CASES,
-         'nsa': [('xla', 8, 1, True, {}), ('pallas', 4, 2, False, {})],
-         'moba': [('xla', 8, 1, True, {}), ('pallas', 4, 2, False, {})],
+# (kernel, mesh.context, mesh.data, documents, overrides of model.<attention>) per variant: context 8 and
+# context 4 x data 2, with and without documents. Dense attention's unmasked kernel ring (the `pallas`
+# setting without documents or a window) is one path, every other case the ring of XLA reference steps;
+# the gathering variants' split path is one (XLA references at the rows' positions); DSA has a case for
+# each of its stages: tokens, blocks of 4, the dense warm-up. DSA keeps index keys in float32 here: in
+# bfloat16 (its default) the indexer's gradients differ by bfloat16 rounding (0.3-0.8% of their largest
+# value; the loss and metrics do not).
+TWO = [('xla', 8, 1, True, {}), ('pallas', 4, 2, False, {})]
+CASES = {'dense': TWO, 'sliding_window': [('pallas', 8, 1, True, {}), ('xla', 4, 2, False, {})], 'nsa': TWO,
+         'moba': TWO,
          'dsa': [('xla', 8, 1, True, {'index_dtype': 'float32'}),
-                 ('pallas', 4, 2, False, {'index_dtype': 'float32', 'dense_warmup_steps': 5}),
-                 ('pallas', 8, 1, True, {'index_dtype': 'float32', 'block_size': 4, 'top_k': 8})]}
+                 ('pallas', 4, 2, False, {'index_dtype': 'float32', 'block_size': 4, 'top_k': 8}),
+                 ('xla', 4, 2, True, {'index_dtype': 'float32', 'dense_warmup_steps': 5})]}
 
 
 def test_every_split_variant_has_cases():
