@@ -29,9 +29,18 @@ their places in the row (`natural_rows`). All-gathers rather than a ring here: a
 earlier chunk, so every device needs every chunk within the step anyway; what a ring would save is the
 transient memory of holding them all at once (BENCHMARKS.md measures the cost).
 
-MoSA and routing (and their causal forms), whose heads pick their tokens (MoSA) or cluster them (routing)
-over the whole sequence at once, do not run under `mesh.context > 1` yet: the config check says so in one
-line.
+MoSA and routing (and their causal forms) pick, per head (MoSA) or per cluster of a head (routing), a
+set of slots out of the whole sequence, then attend within them. What that needs whole is the choice's
+input, a few scores per token and head (MoSA's router logits, routing's centroid scores): the layer takes
+them in the row's natural order (`restore`, a gather of a few scalars a token), so every device makes
+the one device's choice. The slots' rows are exchanged as in Ulysses (Jacobs et al. 2023, "DeepSpeed
+Ulysses"), from a split by tokens to a split by groups: each device puts the rows it holds into the slots
+that chose them (zeros elsewhere) and a reduce-scatter over the groups leaves each device every slot of
+its 1/C of the groups (`slot_groups`; groups padded to a multiple of C); it attends them as one device
+would, with the same kernel, and an all-gather of the outputs brings every slot back to the device that
+holds its token (`groups_slots`, `own_slots`). Per device that holds `[B, groups, slots, width]` once in
+transit, as one device's layer does, and sends it twice; the projections and attention of the slots
+are divided by C.
 """
 
 import functools
@@ -157,6 +166,62 @@ def per_share(fn, *args, out_shape, replicated: tuple = ()):
     return jax.sharding.PartitionSpec(batch, AXIS, *([None] * (len(x.shape) - 2)))
   in_specs = tuple(map(spec, args)) + (jax.sharding.PartitionSpec(),) * len(replicated)
   return jax.shard_map(fn, in_specs=in_specs, out_specs=jax.tree.map(spec, out_shape))(*args, *replicated)
+
+
+# ----------------------------------------------------------------------------- slots (MoSA, routing)
+
+
+def split_index(idx_BGS, T: int, C: int) -> jax.Array:
+  """Natural-order token indices (T: an empty slot) as indices into the zigzag-ordered sequence."""
+  where = jnp.asarray(np.argsort(zigzag(T, C)).astype(np.int32))
+  return jnp.where(idx_BGS < T, where[jnp.minimum(idx_BGS, T - 1)], T)
+
+
+def pad_groups(x, C: int, axis: int, value=0):
+  """`x` with its group axis padded to a multiple of C (`value`: what a padded group holds)."""
+  pad = [(0, 0)] * x.ndim
+  pad[axis] = (0, -x.shape[axis] % C)
+  return jnp.pad(x, pad, constant_values=value)
+
+
+def own_slots(zz_BGS, L: int) -> tuple[jax.Array, jax.Array]:
+  """Inside a device's share of L tokens: which slots hold one of its tokens (`zz_BGS` from
+  `split_index`), and that token's row in the share (L where not this device's, so a scatter drops it)."""
+  mine_BGS = zz_BGS // L == jax.lax.axis_index(AXIS)
+  return mine_BGS, jnp.where(mine_BGS, zz_BGS % L, L)
+
+
+def slot_groups(x_BGSX, C: int) -> jax.Array:
+  """Every device's slot rows (its own tokens' rows, zeros elsewhere) summed over the axis, each device
+  keeping its 1/C of the groups: `[B, G / C, S, ...]` (a reduce-scatter; an all-gather backward)."""
+  return jax.lax.psum_scatter(x_BGSX, AXIS, scatter_dimension=1, tiled=True)
+
+
+def groups_slots(y_BgSX) -> jax.Array:
+  """Each device's groups' slot outputs, `[B, G / C, S, ...]`, as every group's on every device."""
+  return jax.lax.all_gather(y_BgSX, AXIS, axis=1, tiled=True)
+
+
+def my_groups(x, C: int, axis: int) -> jax.Array:
+  """This device's 1/C of the (padded) groups along `axis`, as `slot_groups` leaves them."""
+  g = x.shape[axis] // C
+  return jax.lax.dynamic_slice_in_dim(x, jax.lax.axis_index(AXIS) * g, g, axis=axis)
+
+
+def split_slots(fn, x_BTX, zz_BGS, slot_args, *, out_shape, replicated: tuple = ()):
+  """`fn(x_BLX, zz_BGS, *slot_args, *replicated)` under `shard_map`: `x_BTX` (and the output) split by
+  rows and by tokens over the context axis, the `[B, G, S, ...]` slot arrays by rows only (every device
+  sees every slot), `replicated` whole."""
+  mesh = sharding.active_mesh()
+  batch = sharding.logical_to_spec(('batch',), x_BTX.shape[:1], mesh)[0]
+  P = jax.sharding.PartitionSpec
+
+  def tokens(x):
+    return P(batch, AXIS, *([None] * (len(x.shape) - 2)))
+  in_specs = ((tokens(x_BTX),) + tuple(P(batch, *([None] * (a.ndim - 1))) for a in (zz_BGS, *slot_args))
+              + (P(),) * len(replicated))
+  return jax.shard_map(fn, in_specs=in_specs, out_specs=tokens(out_shape))(x_BTX, zz_BGS, *slot_args,
+                                                                            *replicated)
 
 
 # ----------------------------------------------------------------------------- the ring

@@ -65,7 +65,8 @@ def case(attention: str, kernel: str, context: int, data: int, segments: bool, s
           'loss_split': float(split_loss), 'grad_rel_diff': max(diffs),
           'worst_grad': paths[int(np.argmax(diffs))],
           'permutes': program.count('collective_permute'),
-          'gathers': program.count('all_gather'), 'tokens_split': placed['inputs'].sharding.spec[1]}
+          'gathers': program.count('all_gather'), 'reduce_scatters': program.count('reduce_scatter'),
+          'tokens_split': placed['inputs'].sharding.spec[1]}
 
 
 if __name__ == '__main__':

@@ -16,9 +16,11 @@ from sparse_lm.errors import ConfigError
 from tests.conftest import REPO, run_train, tiny_config, train_losses
 
 SPLIT = sorted(name for name, variant in REGISTRY.items() if variant.context_parallel)
-assert SPLIT == ['dense', 'dsa', 'moba', 'nsa', 'sliding_window']
+assert SPLIT == sorted(REGISTRY)
 GATHERING = ('dsa', 'moba', 'nsa')  # choose keys over the whole sequence: gather what they choose from
-UNSPLIT = sorted(set(REGISTRY) - set(SPLIT))
+# Choose slots over the whole sequence: the slots' rows go from a split by tokens to one by groups
+# (a reduce-scatter) and back (an all-gather); their dense or local heads pass K/V around the ring.
+SLOTS = ('mosa', 'mosa_causal', 'routing', 'routing_causal')
 
 
 def test_the_zigzag_gives_each_device_an_early_and_a_late_chunk():
@@ -42,7 +44,9 @@ def test_the_zigzag_gives_each_device_an_early_and_a_late_chunk():
 # value; the loss and metrics do not).
 TWO = [('xla', 8, 1, True, {}), ('pallas', 4, 2, False, {})]
 CASES = {'dense': TWO, 'sliding_window': [('pallas', 8, 1, True, {}), ('xla', 4, 2, False, {})], 'nsa': TWO,
-         'moba': TWO,
+         'moba': TWO, 'mosa': TWO, 'routing': TWO,
+         # The causal forms share the split path of the paper's; one case each for their choice.
+         'mosa_causal': [('pallas', 8, 1, True, {})], 'routing_causal': [('pallas', 4, 2, True, {})],
          'dsa': [('xla', 8, 1, True, {'index_dtype': 'float32'}),
                  ('pallas', 4, 2, False, {'index_dtype': 'float32', 'block_size': 4, 'top_k': 8}),
                  ('xla', 4, 2, True, {'index_dtype': 'float32', 'dense_warmup_steps': 5})]}
@@ -71,16 +75,20 @@ def test_split_variants_match_one_device_on_both_paths_with_and_without_document
       assert row['gathers'] > 0, row
     else:  # keys and values pass around the ring
       assert row['permutes'] > 0, row
+    if row['case'][0] in SLOTS:
+      assert row['reduce_scatters'] > 0 and row['gathers'] > 0, row
     assert row['loss_split'] == pytest.approx(row['loss_one'], rel=1e-5), row
     assert row['grad_rel_diff'] < 1e-4, row
 
 
-@pytest.mark.parametrize('attention', UNSPLIT)
-def test_other_variants_refuse_the_split_in_one_line(attention):
-  config = tiny_config(attention=attention, **REGISTRY[attention].tiny_config())
+def test_a_variant_that_cannot_split_refuses_in_one_line(monkeypatch):
+  # Every registered variant splits today; a new one starts with `context_parallel = False`.
+  monkeypatch.setattr(REGISTRY['mosa'], 'context_parallel', False)
+  config = tiny_config(attention='mosa', **REGISTRY['mosa'].tiny_config())
   config.mesh.update(data=1, context=8)
-  with pytest.raises(ConfigError, match=rf"^mesh.context=8: model.attention='{attention}' does not run with "
-                     r"its sequences split yet \(those that do: " + ', '.join(SPLIT)) as error:
+  able = ', '.join(name for name in SPLIT if name not in ('mosa', 'mosa_causal'))  # which inherits it
+  with pytest.raises(ConfigError, match=r"^mesh.context=8: model.attention='mosa' does not run with its "
+                     r"sequences split yet \(those that do: " + able + r"\); use mesh.context=1$") as error:
     checks.check_train(config, 8, 1)
   assert '\n' not in str(error.value)
 

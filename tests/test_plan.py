@@ -54,7 +54,7 @@ def test_candidate_plans_split_heads_experts_and_rows_evenly():
   assert {p.mesh[4] for p in plans} == {1, 2, 4, 8}  # dense attention runs with its sequences split
   assert {p.mesh[4] for p in plan.candidate_plans(ladder.nsa_config('100m'), 8)} == {1, 2, 4, 8}
   mosa = ladder.variant_config('100m', 'mosa_causal')
-  assert {p.mesh[4] for p in plan.candidate_plans(mosa, 8)} == {1}  # MoSA does not split yet
+  assert {p.mesh[4] for p in plan.candidate_plans(mosa, 8)} == {1, 2, 4, 8}  # MoSA's slots split by head
   assert {p.recompute for p in plans} == set(plan.RECOMPUTE)
   for p in plans:
     assert math.prod(p.mesh) == 8

@@ -33,6 +33,12 @@ takes 2), so under segments a head runs twice its slots (at most T); what still 
 from the row's last documents and counted (`mosa_dropped_share`). The choice is per document rather
 than over the whole row because a row-wide top-k gives a document a share of slots that depends on its
 neighbours, which is a leak between documents by construction.
+
+Context parallelism (`mesh.context`, sparse_lm/context.py, "slots"): the dense heads run the ring; the
+choice is made on every device from the router logits in the row's natural order (gathered: one number a
+token and head), so it is the one device's choice; each device then runs every slot of 1/C of the MoSA
+heads (a reduce-scatter of the slots' rows, heads padded to a multiple of C) and an all-gather returns
+the outputs to the devices holding their tokens (`_sparse_heads_split`).
 """
 
 import functools
@@ -47,7 +53,7 @@ from flax import nnx
 from pallas_kernels._reference import MASK_VALUE
 from pallas_kernels.block_choice import segment_ends, segment_starts
 from pallas_kernels.flash_attention import flash_attention
-from sparse_lm import sharding
+from sparse_lm import context, sharding
 from sparse_lm.attention import dense
 from sparse_lm.errors import ConfigError, require_positive
 from sparse_lm.layers import output_stddev, param, rope
@@ -234,18 +240,21 @@ def slot_cache(layer: dense.Attention, batch: int, max_len: int, slots: int, gro
 
 
 def slot_attention(q_BSGD: jax.Array, k_BSGD: jax.Array, v_BSGD: jax.Array, *, kernel: str,
-                   window: int | None = None, seg_BGS: jax.Array | None = None) -> jax.Array:
+                   window: int | None = None, seg_BGS: jax.Array | None = None,
+                   local: bool = False) -> jax.Array:
   """Causal attention over each group's slots; slots are in position order, so slot order is position
   order, and empty slots come last, where no filled slot sees them. `seg_BGS`: the slots' segments
-  (`slot_segments`), which differ between groups, so the groups then run as rows of their own."""
+  (`slot_segments`), which differ between groups, so the groups then run as rows of their own. `local`:
+  already on one device's share (under `shard_map`, context parallelism), the kernel called as it is."""
   attend = functools.partial(flash_attention, causal=True, window=window, implementation=kernel)
+  place = (lambda fn, *args: fn(*args)) if local else sharding.attention_per_device
   if seg_BGS is None:
-    return sharding.attention_per_device(attend, q_BSGD, k_BSGD, v_BSGD)
+    return place(attend, q_BSGD, k_BSGD, v_BSGD)
   B, S, G, D = q_BSGD.shape
   def rows(x_BSGD):
     return x_BSGD.transpose(0, 2, 1, 3).reshape(B * G, S, 1, D)
-  o_XS1D = sharding.attention_per_device(lambda q, k, v, seg: attend(q, k, v, segment_ids=seg),
-                                         rows(q_BSGD), rows(k_BSGD), rows(v_BSGD), seg_BGS.reshape(B * G, S))
+  o_XS1D = place(lambda q, k, v, seg: attend(q, k, v, segment_ids=seg),
+                 rows(q_BSGD), rows(k_BSGD), rows(v_BSGD), seg_BGS.reshape(B * G, S))
   return o_XS1D.reshape(B, G, S, D).transpose(0, 2, 1, 3)
 
 
@@ -282,8 +291,7 @@ class Threshold(nnx.Variable):
 class Attention(dense.Attention):
   """The paper's MoSA: expert-choice top-k over the whole sequence, hence not causal."""
 
-  context_parallel = False  # chooses keys over the whole sequence: not split yet (sparse_lm/context.py)
-
+  context_parallel = True  # the choice from logits in natural order, slots split by head (context.py)
   segments = True
   causal = False
   # MoSA heads come beside the few dense heads kept, which need not span d_model (the paper's Tiny
@@ -358,19 +366,32 @@ class Attention(dense.Attention):
     if cache is not None:
       raise ValueError('model.attention=mosa cannot decode with a cache; use mosa_causal')
     y_BTD, _ = super().__call__(x_BTD, pos_BT, seg_BT)
-    x_BTD = x_BTD.astype(self.dtype)
+    return y_BTD + self._mosa_heads(x_BTD.astype(self.dtype), pos_BT, seg_BT), None
+
+  def _mosa_heads(self, x_BTD, pos_BT, seg_BT, update_state: bool = False) -> jax.Array:
+    """The MoSA heads' output over a whole sequence: the choice, then the slots. Under `mesh.context`
+    (zigzag-ordered tokens, sparse_lm/context.py) the choice is made from the logits in the row's
+    natural order, the one device's choice, and the slots run split by head (`_sparse_heads_split`)."""
     logits_BMT = self._router_logits(x_BTD)
-    idx_BMS = self._select(logits_BMT, pos_BT) if seg_BT is None else self._select_per_document(
-        logits_BMT, pos_BT, seg_BT)
-    return y_BTD + self._sparse_heads(x_BTD, pos_BT, logits_BMT, idx_BMS, seg_BT), None
+    C = context.size()
+    if C > 1:
+      logits_BMT = context.restore(logits_BMT.transpose(0, 2, 1), C).transpose(0, 2, 1)
+      pos_BT = context.restore(pos_BT, C)
+      seg_BT = None if seg_BT is None else context.restore(seg_BT, C)
+    idx_BMS = (self._select(logits_BMT, pos_BT, update_state) if seg_BT is None else
+               self._select_per_document(logits_BMT, pos_BT, seg_BT, update_state))
+    if C > 1:
+      return self._sparse_heads_split(x_BTD, pos_BT, logits_BMT, idx_BMS, seg_BT, C)
+    return self._sparse_heads(x_BTD, pos_BT, logits_BMT, idx_BMS, seg_BT)
 
   def _document_slots(self, seq_len: int) -> int:
     """Slots a head runs on a packed row: twice its own (per-document rounding), at most T."""
     capacity = self.mosa.capacity_factor if self.causal else None  # as `capacity_factor` says
     return min(seq_len, 2 * head_slots(seq_len, self.mosa.sparsity, capacity))
 
-  def _select_per_document(self, logits_BMT, pos_BT, seg_BT) -> jax.Array:
+  def _select_per_document(self, logits_BMT, pos_BT, seg_BT, update_state: bool = False) -> jax.Array:
     """Expert choice within each document: `k(n)` of each document of n tokens (`document_slots`)."""
+    del update_state  # the paper's top-k keeps no state
     score_BMT = logits_BMT
     if self.mosa.include_first:
       score_BMT = jnp.where((pos_BT == 0)[:, None, :], jnp.inf, score_BMT)
@@ -385,8 +406,9 @@ class Attention(dense.Attention):
     return jnp.einsum('btd,dm->bmt', x_BTD, self.mosa_router[...].astype(self.dtype),
                       preferred_element_type=jnp.float32)
 
-  def _select(self, logits_BMT, pos_BT) -> jax.Array:
+  def _select(self, logits_BMT, pos_BT, update_state: bool = False) -> jax.Array:
     """Expert choice: each head's top-k tokens, sorted by position."""
+    del update_state
     score_BMT = logits_BMT
     if self.mosa.include_first:
       score_BMT = jnp.where((pos_BT == 0)[:, None, :], jnp.inf, score_BMT)
@@ -394,12 +416,10 @@ class Attention(dense.Attention):
     _, idx_BMS = jax.lax.top_k(jax.lax.stop_gradient(score_BMT), k)
     return jnp.sort(idx_BMS, axis=-1).astype(jnp.int32)
 
-  def _project(self, x_BXD, pos_BX, prefix='btd,dmh->btmh'):
-    """Per-head Q/K/V of tokens already laid out per head, `[B, X, M, D]`; RoPE at their positions."""
-    dt = self.dtype
-    q, k, v = (jnp.einsum(prefix, x_BXD, w[...].astype(dt))
-               for w in (self.mosa_wq, self.mosa_wk, self.mosa_wv))
-    return self._rope(q, pos_BX), self._rope(k, pos_BX), v
+  def _project(self, x_BTD, pos_BTM):
+    """Every head's Q/K/V of every token, `[B, T, M, D]` (decoding); RoPE at their positions."""
+    q, k, v = (jnp.einsum('btd,dmh->btmh', x_BTD, w) for w in self._weights()[:3])
+    return self._rope(q, pos_BTM), self._rope(k, pos_BTM), v
 
   def _rope(self, x_BSMD, pos_BSM):
     """RoPE with a position per (slot, head): heads are folded into the batch."""
@@ -408,16 +428,57 @@ class Attention(dense.Attention):
     pos_XS = pos_BSM.transpose(0, 2, 1).reshape(B * M, S)
     return rope(x_XS1D, pos_XS, self.rope_theta).reshape(B, M, S, D).transpose(0, 2, 1, 3)
 
-  def _sparse_heads(self, x_BTD, pos_BT, logits_BMT, idx_BMS, seg_BT=None) -> jax.Array:
-    B, T, _ = x_BTD.shape
-    x_BMSD = gather_slots(x_BTD, idx_BMS)
-    pos_BSM = gather_slots(pos_BT[..., None], idx_BMS)[..., 0].transpose(0, 2, 1)
-    q_BSMD, k_BSMD, v_BSMD = self._project(x_BMSD, pos_BSM, 'bmsd,dmh->bsmh')
-    o_BSMD = slot_attention(q_BSMD, k_BSMD, v_BSMD, kernel=self.kernel,
-                            seg_BGS=None if seg_BT is None else slot_segments(seg_BT, idx_BMS))
+  def _slot_inputs(self, pos_BT, logits_BMT, idx_BMS, seg_BT):
+    """Per slot: its token's position, its router gate `r_t` and (under documents) its segment."""
+    T = pos_BT.shape[1]
+    pos_BMS = gather_slots(pos_BT[..., None], idx_BMS)[..., 0]
     r_BMS = jax.nn.sigmoid(jnp.take_along_axis(logits_BMT, jnp.minimum(idx_BMS, T - 1), axis=-1))
-    y_BMSD = jnp.einsum('bsmh,mhd->bmsd', o_BSMD, self.mosa_wo[...].astype(self.dtype))
-    return scatter_slots(y_BMSD * r_BMS[..., None].astype(self.dtype), idx_BMS, T)
+    return pos_BMS, r_BMS, None if seg_BT is None else slot_segments(seg_BT, idx_BMS)
+
+  def _weights(self) -> tuple[jax.Array, ...]:
+    return tuple(w[...].astype(self.dtype) for w in (self.mosa_wq, self.mosa_wk, self.mosa_wv, self.mosa_wo))
+
+  def _slot_outputs(self, x_BMSD, pos_BMS, r_BMS, seg_BMS, wq, wk, wv, wo, *, local: bool = False):
+    """The heads' slots, `[B, M, S, D]` rows at positions `pos_BMS`, projected, attended among
+    themselves and projected back, scaled by their gates."""
+    q_BSMD, k_BSMD, v_BSMD = (jnp.einsum('bmsd,dmh->bsmh', x_BMSD, w) for w in (wq, wk, wv))
+    pos_BSM = pos_BMS.transpose(0, 2, 1)
+    o_BSMD = slot_attention(self._rope(q_BSMD, pos_BSM), self._rope(k_BSMD, pos_BSM), v_BSMD,
+                            kernel=self.kernel, seg_BGS=seg_BMS, local=local)
+    return jnp.einsum('bsmh,mhd->bmsd', o_BSMD, wo) * r_BMS[..., None].astype(self.dtype)
+
+  def _sparse_heads(self, x_BTD, pos_BT, logits_BMT, idx_BMS, seg_BT=None) -> jax.Array:
+    y_BMSD = self._slot_outputs(gather_slots(x_BTD, idx_BMS), *self._slot_inputs(pos_BT, logits_BMT, idx_BMS,
+                                                                                  seg_BT), *self._weights())
+    return scatter_slots(y_BMSD, idx_BMS, x_BTD.shape[1])
+
+  def _sparse_heads_split(self, x_BTD, pos_BT, logits_BMT, idx_BMS, seg_BT, C: int) -> jax.Array:
+    """`_sparse_heads` with `x_BTD` zigzag-ordered and split over the context axis; `pos_BT`, `seg_BT`,
+    the logits and the chosen slots `idx_BMS` in natural order (sparse_lm/context.py, "slots"): each
+    device runs every slot of its 1/C of the heads (heads padded to a multiple of C)."""
+    T = x_BTD.shape[1]
+    pos_BMS, r_BMS, seg_BMS = self._slot_inputs(pos_BT, logits_BMT, idx_BMS, seg_BT)
+    slot_args = (context.pad_groups(pos_BMS, C, 1), context.pad_groups(r_BMS, C, 1))
+    if seg_BMS is not None:
+      slot_args += (context.pad_groups(seg_BMS, C, 1, -1),)
+    wq, wk, wv, wo = self._weights()
+    weights = tuple(context.pad_groups(w, C, 1) for w in (wq, wk, wv)) + (context.pad_groups(wo, C, 0),)
+
+    def share(x_BLD, zz_BMS, pos_BMS, r_BMS, *rest):
+      seg_BMS = rest[0] if len(rest) == 5 else None
+      L = x_BLD.shape[1]
+      mine_BMS, row_BMS = context.own_slots(zz_BMS, L)
+      x_BmSD = context.slot_groups(jnp.where(mine_BMS[..., None], gather_slots(x_BLD, row_BMS), 0), C)
+      mine = functools.partial(context.my_groups, C=C)
+      wq, wk, wv, wo = rest[-4:]
+      y_BmSD = self._slot_outputs(x_BmSD, mine(pos_BMS, axis=1), mine(r_BMS, axis=1),
+                                  None if seg_BMS is None else mine(seg_BMS, axis=1),
+                                  mine(wq, axis=1), mine(wk, axis=1), mine(wv, axis=1), mine(wo, axis=0),
+                                  local=True)
+      return scatter_slots(context.groups_slots(y_BmSD), row_BMS, L)
+    zz_BMS = context.pad_groups(context.split_index(idx_BMS, T, C), C, 1, T)
+    return context.split_slots(share, x_BTD, zz_BMS, slot_args, replicated=weights,
+                               out_shape=jax.ShapeDtypeStruct(x_BTD.shape, x_BTD.dtype))
 
 
 class CausalAttention(Attention):
@@ -478,11 +539,7 @@ class CausalAttention(Attention):
                cache: Cache | None = None, *, update_state: bool = False) -> tuple[jax.Array, Cache | None]:
     if cache is None:
       y_BTD, _ = dense.Attention.__call__(self, x_BTD, pos_BT, seg_BT)
-      x_BTD = x_BTD.astype(self.dtype)
-      logits_BMT = self._router_logits(x_BTD)
-      idx_BMS = (self._select(logits_BMT, pos_BT, update_state) if seg_BT is None else
-                 self._select_per_document(logits_BMT, pos_BT, seg_BT, update_state))
-      return y_BTD + self._sparse_heads(x_BTD, pos_BT, logits_BMT, idx_BMS, seg_BT), None
+      return y_BTD + self._mosa_heads(x_BTD.astype(self.dtype), pos_BT, seg_BT, update_state), None
     y_BTD, dense_cache = dense.Attention.__call__(self, x_BTD, pos_BT, cache=cache['dense'])
     x_BTD = x_BTD.astype(self.dtype)
     logits_BMT = self._router_logits(x_BTD)

@@ -34,8 +34,15 @@ would; the clusters' slots then attend only to slots of their own document. As f
 a cluster runs twice its slots under segments for the per-document rounding, and what still does not fit
 is dropped and counted (`routing_dropped_share`). A row-wide choice would give a document a share of each
 cluster that depends on the other documents in its row.
+
+Context parallelism (`mesh.context`, sparse_lm/context.py, "slots"): the local heads run the window's
+ring; the clusters are formed on every device from the centroid scores in the row's natural order
+(gathered: C numbers a token and head), the one device's clusters; each device attends every slot of
+1/C of the (head, cluster) groups and the outputs return to the devices holding their tokens
+(`_routed_split`). The commitment loss and the centroids' EMA are sums over tokens, unchanged.
 """
 
+import functools
 import math
 
 import jax
@@ -43,6 +50,7 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
+from sparse_lm import context
 from sparse_lm.attention import dense
 from sparse_lm.attention.mosa import (
   cached_slot_attention,
@@ -75,8 +83,7 @@ def _unit(x: jax.Array) -> jax.Array:
 class Attention(dense.Attention):
   """The paper's routing attention: balanced top-k clusters over the whole sequence, not causal."""
 
-  context_parallel = False  # chooses keys over the whole sequence: not split yet (sparse_lm/context.py)
-
+  context_parallel = True  # clusters from scores in natural order, slots split by group (context.py)
   segments = True
   causal = False
   heads_span_width = False  # routing heads come beside the model.num_heads local heads
@@ -160,10 +167,25 @@ class Attention(dense.Attention):
     if cache is not None:
       raise ValueError('model.attention=routing cannot decode with a cache; use routing_causal')
     y_BTD, _ = dense.Attention.__call__(self, x_BTD, pos_BT, seg_BT)
+    return y_BTD + self._routing_heads(x_BTD, pos_BT, seg_BT, update_state), None
+
+  def _routing_heads(self, x_BTD, pos_BT, seg_BT, update_state: bool) -> jax.Array:
+    """The routing heads' output over a whole sequence. Under `mesh.context` (zigzag-ordered tokens,
+    sparse_lm/context.py) the clusters are formed from the centroid scores in the row's natural order,
+    the one device's clusters, and their slots run split by group (`_routed_split`)."""
     qk_BTRD, v_BTRD, score_BRCT = self._route_inputs(x_BTD, update_state)
+    C = context.size()
+    if C > 1:
+      score_BRCT = context.restore(score_BRCT.transpose(0, 3, 1, 2), C).transpose(0, 2, 3, 1)
+      pos_BT = context.restore(pos_BT, C)
+      seg_BT = None if seg_BT is None else context.restore(seg_BT, C)
     idx_BGS = (self._clusters(score_BRCT, pos_BT) if seg_BT is None else
                self._document_clusters(score_BRCT, pos_BT, seg_BT))
-    return y_BTD + self._routed(qk_BTRD, v_BTRD, pos_BT, idx_BGS, seg_BT), None
+    if C > 1:
+      o_BTRD = self._routed_split(qk_BTRD, v_BTRD, pos_BT, idx_BGS, seg_BT, C)
+    else:
+      o_BTRD = self._routed(qk_BTRD, v_BTRD, pos_BT, idx_BGS, seg_BT)
+    return jnp.einsum('btrh,rhd->btd', o_BTRD, self.routing_wo[...].astype(self.dtype))
 
   def _route_inputs(self, x_BTD, update_state: bool = False):
     """Unit query/keys, values and the scores against the centroids; sows the commitment loss and, with
@@ -216,26 +238,69 @@ class Attention(dense.Attention):
 
   def _routed(self, qk_BTRD, v_BTRD, pos_BT, idx_BGS, seg_BT=None) -> jax.Array:
     """Attention within each group's slots (group g = head g // C, cluster g % C), outputs averaged over
-    the groups that took a token."""
-    B, T, R, D = qk_BTRD.shape
-    G, S = idx_BGS.shape[1:]
-    b_B11, r_1G1 = jnp.arange(B)[:, None, None], (jnp.arange(G) // (G // R))[None, :, None]
-    tok_BGS = jnp.minimum(idx_BGS, T - 1)
-    qk_BSGD = self._rope(qk_BTRD[b_B11, tok_BGS, r_1G1] * D**0.5, pos_BT[b_B11, tok_BGS])
-    v_BSGD = v_BTRD[b_B11, tok_BGS, r_1G1].transpose(0, 2, 1, 3)
+    the groups that took a token: `[B, T, R, D]`."""
+    B, T, R, _ = qk_BTRD.shape
+    heads_1G1 = _heads(idx_BGS.shape[1], R)[None, :, None]
+    b_B11, tok_BGS = jnp.arange(B)[:, None, None], jnp.minimum(idx_BGS, T - 1)
     seg_BGS = None if seg_BT is None else slot_segments(seg_BT, idx_BGS)
-    o_BGSD = slot_attention(qk_BSGD, qk_BSGD, v_BSGD, kernel=self.kernel, window=self._window(),
-                            seg_BGS=seg_BGS).transpose(0, 2, 1, 3)
-    sum_BTRD = jnp.zeros((B, T, R, D), o_BGSD.dtype).at[b_B11, idx_BGS, r_1G1].add(o_BGSD, mode='drop')
-    count_BTR = jnp.zeros((B, T, R), o_BGSD.dtype).at[b_B11, idx_BGS, r_1G1].add(1.0, mode='drop')
-    o_BTRD = sum_BTRD / jnp.maximum(count_BTR, 1.0)[..., None]
-    return jnp.einsum('btrh,rhd->btd', o_BTRD, self.routing_wo[...].astype(self.dtype))
+    o_BGSD = self._attend_slots(qk_BTRD[b_B11, tok_BGS, heads_1G1], v_BTRD[b_B11, tok_BGS, heads_1G1],
+                                pos_BT[b_B11, tok_BGS], seg_BGS)
+    return _averaged(o_BGSD, idx_BGS, heads_1G1, T, R)
+
+  def _attend_slots(self, qk_BGSD, v_BGSD, pos_BGS, seg_BGS, *, local: bool = False) -> jax.Array:
+    """Each group's slots attending among themselves (the shared query/key rotated at the slots'
+    positions): `[B, G, S, D]`."""
+    qk_BSGD = self._rope(qk_BGSD * qk_BGSD.shape[-1]**0.5, pos_BGS)
+    return slot_attention(qk_BSGD, qk_BSGD, v_BGSD.transpose(0, 2, 1, 3), kernel=self.kernel,
+                          window=self._window(), seg_BGS=seg_BGS, local=local).transpose(0, 2, 1, 3)
+
+  def _routed_split(self, qk_BTRD, v_BTRD, pos_BT, idx_BGS, seg_BT, C: int) -> jax.Array:
+    """`_routed` with `qk_BTRD` and `v_BTRD` zigzag-ordered and split over the context axis; `pos_BT`,
+    `seg_BT` and the clusters' slots `idx_BGS` in natural order (sparse_lm/context.py, "slots"): each
+    device runs every slot of its 1/C of the groups (padded to a multiple of C)."""
+    B, T, R, D = qk_BTRD.shape
+    G = idx_BGS.shape[1]
+    heads_G = _heads(G, R)
+    slot_args = (context.pad_groups(pos_BT[jnp.arange(B)[:, None, None], jnp.minimum(idx_BGS, T - 1)], C, 1),)
+    if seg_BT is not None:
+      slot_args += (context.pad_groups(slot_segments(seg_BT, idx_BGS), C, 1, -1),)
+
+    def share(qkv_BLRX, zz_BGS, pos_BGS, *seg):
+      L = qkv_BLRX.shape[1]
+      mine_BGS, row_BGS = context.own_slots(zz_BGS, L)
+      heads_1G1 = context.pad_groups(heads_G, C, 0)[None, :, None]
+      b_B11 = jnp.arange(qkv_BLRX.shape[0])[:, None, None]
+      rows_BGSX = qkv_BLRX[b_B11, jnp.minimum(row_BGS, L - 1), heads_1G1]
+      qkv_BgSX = context.slot_groups(jnp.where(mine_BGS[..., None], rows_BGSX, 0), C)
+      mine = functools.partial(context.my_groups, C=C, axis=1)
+      o_BgSD = self._attend_slots(qkv_BgSX[..., :D], qkv_BgSX[..., D:], mine(pos_BGS),
+                                  mine(seg[0]) if seg else None, local=True)
+      return _averaged(context.groups_slots(o_BgSD)[:, :G], row_BGS[:, :G], heads_G[None, :, None], L, R)
+    zz_BGS = context.pad_groups(context.split_index(idx_BGS, T, C), C, 1, T)
+    qkv_BTRX = jnp.concatenate([qk_BTRD, v_BTRD.astype(qk_BTRD.dtype)], axis=-1)
+    return context.split_slots(share, qkv_BTRX, zz_BGS, slot_args,
+                               out_shape=jax.ShapeDtypeStruct(qk_BTRD.shape, qk_BTRD.dtype))
 
   def _rope(self, x_BGSD, pos_BGS):
     """RoPE with a position per (group, slot), groups folded into the batch; back as `[B, S, G, D]`."""
     B, G, S, D = x_BGSD.shape
     x_XS1D = x_BGSD.reshape(B * G, S, 1, D)
     return rope(x_XS1D, pos_BGS.reshape(B * G, S), self.rope_theta).reshape(B, G, S, D).transpose(0, 2, 1, 3)
+
+
+def _heads(groups: int, heads: int) -> jax.Array:
+  """The head of each group (head g // C, cluster g % C)."""
+  return jnp.arange(groups) // (groups // heads)
+
+
+def _averaged(o_BGSD, idx_BGS, heads_1G1, T: int, R: int) -> jax.Array:
+  """`[B, T, R, D]`: each token's slot outputs per head, averaged over the head's groups that took it
+  (zero where none did); slots at index T are dropped."""
+  B, D = o_BGSD.shape[0], o_BGSD.shape[-1]
+  b_B11 = jnp.arange(B)[:, None, None]
+  sum_BTRD = jnp.zeros((B, T, R, D), o_BGSD.dtype).at[b_B11, idx_BGS, heads_1G1].add(o_BGSD, mode='drop')
+  count_BTR = jnp.zeros((B, T, R), o_BGSD.dtype).at[b_B11, idx_BGS, heads_1G1].add(1.0, mode='drop')
+  return sum_BTRD / jnp.maximum(count_BTR, 1.0)[..., None]
 
 
 class CausalAttention(Attention):
@@ -289,10 +354,7 @@ class CausalAttention(Attention):
                cache: Cache | None = None, *, update_state: bool = False) -> tuple[jax.Array, Cache | None]:
     if cache is None:
       y_BTD, _ = dense.Attention.__call__(self, x_BTD, pos_BT, seg_BT)
-      qk_BTRD, v_BTRD, score_BRCT = self._route_inputs(x_BTD, update_state)
-      idx_BGS = (self._clusters(score_BRCT, pos_BT) if seg_BT is None else
-                 self._document_clusters(score_BRCT, pos_BT, seg_BT))
-      return y_BTD + self._routed(qk_BTRD, v_BTRD, pos_BT, idx_BGS, seg_BT), None
+      return y_BTD + self._routing_heads(x_BTD, pos_BT, seg_BT, update_state), None
     rt = self.routing
     y_BTD, dense_cache = dense.Attention.__call__(self, x_BTD, pos_BT, cache=cache['dense'])
     qk_BTRD, v_BTRD, score_BRCT = self._route_inputs(x_BTD, update_state)
