@@ -63,7 +63,11 @@ class Checkpointer:
     return pathlib.Path(str(self._manager.directory))
 
   def latest_step(self) -> int | None:
-    return max(filter(self._is_complete, self._manager.all_steps()), default=None)
+    return max(self.steps(), default=None)
+
+  def steps(self) -> list[int]:
+    """The complete checkpoints' steps."""
+    return list(filter(self._is_complete, self._manager.all_steps()))
 
   def should_save(self, step: int) -> bool:
     return self._manager.should_save(step)

@@ -46,7 +46,7 @@ def generate(graphdef, variables, prompt_BP: jax.Array, num_new: int, key: jax.A
                                                   temperature, top_k)
 
 
-def _merged(graphdef, variables):
+def model_call(graphdef, variables):
   """The model as a function of (tokens, cache). Each call builds its own module, at the trace level
   of the loop body it runs in, because layers that sow training metrics write to their module; what
   they sow is dropped."""
@@ -57,7 +57,7 @@ def _merged(graphdef, variables):
 
 
 def _generate_cached(graphdef, variables, prompt_BP, num_new, key, temperature, top_k):
-  call = _merged(graphdef, variables)
+  call = model_call(graphdef, variables)
   B, P = prompt_BP.shape
   logits_BPV, cache = call(prompt_BP, nnx.merge(graphdef, *variables).init_cache(B, P + num_new))
 
@@ -71,7 +71,7 @@ def _generate_cached(graphdef, variables, prompt_BP, num_new, key, temperature, 
 
 
 def _generate_full(graphdef, variables, prompt_BP, num_new, key, temperature, top_k):
-  call = _merged(graphdef, variables)
+  call = model_call(graphdef, variables)
   B, P = prompt_BP.shape
   # A causal model's logits at position t ignore the still-empty slots after t, so one fixed-length
   # buffer serves every step.
@@ -88,7 +88,7 @@ def _generate_full(graphdef, variables, prompt_BP, num_new, key, temperature, to
 def _generate_exact(graphdef, variables, prompt_BP, num_new, key, temperature, top_k):
   @jax.jit
   def step(variables, tokens_BL, i):
-    logits_BLV, _ = _merged(graphdef, variables)(tokens_BL)
+    logits_BLV, _ = model_call(graphdef, variables)(tokens_BL)
     return pick(logits_BLV[:, -1], jax.random.fold_in(key, i), temperature, top_k)
   tokens_BL = prompt_BP
   for i in range(num_new):

@@ -611,7 +611,8 @@ class Run:
   step: int
 
 
-def load_run(workdir: str | pathlib.Path) -> Run:
+def load_run(workdir: str | pathlib.Path, step: int | None = None) -> Run:
+  """The run in `workdir` at its newest complete checkpoint, or at `step`."""
   workdir = pathlib.Path(workdir)
   saved = rundir.read_config(workdir) if workdir.is_dir() else None
   if saved is None:
@@ -625,7 +626,12 @@ def load_run(workdir: str | pathlib.Path) -> Run:
   device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   shapes = jax.eval_shape(state_init_fn(config, tx), jax.random.key(0))
   checkpointer = Checkpointer(workdir / 'checkpoints', every_steps=1, keep=config.checkpoint.keep)
-  restored = checkpointer.restore(placed(shapes, jax.tree.map(lambda _: device, shapes)))
+  saved_steps = sorted(checkpointer.steps())
+  if step is not None and step not in saved_steps:
+    checkpointer.close()
+    raise ConfigError(f'--workdir={workdir}: no complete checkpoint of step {step} (saved: '
+                      f'{", ".join(map(str, saved_steps)) or "none"})')
+  restored = checkpointer.restore(placed(shapes, jax.tree.map(lambda _: device, shapes)), step)
   checkpointer.close()
   if restored is None:
     raise ConfigError(f'--workdir={workdir}: no complete checkpoint under {workdir / "checkpoints"} yet')

@@ -140,7 +140,7 @@ def test_a_prompt_into_an_empty_cache_runs_the_kernels(name):
   (the branch taken when the cache is empty), as a train step's does."""
   model = _model(variant_config(name, kernel='pallas'))
   graphdef, state = nnx.split(model)
-  call = sample._merged(graphdef, (state,))  # as the sampler calls the model
+  call = sample.model_call(graphdef, (state,))  # as the sampler calls the model
 
   def program(T: int) -> str:
     prompt_BT = jnp.zeros((2, T), jnp.int32)
