@@ -6,6 +6,14 @@
     python -m sparse_lm.evaluate --workdir=DIR --task=passkey [--lengths=256,512] [--depths=0,0.5,1]
     python -m sparse_lm.evaluate --workdir=DIR --task=niah [--filler_source=text:PATH]
     python -m sparse_lm.evaluate --workdir=DIR --task=mqar [--mqar_shapes=64x4,128x8] [--mqar_vocab=256]
+    python -m sparse_lm.evaluate --workdir=DIR --task=ruler [--lengths=1024,4096] [--tasks=niah_single_1,vt]
+    python -m sparse_lm.evaluate --workdir=DIR --task=position_loss [--lengths=4096] [--source=...] \
+        [--overlay=DIR2,DIR3]
+
+`ruler` (`sparse_lm/ruler.py`) writes one JSON line per RULER task and length (decoded and parallel
+scores, time), then a summary line with the average per length and a task x length heat map;
+`position_loss` the mean loss in log-spaced position buckets of long documents and a plot overlaying the
+`--overlay` runs' curves.
 
 Every line carries `causality_leak`, the causality probe of the model (0 exactly for a causal model),
 because a model that looks ahead scores better than it should on every task here. It is the larger of
@@ -25,8 +33,10 @@ line says which vocabulary it used and whether that is Zoology's.
 import copy
 import dataclasses
 import json
+import math
 import pathlib
 import sys
+import time
 
 import jax
 import jax.numpy as jnp
@@ -35,7 +45,7 @@ import tqdm
 from absl import flags, logging
 from flax import nnx
 
-from sparse_lm import attention, cli, data, sample, sharding, synthetic, trainer
+from sparse_lm import attention, cli, data, ruler, sample, sharding, synthetic, trainer
 from sparse_lm.errors import ConfigError
 from sparse_lm.model import is_causal
 
@@ -59,6 +69,10 @@ class Options:
   causality_positions: int = 4
   seed: int = 0
   use_cache: bool = True
+  tasks: tuple[str, ...] = ()  # ruler: () is every task of sparse_lm.ruler.TASKS
+  source: str = ''  # ruler's text haystacks, position_loss's documents; '' is the run's validation split
+  documents: int = 16  # position_loss: documents averaged
+  overlay: tuple[str, ...] = ()  # position_loss: other runs' workdirs whose curves the plot shows too
 
 
 Run = trainer.Run
@@ -265,20 +279,23 @@ def _retrieval(run: Run, opts: Options, filler: list[int], needle: str, question
           'accuracy_by_length_depth': accuracy_LD.tolist(), 'heatmap': str(heatmap)}
 
 
-def plot_heatmap(values_LD: np.ndarray, lengths, depths, path: pathlib.Path, title: str) -> None:
+def plot_heatmap(values_LD: np.ndarray, lengths, depths, path: pathlib.Path, title: str, *,
+                 xlabel: str = 'needle depth', ylabel: str = 'context length (tokens)',
+                 label: str = 'exact match') -> None:
   import matplotlib  # pylint: disable=g-import-not-at-top  # only the retrieval tasks plot
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
   fig, ax = plt.subplots(figsize=(1.2 + 0.9 * len(depths), 1.2 + 0.6 * len(lengths)))
   image = ax.imshow(values_LD, vmin=0.0, vmax=1.0, cmap='RdYlGn', aspect='auto')
-  ax.set_xticks(range(len(depths)), [f'{d:g}' for d in depths])
+  ax.set_xticks(range(len(depths)), [d if isinstance(d, str) else f'{d:g}' for d in depths],
+                rotation=45 if any(isinstance(d, str) for d in depths) else 0, ha='right')
   ax.set_yticks(range(len(lengths)), [str(n) for n in lengths])
-  ax.set_xlabel('needle depth')
-  ax.set_ylabel('context length (tokens)')
+  ax.set_xlabel(xlabel)
+  ax.set_ylabel(ylabel)
   ax.set_title(title, fontsize=9)
   for (i, j), value in np.ndenumerate(values_LD):
     ax.text(j, i, f'{value:.2f}', ha='center', va='center', fontsize=8)
-  fig.colorbar(image, ax=ax, label='exact match')
+  fig.colorbar(image, ax=ax, label=label)
   fig.tight_layout()
   fig.savefig(path, dpi=100)
   plt.close(fig)
@@ -342,6 +359,187 @@ def mqar(run: Run, opts: Options, leaks: dict[str, float]) -> dict:
           'vocab_scaled': vocab != synthetic.ZOOLOGY_VOCAB}
 
 
+# ----------------------------------------------------------------------------- RULER, loss by position
+
+def _reach_check(run: Run, lengths, flag: str = 'lengths') -> None:
+  """A length past what every layer together can attend to (sliding windows: layers x window) fails."""
+  reach = attention.reach(run.config.model)
+  if reach is not None and max(lengths) > reach:
+    raise ConfigError(f'--{flag}={",".join(map(str, lengths))}: {max(lengths)} is beyond the {reach} tokens '
+                      f'model.attention={run.config.model.attention!r} can reach (its layers\' windows); '
+                      f'allowed: up to {reach}')
+
+
+def _source_text(run: Run, source: str, tokens: int) -> list[str]:
+  """Documents of `source` (default the run's validation split) until they hold `tokens` tokens."""
+  config = copy.deepcopy(run.config)
+  config.data.source = source or config.data.source
+  documents, held = [], 0
+  for document in data.corpus(config, 'validation').documents:
+    documents.append(document)
+    held += len(run.tok.encode(document))
+    if held >= tokens:
+      break
+  return documents
+
+
+def _greedy_hits(run: Run, rows: list[list[int]]) -> list[np.ndarray]:
+  """For each row of tokens, whether each token after the first is the model's greedy choice given the
+  ones before it: one parallel pass over the rows, padded at the end (to a multiple of 64)."""
+  width = -(-max(map(len, rows)) // 64) * 64
+  tokens_BT = np.zeros((len(rows), width), np.int32)
+  for b, row in enumerate(rows):
+    tokens_BT[b, :len(row)] = row
+  model_call = sample.model_call(run.graphdef, run.variables)
+  predicted_BT = np.asarray(jax.jit(lambda t: jnp.argmax(model_call(t)[0], axis=-1))(jnp.asarray(tokens_BT)))
+  return [predicted_BT[b, :len(row) - 1] == np.asarray(row[1:]) for b, row in enumerate(rows)]
+
+
+def ruler_suite(run: Run, opts: Options, leaks: dict[str, float]) -> dict:
+  """RULER-style tasks (sparse_lm/ruler.py) at each length: decoded recall and, for a causal model, the
+  recall of one parallel pass (each answer counts when all its tokens are greedy given the gold ones
+  before it)."""
+  del leaks
+  tok, lengths, names = run.tok, _default_lengths(run, opts.lengths), tuple(opts.tasks) or ruler.TASKS
+  for name in names:
+    if name not in ruler.TASKS:
+      raise ConfigError(f'--tasks={",".join(names)}: {name!r} is not a RULER task; the tasks: '
+                        f'{", ".join(ruler.TASKS)}')
+  _reach_check(run, lengths)
+  encode = lambda text: [int(i) for i in tok.encode(text)]  # noqa: E731
+  probe = ' What is the special magic number for kuzu? VAR ABCDE = 12345. 80cb-d21d, 1. word:'
+  try:
+    writes = tok.decode(encode(probe)) == probe
+  except ValueError:
+    writes = False
+  if not writes:
+    raise ConfigError(f'data.tokenizer={run.config.data.tokenizer!r} cannot write the suite\'s prompts (its '
+                      'text does not survive encoding and decoding); the suite needs a text tokenizer')
+  builder = ruler.Builder(encode, tok.eos_id, '\n'.join(_source_text(run, opts.source, max(lengths))))
+  cells = {}
+  for name in names:
+    for length in lengths:
+      try:
+        cells[name, length] = [builder.example(name, length, ruler.rng_for(opts.seed, name, length, n))
+                               for n in range(opts.num_samples)]
+      except ValueError as e:
+        raise ConfigError(f'--lengths={",".join(map(str, lengths))} --tasks={name}: {e}') from None
+  for name, length in cells:
+    for example in cells[name, length]:
+      for answer in example.answers:
+        if tok.decode(encode(answer)) != answer:
+          raise ConfigError(f'data.tokenizer={run.config.data.tokenizer!r} cannot write the suite\'s '
+                            f'prompts: {answer!r} does not survive encoding and decoding')
+  causal = is_causal(run.config.model)
+  lines = []
+  for (name, length), examples in _progress('ruler (task x length)', cells.items()):
+    start = time.perf_counter()
+    prompts_NP = jnp.asarray([e.prompt for e in examples], jnp.int32)
+    new_NA = np.asarray(sample.generate(run.graphdef, run.variables, prompts_NP,
+                                        max(e.max_new for e in examples), jax.random.key(0),
+                                        use_cache=opts.use_cache, causal=causal))
+    outputs = []
+    for ids in new_NA.tolist():
+      outputs.append(tok.decode(ids[:ids.index(tok.eos_id)] if tok.eos_id in ids else ids))
+    decoded = float(np.mean([ruler.recall(o, e.answers) for o, e in zip(outputs, examples, strict=True)]))
+    decode_seconds = time.perf_counter() - start
+    parallel = None
+    if causal:
+      rows, spans = [], []
+      for e in examples:
+        joined = ', ' if name != 'vt' else ' '
+        ends = [len(encode(' ' + joined.join(e.answers[:i + 1]))) for i in range(len(e.answers))]
+        rows.append(e.prompt + encode(' ' + joined.join(e.answers)))
+        spans.append([(len(e.prompt) - 1 + (ends[i - 1] if i else 0), len(e.prompt) - 1 + end)
+                      for i, end in enumerate(ends)])
+      hits = _greedy_hits(run, rows)
+      parallel = float(np.mean([np.mean([hit[a:b].all() for a, b in span])
+                                for hit, span in zip(hits, spans, strict=True)]))
+    lines.append({'ruler_task': name, 'length': length, 'score': decoded, 'score_parallel': parallel,
+                  'num_samples': len(examples), 'seconds_decode': round(decode_seconds, 3),
+                  'seconds_parallel': round(time.perf_counter() - start - decode_seconds, 3),
+                  'example_output': outputs[0][:200], 'example_answers': list(examples[0].answers)})
+  scores_TL = np.asarray([[next(r['score'] for r in lines if r['ruler_task'] == n and r['length'] == length)
+                           for n in names] for length in lengths])
+  heatmap = run.workdir / f'ruler_step{run.step}.png'
+  plot_heatmap(scores_TL, lengths, list(names), heatmap, f'RULER-style: {run.config.model.attention}, step '
+               f'{run.step} (decoded recall)', xlabel='task', label='recall')
+  return {'score': float(scores_TL.mean()), 'lengths': list(lengths), 'tasks': list(names),
+          'average_by_length': {str(n): float(np.mean([r['score'] for r in lines if r['length'] == n]))
+                                for n in lengths},
+          'average_by_length_parallel': None if not causal else {
+              str(n): float(np.mean([r['score_parallel'] for r in lines if r['length'] == n]))
+              for n in lengths},
+          'heatmap': str(heatmap), 'lines': lines,
+          'note': 'a CPU-sized model (below about the 100m rung) scores near 0 on most of these tasks; '
+                  'the scores compare variants only where one is clearly above 0'}
+
+
+def position_buckets(length: int, count: int = 16) -> list[tuple[int, int]]:
+  """Log-spaced `[start, end)` position ranges covering 0..length-1 (the first ones single positions)."""
+  edges = sorted({0, *(int(round(x)) for x in np.logspace(0, math.log10(length), count + 1)), length})
+  return [(a, b) for a, b in zip(edges, edges[1:], strict=False) if b > a]
+
+
+def position_loss(run: Run, opts: Options, leaks: dict[str, float]) -> dict:
+  """Mean loss at each position bucket over `documents` long documents of the source, each read from its
+  start (after an end-of-document token) to the longest of `lengths`; one pass a document."""
+  del leaks
+  # No reach check: a windowed model's loss past its reach is what this curve is for.
+  length = max(opts.lengths or (run.config.data.seq_len,))
+  config = copy.deepcopy(run.config)
+  config.data.source = opts.source or config.data.source
+  rows = []
+  for document in data.corpus(config, 'validation').documents:
+    ids = [int(i) for i in run.tok.encode(document)]
+    if len(ids) >= length:
+      rows.append([run.tok.eos_id, *ids[:length]])
+      if len(rows) == opts.documents:
+        break
+  if not rows:
+    raise ConfigError(f'--lengths={length}: no document of data.source={config.data.source!r} (validation) '
+                      f'has {length} tokens; pass a shorter length or a --source of longer documents')
+  nll = []
+  forward = jax.jit(lambda params, state, batch: trainer.forward(run.graphdef, params, batch, state)[0])
+  for row in _progress(f'position loss at {length} tokens', rows):
+    batch = {'inputs': jnp.asarray([row[:-1]], jnp.int32), 'targets': jnp.asarray([row[1:]], jnp.int32)}
+    nll.append(np.asarray(forward(*run.variables, batch))[0])
+  nll_NT = np.stack(nll)
+  buckets = [{'start': a, 'end': b, 'loss': float(nll_NT[:, a:b].mean())}
+             for a, b in position_buckets(length)]
+  result = {'length': length, 'documents': len(rows), 'source': config.data.source, 'buckets': buckets,
+            'mean_loss': float(nll_NT.mean()), 'attention': run.config.model.attention}
+  curves = {f'{run.config.model.attention} ({run.workdir.name})': buckets}
+  for other in opts.overlay:
+    path = pathlib.Path(other) / 'eval.jsonl'
+    lines = [json.loads(x) for x in path.read_text().splitlines()] if path.is_file() else []
+    theirs = [x for x in lines if x.get('task') == 'position_loss']
+    if not theirs:
+      raise ConfigError(f'--overlay={other}: no position_loss line in {path}; evaluate that run first')
+    curves[f'{theirs[-1]["attention"]} ({pathlib.Path(other).name})'] = theirs[-1]['buckets']
+  plot = run.workdir / f'position_loss_step{run.step}.png'
+  _plot_curves(curves, plot, f'loss by position, {length} tokens, {len(rows)} documents')
+  return {**result, 'plot': str(plot)}
+
+
+def _plot_curves(curves: dict, path: pathlib.Path, title: str) -> None:
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  fig, ax = plt.subplots(figsize=(6.4, 4.2))
+  for label, buckets in curves.items():
+    ax.plot([math.sqrt(max(b['start'], 1) * b['end']) for b in buckets], [b['loss'] for b in buckets],
+            marker='o', markersize=3, label=label)
+  ax.set_xscale('log')
+  ax.set_xlabel('position in the document (tokens, log scale)')
+  ax.set_ylabel('mean loss (nats)')
+  ax.set_title(title, fontsize=9)
+  ax.legend(fontsize=8)
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+
+
 # ----------------------------------------------------------------------------- the command
 
 TASKS = {
@@ -350,6 +548,8 @@ TASKS = {
     'passkey': passkey,
     'niah': niah,
     'mqar': mqar,
+    'ruler': ruler_suite,
+    'position_loss': position_loss,
 }
 # The `Options` each task reads, recorded as its result's `params`; the causality probe's settings go
 # into every result, since every result carries `causality_leak`.
@@ -360,6 +560,8 @@ TASK_OPTIONS = {
     'passkey': ('lengths', 'depths', 'num_samples', 'digits', 'use_cache'),
     'niah': ('lengths', 'depths', 'num_samples', 'digits', 'use_cache', 'filler_source'),
     'mqar': ('mqar_shapes', 'mqar_vocab', 'mqar_examples'),
+    'ruler': ('lengths', 'tasks', 'num_samples', 'use_cache', 'source'),
+    'position_loss': ('lengths', 'documents', 'source', 'overlay'),
 }
 
 
@@ -375,9 +577,13 @@ def run_task(workdir, task: str, opts: Options = Options()) -> dict:
             'attention': run.config.model.attention, 'mlp': run.config.model.mlp,
             'num_params': int(num_params), 'causal_architecture': is_causal(run.config.model),
             'causality_leak': max(leaks.values()), **TASKS[task](run, opts, leaks), 'params': settings}
+  # A task of many cells (ruler) writes a line per cell, with the run's fields, before its summary.
+  lines = [{**{k: result[k] for k in ('task', 'workdir', 'step', 'attention', 'causality_leak')}, **line}
+           for line in result.pop('lines', [])]
   with open(run.workdir / 'eval.jsonl', 'a', encoding='utf-8') as f:
-    f.write(json.dumps(result) + '\n')
-  return result
+    for line in [*lines, result]:
+      f.write(json.dumps(line) + '\n')
+  return {**result, 'lines': lines} if lines else result
 
 
 _WORKDIR = flags.DEFINE_string('workdir', 'runs/default', 'The run to evaluate (its newest checkpoint).')
@@ -400,7 +606,13 @@ _MQAR_VOCAB = flags.DEFINE_integer('mqar_vocab', 0, 'mqar: symbols; 0: min(8192,
                                    'token ids).')
 _MQAR_EXAMPLES = flags.DEFINE_integer('mqar_examples', _DEFAULTS.mqar_examples, 'mqar: examples per shape.')
 _SEED = flags.DEFINE_integer('seed', 0, 'Seed of the generated examples and of the causality probe.')
-_USE_CACHE = flags.DEFINE_bool('use_cache', True, 'passkey, niah: decode with the KV cache.')
+_USE_CACHE = flags.DEFINE_bool('use_cache', True, 'passkey, niah, ruler: decode with the KV cache.')
+_TASKS = flags.DEFINE_list('tasks', [], f'ruler: which tasks; default all ({", ".join(ruler.TASKS)}).')
+_SOURCE = flags.DEFINE_string('source', '', 'ruler (text haystacks), position_loss (documents): a '
+                              'data.source; default the run\'s own validation split.')
+_DOCUMENTS = flags.DEFINE_integer('documents', _DEFAULTS.documents, 'position_loss: documents averaged.')
+_OVERLAY = flags.DEFINE_list('overlay', [], 'position_loss: workdirs of runs evaluated before, whose curves '
+                             'the plot shows too.')
 
 
 def main(argv) -> None:
@@ -414,16 +626,19 @@ def main(argv) -> None:
         digits=_DIGITS.value, filler_source=_FILLER.value,
         mqar_shapes=tuple(_numbers('mqar_shapes', shape.split('x'), int) for shape in _MQAR_SHAPES.value),
         mqar_vocab=_MQAR_VOCAB.value, mqar_examples=_MQAR_EXAMPLES.value, seed=_SEED.value,
-        use_cache=_USE_CACHE.value)
+        use_cache=_USE_CACHE.value, tasks=tuple(_TASKS.value), source=_SOURCE.value,
+        documents=_DOCUMENTS.value, overlay=tuple(_OVERLAY.value))
     for name in ('batch_size', 'eval_batches', 'mqar_vocab'):
       if getattr(opts, name) < 0:
         raise ConfigError(f'--{name}={getattr(opts, name)} must be at least 0 (0: the default)')
-    for name in ('num_samples', 'digits', 'mqar_examples'):
+    for name in ('num_samples', 'digits', 'mqar_examples', 'documents'):
       if getattr(opts, name) < 1:
         raise ConfigError(f'--{name}={getattr(opts, name)} must be at least 1')
     result = run_task(_WORKDIR.value, _TASK.value, opts)
   except ConfigError as e:
     sys.exit(f'evaluate: {e}')
+  for line in result.pop('lines', []):
+    print(json.dumps(line))
   print(json.dumps(result))
 
 

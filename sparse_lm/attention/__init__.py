@@ -40,6 +40,14 @@ def having(capability: str) -> list[str]:
   return sorted(name for name, variant in REGISTRY.items() if getattr(variant, capability))
 
 
+def reach(cfg: ml_collections.ConfigDict) -> int | None:
+  """How far back (tokens) the model's last layer can see through all its layers: None (the whole
+  sequence) unless every layer's attention is windowed (`Attention.reach`), then the windows' sum."""
+  spans = [variant.reach(cfg) for variant in (REGISTRY[cfg.attention].at_layer(cfg, layer)
+                                             for layer in range(cfg.num_layers))]
+  return None if any(span is None for span in spans) else sum(spans)
+
+
 def context_alignment(cfg: ml_collections.ConfigDict) -> int:
   """Tokens each chunk of a sequence split over `mesh.context` must be a multiple of (the least common
   multiple of the layers' `context_alignment`)."""

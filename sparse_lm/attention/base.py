@@ -57,6 +57,13 @@ class Attention(nnx.Module):
     del cfg
     return 1
 
+  @classmethod
+  def reach(cls, cfg: ml_collections.ConfigDict) -> int | None:
+    """How far back one layer of this variant can see: None (any earlier token) unless it is windowed
+    (sliding window: its window), so that a stack of them reaches the sum (`attention.reach`)."""
+    del cfg
+    return None
+
   @staticmethod
   def defaults() -> dict[str, Any]:
     """The `model.*` keys this variant adds to the base config, with their defaults (a sub-config under

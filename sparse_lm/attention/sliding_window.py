@@ -21,3 +21,7 @@ class Attention(dense.Attention):
     if cfg.window < 1:
       raise ConfigError(f'model.window={cfg.window}: sliding_window attention needs a window >= 1')
     return cfg.window
+
+  @classmethod
+  def reach(cls, cfg: ml_collections.ConfigDict) -> int:
+    return cls.attention_window(cfg)
