@@ -55,6 +55,23 @@ def check_train(config: ml_collections.ConfigDict, num_devices: int, process_cou
     _check_expert_parallel(config, shape['expert'], micro // rows)
   _check_packing(config)
   _check_context(config, shape['context'])
+  _check_eval_tasks(config, process_count)
+
+
+IN_TRAINING = ('position_loss', 'passkey', 'niah', 'ruler', 'mqar')
+
+
+def _check_eval_tasks(config: ml_collections.ConfigDict, process_count: int) -> None:
+  """`train.eval_tasks`: known fast tasks, on one process (they run on the variables gathered to it)."""
+  names = [n.strip() for n in config.train.eval_tasks.split(',') if n.strip()]
+  for name in names:
+    if name not in IN_TRAINING:
+      raise ConfigError(f'train.eval_tasks={config.train.eval_tasks!r}: {name!r} is not one of '
+                        f'{", ".join(IN_TRAINING)}')
+  if names and process_count > 1:
+    raise ConfigError(f'train.eval_tasks={config.train.eval_tasks!r} runs on one process, and this run has '
+                      f'{process_count}; evaluate its checkpoints with python -m sparse_lm.evaluate instead')
+  require_positive(config.train, 'train', ('eval_task_samples',))
 
 
 def _check_context(config: ml_collections.ConfigDict, devices: int) -> None:

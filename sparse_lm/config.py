@@ -104,6 +104,11 @@ def base_config() -> ml_collections.ConfigDict:
   # the state as it was, count it in the metric skipped_steps, stop after max_skipped_steps in a row).
   c.train.on_nonfinite = 'stop'
   c.train.max_skipped_steps = 10
+  # Evaluation tasks (sparse_lm.evaluate) run at every eval_every beside eval_loss, comma-separated:
+  # position_loss, passkey, niah, ruler (its single-needle tasks), mqar; at data.seq_len, on
+  # eval_task_samples examples (documents for position_loss), logged as metrics.
+  c.train.eval_tasks = ''
+  c.train.eval_task_samples = 4
 
   c.checkpoint = ml_collections.ConfigDict()
   c.checkpoint.every_steps = 100

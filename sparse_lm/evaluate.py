@@ -395,11 +395,8 @@ def _greedy_hits(run: Run, rows: list[list[int]]) -> list[np.ndarray]:
   return [predicted_BT[b, :len(row) - 1] == np.asarray(row[1:]) for b, row in enumerate(rows)]
 
 
-def ruler_suite(run: Run, opts: Options, leaks: dict[str, float]) -> dict:
-  """RULER-style tasks (sparse_lm/ruler.py) at each length: decoded recall and, for a causal model, the
-  recall of one parallel pass (each answer counts when all its tokens are greedy given the gold ones
-  before it)."""
-  del leaks
+def _ruler_cells(run: Run, opts: Options) -> dict:
+  """Every (task, length)'s examples, built before any model runs, so bad input fails at once."""
   tok, lengths, names = run.tok, _default_lengths(run, opts.lengths), tuple(opts.tasks) or ruler.TASKS
   for name in names:
     if name not in ruler.TASKS:
@@ -430,6 +427,17 @@ def ruler_suite(run: Run, opts: Options, leaks: dict[str, float]) -> dict:
         if tok.decode(encode(answer)) != answer:
           raise ConfigError(f'data.tokenizer={run.config.data.tokenizer!r} cannot write the suite\'s '
                             f'prompts: {answer!r} does not survive encoding and decoding')
+  return cells
+
+
+def ruler_suite(run: Run, opts: Options, leaks: dict[str, float]) -> dict:
+  """RULER-style tasks (sparse_lm/ruler.py) at each length: decoded recall and, for a causal model, the
+  recall of one parallel pass (each answer counts when all its tokens are greedy given the gold ones
+  before it)."""
+  del leaks
+  tok, lengths, names = run.tok, _default_lengths(run, opts.lengths), tuple(opts.tasks) or ruler.TASKS
+  cells = _ruler_cells(run, opts)
+  encode = lambda text: [int(i) for i in tok.encode(text)]  # noqa: E731
   causal = is_causal(run.config.model)
   lines = []
   for (name, length), examples in _progress('ruler (task x length)', cells.items()):
@@ -540,6 +548,57 @@ def _plot_curves(curves: dict, path: pathlib.Path, title: str) -> None:
   plt.close(fig)
 
 
+# ----------------------------------------------------------------------------- in training
+
+RULER_IN_TRAINING = ('niah_single_1', 'niah_single_2')  # the tasks that fit short training lengths
+
+
+def in_training(config, tok, graphdef, workdir):
+  """The function the train loop calls at every `train.eval_every` for `train.eval_tasks`: `(params,
+  model_state, step) -> metrics` (flat numbers: metrics.jsonl and TensorBoard). Each task runs at
+  `data.seq_len` on `train.eval_task_samples` examples, on the variables gathered to this process; a
+  task that cannot run at that length fails here, before the first step."""
+  names = tuple(n.strip() for n in config.train.eval_tasks.split(',') if n.strip())
+  n, seq_len = config.train.eval_task_samples, config.data.seq_len
+  opts = Options(lengths=(seq_len,), depths=(0.0, 0.5, 1.0), num_samples=n, documents=n, mqar_examples=n,
+                 mqar_shapes=((seq_len, synthetic.default_kv_pairs(seq_len)),), tasks=RULER_IN_TRAINING)
+  workdir = pathlib.Path(workdir)
+  where = f'train.eval_tasks={config.train.eval_tasks!r} at data.seq_len={seq_len}'
+  if 'ruler' in names:  # the prompts are built once here, so a length too short fails before training
+    try:
+      _ruler_cells(Run(workdir, config, tok, graphdef, None, 0), opts)
+    except ConfigError as e:
+      raise ConfigError(f'{where}: {e}') from None
+  for name, needle, question in (('passkey', synthetic.PASSKEY_NEEDLE, synthetic.PASSKEY_QUESTION),
+                                 ('niah', synthetic.NIAH_NEEDLE, synthetic.NIAH_QUESTION)):
+    need = 1 + len(tok.encode(needle.format(key='0' * opts.digits))) + len(tok.encode(question))
+    if name in names and need > seq_len:
+      raise ConfigError(f'{where}: a {name} prompt needs more than {need} tokens')
+
+  def run_tasks(params, model_state, step: int) -> dict[str, float]:
+    run = Run(workdir, config, tok, graphdef, jax.device_get((params, model_state)), step)
+    metrics = {}
+    for name in names:
+      metrics.update(_metrics(name, TASKS[name](run, opts, {})))
+    return metrics
+  return run_tasks
+
+
+def _metrics(name: str, result: dict) -> dict[str, float]:
+  """A task's result as flat numbers."""
+  if name == 'position_loss':
+    return {'position_loss': result['mean_loss'],
+            **{f'position_loss/{b["start"]}_{b["end"]}': b['loss'] for b in result['buckets']}}
+  if name == 'ruler':
+    out = {'ruler_score': result['score']}
+    for line in result['lines']:
+      out[f'ruler/{line["ruler_task"]}'] = line['score']
+      if line['score_parallel'] is not None:
+        out[f'ruler_parallel/{line["ruler_task"]}'] = line['score_parallel']
+    return out
+  return {f'{name}_accuracy': result['accuracy']}
+
+
 # ----------------------------------------------------------------------------- the command
 
 TASKS = {
@@ -586,33 +645,7 @@ def run_task(workdir, task: str, opts: Options = Options()) -> dict:
   return {**result, 'lines': lines} if lines else result
 
 
-_WORKDIR = flags.DEFINE_string('workdir', 'runs/default', 'The run to evaluate (its newest checkpoint).')
-_TASK = flags.DEFINE_enum('task', 'perplexity', list(TASKS), 'What to evaluate.')
 _DEFAULTS = Options()
-_SEQ_LEN = flags.DEFINE_list('seq_len', [], 'perplexity: lengths; default the training length, 2x, 4x.')
-_BATCH_SIZE = flags.DEFINE_integer('batch_size', 0, 'perplexity: sequences per batch; 0: the run\'s.')
-_EVAL_BATCHES = flags.DEFINE_integer('eval_batches', 0, 'perplexity: batches; 0: the run\'s.')
-_LENGTHS = flags.DEFINE_list('lengths', [], 'passkey, niah: context lengths in tokens; default as '
-                             '--seq_len.')
-_DEPTHS = flags.DEFINE_list('depths', [str(d) for d in _DEFAULTS.depths],
-                            'passkey, niah: needle depths, 0 (start) to 1 (end).')
-_NUM_SAMPLES = flags.DEFINE_integer('num_samples', _DEFAULTS.num_samples, 'passkey, niah: keys per cell.')
-_DIGITS = flags.DEFINE_integer('digits', _DEFAULTS.digits, 'passkey, niah: digits per key.')
-_FILLER = flags.DEFINE_string('filler_source', '', 'niah: a data.source for the haystack; default the '
-                              'run\'s own validation split.')
-_MQAR_SHAPES = flags.DEFINE_list('mqar_shapes', [f'{t}x{k}' for t, k in _DEFAULTS.mqar_shapes],
-                                 'mqar: SEQ_LENxKV_PAIRS; default Zoology\'s four.')
-_MQAR_VOCAB = flags.DEFINE_integer('mqar_vocab', 0, 'mqar: symbols; 0: min(8192, the model\'s ordinary '
-                                   'token ids).')
-_MQAR_EXAMPLES = flags.DEFINE_integer('mqar_examples', _DEFAULTS.mqar_examples, 'mqar: examples per shape.')
-_SEED = flags.DEFINE_integer('seed', 0, 'Seed of the generated examples and of the causality probe.')
-_USE_CACHE = flags.DEFINE_bool('use_cache', True, 'passkey, niah, ruler: decode with the KV cache.')
-_TASKS = flags.DEFINE_list('tasks', [], f'ruler: which tasks; default all ({", ".join(ruler.TASKS)}).')
-_SOURCE = flags.DEFINE_string('source', '', 'ruler (text haystacks), position_loss (documents): a '
-                              'data.source; default the run\'s own validation split.')
-_DOCUMENTS = flags.DEFINE_integer('documents', _DEFAULTS.documents, 'position_loss: documents averaged.')
-_OVERLAY = flags.DEFINE_list('overlay', [], 'position_loss: workdirs of runs evaluated before, whose curves '
-                             'the plot shows too.')
 
 
 def main(argv) -> None:
@@ -655,4 +688,32 @@ def _numbers(name: str, texts, kind, high=None) -> tuple:
 
 
 if __name__ == '__main__':
+  # Defined only for the command, so that modules importing this one (the train loop's
+  # train.eval_tasks) can define flags of the same names.
+  _WORKDIR = flags.DEFINE_string('workdir', 'runs/default', 'The run to evaluate (its newest checkpoint).')
+  _TASK = flags.DEFINE_enum('task', 'perplexity', list(TASKS), 'What to evaluate.')
+  _SEQ_LEN = flags.DEFINE_list('seq_len', [], 'perplexity: lengths; default the training length, 2x, 4x.')
+  _BATCH_SIZE = flags.DEFINE_integer('batch_size', 0, 'perplexity: sequences per batch; 0: the run\'s.')
+  _EVAL_BATCHES = flags.DEFINE_integer('eval_batches', 0, 'perplexity: batches; 0: the run\'s.')
+  _LENGTHS = flags.DEFINE_list('lengths', [], 'passkey, niah: context lengths in tokens; default as '
+                               '--seq_len.')
+  _DEPTHS = flags.DEFINE_list('depths', [str(d) for d in _DEFAULTS.depths],
+                              'passkey, niah: needle depths, 0 (start) to 1 (end).')
+  _NUM_SAMPLES = flags.DEFINE_integer('num_samples', _DEFAULTS.num_samples, 'passkey, niah: keys per cell.')
+  _DIGITS = flags.DEFINE_integer('digits', _DEFAULTS.digits, 'passkey, niah: digits per key.')
+  _FILLER = flags.DEFINE_string('filler_source', '', 'niah: a data.source for the haystack; default the '
+                                'run\'s own validation split.')
+  _MQAR_SHAPES = flags.DEFINE_list('mqar_shapes', [f'{t}x{k}' for t, k in _DEFAULTS.mqar_shapes],
+                                   'mqar: SEQ_LENxKV_PAIRS; default Zoology\'s four.')
+  _MQAR_VOCAB = flags.DEFINE_integer('mqar_vocab', 0, 'mqar: symbols; 0: min(8192, the model\'s ordinary '
+                                     'token ids).')
+  _MQAR_EXAMPLES = flags.DEFINE_integer('mqar_examples', _DEFAULTS.mqar_examples, 'mqar: examples per shape.')
+  _SEED = flags.DEFINE_integer('seed', 0, 'Seed of the generated examples and of the causality probe.')
+  _USE_CACHE = flags.DEFINE_bool('use_cache', True, 'passkey, niah, ruler: decode with the KV cache.')
+  _TASKS = flags.DEFINE_list('tasks', [], f'ruler: which tasks; default all ({", ".join(ruler.TASKS)}).')
+  _SOURCE = flags.DEFINE_string('source', '', 'ruler (text haystacks), position_loss (documents): a '
+                                'data.source; default the run\'s own validation split.')
+  _DOCUMENTS = flags.DEFINE_integer('documents', _DEFAULTS.documents, 'position_loss: documents averaged.')
+  _OVERLAY = flags.DEFINE_list('overlay', [], 'position_loss: workdirs of runs evaluated before, whose '
+                               'curves the plot shows too.')
   cli.run(main, 'evaluate')

@@ -411,6 +411,7 @@ class Session:
   writer: MetricsWriter
   throughput: 'Throughput'
   lock: object  # the open `train.lock` of the primary host (None on the others), held until the run ends
+  eval_tasks: object = None  # (params, model_state, step) -> metrics of train.eval_tasks, or None
 
 
 def set_up(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> Session:
@@ -432,6 +433,10 @@ def set_up(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> Session:
   tx, schedule = optim.make_optimizer(t)
   graphdef, abstract_params, abstract_model_state = split_model(config.model)
   shardings = state_shardings(abstract_params, tx, mesh, abstract_model_state)
+  eval_tasks = None
+  if t.eval_tasks:  # a task that cannot run at data.seq_len fails here, before anything is restored
+    from sparse_lm import evaluate  # pylint: disable=g-import-not-at-top  # evaluate imports this module
+    eval_tasks = evaluate.in_training(config, tok, graphdef, workdir)
   init_fn = state_init_fn(config, tx)
   checkpointer = Checkpointer(workdir / 'checkpoints', every_steps=config.checkpoint.every_steps,
                               keep=config.checkpoint.keep, async_save=config.checkpoint.async_save)
@@ -469,7 +474,7 @@ def set_up(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> Session:
     throughput = Throughput(t.batch_size * config.data.seq_len, counted['params'], start_step,
                             documents=(train_iter.take_document_lengths, flops.DocumentAttention(config)))
   return Session(config, mesh, eval_data, train_iter, checkpointer, state, start_step, train_step,
-                 eval_step, writer, throughput, lock)
+                 eval_step, writer, throughput, lock, eval_tasks)
 
 
 def _restore(checkpointer: Checkpointer, abstract: State, workdir: pathlib.Path):
@@ -534,6 +539,8 @@ def run(session: Session, stop: StopSignals) -> dict:
       if step % t.eval_every == 0 or step == t.steps:
         log.flush()
         evaluated = evaluate(s.eval_step, state['params'], state['model_state'], s.eval_data, s.mesh)
+        if s.eval_tasks is not None:
+          evaluated = {**evaluated, **s.eval_tasks(state['params'], state['model_state'], step)}
         s.writer.write(step, evaluated)
         s.throughput.restart(step)
       final = stop.reached(step) or step == t.steps

@@ -3,6 +3,7 @@ answers need, deterministic by seed, in a byte-level and a BPE tokenizer; the sc
 commands end to end on a tiny run; bad input in one line."""
 
 import json
+import re
 import subprocess
 import sys
 from collections import Counter
@@ -12,7 +13,7 @@ import pytest
 
 from sparse_lm import evaluate, ruler, tokenizer
 from sparse_lm.errors import ConfigError
-from tests.conftest import CORPUS_FILE, REPO, run_train, write_bpe
+from tests.conftest import CORPUS_FILE, REPO, eval_lines, run_train, write_bpe
 
 TEXT = CORPUS_FILE.read_text(encoding='utf-8')[:200_000]
 
@@ -173,7 +174,7 @@ def test_bad_input_is_refused_in_one_line(run_dir, args, says):
                        capture_output=True, text=True, timeout=600)
   assert run.returncode != 0
   last = run.stderr.strip().splitlines()[-1]
-  assert last.startswith('evaluate: ') and __import__('re').search(says, last), run.stderr[-2000:]
+  assert last.startswith('evaluate: ') and re.search(says, last), run.stderr[-2000:]
 
 
 def test_lengths_beyond_what_windows_reach_and_tokenizers_without_text_are_refused(tmp_path):
@@ -188,3 +189,21 @@ def test_lengths_beyond_what_windows_reach_and_tokenizers_without_text_are_refus
             '--config.data.tokenizer=ids:256')
   with pytest.raises(ConfigError, match=r"^data.tokenizer='ids:256' cannot write the suite's prompts"):
     evaluate.run_task(tmp_path / 'ids', 'ruler', FAST)
+
+
+def test_training_runs_its_eval_tasks_at_every_evaluation(tmp_path):
+  run_train(tmp_path / 'run', '--config.train.steps=4', '--config.train.warmup_steps=1',
+            '--config.checkpoint.every_steps=4', '--config.train.eval_every=2',
+            '--config.train.eval_tasks=position_loss,mqar', '--config.train.eval_task_samples=2')
+  evals = eval_lines(tmp_path / 'run')
+  assert [row['step'] for row in evals] == [2, 4]
+  for row in evals:
+    assert row['position_loss'] > 0 and 0.0 <= row['mqar_accuracy'] <= 1.0
+    assert row['position_loss/0_1'] > 0 and row['position_loss/49_64'] > 0  # the buckets' ends
+  for flag, says in (
+      ('--config.train.eval_tasks=passkey',
+       r"train.eval_tasks='passkey' at data.seq_len=64: a passkey prompt needs more than \d+ tokens"),
+      ('--config.train.eval_tasks=position_loss,hellaswag',
+       r"train.eval_tasks='position_loss,hellaswag': 'hellaswag' is not one of position_loss, passkey")):
+    run = run_train(tmp_path / flag[-8:], flag, check=False)
+    assert run.returncode != 0 and re.search(says, run.stderr.strip().splitlines()[-1]), run.stderr
