@@ -3,9 +3,11 @@
     python -m sparse_lm.harness --model sparse_lm \
         --model_args workdir=DIR[,step=N,batch_size=B,max_length=L] --tasks TASKS [every flag of lm_eval]
 
-lm-eval 0.4 looks a `--model` name up among its own models and those imported into its process; it has
-no plugin discovery. This command registers `sparse_lm` (the class below) and runs lm_eval's own command
-line, so it is `lm_eval` with one more model. From Python: `import sparse_lm.harness`, then
+`lm_eval --model sparse_lm ...` works the same once the project is installed: lm-eval 0.4 looks a
+`--model` name up among its own models and those registered in its process, with no plugin discovery, so
+the install adds a .pth whose start-up hook registers `sparse_lm` when lm-eval's registry loads
+(`sparse_lm_lm_eval.py`, setup.py). This command is lm_eval's own command line with the model registered
+either way, and configuration errors in one line. From Python: `import sparse_lm.harness`, then
 `lm_eval.simple_evaluate(model='sparse_lm', model_args='workdir=DIR', tasks=[...])`.
 
 What the model does with the three request types, with the run's own tokenizer:
@@ -34,7 +36,7 @@ import numpy as np
 import tqdm
 from lm_eval import utils as lm_utils
 from lm_eval.api.model import TemplateLM
-from lm_eval.api.registry import register_model
+from lm_eval.api.registry import model_registry
 
 from sparse_lm import sample, trainer
 from sparse_lm.errors import ConfigError
@@ -56,7 +58,6 @@ def _positive(name: str, value, default=None) -> int:
   return number
 
 
-@register_model(NAME)
 class SparseLM(TemplateLM):
   """A sparse_lm run as an lm-eval model: `workdir` (required), `step` (default the newest complete
   checkpoint), `batch_size` (rows a pass; 'auto' is 8), `max_length` (tokens a pass sees)."""
@@ -236,6 +237,12 @@ class SparseLM(TemplateLM):
     return out
 
 
+# Installed, the project's .pth has registered `sparse_lm` as 'sparse_lm.harness:SparseLM' already
+# (sparse_lm_lm_eval.py); otherwise (the repository on PYTHONPATH, say) this module registers it.
+if NAME not in model_registry:
+  model_registry.register(NAME, target=SparseLM)
+
+
 def main() -> None:
   """lm_eval's command line, with `--model sparse_lm` known; configuration errors in one line."""
   from lm_eval.__main__ import cli_evaluate  # pylint: disable=g-import-not-at-top
@@ -243,6 +250,11 @@ def main() -> None:
     cli_evaluate()
   except ConfigError as e:
     sys.exit(f'harness: {e}')
+  except ValueError as e:  # lm_eval's own for a task name it does not know
+    if not str(e).startswith('Tasks not found'):
+      raise
+    sys.exit(f'harness: {e} (`lm_eval ls tasks` lists the known ones; local YAML tasks need '
+             '--include_path DIR)')
 
 
 if __name__ == '__main__':

@@ -1,9 +1,11 @@
 """lm-evaluation-harness on a run: the three request types scored as the trainer's own loss scores the same
-tokens, a non-causal model scored per prefix, and `python -m sparse_lm.harness` running local YAML tasks
-over JSONL files end to end (offline)."""
+tokens, a non-causal model scored per prefix, and `lm_eval --model sparse_lm` running local YAML tasks over
+JSONL files end to end (offline)."""
 
 import json
 import math
+import pathlib
+import re
 import subprocess
 import sys
 
@@ -185,7 +187,8 @@ def test_the_command_runs_local_tasks_of_each_request_type(dense_run, lm, tmp_pa
   for name, rows in (('choice', choice), ('rolling', rolling), ('generate', generate)):
     (tasks / f'{name}.jsonl').write_text(''.join(json.dumps(r) + '\n' for r in rows))
   out = tmp_path / 'out'
-  run = subprocess.run([sys.executable, '-m', 'sparse_lm.harness', '--model', 'sparse_lm', '--model_args',
+  lm_eval = str(pathlib.Path(sys.executable).parent / 'lm_eval')  # the interface: lm-eval's own command
+  run = subprocess.run([lm_eval, '--model', 'sparse_lm', '--model_args',
                         f'workdir={dense_run},batch_size=2', '--tasks', 'sl_choice,sl_rolling,sl_generate',
                         '--include_path', str(tasks), '--output_path', str(out), '--log_samples'],
                        cwd=REPO, capture_output=True, text=True, timeout=900)
@@ -213,3 +216,22 @@ def test_the_command_runs_local_tasks_of_each_request_type(dense_run, lm, tmp_pa
                                                                       disable_tqdm=True)
   assert results['sl_generate']['exact_match,none'] == np.mean(
       [logged[g['prompt']] == g['answer'] for g in generate])
+
+
+@pytest.mark.parametrize('args,says', [
+    (('--model_args', 'workdir={run}', '--tasks', 'not_a_task'), r'^harness: Tasks not found: not_a_task \('),
+    (('--model_args', 'workdir={run}/nothing', '--tasks', 'lambada_openai'), r'^harness: --workdir=\S+: no'),
+])
+def test_the_command_refuses_bad_input_in_one_line(dense_run, args, says):
+  args = [a.format(run=dense_run) for a in args]
+  run = subprocess.run([sys.executable, '-m', 'sparse_lm.harness', '--model', 'sparse_lm', *args], cwd=REPO,
+                       capture_output=True, text=True, timeout=600)
+  assert run.returncode != 0 and re.search(says, run.stderr.strip().splitlines()[-1]), run.stderr[-2000:]
+
+
+def test_the_install_registers_the_model_with_lm_eval_and_loads_nothing_at_start_up():
+  check = ("import sys; assert 'jax' not in sys.modules and 'lm_eval' not in sys.modules, 'at start-up'; "
+           "from lm_eval.api.registry import get_model; from sparse_lm import harness; "
+           "assert get_model('sparse_lm') is harness.SparseLM")
+  run = subprocess.run([sys.executable, '-c', check], cwd='/', capture_output=True, text=True, timeout=300)
+  assert run.returncode == 0, run.stderr[-2000:]

@@ -12,7 +12,7 @@ set -euo pipefail
 ROOT=${ROOT:-runs/cpu_study}
 OUT=${OUT:-results/cpu_study}
 BUDGET=${BUDGET:-2e12}
-read -r -a VARIANTS <<< "${VARIANTS:-dense moba dsa}"
+read -r -a VARIANTS <<< "${VARIANTS:-dense nsa moba dsa}"
 read -r -a SEEDS <<< "${SEEDS:-0 1 2 3 4}"
 COMMON=(--set data.seq_len=1024 --set train.batch_size=8 --set train.eval_batches=32
         --set train.eval_every=1000000 --set checkpoint.every_steps=1000000 --set train.log_every=50)
