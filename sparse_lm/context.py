@@ -38,9 +38,9 @@ Ulysses"), from a split by tokens to a split by groups: each device puts the row
 that chose them (zeros elsewhere) and a reduce-scatter over the groups leaves each device every slot of
 its 1/C of the groups (`slot_groups`; groups padded to a multiple of C); it attends them as one device
 would, with the same kernel, and an all-gather of the outputs brings every slot back to the device that
-holds its token (`groups_slots`, `own_slots`). Per device that holds `[B, groups, slots, width]` once in
-transit, as one device's layer does, and sends it twice; the projections and attention of the slots
-are divided by C.
+holds its token (`groups_slots`, `own_slots`; `per_share` places it all, the slots as `rows`). Per
+device that holds `[B, groups, slots, width]` once in transit, as one device's layer does, and sends it
+twice; the projections and attention of the slots are divided by C.
 """
 
 import functools
@@ -154,18 +154,22 @@ def neighbours(x_BL, C: int, width: int, *, after: bool) -> jax.Array:
   return jnp.stack(out, axis=1)
 
 
-def per_share(fn, *args, out_shape, replicated: tuple = ()):
+def per_share(fn, *args, out_shape, rows: tuple = (), replicated: tuple = ()):
   """`fn` on each device's share under `shard_map`: `[B, T, ...]` arrays (and outputs, `out_shape`)
   split by rows over the batch axes and by tokens over the context axis, every other dimension whole
   (heads included: a variant whose per-device function mixes heads or has heads of its own, such as
-  DSA's indexer); `replicated` arrays go whole to every device, after the rest."""
+  DSA's indexer); then `rows` arrays split by rows only (every device sees all of a row's, such as the
+  slots of MoSA and routing), then `replicated` arrays whole to every device."""
   mesh = sharding.active_mesh()
   batch = sharding.logical_to_spec(('batch',), args[0].shape[:1], mesh)[0]
+  P = jax.sharding.PartitionSpec
 
   def spec(x):
-    return jax.sharding.PartitionSpec(batch, AXIS, *([None] * (len(x.shape) - 2)))
-  in_specs = tuple(map(spec, args)) + (jax.sharding.PartitionSpec(),) * len(replicated)
-  return jax.shard_map(fn, in_specs=in_specs, out_specs=jax.tree.map(spec, out_shape))(*args, *replicated)
+    return P(batch, AXIS, *([None] * (len(x.shape) - 2)))
+  in_specs = (tuple(map(spec, args)) + tuple(P(batch, *([None] * (a.ndim - 1))) for a in rows)
+              + (P(),) * len(replicated))
+  return jax.shard_map(fn, in_specs=in_specs, out_specs=jax.tree.map(spec, out_shape))(*args, *rows,
+                                                                                       *replicated)
 
 
 # ----------------------------------------------------------------------------- slots (MoSA, routing)
@@ -206,22 +210,6 @@ def my_groups(x, C: int, axis: int) -> jax.Array:
   """This device's 1/C of the (padded) groups along `axis`, as `slot_groups` leaves them."""
   g = x.shape[axis] // C
   return jax.lax.dynamic_slice_in_dim(x, jax.lax.axis_index(AXIS) * g, g, axis=axis)
-
-
-def split_slots(fn, x_BTX, zz_BGS, slot_args, *, out_shape, replicated: tuple = ()):
-  """`fn(x_BLX, zz_BGS, *slot_args, *replicated)` under `shard_map`: `x_BTX` (and the output) split by
-  rows and by tokens over the context axis, the `[B, G, S, ...]` slot arrays by rows only (every device
-  sees every slot), `replicated` whole."""
-  mesh = sharding.active_mesh()
-  batch = sharding.logical_to_spec(('batch',), x_BTX.shape[:1], mesh)[0]
-  P = jax.sharding.PartitionSpec
-
-  def tokens(x):
-    return P(batch, AXIS, *([None] * (len(x.shape) - 2)))
-  in_specs = ((tokens(x_BTX),) + tuple(P(batch, *([None] * (a.ndim - 1))) for a in (zz_BGS, *slot_args))
-              + (P(),) * len(replicated))
-  return jax.shard_map(fn, in_specs=in_specs, out_specs=tokens(out_shape))(x_BTX, zz_BGS, *slot_args,
-                                                                            *replicated)
 
 
 # ----------------------------------------------------------------------------- the ring

@@ -32,6 +32,7 @@ line says which vocabulary it used and whether that is Zoology's.
 
 import copy
 import dataclasses
+import functools
 import json
 import math
 import pathlib
@@ -383,6 +384,18 @@ def _source_text(run: Run, source: str, tokens: int) -> list[str]:
   return documents
 
 
+# Module-level and keyed by the model's structure, so repeated calls (ruler's cells, each evaluation of
+# train.eval_tasks) reuse their compilations.
+@functools.partial(jax.jit, static_argnums=0)
+def _greedy(graphdef, variables, tokens_BT):
+  return jnp.argmax(sample.model_call(graphdef, variables)(tokens_BT)[0], axis=-1)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _nll(graphdef, variables, batch):
+  return trainer.forward(graphdef, variables[0], batch, variables[1])[0]
+
+
 def _greedy_hits(run: Run, rows: list[list[int]]) -> list[np.ndarray]:
   """For each row of tokens, whether each token after the first is the model's greedy choice given the
   ones before it: one parallel pass over the rows, padded at the end (to a multiple of 64)."""
@@ -390,8 +403,7 @@ def _greedy_hits(run: Run, rows: list[list[int]]) -> list[np.ndarray]:
   tokens_BT = np.zeros((len(rows), width), np.int32)
   for b, row in enumerate(rows):
     tokens_BT[b, :len(row)] = row
-  model_call = sample.model_call(run.graphdef, run.variables)
-  predicted_BT = np.asarray(jax.jit(lambda t: jnp.argmax(model_call(t)[0], axis=-1))(jnp.asarray(tokens_BT)))
+  predicted_BT = np.asarray(_greedy(run.graphdef, run.variables, jnp.asarray(tokens_BT)))
   return [predicted_BT[b, :len(row) - 1] == np.asarray(row[1:]) for b, row in enumerate(rows)]
 
 
@@ -508,10 +520,9 @@ def position_loss(run: Run, opts: Options, leaks: dict[str, float]) -> dict:
     raise ConfigError(f'--lengths={length}: no document of data.source={config.data.source!r} (validation) '
                       f'has {length} tokens; pass a shorter length or a --source of longer documents')
   nll = []
-  forward = jax.jit(lambda params, state, batch: trainer.forward(run.graphdef, params, batch, state)[0])
   for row in _progress(f'position loss at {length} tokens', rows):
     batch = {'inputs': jnp.asarray([row[:-1]], jnp.int32), 'targets': jnp.asarray([row[1:]], jnp.int32)}
-    nll.append(np.asarray(forward(*run.variables, batch))[0])
+    nll.append(np.asarray(_nll(run.graphdef, run.variables, batch))[0])
   nll_NT = np.stack(nll)
   buckets = [{'start': a, 'end': b, 'loss': float(nll_NT[:, a:b].mean())}
              for a, b in position_buckets(length)]

@@ -477,8 +477,8 @@ class Attention(dense.Attention):
                                   local=True)
       return scatter_slots(context.groups_slots(y_BmSD), row_BMS, L)
     zz_BMS = context.pad_groups(context.split_index(idx_BMS, T, C), C, 1, T)
-    return context.split_slots(share, x_BTD, zz_BMS, slot_args, replicated=weights,
-                               out_shape=jax.ShapeDtypeStruct(x_BTD.shape, x_BTD.dtype))
+    return context.per_share(share, x_BTD, rows=(zz_BMS, *slot_args), replicated=weights,
+                             out_shape=jax.ShapeDtypeStruct(x_BTD.shape, x_BTD.dtype))
 
 
 class CausalAttention(Attention):

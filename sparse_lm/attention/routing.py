@@ -278,8 +278,8 @@ class Attention(dense.Attention):
       return _averaged(context.groups_slots(o_BgSD)[:, :G], row_BGS[:, :G], heads_G[None, :, None], L, R)
     zz_BGS = context.pad_groups(context.split_index(idx_BGS, T, C), C, 1, T)
     qkv_BTRX = jnp.concatenate([qk_BTRD, v_BTRD.astype(qk_BTRD.dtype)], axis=-1)
-    return context.split_slots(share, qkv_BTRX, zz_BGS, slot_args,
-                               out_shape=jax.ShapeDtypeStruct(qk_BTRD.shape, qk_BTRD.dtype))
+    return context.per_share(share, qkv_BTRX, rows=(zz_BGS, *slot_args),
+                             out_shape=jax.ShapeDtypeStruct(qk_BTRD.shape, qk_BTRD.dtype))
 
   def _rope(self, x_BGSD, pos_BGS):
     """RoPE with a position per (group, slot), groups folded into the batch; back as `[B, S, G, D]`."""
