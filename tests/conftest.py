@@ -1,9 +1,11 @@
 """Shared test set-up: strict rank promotion, a tiny model config, and a helper that runs train.py."""
 
+import atexit
 import json
 import os
 import pathlib
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -11,17 +13,36 @@ import tempfile
 # With the compile tier's packages installed (libtpu, the CUDA plugin), JAX would try, and loudly fail, to
 # start a TPU and a GPU in every test process; the tests run on the CPU (compile-only devices still work).
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
-import jax  # noqa: E402
-import jax.numpy as jnp
-import numpy as np
-import pytest
-from flax import nnx
 
-from sparse_lm import (
+# The suite's programs are tiny: compiling them, not running them, is most of its time. Its CPU programs
+# compile at LLVM -O0 (deviceless GPU compiles keep XLA's defaults: sparse_lm/aot.py GPU_CODEGEN), and the
+# processes of one run (pytest, its xdist workers, the train.py and tool subprocesses the tests start)
+# share one compilation cache, removed when the run ends.
+FAST_CPU_FLAGS = ('--xla_backend_optimization_level=0', '--xla_llvm_disable_expensive_passes=true')
+
+
+def xla_flags(*flags: str) -> str:
+  """XLA_FLAGS for a subprocess: the suite's fast CPU compiles and `flags`."""
+  return ' '.join([*FAST_CPU_FLAGS, *flags])
+
+
+_flags = os.environ.get('XLA_FLAGS', '').split()
+os.environ['XLA_FLAGS'] = ' '.join(_flags + [f for f in FAST_CPU_FLAGS if f not in _flags])
+if 'JAX_COMPILATION_CACHE_DIR' not in os.environ:  # the run's first process: workers inherit the cache
+  os.environ['JAX_COMPILATION_CACHE_DIR'] = tempfile.mkdtemp(prefix='sparse_lm_test_jax_cache_')
+  atexit.register(shutil.rmtree, os.environ['JAX_COMPILATION_CACHE_DIR'], ignore_errors=True)
+os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0.2')
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+from flax import nnx  # noqa: E402
+
+from sparse_lm import (  # noqa: E402
   aot,  # noqa: E402,F401  (sets the compile-only backends' environment before JAX starts)
   data,  # noqa: E402
 )
-from sparse_lm.config import base_config
+from sparse_lm.config import base_config  # noqa: E402
 
 jax.config.update('jax_numpy_rank_promotion', 'raise')
 
@@ -147,8 +168,12 @@ def train_command(workdir, *extra) -> list[str]:
   return [sys.executable, str(REPO / 'train.py'), f'--workdir={workdir}', *TINY_FLAGS, *extra]
 
 
-def run_train(workdir, *extra, devices: int = 1, check: bool = True) -> subprocess.CompletedProcess:
-  env = {**os.environ, 'XLA_FLAGS': f'--xla_force_host_platform_device_count={devices}',
+def run_train(workdir, *extra, devices: int = 1, check: bool = True,
+              optimize: bool = False) -> subprocess.CompletedProcess:
+  """train.py with `extra` flags over TINY_FLAGS; `optimize`: XLA's default CPU code generation, for the
+  few runs long enough that running, not compiling, takes their time (-O0 runs about 1.7x slower)."""
+  devices_flag = f'--xla_force_host_platform_device_count={devices}'
+  env = {**os.environ, 'XLA_FLAGS': devices_flag if optimize else xla_flags(devices_flag),
          'JAX_PLATFORMS': 'cpu'}
   return subprocess.run(train_command(workdir, *extra), env=env, cwd=REPO, capture_output=True,
                         text=True, check=check, timeout=600)

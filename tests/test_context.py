@@ -13,7 +13,7 @@ import pytest
 from sparse_lm import checks, context
 from sparse_lm.attention import REGISTRY
 from sparse_lm.errors import ConfigError
-from tests.conftest import REPO, run_train, tiny_config, train_losses
+from tests.conftest import REPO, run_train, tiny_config, train_losses, xla_flags
 
 SPLIT = sorted(name for name, variant in REGISTRY.items() if variant.context_parallel)
 assert SPLIT == sorted(REGISTRY)
@@ -60,7 +60,8 @@ def test_every_split_variant_has_cases():
 def test_split_variants_match_one_device_on_both_paths_with_and_without_documents(name):
   cases = [[name, kernel, ctx, data, segments, seed, overrides]
            for seed, (kernel, ctx, data, segments, overrides) in enumerate(CASES[name])]
-  env = {**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=8', 'JAX_PLATFORMS': 'cpu'}
+  env = {**os.environ, 'XLA_FLAGS': xla_flags('--xla_force_host_platform_device_count=8'),
+         'JAX_PLATFORMS': 'cpu'}
   run = subprocess.run([sys.executable, '-m', 'tests.context_parity', json.dumps(cases)], cwd=REPO, env=env,
                        capture_output=True, text=True, timeout=1800)
   assert run.returncode == 0, run.stderr[-3000:]

@@ -197,7 +197,7 @@ def test_a_model_trained_on_tiny_mqar_recalls_the_values(tmp_path):
   run_train(tmp_path, '--config.data.seq_len=32', '--config.data.source=mqar:num_kv_pairs=2,vocab=16',
             '--config.train.batch_size=64', '--config.train.steps=1000', '--config.train.warmup_steps=50',
             '--config.train.eval_every=1000', '--config.checkpoint.every_steps=1000',
-            '--config.train.log_every=100')
+            '--config.train.log_every=100', optimize=True)
   result = evaluate.run_task(tmp_path, 'mqar', evaluate.Options(mqar_shapes=((32, 2),), mqar_examples=128))
   assert result['vocab'] == 16
   assert result['accuracy'] > 0.9, result

@@ -26,6 +26,7 @@ from tests.conftest import (
   train_losses,
   train_steps_logged,
   write_bpe,
+  xla_flags,
 )
 
 
@@ -71,7 +72,8 @@ def test_gradient_accumulation_matches_one_big_batch(reference_run, tmp_path):
 
 
 def _start(workdir, *extra):
-  env = {**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=1', 'JAX_PLATFORMS': 'cpu'}
+  env = {**os.environ, 'XLA_FLAGS': xla_flags('--xla_force_host_platform_device_count=1'),
+         'JAX_PLATFORMS': 'cpu'}
   return subprocess.Popen(train_command(workdir, *extra), env=env, cwd=REPO, stdout=subprocess.DEVNULL,
                           stderr=subprocess.PIPE, text=True)
 
