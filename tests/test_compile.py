@@ -170,6 +170,21 @@ def test_spills_are_reported():
   assert dkv['spill_store_bytes'] > 0, dkv
 
 
+def test_gpu_kernels_compile_as_xla_defaults_whatever_xla_flags_say():
+  """This suite compiles its CPU programs at LLVM -O0 (conftest.py); a deviceless GPU compile still
+  reports the registers of XLA's default code generation (aot.GPU_CODEGEN): those of a process without
+  the suite's flags."""
+  assert '--xla_backend_optimization_level=0' in os.environ['XLA_FLAGS']
+  mine = {k['name']: k['registers'] for k in compile_kernel('flash_attention', 'h100', 64, 4, 65536).kernels}
+  script = ('import json; from sparse_lm import aot; t = aot.get_target("h100"); lowered = aot.lower_kernel('
+            '"flash_attention", t, seq_len=65536, q_heads=8, kv_heads=2, head_dim=64); print(json.dumps('
+            '{k["name"]: k["registers"] for k in aot.compile_lowered(lowered, t).kernels}))')
+  env = {**os.environ, 'XLA_FLAGS': '', 'TF_CPP_MIN_LOG_LEVEL': '3'}
+  run = subprocess.run([sys.executable, '-c', script], cwd=REPO, env=env, capture_output=True, text=True,
+                       check=True)
+  assert mine == json.loads(run.stdout.strip().splitlines()[-1]) and len(mine) == 3
+
+
 # ----------------------------------------------------------------------------- whole steps
 
 def _small(config, seq_len=None, **mesh):
