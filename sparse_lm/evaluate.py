@@ -388,7 +388,10 @@ def _source_text(run: Run, source: str, tokens: int) -> list[str]:
 # train.eval_tasks) reuse their compilations.
 @functools.partial(jax.jit, static_argnums=0)
 def _greedy(graphdef, variables, tokens_BT):
-  return jnp.argmax(sample.model_call(graphdef, variables)(tokens_BT)[0], axis=-1)
+  """Per position: the greedy next token and the loss (nats) of the row's actual next token."""
+  logp_BTV = jax.nn.log_softmax(sample.model_call(graphdef, variables)(tokens_BT)[0].astype(jnp.float32))
+  next_BT = jnp.concatenate([tokens_BT[:, 1:], tokens_BT[:, -1:]], axis=1)
+  return jnp.argmax(logp_BTV, axis=-1), -jnp.take_along_axis(logp_BTV, next_BT[..., None], axis=-1)[..., 0]
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -396,15 +399,17 @@ def _nll(graphdef, variables, batch):
   return trainer.forward(graphdef, variables[0], batch, variables[1])[0]
 
 
-def _greedy_hits(run: Run, rows: list[list[int]]) -> list[np.ndarray]:
-  """For each row of tokens, whether each token after the first is the model's greedy choice given the
-  ones before it: one parallel pass over the rows, padded at the end (to a multiple of 64)."""
+def _greedy_hits(run: Run, rows: list[list[int]]) -> list[tuple[np.ndarray, np.ndarray]]:
+  """For each row of tokens, per token after the first: whether it is the model's greedy choice given the
+  ones before it, and its loss (nats) given them. One parallel pass over the rows, padded at the end (to a
+  multiple of 64)."""
   width = -(-max(map(len, rows)) // 64) * 64
   tokens_BT = np.zeros((len(rows), width), np.int32)
   for b, row in enumerate(rows):
     tokens_BT[b, :len(row)] = row
-  predicted_BT = np.asarray(_greedy(run.graphdef, run.variables, jnp.asarray(tokens_BT)))
-  return [predicted_BT[b, :len(row) - 1] == np.asarray(row[1:]) for b, row in enumerate(rows)]
+  predicted_BT, nll_BT = map(np.asarray, _greedy(run.graphdef, run.variables, jnp.asarray(tokens_BT)))
+  return [(predicted_BT[b, :len(row) - 1] == np.asarray(row[1:]), nll_BT[b, :len(row) - 1])
+          for b, row in enumerate(rows)]
 
 
 def _ruler_cells(run: Run, opts: Options) -> dict:
@@ -445,7 +450,8 @@ def _ruler_cells(run: Run, opts: Options) -> dict:
 def ruler_suite(run: Run, opts: Options, leaks: dict[str, float]) -> dict:
   """RULER-style tasks (sparse_lm/ruler.py) at each length: decoded recall and, for a causal model, the
   recall of one parallel pass (each answer counts when all its tokens are greedy given the gold ones
-  before it)."""
+  before it) and, from the same pass, `answer_loss`: the mean loss (nats) of the gold answers' tokens, a
+  graded score that still separates models too small to recall anything."""
   del leaks
   tok, lengths, names = run.tok, _default_lengths(run, opts.lengths), tuple(opts.tasks) or ruler.TASKS
   cells = _ruler_cells(run, opts)
@@ -463,7 +469,7 @@ def ruler_suite(run: Run, opts: Options, leaks: dict[str, float]) -> dict:
       outputs.append(tok.decode(ids[:ids.index(tok.eos_id)] if tok.eos_id in ids else ids))
     decoded = float(np.mean([ruler.recall(o, e.answers) for o, e in zip(outputs, examples, strict=True)]))
     decode_seconds = time.perf_counter() - start
-    parallel = None
+    parallel = answer_loss = None
     if causal:
       rows, spans = [], []
       for e in examples:
@@ -472,10 +478,13 @@ def ruler_suite(run: Run, opts: Options, leaks: dict[str, float]) -> dict:
         rows.append(e.prompt + encode(' ' + joined.join(e.answers)))
         spans.append([(len(e.prompt) - 1 + (ends[i - 1] if i else 0), len(e.prompt) - 1 + end)
                       for i, end in enumerate(ends)])
-      hits = _greedy_hits(run, rows)
+      scored = _greedy_hits(run, rows)
       parallel = float(np.mean([np.mean([hit[a:b].all() for a, b in span])
-                                for hit, span in zip(hits, spans, strict=True)]))
+                                for (hit, _), span in zip(scored, spans, strict=True)]))
+      answer_loss = float(np.mean([np.concatenate([nll[a:b] for a, b in span]).mean()
+                                   for (_, nll), span in zip(scored, spans, strict=True)]))
     lines.append({'ruler_task': name, 'length': length, 'score': decoded, 'score_parallel': parallel,
+                  'answer_loss': answer_loss,
                   'num_samples': len(examples), 'seconds_decode': round(decode_seconds, 3),
                   'seconds_parallel': round(time.perf_counter() - start - decode_seconds, 3),
                   'example_output': outputs[0][:200], 'example_answers': list(examples[0].answers)})
@@ -490,9 +499,13 @@ def ruler_suite(run: Run, opts: Options, leaks: dict[str, float]) -> dict:
           'average_by_length_parallel': None if not causal else {
               str(n): float(np.mean([r['score_parallel'] for r in lines if r['length'] == n]))
               for n in lengths},
+          'answer_loss_by_length': None if not causal else {
+              str(n): float(np.mean([r['answer_loss'] for r in lines if r['length'] == n]))
+              for n in lengths},
           'heatmap': str(heatmap), 'lines': lines,
           'note': 'a CPU-sized model (below about the 100m rung) scores near 0 on most of these tasks; '
-                  'the scores compare variants only where one is clearly above 0'}
+                  'the scores compare variants only where one is clearly above 0 (answer_loss, lower is '
+                  'better, compares them where none is)'}
 
 
 def position_buckets(length: int, count: int = 16) -> list[tuple[int, int]]:
@@ -606,6 +619,7 @@ def _metrics(name: str, result: dict) -> dict[str, float]:
       out[f'ruler/{line["ruler_task"]}'] = line['score']
       if line['score_parallel'] is not None:
         out[f'ruler_parallel/{line["ruler_task"]}'] = line['score_parallel']
+        out[f'ruler_answer_loss/{line["ruler_task"]}'] = line['answer_loss']
     return out
   return {f'{name}_accuracy': result['accuracy']}
 

@@ -11,9 +11,9 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from sparse_lm import evaluate, ruler, tokenizer
+from sparse_lm import checks, evaluate, ruler, tokenizer
 from sparse_lm.errors import ConfigError
-from tests.conftest import CORPUS_FILE, REPO, eval_lines, run_train, write_bpe
+from tests.conftest import CORPUS_FILE, REPO, eval_lines, run_train, tiny_config, write_bpe
 
 TEXT = CORPUS_FILE.read_text(encoding='utf-8')[:200_000]
 
@@ -114,6 +114,14 @@ def test_ruler_scores_what_the_model_writes_and_logs_a_line_per_cell(run_dir, mo
   assert [x.get('ruler_task') for x in lines] == ['niah_single_2', 'vt', 'fwe', None]
   assert lines[-1]['average_by_length'] == {'1024': pytest.approx(np.mean([r['score'] for r in lines[:3]]))}
   assert (run_dir / 'ruler_step2.png').read_bytes().startswith(b'\x89PNG')
+  # answer_loss comes from the parallel pass's per-token losses, which are the trainer's own.
+  assert all(r['answer_loss'] > 0 for r in result['lines'])
+  run = evaluate.trainer.load_run(run_dir)
+  row = [int(i) for i in run.tok.encode(evaluate._source_text(run, '', 100)[0])][:100]
+  (hits, nll), = evaluate._greedy_hits(run, [row])
+  batch = {'inputs': np.asarray([row[:-1]], np.int32), 'targets': np.asarray([row[1:]], np.int32)}
+  np.testing.assert_allclose(nll, np.asarray(evaluate._nll(run.graphdef, run.variables, batch))[0], rtol=1e-5)
+  assert hits.shape == nll.shape == (99,)
   # The pipeline, with a model that writes the answers (decoding) or predicts every gold token (parallel):
   # full recall; with one that writes nothing and predicts nothing: none.
   tok = tokenizer.ByteTokenizer()
@@ -133,14 +141,29 @@ def test_ruler_scores_what_the_model_writes_and_logs_a_line_per_cell(run_dir, mo
       example = builder.example(name, 1024, ruler.rng_for(0, name, 1024, n))
       answers_by_prompt[tuple(example.prompt)] = example.answers
   monkeypatch.setattr(evaluate.sample, 'generate', writes_answers)
-  monkeypatch.setattr(evaluate, '_greedy_hits', lambda run, rows: [np.ones(len(r) - 1, bool) for r in rows])
+  monkeypatch.setattr(evaluate, '_greedy_hits', lambda run, rows: [
+      (np.ones(len(r) - 1, bool), np.zeros(len(r) - 1)) for r in rows])
   assert evaluate.run_task(run_dir, 'ruler', FAST)['average_by_length_parallel'] == {'1024': 1.0}
   assert [r['score'] for r in _last_cells(run_dir)] == [1.0, 1.0, 1.0]
+  assert [r['answer_loss'] for r in _last_cells(run_dir)] == [0.0, 0.0, 0.0]
   monkeypatch.setattr(evaluate.sample, 'generate', lambda g, v, prompts, num_new, key, **kw: np.full(
       (len(prompts), num_new), tok.eos_id))
-  monkeypatch.setattr(evaluate, '_greedy_hits', lambda run, rows: [np.zeros(len(r) - 1, bool) for r in rows])
+  monkeypatch.setattr(evaluate, '_greedy_hits', lambda run, rows: [
+      (np.zeros(len(r) - 1, bool), np.ones(len(r) - 1)) for r in rows])
   result = evaluate.run_task(run_dir, 'ruler', FAST)
   assert result['score'] == 0.0 and result['average_by_length_parallel'] == {'1024': 0.0}
+  assert result['answer_loss_by_length'] == {'1024': 1.0}
+  # A loss equal to each token's position: answer_loss is the mean position of the answers' tokens (the
+  # token after the prompt's last up to the row's last: the span bookkeeping covers exactly those).
+  monkeypatch.setattr(evaluate, '_greedy_hits', lambda run, rows: [
+      (np.zeros(len(r) - 1, bool), np.arange(len(r) - 1, dtype=float)) for r in rows])
+  for cell in evaluate.run_task(run_dir, 'ruler', FAST)['lines']:
+    examples = [builder.example(cell['ruler_task'], 1024, ruler.rng_for(0, cell['ruler_task'], 1024, n))
+                for n in range(2)]
+    joined = ' ' if cell['ruler_task'] == 'vt' else ', '
+    first_last = [(len(e.prompt) - 1, len(e.prompt) + len(tok.encode(' ' + joined.join(e.answers))) - 2)
+                  for e in examples]
+    assert cell['answer_loss'] == pytest.approx(np.mean([(a + b) / 2 for a, b in first_last]))
 
 
 def _last_cells(run_dir) -> list[dict]:
@@ -207,3 +230,12 @@ def test_training_runs_its_eval_tasks_at_every_evaluation(tmp_path):
        r"train.eval_tasks='position_loss,hellaswag': 'hellaswag' is not one of position_loss, passkey")):
     run = run_train(tmp_path / flag[-8:], flag, check=False)
     assert run.returncode != 0 and re.search(says, run.stderr.strip().splitlines()[-1]), run.stderr
+
+
+def test_eval_tasks_are_refused_on_more_than_one_process():
+  config = tiny_config()
+  config.train.eval_tasks = 'position_loss'
+  checks.check_train(config, num_devices=1, process_count=1)
+  says = r"^train.eval_tasks='position_loss' runs on one process, and this run has 2; evaluate its"
+  with pytest.raises(ConfigError, match=says):
+    checks.check_train(config, num_devices=2, process_count=2)

@@ -1,7 +1,8 @@
 """Summarises long_eval.sh: per variant of the long setting (1,024 tokens, seeds 0-4), the RULER-style
-suite's recall (decoded and by one parallel pass) and the loss by position, with 95% t-intervals over
-seeds and the difference from dense paired by seed (a seed fixes the data order); the evaluation time
-per task; a plot of the loss by position (mean over seeds, the interval shaded).
+suite's recall (decoded and by one parallel pass), the loss of its gold answers' tokens and the loss by
+position, with 95% t-intervals over seeds and the difference from dense paired by seed (a seed fixes the
+data order); the evaluation time per task; a plot of the loss by position (mean over seeds, the interval
+shaded).
 
     python results/cpu_study/long_eval.py --root=runs/cpu_study/long --out=results/cpu_study
 """
@@ -37,8 +38,8 @@ def collect(root: pathlib.Path) -> list[dict]:
     lines = [json.loads(x) for x in evals.read_text().splitlines() if x.strip()]
     position = [x for x in lines if x['task'] == 'position_loss']
     summary = [x for x in lines if x['task'] == 'ruler' and 'ruler_task' not in x]
-    if not position or not summary:
-      continue
+    if not position or not summary or 'answer_loss_by_length' not in summary[-1]:
+      continue  # not evaluated yet (or before the suite reported answer_loss)
     cells = [x for x in lines if x.get('ruler_task')][-len(summary[-1]['tasks']):]
     runs.append({'variant': evals.parent.name.split('_C')[0], 'seed': int(evals.parent.parent.name[4:]),
                  'buckets': position[-1]['buckets'], 'position_mean': position[-1]['mean_loss'],
@@ -46,6 +47,8 @@ def collect(root: pathlib.Path) -> list[dict]:
                  'ruler_parallel': float(np.mean([c['score_parallel'] for c in cells])),
                  'tasks': {c['ruler_task']: c['score'] for c in cells},
                  'tasks_parallel': {c['ruler_task']: c['score_parallel'] for c in cells},
+                 'answer_loss': float(np.mean([c['answer_loss'] for c in cells])),
+                 'tasks_answer_loss': {c['ruler_task']: c['answer_loss'] for c in cells},
                  'seconds': {c['ruler_task']: c['seconds_decode'] + c['seconds_parallel'] for c in cells}})
   return runs
 
@@ -72,22 +75,27 @@ def main() -> None:
   for r in runs:
     by[r['variant']].append(r)
   last = lambda r: r['buckets'][-1]['loss']  # noqa: E731
+  answer = lambda r: r['answer_loss']  # noqa: E731
   lines = ['| variant | seeds | RULER recall, decoded [t 95%] | parallel pass | decoded minus dense '
-           '(paired) | loss, positions 664-1023 | minus dense (paired) | loss, all positions |',
-           '|---|---|---|---|---|---|---|---|']
+           '(paired) | RULER answer loss (nats/token) | minus dense (paired) | loss, positions 664-1023 | '
+           'minus dense (paired) | loss, all positions |',
+           '|---|---|---|---|---|---|---|---|---|---|']
   for v in variants:
     rs = by[v]
     lines.append(f'| {v} | {len(rs)} | {interval([r["ruler"] for r in rs])} | '
                  f'{interval([r["ruler_parallel"] for r in rs])} | '
                  f'{"" if v == "dense" else paired(runs, v, lambda r: r["ruler"])} | '
+                 f'{interval([answer(r) for r in rs])} | {"" if v == "dense" else paired(runs, v, answer)} | '
                  f'{interval([last(r) for r in rs])} | {"" if v == "dense" else paired(runs, v, last)} | '
                  f'{interval([r["position_mean"] for r in rs])} |')
   tasks = list(runs[0]['tasks']) if runs else []
-  lines += ['', '| task | ' + ' | '.join(variants) + ' | seconds a run (decoded + parallel, 4 examples) |',
-            '|---|' + '---|' * (len(variants) + 1)]
+  lines += ['', 'Per task, mean over seeds: recall decoded / by the parallel pass / the answers\' loss '
+            '(nats a token).', '', '| task | ' + ' | '.join(variants) +
+            ' | seconds a run (decoded + parallel, 4 examples) |', '|---|' + '---|' * (len(variants) + 1)]
   for task in tasks:
     means = [f'{np.mean([r["tasks"][task] for r in by[v]]):.3f} / '
-             f'{np.mean([r["tasks_parallel"][task] for r in by[v]]):.3f}' for v in variants]
+             f'{np.mean([r["tasks_parallel"][task] for r in by[v]]):.3f} / '
+             f'{np.mean([r["tasks_answer_loss"][task] for r in by[v]]):.3f}' for v in variants]
     seconds = np.mean([r['seconds'][task] for r in runs])
     lines.append(f'| {task} | ' + ' | '.join(means) + f' | {seconds:.1f} |')
   (out / 'long_eval.md').write_text('\n'.join(lines) + '\n')
