@@ -47,6 +47,8 @@ numbers depend on the mesh. Expert choice ranks tokens over the whole batch, so 
 shard_map and XLA (GSPMD) partitions it, following the expert weights' split over `expert`.
 """
 
+import math
+
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -241,9 +243,17 @@ class Mlp(base.Mlp):
     w_spec = PartitionSpec('expert' if P > 1 else None, None, None)
     row_axes = () if x_spec[0] is None else (x_spec[0],) if isinstance(x_spec[0], str) else x_spec[0]
     token_axes = row_axes + (('expert',) if P > 1 else ())
+    if row_axes:
+      # One copy of the experts per device of the row axes, so the weights' gradient leaves the shard_map
+      # unreduced and GSPMD sums it (once per step: a psum inside would run once per microbatch).
+      R = math.prod(mesh.shape[axis] for axis in row_axes)
+      experts = tuple(jnp.broadcast_to(w[None], (R, *w.shape)) for w in experts)
+      w_spec = PartitionSpec(row_axes, *w_spec)
 
     def body(x_BTD, idx_BTK, w_BTK, *experts):
       b, T, D = x_BTD.shape
+      if row_axes:
+        experts = tuple(w[0] for w in experts)
       if P == 1:
         y_BTD, dropped = self._run(x_BTD, idx_BTK, w_BTK, experts, None)
       else:
