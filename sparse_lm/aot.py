@@ -196,12 +196,17 @@ def one_line(error: BaseException) -> str:
 GPU_CODEGEN = {'xla_backend_optimization_level': 3, 'xla_llvm_disable_expensive_passes': False}
 
 
-def compile_lowered(lowered, target: Target) -> Report:
-  """Compiles `lowered` (a `jax.stages.Lowered` for the target's devices) and reports on it."""
+def compile_lowered(lowered, target: Target, *, kernel_cache: str | None = None) -> Report:
+  """Compiles `lowered` (a `jax.stages.Lowered` for the target's devices) and reports on it. GPU: with
+  `kernel_cache` (a file) XLA reuses the kernels compiled into it by earlier compiles and adds its own;
+  a reused kernel reports no registers or spills (ptxas does not run for it)."""
   dump = tempfile.mkdtemp(prefix='sparse_lm_aot_')
   # GPU: XLA's default LLVM optimisation whatever XLA_FLAGS this process has (the test suite compiles its
   # CPU programs at -O0; the kernels' registers would follow it), as ptxas runs at -O3 below.
   options = {'xla_dump_to': dump, **GPU_CODEGEN} if target.platform == 'cuda' else {}
+  if kernel_cache and target.platform == 'cuda':
+    options.update(xla_gpu_kernel_cache_file=kernel_cache,
+                   xla_gpu_enable_llvm_module_compilation_parallelism=True)
   start = time.perf_counter()
   try:
     compiled = lowered.compile(compiler_options=options)
@@ -339,7 +344,7 @@ def gpu_kernels(hlo_text: str, dump: pathlib.Path, gpu: Gpu) -> list[dict]:
     for name, grid, threads, smem in _THUNK.findall(path.read_text()):
       if int(smem) >= launches.get(name, {}).get('shared_memory_bytes', -1):
         launches[name] = {'grid': _ints(grid), 'threads': _ints(threads), 'shared_memory_bytes': int(smem)}
-  resources = ptxas_report(sorted(dump.glob('*.ptx')), gpu)
+  resources = ptxas_report(sorted(dump.glob('*.ptx')), gpu, set(calls))
   return [{'name': name, 'calls': calls.count(name), **launches.get(name, {}), **resources.get(name, {})}
           for name in sorted(set(calls))]
 
@@ -355,12 +360,15 @@ def ptxas_path() -> str:
   return found[0] if found else shutil.which('ptxas')
 
 
-def ptxas_report(ptx_files: list[pathlib.Path], gpu: Gpu) -> dict[str, dict]:
-  """Registers, stack and spill bytes of every entry in `ptx_files` (ptxas -v at XLA's -O3); an entry
-  name compiled more than once (kernels of different shapes) keeps the largest of each."""
+def ptxas_report(ptx_files: list[pathlib.Path], gpu: Gpu, names: set[str] | None = None) -> dict[str, dict]:
+  """Registers, stack and spill bytes of every entry in `ptx_files` (ptxas -v at XLA's -O3), or only of
+  the files that define one of `names` (a train step dumps a file per XLA fusion, and assembling them
+  all again took a third of its compile test); an entry name compiled more than once (kernels of
+  different shapes) keeps the largest of each."""
   ptxas, out = ptxas_path(), {}
   for path in ptx_files:
-    if '.entry' not in path.read_text():
+    text = path.read_text()
+    if '.entry' not in text or (names is not None and not any(f'.entry {name}(' in text for name in names)):
       continue
     run = subprocess.run([ptxas, '-v', '-O3', f'--gpu-name={gpu.ptxas_arch}', str(path), '-o', os.devnull],
                          capture_output=True, text=True, check=True)

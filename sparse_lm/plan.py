@@ -229,10 +229,11 @@ def evaluate(config: ml_collections.ConfigDict, plan: Plan, target: aot.Target, 
 
 
 def search(config: ml_collections.ConfigDict, target: aot.Target, compile_fn, *, limit_bytes: int,
-           max_compiles: int = 24, enough: int = 4, log=print) -> dict:
-  """The search above. `compile_fn(config) -> report` is `compile.compile_config` bound to the target;
-  Stops after `max_compiles` plans or once `enough` fit; returns the chosen plan, its full-depth report and
-  every tried plan."""
+           max_compiles: int = 24, enough: int = 4, log=print, confirm_fn=None) -> dict:
+  """The search above. `compile_fn(config) -> report` is `compile.compile_config` bound to the target,
+  `confirm_fn` the same for the full-depth confirmation (default: `compile_fn`). Stops after
+  `max_compiles` plans or once `enough` fit; returns the chosen plan, its full-depth report and every
+  tried plan."""
   num_devices = len(target.devices)
   plans = candidate_plans(config, num_devices, target.num_hosts)
   if not plans:
@@ -268,7 +269,7 @@ def search(config: ml_collections.ConfigDict, target: aot.Target, compile_fn, *,
   ranked = sorted((r for r in tried if r['fits']), key=lambda r: (r['estimated_seconds'], r['grad_accum']))
   for row in ranked:  # confirm at full depth
     plan = next(p for p in fitting if p.describe() == row['plan'])
-    report = compile_fn(plan.apply(config))
+    report = (confirm_fn or compile_fn)(plan.apply(config))
     row['confirmed_peak_bytes'] = report['memory_per_device'].get('peak_bytes')
     log(f'full depth: {row["plan"]}: ' + (f'{report["memory_per_device"]["peak_bytes"] / aot.GIB:.1f} GiB'
                                           if report['compiled'] else report['error']))

@@ -120,7 +120,7 @@ def test_a_model_that_is_not_causal_is_scored_per_prefix(tmp_path):
             '--config.model.mosa.num_heads=4', '--config.model.mosa.include_first=true')
   lm = harness.SparseLM(workdir=str(tmp_path), batch_size=2)
   assert not lm.causal and lm.get_model_info()['scoring'].startswith('exact recomputation per prefix')
-  pairs = [('def', ' f('), ('import', ' os')]  # six prefixes, six lengths: a compile each, per side
+  pairs = [('def', ' f('), ('for', ' x:')]  # six prefixes of three lengths: a compile a length, per side
   got = lm.loglikelihood(requests('loglikelihood', pairs), disable_tqdm=True)
   for (context, continuation), (logp, _) in zip(pairs, got, strict=True):
     whole = [lm.eot_token_id, *lm.tok_encode(context + continuation)]

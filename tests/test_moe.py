@@ -204,6 +204,16 @@ def test_expert_parallel_on_eight_devices_matches_one_device(moe_run, tmp_path):
     assert sharded[step] == pytest.approx(loss, rel=2e-4, abs=2e-4), step
 
 
+def test_moe_with_split_sequences_matches_one_device(moe_run, tmp_path):
+  """Each device routes its part of every row (`mesh.context`). It crashed before: the routing took whole
+  rows while the tokens were split."""
+  run_train(tmp_path, *MOE_FLAGS, '--config.mesh.context=4', '--config.mesh.data=2', devices=8)
+  sharded, single = train_losses(tmp_path), train_losses(moe_run)
+  assert sorted(sharded) == sorted(single)
+  for step, loss in single.items():
+    assert sharded[step] == pytest.approx(loss, rel=2e-4, abs=2e-4), step
+
+
 def test_expert_parallel_with_the_kernel_config_matches_one_device(moe_run, tmp_path):
   """`model.kernel=pallas` with experts over a shard_map: it crashed before (the kernel's output had no
   manual-axis type). JAX's interpreter cannot run under shard_map, so on the CPU the reference runs

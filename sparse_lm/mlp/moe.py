@@ -239,20 +239,22 @@ class Mlp(base.Mlp):
       return self._run(x_BTD, idx_BTK, w_BTK, experts, None)
     P = mesh.shape['expert']
     x_spec = sharding.logical_to_spec(('batch', 'length', 'act_embed'), x_BTD.shape, mesh)
-    route_spec = PartitionSpec(x_spec[0], None, None)
+    # A device routes its own tokens: its rows, and its part of each row under context parallelism.
+    route_spec = PartitionSpec(x_spec[0], x_spec[1], None)
     w_spec = PartitionSpec('expert' if P > 1 else None, None, None)
-    row_axes = () if x_spec[0] is None else (x_spec[0],) if isinstance(x_spec[0], str) else x_spec[0]
-    token_axes = row_axes + (('expert',) if P > 1 else ())
-    if row_axes:
-      # One copy of the experts per device of the row axes, so the weights' gradient leaves the shard_map
-      # unreduced and GSPMD sums it (once per step: a psum inside would run once per microbatch).
-      R = math.prod(mesh.shape[axis] for axis in row_axes)
-      experts = tuple(jnp.broadcast_to(w[None], (R, *w.shape)) for w in experts)
-      w_spec = PartitionSpec(row_axes, *w_spec)
+    split_axes = tuple(axis for entry in x_spec[:2] if entry is not None
+                       for axis in ((entry,) if isinstance(entry, str) else entry))
+    token_axes = split_axes + (('expert',) if P > 1 else ())
+    if split_axes:
+      # One copy of the experts per device holding other tokens, so the weights' gradient leaves the
+      # shard_map unreduced and GSPMD sums it (once per step: a psum inside ran once per microbatch).
+      copies = math.prod(mesh.shape[axis] for axis in split_axes)
+      experts = tuple(jnp.broadcast_to(w[None], (copies, *w.shape)) for w in experts)
+      w_spec = PartitionSpec(split_axes, *w_spec)
 
     def body(x_BTD, idx_BTK, w_BTK, *experts):
       b, T, D = x_BTD.shape
-      if row_axes:
+      if split_axes:
         experts = tuple(w[0] for w in experts)
       if P == 1:
         y_BTD, dropped = self._run(x_BTD, idx_BTK, w_BTK, experts, None)
