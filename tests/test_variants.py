@@ -206,8 +206,16 @@ def _check_documents_as_alone(name: str, kernel: str, adjust=None) -> None:
     logits_TV = m(tokens_BT, segment_ids=seg_BT, positions=pos_BT)[0][0, :, :259]
     return jnp.sum(logits_TV * weights_TV), logits_TV
 
-  def alone(m):  # the same summed over the documents run one by one, and their logits
-    logits = [m(tokens_BT[:, a:a + n])[0][0, :, :259] for a, n in zip(starts, _DOCUMENTS, strict=True)]
+  causal, longest = is_causal(c.model), max(_DOCUMENTS)
+
+  def alone(m):  # the same summed over the documents run alone, and their logits
+    if causal:  # each document a row of its own, padded after its end (which no earlier position sees)
+      rows_NL = jnp.stack([jnp.pad(tokens_BT[0, a:a + n], (0, longest - n))
+                           for a, n in zip(starts, _DOCUMENTS, strict=True)])
+      logits_NLV = m(rows_NL)[0][:, :, :259]
+      logits = [logits_NLV[i, :n] for i, n in enumerate(_DOCUMENTS)]
+    else:  # a later token can change an earlier one's output: one call a document
+      logits = [m(tokens_BT[:, a:a + n])[0][0, :, :259] for a, n in zip(starts, _DOCUMENTS, strict=True)]
     return sum(jnp.sum(x * weights_TV[a:a + len(x)]) for a, x in zip(starts, logits, strict=True)), logits
 
   # One compile a side (interpreted kernels compile slowly): the value, its gradient and the logits.
