@@ -37,14 +37,18 @@ Execution (`moe.execution`):
   choices can take the slot an earlier token's second choice needed (`is_causal`).
 
 Expert parallelism: inside a train step (`sharding.active_mesh()`), token-choice dispatch runs in
-`jax.shard_map`. Every device routes its own rows; with `mesh.expert` = P > 1 the P devices of an
+`jax.shard_map`. Every device routes its own tokens (its rows, and its part of each row when
+`mesh.context` splits them); with `mesh.expert` = P > 1 the P devices of an
 expert group, which hold the same rows, each take 1/P of them, send every assignment to the device
 that owns its expert (E/P experts each) with an all-to-all, run their experts, send the results back
 with a second all-to-all and reassemble the rows. Dropless buffers are padded to the worst case (all of
 a device's assignments to one device) because XLA's fixed-size all-to-all needs static shapes; the
 capacity buffers are exactly [E, C, D]. Capacity is counted per device, as in GShard, so with drops the
 numbers depend on the mesh. Expert choice ranks tokens over the whole batch, so it runs outside
-shard_map and XLA (GSPMD) partitions it, following the expert weights' split over `expert`.
+shard_map and XLA (GSPMD) partitions it, following the expert weights' split over `expert`. The
+experts enter the dispatch as one copy per device holding other tokens, so their gradients leave it
+unreduced and XLA sums them once a step, after gradient accumulation's microbatch loop (a psum inside
+the shard_map ran once per microbatch; BENCHMARKS.md, sixth session).
 """
 
 import math
