@@ -3,7 +3,7 @@ parallelism: compiled, not run.
 
     python benchmarks/lengths.py [--targets=h100x8,v5p:2x2x2] [--variants=dense,nsa,moba,dsa]
         [--start=8192] [--stop=1048576] [--splits=1,8] [--out=results/compile/lengths.jsonl]
-        [--plot=benchmarks/lengths.png]
+        [--plot=benchmarks/lengths.png] [--full_depth]
 
 For each target, variant and split (`mesh.context`: 1 is 8-way data parallelism, one sequence per
 device; 8 is one sequence over all 8 devices; on v5p:2x2x2, two hosts of 4 chips that each load their
@@ -11,9 +11,10 @@ own rows, 4 is one sequence per host), the sequence doubles from `--start` until
 no longer fits (or `--stop`). Every step recomputes whole blocks in the backward (`model.remat`, the least
 activation memory the project offers) with packing off (`data.packing=concat`); each length is compiled
 at one and two layers and extrapolated to the full 16 (`sparse_lm.plan.evaluate`, within about 5% of a
-full compile on the configs checked, BENCHMARKS.md). A variant that does not run split is skipped at
-`mesh.context > 1`. One JSON line per compile (peak per device, its limit, collective bytes per device,
-the kernels); the plot shows peak memory against length.
+full compile on the configs checked, BENCHMARKS.md), or with `--full_depth` compiled whole (on v5p the
+extrapolation misleads: peaks that fall as the sequence doubles). A variant that does not run split is
+skipped at `mesh.context > 1`. One JSON line per compile (peak per device, its limit, collective bytes
+per device, the kernels); the plot shows peak memory against length.
 """
 
 import argparse
@@ -40,7 +41,18 @@ def rung_config(variant: str):
           else lambda rung: ladder.variant_config(rung, variant))('100m')
 
 
-def row_for(variant: str, target_name: str, split: int, length: int, fraction: float) -> dict:
+def _full_depth(config, plan, target_name: str, fraction: float) -> dict:
+  """`plan_lib.evaluate`'s result from one compile of the whole model."""
+  report = compile_lib.compile_config(plan.apply(config), target_name, memory_fraction=fraction)
+  if not report['compiled']:
+    return {'compiled': False, 'error': report['error']}
+  return {'compiled': True, 'peak_bytes': report['memory_per_device']['peak_bytes'],
+          'collective_bytes': report['collectives']['bytes_per_device'],
+          'kernels': sorted({k['name'] for k in report['kernels']})}
+
+
+def row_for(variant: str, target_name: str, split: int, length: int, fraction: float,
+            full_depth: bool = False) -> dict:
   config = rung_config(variant)
   with config.unlocked():
     config.data.seq_len = length
@@ -51,11 +63,12 @@ def row_for(variant: str, target_name: str, split: int, length: int, fraction: f
   target = aot.get_target(target_name)
   limit = int(fraction * target.memory_bytes)
   row = {'variant': variant, 'target': target_name, 'context': split, 'seq_len': length,
-         'plan': plan.describe(), 'limit_gib': round(limit / aot.GIB, 2)}
+         'plan': plan.describe(), 'limit_gib': round(limit / aot.GIB, 2),
+         'depth': 'full' if full_depth else 'extrapolated'}
   start = time.time()
   try:
-    got = plan_lib.evaluate(config, plan, target, lambda c: compile_lib.compile_config(
-        c, target_name, memory_fraction=fraction))
+    got = (_full_depth(config, plan, target_name, fraction) if full_depth else plan_lib.evaluate(
+        config, plan, target, lambda c: compile_lib.compile_config(c, target_name, memory_fraction=fraction)))
   except ConfigError as error:
     return {**row, 'compiled': False, 'error': str(error)}
   row['seconds'] = round(time.time() - start, 1)
@@ -105,6 +118,9 @@ def main() -> None:
   parser.add_argument('--out', default=os.path.join(REPO, 'results', 'compile', 'lengths.jsonl'))
   parser.add_argument('--plot', default=os.path.join(REPO, 'benchmarks', 'lengths.png'))
   parser.add_argument('--plot_only', action='store_true', help='redraw the plot from --out')
+  parser.add_argument('--full_depth', action='store_true',
+                      help='compile all 16 layers instead of extrapolating from one and two (minutes a '
+                           'length on v5p, where the extrapolation misleads)')
   args = parser.parse_args()
   if not args.plot_only:
     for target in args.targets.split(','):
@@ -116,7 +132,7 @@ def main() -> None:
             continue
           length = args.start
           while length <= args.stop:
-            row = row_for(variant, target, split, length, args.memory_fraction)
+            row = row_for(variant, target, split, length, args.memory_fraction, args.full_depth)
             print(json.dumps(row), flush=True)
             with open(args.out, 'a') as f:
               f.write(json.dumps(row) + '\n')
