@@ -348,7 +348,7 @@ def _shipped_1b(variant: str, target_name: str):
   return config
 
 
-# On v5p, where every 1b plan has a wide margin (45.0-57.8 GiB of 85.5, extrapolated; BENCHMARKS.md), the
+# On v5p, where every 1b plan has a margin (45.0-75.4 GiB of 85.5, extrapolated; BENCHMARKS.md), the
 # checks take 2-3 minutes each and run with `-m slow`; the default run checks the tighter h100x8 plans.
 @pytest.mark.parametrize('target_name,variant', [
     pytest.param(target, variant, marks=[pytest.mark.slow] if target.startswith('v5p') else [])
