@@ -360,15 +360,15 @@ def ptxas_path() -> str:
   return found[0] if found else shutil.which('ptxas')
 
 
-def ptxas_report(ptx_files: list[pathlib.Path], gpu: Gpu, names: set[str] | None = None) -> dict[str, dict]:
-  """Registers, stack and spill bytes of every entry in `ptx_files` (ptxas -v at XLA's -O3), or only of
-  the files that define one of `names` (a train step dumps a file per XLA fusion, and assembling them
-  all again took a third of its compile test); an entry name compiled more than once (kernels of
-  different shapes) keeps the largest of each."""
+def ptxas_report(ptx_files: list[pathlib.Path], gpu: Gpu, names: set[str]) -> dict[str, dict]:
+  """Registers, stack and spill bytes of the entries in those of `ptx_files` that define one of `names`
+  (ptxas -v at XLA's -O3; a train step dumps a file per XLA fusion, and assembling them all again took a
+  third of its compile test); an entry name compiled more than once (kernels of different shapes) keeps
+  the largest of each."""
   ptxas, out = ptxas_path(), {}
   for path in ptx_files:
     text = path.read_text()
-    if '.entry' not in text or (names is not None and not any(f'.entry {name}(' in text for name in names)):
+    if not any(f'.entry {name}(' in text for name in names):
       continue
     run = subprocess.run([ptxas, '-v', '-O3', f'--gpu-name={gpu.ptxas_arch}', str(path), '-o', os.devnull],
                          capture_output=True, text=True, check=True)
